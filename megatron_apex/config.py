@@ -1,0 +1,466 @@
+"""The configuration tree: typed dataclasses, loaded from YAML/TOML plus ``a.b=value`` overrides.
+
+Every field is documented once, where it is declared (``doc(default, "help")``); the README's
+configuration reference is generated from these texts (``megatron_apex.config.reference_markdown``)
+and a test keeps the two in sync. Validation happens here, before any process group starts:
+an unknown key, a value of the wrong type or an inconsistent combination raises
+:class:`ConfigError` naming the field and the value. Derived values are properties, never
+silent rewrites of what the user wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or inconsistent with another."""
+
+
+def doc(default: Any, help: str, factory: bool = False):
+    """Declare a field with its default and its documentation."""
+    if factory:
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases."""
+
+    num_layers: int = doc(2, "Number of transformer layers.")
+    hidden_size: int = doc(128, "Model (residual stream) width.")
+    ffn_hidden_size: int = doc(352, "SwiGLU intermediate size (per branch).")
+    num_attention_heads: int = doc(4, "Number of query heads.")
+    num_query_groups: Optional[int] = doc(
+        None, "Key/value heads (GQA). None means plain multi-head attention (= num_attention_heads).")
+    kv_channels: Optional[int] = doc(None, "Head dimension. None means hidden_size / num_attention_heads.")
+    max_position_embeddings: int = doc(2048, "Longest sequence the model is configured for.")
+    vocab_size: Optional[int] = doc(
+        None, "Vocabulary size before padding. None takes it from the tokenizer (data.tokenizer_model).")
+    make_vocab_size_divisible_by: int = doc(
+        128, "Pad the vocabulary to a multiple of this (and of the TP degree).")
+    rotary_base: float = doc(10000.0, "RoPE theta.")
+    norm_epsilon: float = doc(1e-5, "RMSNorm epsilon.")
+    tie_embeddings: bool = doc(False, "Share the input embedding and the output layer weights.")
+    init_method_std: float = doc(0.02, "Standard deviation of the normal weight initialisation.")
+    transformer_impl: Literal["local", "transformer_engine"] = doc(
+        "local", "Layer implementation: 'local' (pure PyTorch, runs everywhere) or "
+        "'transformer_engine' (needs Transformer Engine and CUDA).")
+    attention_backend: Literal["sdpa", "unfused"] = doc(
+        "sdpa", "Core attention for the local implementation: torch scaled_dot_product_attention "
+        "(flash/memory-efficient kernels on GPU) or megatron-core's unfused DotProductAttention.")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over processes (megatron-core parallel_state)."""
+
+    tensor_model_parallel_size: int = doc(1, "Tensor-parallel degree (TP).")
+    pipeline_model_parallel_size: int = doc(1, "Pipeline-parallel degree (PP).")
+    context_parallel_size: int = doc(1, "Context-parallel degree (CP); needs Transformer Engine on GPU.")
+    sequence_parallel: bool = doc(False, "Megatron sequence parallelism (needs TP > 1 and Transformer Engine).")
+    use_distributed_optimizer: bool = doc(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    overlap_grad_reduce: bool = doc(False, "Overlap the data-parallel gradient reduction with backward (GPU).")
+    backend: Literal["auto", "nccl", "gloo"] = doc("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
+    distributed_timeout_minutes: int = doc(30, "Timeout of collectives and of the rendezvous.")
+
+
+@dataclass
+class DataConfig:
+    """Training data: Megatron indexed datasets read through megatron-core's GPTDataset."""
+
+    data_path: list = doc(
+        list, "Dataset prefixes (without .bin/.idx), optionally weighted: [0.7, pfxA, 0.3, pfxB].", factory=True)
+    valid_data_path: list = doc(
+        list, "Separate validation prefixes. Empty: validation comes from data.split.", factory=True)
+    split: str = doc("969,30,1", "train,valid,test proportions of data_path (ignored for valid when valid_data_path is set).")
+    seq_length: int = doc(256, "Tokens per training sample.")
+    tokenizer_type: Literal["sentencepiece", "huggingface", "none"] = doc(
+        "sentencepiece", "Tokenizer kind; 'none' needs model.vocab_size and data.eod_id (mock data, benchmarks).")
+    tokenizer_model: Optional[str] = doc(None, "Path to a sentencepiece .model or a Hugging Face tokenizer.json.")
+    eod_id: Optional[int] = doc(None, "End-of-document id when there is no tokenizer.")
+    mock: bool = doc(False, "Use random tokens instead of files (smoke tests and benchmarks).")
+    data_cache_path: Optional[str] = doc(None, "Where GPTDataset index caches go (default: beside the data).")
+    num_workers: int = doc(0, "DataLoader worker processes per rank.")
+    reset_position_ids: bool = doc(False, "Restart position ids at every end-of-document token.")
+    eod_mask_loss: bool = doc(False, "Exclude end-of-document tokens from the loss.")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through megatron-core's optimizer, with warmup and decay to a minimum rate."""
+
+    lr: float = doc(3e-4, "Peak learning rate.")
+    min_lr: float = doc(3e-5, "Learning rate at the end of decay.")
+    lr_warmup_steps: int = doc(0, "Linear warmup steps from 0 to lr.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = doc("cosine", "Decay shape after warmup.")
+    lr_decay_steps: Optional[int] = doc(None, "Steps over which lr decays to min_lr; None = train.train_steps.")
+    weight_decay: float = doc(0.1, "Decoupled weight decay (not applied to norms).")
+    adam_beta1: float = doc(0.9, "Adam beta1.")
+    adam_beta2: float = doc(0.95, "Adam beta2.")
+    adam_eps: float = doc(1e-8, "Adam epsilon.")
+    clip_grad: float = doc(1.0, "Clip the global gradient norm to this value (0 disables).")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch sizes, length of the run, evaluation, precision, failure handling."""
+
+    micro_batch_size: int = doc(1, "Samples per micro-batch per data-parallel rank.")
+    global_batch_size: int = doc(8, "Samples per optimizer step over all data-parallel ranks.")
+    train_steps: int = doc(100, "Optimizer steps of the whole run.")
+    seed: int = doc(1234, "Seed of weights, data order and dropout.")
+    eval_interval: int = doc(0, "Validate every N steps (0: only at the end when eval_steps > 0).")
+    eval_steps: int = doc(0, "Validation batches (of global_batch_size) per evaluation.")
+    log_interval: int = doc(10, "Log loss, lr, grad norm and throughput every N steps.")
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto", "auto = bf16 with CUDA, fp32 without.")
+    nan_policy: Literal["stop", "skip"] = doc(
+        "stop", "On a NaN/Inf loss or gradient: stop with an error, or skip the update.")
+    max_skipped_steps: int = doc(10, "With nan_policy=skip, stop after this many skipped steps.")
+    exit_after_minutes: Optional[float] = doc(
+        None, "Save a checkpoint and exit cleanly after this much wall time (before a job's time limit).")
+    exit_on_signal: bool = doc(True, "SIGTERM/SIGUSR1 make the trainer save a checkpoint and exit (code 0 once saved).")
+    gpu_peak_tflops: Optional[float] = doc(
+        None, "Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the device name up (H100/H200/A100).")
+    recompute_activations: bool = doc(False, "Full activation recomputation of each layer (saves memory).")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming with megatron-core dist_checkpointing (torch_dist)."""
+
+    save: Optional[str] = doc(None, "Checkpoint directory. None disables saving.")
+    save_interval: int = doc(0, "Save every N steps (0: only at the end).")
+    load: Optional[str] = doc(None, "Resume from this directory; None means checkpoint.save (auto-resume).")
+    finetune_from: Optional[str] = doc(
+        None, "Initialise weights only from this checkpoint (fresh optimizer, LR schedule and step 0); "
+        "ignored when a checkpoint to resume from exists.")
+    load_optimizer: bool = doc(True, "Restore optimizer state when resuming.")
+    load_rng: bool = doc(True, "Restore RNG states when resuming.")
+    keep_last: Optional[int] = doc(None, "Delete all but the newest N checkpoints (None keeps all).")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    tensorboard_dir: Optional[str] = doc(None, "TensorBoard event directory (None: no TensorBoard).")
+    wandb_project: Optional[str] = doc(None, "Weights & Biases project (needs wandb installed).")
+    level: Literal["DEBUG", "INFO", "WARNING"] = doc("INFO", "Python logging level.")
+
+
+@dataclass
+class ApexConfig:
+    """APEX: advantageous parameter expansion (see docs/apex.md and the method specification)."""
+
+    enabled: bool = doc(False, "Turn APEX on.")
+    mode: Literal["all", "selected"] = doc(
+        "all", "'all': base weights and operator train (pre-training); 'selected': base frozen, deltas "
+        "on selected units (instruction-tuning setting).")
+    ratio: float = doc(0.125, "Expansion ratio k/n per layer and unit type, in (0, 0.5].")
+    stages: int = doc(3, "Number of expansion stages, evenly spaced over train.train_steps.")
+    boundaries: list = doc(list, "Explicit stage start steps (overrides stages), e.g. [0, 300, 600].", factory=True)
+    init_scoring_samples: int = doc(256, "Samples of the no-grad scoring pass before stage 1.")
+    attn_tuned_ratio: float = doc(0.5625, "selected mode: share of attention units trained (P+N+E).")
+    ffn_tuned_ratio: float = doc(0.465, "selected mode: share of FFN channels trained (P+N+E).")
+    progressive: bool = doc(False, "Halve k at every stage and keep former N units out of later selections.")
+    partitions: int = doc(8, "Operator blocks per layer (a multiple of the TP degree); fixed so every layout computes the same.")
+    lr_scale: float = doc(1.0, "Learning-rate multiplier of the operator parameters.")
+    operator_weight_decay: float = doc(0.0, "Weight decay of the operator parameters.")
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = doc(ModelConfig, "Model shape.", factory=True)
+    parallel: ParallelConfig = doc(ParallelConfig, "Parallel layout.", factory=True)
+    data: DataConfig = doc(DataConfig, "Training data.", factory=True)
+    optimizer: OptimizerConfig = doc(OptimizerConfig, "Optimizer and LR schedule.", factory=True)
+    train: TrainConfig = doc(TrainConfig, "Training loop.", factory=True)
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "Checkpoints.", factory=True)
+    logging: LoggingConfig = doc(LoggingConfig, "Logging.", factory=True)
+    apex: ApexConfig = doc(ApexConfig, "APEX parameter expansion.", factory=True)
+
+    # ------------------------------------------------------------------ derived values
+    def data_parallel_size(self, world_size: int) -> int:
+        p = self.parallel
+        return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
+
+    def num_micro_batches(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+
+    def padded_vocab_size(self, vocab_size: Optional[int] = None) -> int:
+        """Vocabulary padded to lcm(make_vocab_size_divisible_by, TP): the padding does not change
+        with the TP degree for the usual power-of-two layouts, so checkpoints reshard freely."""
+        v = vocab_size or self.model.vocab_size
+        multiple = math.lcm(self.model.make_vocab_size_divisible_by, self.parallel.tensor_model_parallel_size)
+        return int(math.ceil(v / multiple) * multiple)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Check consistency (and, given the world size, the parallel layout). Returns self."""
+        m, p, t, d, o, a = self.model, self.parallel, self.train, self.data, self.optimizer, self.apex
+        positive = {
+            "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+            "model.ffn_hidden_size": m.ffn_hidden_size, "model.num_attention_heads": m.num_attention_heads,
+            "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
+            "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+            "parallel.context_parallel_size": p.context_parallel_size,
+            "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
+            "train.train_steps": t.train_steps, "data.seq_length": d.seq_length,
+            "train.log_interval": t.log_interval,
+        }
+        for name, value in positive.items():
+            _check(value > 0, name, value, "must be positive")
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        _check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups", m.num_query_groups,
+               f"must divide model.num_attention_heads={m.num_attention_heads}")
+        if m.kv_channels is None:
+            _check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
+                   f"must be divisible by model.num_attention_heads={m.num_attention_heads} (or set model.kv_channels)")
+        _check(m.head_dim % 2 == 0, "model.kv_channels", m.head_dim, "must be even for RoPE")
+        _check(m.num_attention_heads % tp == 0, "model.num_attention_heads", m.num_attention_heads,
+               f"must be divisible by parallel.tensor_model_parallel_size={tp}")
+        _check(m.query_groups % tp == 0, "model.num_query_groups", m.query_groups,
+               f"must be divisible by parallel.tensor_model_parallel_size={tp}")
+        _check(m.ffn_hidden_size % tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
+               f"must be divisible by parallel.tensor_model_parallel_size={tp}")
+        _check(m.num_layers % pp == 0, "model.num_layers", m.num_layers,
+               f"must be divisible by parallel.pipeline_model_parallel_size={pp}")
+        _check(d.seq_length <= m.max_position_embeddings, "data.seq_length", d.seq_length,
+               f"exceeds model.max_position_embeddings={m.max_position_embeddings}")
+        _check(d.seq_length % p.context_parallel_size == 0 or p.context_parallel_size == 1,
+               "data.seq_length", d.seq_length, f"must be divisible by 2*context_parallel_size")
+        _check(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", True,
+               "needs parallel.tensor_model_parallel_size > 1")
+        _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
+               f"must be divisible by train.micro_batch_size={t.micro_batch_size}")
+        if m.vocab_size is None:
+            _check(d.tokenizer_type != "none" and d.tokenizer_model is not None or d.mock, "model.vocab_size", None,
+                   "must be set when there is no tokenizer (data.tokenizer_model)")
+        if d.tokenizer_type == "none" and not d.mock:
+            _check(d.eod_id is not None, "data.eod_id", None, "must be set when data.tokenizer_type='none'")
+        if not d.mock:
+            _check(len(d.data_path) > 0, "data.data_path", d.data_path, "is empty (or set data.mock=true)")
+            _check_blend("data.data_path", d.data_path)
+            if d.valid_data_path:
+                _check_blend("data.valid_data_path", d.valid_data_path)
+        split = d.split.split(",")
+        _check(len(split) == 3 and all(s.strip().replace(".", "", 1).isdigit() for s in split)
+               and sum(float(s) for s in split) > 0, "data.split", d.split, "must be three non-negative numbers 'a,b,c'")
+        _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, f"must lie in [0, optimizer.lr={o.lr}]")
+        _check(o.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", o.lr_warmup_steps, "must be >= 0")
+        _check(o.clip_grad >= 0, "optimizer.clip_grad", o.clip_grad, "must be >= 0")
+        _check(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2",
+               (o.adam_beta1, o.adam_beta2), "must lie in [0, 1)")
+        _check(t.eval_interval >= 0 and t.eval_steps >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
+        if self.checkpoint.keep_last is not None:
+            _check(self.checkpoint.keep_last > 0, "checkpoint.keep_last", self.checkpoint.keep_last, "must be positive")
+        if m.transformer_impl == "local":
+            _check(p.context_parallel_size == 1, "parallel.context_parallel_size", p.context_parallel_size,
+                   "needs model.transformer_impl='transformer_engine'")
+            _check(not p.sequence_parallel, "parallel.sequence_parallel", True,
+                   "needs model.transformer_impl='transformer_engine' (the local spec's norm has no sequence-parallel support)")
+        if a.enabled:
+            _check(0 < a.ratio <= 0.5, "apex.ratio", a.ratio, "must lie in (0, 0.5]")
+            _check(a.partitions > 0 and a.partitions % tp == 0, "apex.partitions", a.partitions,
+                   f"must be a positive multiple of parallel.tensor_model_parallel_size={tp}")
+            _check(a.lr_scale > 0, "apex.lr_scale", a.lr_scale, "must be positive")
+            _check(a.init_scoring_samples >= 0, "apex.init_scoring_samples", a.init_scoring_samples, "must be >= 0")
+            if a.boundaries:
+                b = list(a.boundaries)
+                _check(all(isinstance(x, int) for x in b) and b == sorted(set(b)), "apex.boundaries", b,
+                       "must be strictly increasing integers")
+                _check(b[0] >= 0 and b[-1] < t.train_steps, "apex.boundaries", b,
+                       f"must lie in [0, train.train_steps={t.train_steps})")
+            else:
+                _check(1 <= a.stages <= t.train_steps, "apex.stages", a.stages,
+                       f"must lie in [1, train.train_steps={t.train_steps}]")
+            if a.mode == "selected":
+                for name, v in (("apex.attn_tuned_ratio", a.attn_tuned_ratio), ("apex.ffn_tuned_ratio", a.ffn_tuned_ratio)):
+                    _check(2 * a.ratio <= v <= 1, name, v, f"must lie in [2*apex.ratio={2 * a.ratio}, 1]")
+        if world_size is not None:
+            model_parallel = tp * pp * p.context_parallel_size
+            _check(world_size % model_parallel == 0, "parallel", f"TP={tp} x PP={pp} x CP={p.context_parallel_size}",
+                   f"does not divide the world size {world_size}")
+            dp = world_size // model_parallel
+            _check(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+                   t.global_batch_size, f"must be divisible by train.micro_batch_size x data-parallel size "
+                   f"= {t.micro_batch_size} x {dp}")
+        return self
+
+    @property
+    def apex_boundaries(self) -> list:
+        """Stage start steps: explicit, or ``stages`` evenly spaced over the run (first at step 0)."""
+        if self.apex.boundaries:
+            return list(self.apex.boundaries)
+        n = self.apex.stages
+        return [round(i * self.train.train_steps / n) for i in range(n)]
+
+
+def _check(ok: bool, name: str, value: Any, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {problem}")
+
+
+def _check_blend(name: str, blend: list) -> None:
+    if len(blend) > 1 and all(isinstance(x, (int, float)) for x in blend[0::2]):
+        _check(len(blend) % 2 == 0 and all(isinstance(x, str) for x in blend[1::2]), name, blend,
+               "a weighted blend must alternate weight, prefix")
+        _check(all(w >= 0 for w in blend[0::2]) and sum(blend[0::2]) > 0, name, blend, "weights must be >= 0, not all 0")
+    else:
+        _check(all(isinstance(x, str) for x in blend), name, blend, "must list prefixes, or weight/prefix pairs")
+
+
+# ---------------------------------------------------------------------- loading
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check (and, for strings from the command line, parse) ``value`` against type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], name)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected an integer") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r}: expected a string")
+        return value
+    if tp is list:
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r}: expected a list")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp}")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+                          f"known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in values.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _read_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    except Exception as exc:  # a parse error: say which file
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        try:
+            parsed = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            parsed = raw
+        node[parts[-1]] = parsed
+    return values
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                world_size: Optional[int] = None) -> Config:
+    """Load a YAML/TOML file (or the defaults), apply overrides, build and validate."""
+    values = _read_file(path) if path else {}
+    values = apply_overrides(values, list(overrides or []))
+    return _build(Config, values, "").validate(world_size)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a config stored in a checkpoint (no world-size validation)."""
+    return _build(Config, json.loads(json.dumps(values)), "").validate()
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README section), generated from the field docs."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines += [f"### `{section.name}`", "", (cls.__doc__ or "").strip(), "",
+                  "| key | default | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)

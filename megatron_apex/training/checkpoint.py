@@ -1,0 +1,213 @@
+"""Checkpoints with megatron-core dist_checkpointing (torch_dist), resharding across layouts.
+
+Layout (compatible with Megatron-LM's)::
+
+    <root>/latest_checkpointed_iteration.txt   written last, atomically, after every rank finished
+    <root>/iter_0000100/                       torch_dist shards + common state
+
+The common state holds the step, consumed samples, the resolved config, the parallel layout it
+was saved under, and a *model signature* (every shape-defining field). Loading compares the
+signature with the current model and refuses a mismatch with the list of differing fields. Model
+weights (and optimizer state) are stored as global tensors, so they load under any TP/PP layout;
+RNG states are per (PP, TP) rank and are restored only when the layout is unchanged.
+
+A crash during a save leaves the tracker pointing at the previous checkpoint; the half-written
+directory is removed by the next save of the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_apex.config import Config
+from megatron_apex.distributed import ParallelContext
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+SIGNATURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups",
+                    "head_dim", "tie_embeddings")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used with the current configuration (the message says why)."""
+
+
+def iter_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def read_latest(root: Optional[str]) -> Optional[int]:
+    """Step of the newest complete checkpoint under ``root`` (None if there is none)."""
+    if not root:
+        return None
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    step = int(text)
+    if not os.path.isdir(iter_dir(root, step)):
+        raise CheckpointError(f"{path} names step {step} but {iter_dir(root, step)} does not exist")
+    return step
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """Accept a checkpoint root (with a tracker) or an ``iter_*`` directory."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    step = read_latest(path)
+    if step is None:
+        raise CheckpointError(f"{path} is neither a checkpoint directory nor a root with {TRACKER}")
+    return iter_dir(path, step)
+
+
+def model_signature(cfg: Config, padded_vocab: int) -> dict:
+    sig = {name: getattr(cfg.model, name) for name in SIGNATURE_FIELDS}
+    sig["padded_vocab_size"] = padded_vocab
+    return sig
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout(ctx: ParallelContext) -> dict:
+    return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "cp": ctx.cp_size}
+
+
+def build_state_dict(model, optimizer, ctx: ParallelContext, is_loading: bool, with_optimizer: bool,
+                     with_rng: bool, extra_sharded: Optional[dict] = None) -> dict:
+    """The sharded state dict of model (+ optimizer, RNG, extra sharded state)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    sd = {"model": model.sharded_state_dict()}
+    if with_optimizer:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
+    if with_rng:
+        sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (ctx.pp_size, ctx.tp_size),
+                                        (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
+    if extra_sharded:
+        sd.update(extra_sharded)
+    return sd
+
+
+def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: ParallelContext,
+                    padded_vocab: int, consumed_samples: int, extra_common: Optional[dict] = None,
+                    extra_sharded: Optional[dict] = None) -> str:
+    """Save on every rank; the tracker is updated by rank 0 only after all ranks finished."""
+    from megatron.core import dist_checkpointing
+
+    target = iter_dir(root, step)
+    if ctx.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(target):  # left by an interrupted save of this same step
+            shutil.rmtree(target)
+        os.makedirs(target)
+    dist.barrier()
+    sd = build_state_dict(model, optimizer, ctx, is_loading=False, with_optimizer=True, with_rng=True,
+                          extra_sharded=extra_sharded)
+    sd.update({"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
+               "config": cfg.to_dict(), "layout": _layout(ctx),
+               "model_signature": model_signature(cfg, padded_vocab), **(extra_common or {})})
+    dist_checkpointing.save(sd, target)
+    dist.barrier()
+    if ctx.rank == 0:
+        _write_atomic(os.path.join(root, TRACKER), f"{step}\n")
+        if cfg.checkpoint.keep_last:
+            _prune(root, cfg.checkpoint.keep_last)
+    dist.barrier()
+    logger.info("saved checkpoint %s", target)
+    return target
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _prune(root: str, keep: int) -> None:
+    steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
+    for step in steps[:-keep]:
+        shutil.rmtree(iter_dir(root, step), ignore_errors=True)
+
+
+def read_common(path: str) -> dict:
+    """The non-tensor state of a checkpoint (step, config, signature...), without loading tensors."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    if common.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {common.get('format_version')!r}, this "
+                              f"version of megatron-apex reads {FORMAT_VERSION}")
+    return common
+
+
+def check_compatible(common: dict, cfg: Config, padded_vocab: int, path: str) -> None:
+    """Refuse a checkpoint of a different model shape, naming every differing field."""
+    saved = common["model_signature"]
+    current = model_signature(cfg, padded_vocab)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was saved for a different model; " + "; ".join(diffs))
+
+
+def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelContext, padded_vocab: int,
+                    load_optimizer: bool, load_rng: bool, extra_sharded: Optional[dict] = None) -> dict:
+    """Load into ``model`` (and ``optimizer``); returns the checkpoint's common state."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint_dir(path)
+    common = read_common(path)
+    check_compatible(common, cfg, padded_vocab, path)
+    same_layout = common.get("layout") == _layout(ctx)
+    if load_rng and not same_layout:
+        logger.warning("checkpoint layout %s differs from the current %s: RNG states are not restored",
+                       common.get("layout"), _layout(ctx))
+        load_rng = False
+    sd = build_state_dict(model, optimizer, ctx, is_loading=True, with_optimizer=load_optimizer,
+                          with_rng=load_rng, extra_sharded=extra_sharded)
+    loaded = dist_checkpointing.load(sd, path)
+    model.load_state_dict(loaded["model"], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    logger.info("loaded checkpoint %s (step %d%s%s)", path, common["step"],
+                ", optimizer" if load_optimizer else "", ", rng" if load_rng else "")
+    common.update({k: loaded[k] for k in (extra_sharded or {})})
+    return common

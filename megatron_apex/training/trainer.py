@@ -1,0 +1,330 @@
+"""The training loop: megatron-core's forward_backward_func (so every PP schedule works), megatron
+DDP and optimizer, periodic validation, logging, checkpoints, resume and clean early exits.
+
+Features plug in as :class:`Callback` objects (APEX, graceful exit, ...) rather than as branches in
+the loop. One small all-reduce per step carries the loss, a non-finite flag and a stop request, so
+that every rank takes the same decision at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_apex.config import Config
+from megatron_apex.data.datasets import build_datasets, build_loader, resolve_vocab
+from megatron_apex.distributed import ParallelContext
+from megatron_apex.model.llama import build_model, build_transformer_config, flops_per_token
+from megatron_apex.training import checkpoint as ckpt
+from megatron_apex.training.metrics import MetricsWriter, Throughput, gpu_peak_tflops
+from megatron_apex.training.optim import apply_lr, build_optimizer, wrap_ddp
+
+logger = logging.getLogger(__name__)
+
+EXIT_INCOMPLETE = 75  # a clean early stop (signal or time limit) after saving: resubmit to continue
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, too many skipped steps...)."""
+
+
+class Callback:
+    """Hooks a feature implements to take part in training. Every method is optional."""
+
+    def on_model_built(self, trainer: "Trainer", model: torch.nn.Module) -> None:
+        """Before DDP and optimizer exist: add parameters or hooks to the bare model chunk."""
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        """After set-up and checkpoint loading, before the first step."""
+
+    def on_step_start(self, trainer: "Trainer", step: int) -> None:
+        """Before the forward/backward passes of ``step``."""
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict) -> None:
+        """After the optimizer update of ``step`` (metrics: loss, lr, grad_norm...)."""
+
+    def stop_requested(self, trainer: "Trainer") -> Optional[str]:
+        """A reason to save and stop after this step, or None (reduced over all ranks)."""
+        return None
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        """After the last step (before the final checkpoint is written)."""
+
+    def common_state(self, trainer: "Trainer") -> dict:
+        """Non-tensor state identical on all ranks, stored in checkpoints."""
+        return {}
+
+    def sharded_state(self, trainer: "Trainer") -> dict:
+        """Sharded (per-rank) objects stored in checkpoints."""
+        return {}
+
+    def load_state(self, trainer: "Trainer", common: dict) -> None:
+        """Restore from a checkpoint's common (and loaded sharded) state."""
+
+
+@dataclass
+class TrainResult:
+    losses: dict = field(default_factory=dict)      # step -> training loss
+    valid: dict = field(default_factory=dict)       # step -> validation loss
+    step: int = 0
+    exit_reason: str = "finished"
+    checkpoint: Optional[str] = None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.exit_reason == "finished" else EXIT_INCOMPLETE
+
+
+class Trainer:
+    """Builds model, optimizer and data from a config, then trains."""
+
+    def __init__(self, cfg: Config, ctx: ParallelContext, callbacks: Optional[list] = None):
+        if ctx.cp_size > 1:
+            raise NotImplementedError("context parallelism: the training loop does not shard sequences "
+                                      "over CP ranks yet; use parallel.context_parallel_size=1")
+        self.cfg, self.ctx = cfg, ctx
+        self.callbacks = list(callbacks or [])
+        self.step = 0
+        self.result = TrainResult()
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> "Trainer":
+        cfg, ctx = self.cfg, self.ctx
+        self.vocab_size, self.eod_id = resolve_vocab(cfg)
+        self.padded_vocab = cfg.padded_vocab_size(self.vocab_size)
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+        self.params_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.tconfig = build_transformer_config(cfg, self.params_dtype, use_cpu=not torch.cuda.is_available())
+        model = build_model(cfg, self.tconfig, self.padded_vocab, ctx.is_first_stage, ctx.is_last_stage)
+        for cb in self.callbacks:
+            cb.on_model_built(self, model)
+        model.to(ctx.device)
+        if bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(self.tconfig, model)
+        self.model = wrap_ddp(cfg, model, self.tconfig)
+        self.optimizer = build_optimizer(cfg, [self.model], self.params_dtype)
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.tconfig.no_sync_func = self.model.no_sync
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+        self._load()
+        t = cfg.train
+        self.num_micro = cfg.num_micro_batches(ctx.world_size)
+        total_train = t.train_steps * t.global_batch_size
+        n_evals = (t.train_steps // t.eval_interval if t.eval_interval else 0) + 1
+        total_valid = t.eval_steps * t.global_batch_size
+        train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, total_train,
+                                                 total_valid * (1 if n_evals else 0))
+        self.train_iter = iter(build_loader(train_ds, cfg, self.step * t.global_batch_size, total_train,
+                                            ctx.dp_rank, ctx.dp_size))
+        self.total_valid = total_valid
+        self.metrics = MetricsWriter(ctx.is_logging_rank, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
+                                     cfg.to_dict())
+        self.throughput = Throughput(t.global_batch_size * cfg.data.seq_length, flops_per_token(self._shape_cfg()),
+                                     ctx.world_size, gpu_peak_tflops(t.gpu_peak_tflops))
+        return self
+
+    def _shape_cfg(self) -> Config:
+        import copy
+
+        c = copy.deepcopy(self.cfg)
+        c.model.vocab_size = self.vocab_size
+        return c
+
+    def _load(self) -> None:
+        c = self.cfg.checkpoint
+        root = c.load or c.save
+        latest = ckpt.read_latest(root)
+        if latest is not None:
+            common = ckpt.load_checkpoint(
+                root, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab, c.load_optimizer,
+                c.load_rng, extra_sharded=self._sharded_extra())
+            self.step = common["step"]
+            for cb in self.callbacks:
+                cb.load_state(self, common)
+            logger.info("resumed from %s at step %d", root, self.step)
+        elif c.finetune_from:
+            ckpt.load_checkpoint(c.finetune_from, self.model, self.optimizer, self.cfg, self.ctx,
+                                 self.padded_vocab, load_optimizer=False, load_rng=False)
+            logger.info("initialised weights from %s (fresh optimizer and schedule, step 0)", c.finetune_from)
+
+    def _sharded_extra(self) -> dict:
+        extra = {}
+        for cb in self.callbacks:
+            extra.update(cb.sharded_state(self))
+        return extra
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        dev = self.ctx.device
+        tokens = batch["tokens"].to(dev, non_blocking=True)
+        labels = batch["labels"].to(dev, non_blocking=True)
+        position_ids = batch["position_ids"].to(dev, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(dev, non_blocking=True).float()
+        output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token losses
+        return output, partial(_masked_mean_loss, loss_mask)
+
+    def _run_microbatches(self, data_iter, forward_only: bool) -> list:
+        return self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=data_iter, model=[self.model],
+            num_microbatches=self.num_micro, seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+
+    def _reduce(self, losses: list, stop: bool) -> tuple[float, bool, bool]:
+        """(mean loss over all micro-batches of all DP ranks, non-finite?, stop requested?)."""
+        ctx = self.ctx
+        counts = ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0
+        vals = torch.stack([x["lm loss"].float() for x in losses]) if counts and losses else None
+        t = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+        if vals is not None:
+            finite = torch.isfinite(vals).all()
+            t[0] = vals.sum().double() if finite else 0.0
+            t[1] = len(losses)
+            t[2] = 0.0 if finite else 1.0
+        t[3] = float(stop)
+        dist.all_reduce(t)
+        return (t[0] / max(t[1].item(), 1)).item(), bool(t[2] > 0), bool(t[3] > 0)
+
+    def train_step(self, step: int) -> dict:
+        lr = apply_lr(self.cfg, self.optimizer, step)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_microbatches(self.train_iter, forward_only=False)
+        stop_reason = next((r for r in (cb.stop_requested(self) for cb in self.callbacks) if r), None)
+        loss, nonfinite, stop = self._reduce(losses, stop_reason is not None)
+        metrics = {"loss": loss, "lr": lr, "stop": stop}
+        if nonfinite:
+            return self._non_finite(step, metrics)
+        ok, grad_norm, _ = self.optimizer.step()
+        metrics["grad_norm"] = grad_norm
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return self._non_finite(step, metrics)
+        return metrics
+
+    def _non_finite(self, step: int, metrics: dict) -> dict:
+        self.skipped = getattr(self, "skipped", 0) + 1
+        t = self.cfg.train
+        if t.nan_policy == "stop" or self.skipped > t.max_skipped_steps:
+            raise TrainingError(
+                f"non-finite loss or gradient at step {step} (loss={metrics['loss']}); "
+                + ("train.nan_policy='stop'" if t.nan_policy == "stop" else
+                   f"{self.skipped} steps skipped > train.max_skipped_steps={t.max_skipped_steps}")
+                + ". Lower optimizer.lr, raise warmup, or resume from the last checkpoint.")
+        logger.warning("step %d: non-finite loss/gradient, update skipped (%d so far)", step, self.skipped)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return {**metrics, "skipped": True}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> Optional[float]:
+        if self.valid_ds is None:
+            return None
+        self.model.eval()
+        it = iter(build_loader(self.valid_ds, self.cfg, 0, self.total_valid, self.ctx.dp_rank, self.ctx.dp_size))
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(self.cfg.train.eval_steps):
+                total += self._reduce(self._run_microbatches(it, forward_only=True), False)[0]
+        self.model.train()
+        return total / self.cfg.train.eval_steps
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        logger.info("training from step %d to %d (%d micro-batches of %d per step per DP rank)",
+                    self.step, t.train_steps, self.num_micro, t.micro_batch_size)
+        self.throughput.reset()
+        interval_losses = []
+        while self.step < t.train_steps:
+            step = self.step
+            for cb in self.callbacks:
+                cb.on_step_start(self, step)
+            metrics = self.train_step(step)
+            self.step = step + 1
+            self.throughput.step()
+            self.result.losses[step] = metrics["loss"]
+            interval_losses.append(metrics["loss"])
+            for cb in self.callbacks:
+                cb.on_step_end(self, step, metrics)
+            if self.step % t.log_interval == 0 or self.step == t.train_steps:
+                self._log(step, metrics, interval_losses)
+                interval_losses = []
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
+                self._validate()
+            if metrics["stop"]:
+                self.result.exit_reason = "stopped"
+                break
+            if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
+                    and self.step < t.train_steps:
+                self.save()
+        if self.result.exit_reason == "finished":
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+            if t.eval_steps:
+                self._validate()
+        if cfg.checkpoint.save:
+            self.result.checkpoint = self.save()
+        self.result.step = self.step
+        self.metrics.close()
+        return self.result
+
+    def _validate(self) -> None:
+        loss = self.evaluate()
+        if loss is None:
+            return
+        self.result.valid[self.step] = loss
+        ppl = math.exp(min(loss, 50.0))
+        if self.ctx.is_logging_rank:
+            logger.info("validation | step %d | loss %.4f | perplexity %.3f", self.step, loss, ppl)
+        self.metrics.write(self.step, {"loss": loss, "perplexity": ppl}, prefix="valid")
+
+    def _log(self, step: int, metrics: dict, interval_losses: list) -> None:
+        perf = self.throughput.report()
+        values = {"loss": sum(interval_losses) / len(interval_losses), "lr": metrics["lr"],
+                  "grad_norm": metrics.get("grad_norm"), **perf}
+        if self.ctx.is_logging_rank:
+            parts = [f"step {step + 1}/{self.cfg.train.train_steps}", f"loss {values['loss']:.4f}",
+                     f"lr {values['lr']:.3e}"]
+            if values["grad_norm"] is not None:
+                parts.append(f"grad norm {values['grad_norm']:.3f}")
+            parts.append(f"{perf['tokens_per_s']:.0f} tok/s")
+            parts.append(f"{perf['step_time_s'] * 1000:.0f} ms/step")
+            if torch.cuda.is_available():
+                parts.append(f"{perf['tflops_per_gpu']:.1f} TFLOP/s/GPU")
+                if "mfu" in perf:
+                    parts.append(f"MFU {100 * perf['mfu']:.1f}%")
+            logger.info(" | ".join(parts))
+        self.metrics.write(step + 1, values)
+
+    def save(self) -> str:
+        common = {}
+        for cb in self.callbacks:
+            common.update(cb.common_state(self))
+        return ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self.model, self.optimizer, self.cfg,
+                                    self.ctx, self.padded_vocab, self.step * self.cfg.train.global_batch_size,
+                                    extra_common=common, extra_sharded=self._sharded_extra())
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Mean token loss of a micro-batch (megatron-core's schedule divides by the micro-batch count)."""
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1)
+    loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+    # clone: the schedule divides the returned loss in place by the number of micro-batches.
+    return loss, {"lm loss": loss.detach().clone()}
