@@ -158,6 +158,26 @@ def test_workers2_same_bytes_compressed_directory_input(tmp_path, sp_model, mega
     assert [tok.decode(d[:-1].tolist()) for d in docs] == texts
 
 
+def test_workers2_huggingface_and_progress_bar(tmp_path, hf_tokenizer, megatron_reader):
+    texts = _corpus_texts(150)
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    outputs = []
+    for workers, progress in ((1, "log"), (2, "bar")):
+        prefix = tmp_path / f"w{workers}"
+        result = _run_cli("--input", tmp_path / "in.jsonl", "--output-prefix", prefix, "--tokenizer-type",
+                          "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer, "--workers", workers,
+                          "--block-size-mb", 0.001, "--progress", progress, "--log-interval", 50)
+        assert result.returncode == 0, result.stderr
+        outputs.append(open(f"{prefix}_text_document.bin", "rb").read())
+        if progress == "log":
+            assert result.stderr.count(" processed ") >= 2 and "tokens/s" in result.stderr
+        else:
+            assert "preprocess:" in result.stderr and "tok_s" in result.stderr  # tqdm bar
+    assert outputs[0] == outputs[1]
+    tok = load_tokenizer("huggingface", hf_tokenizer)
+    assert [tok.decode(d.tolist()) for d in megatron_reader(str(tmp_path / "w2_text_document"))] == texts
+
+
 def test_multiple_keys_and_dedup(tmp_path, hf_tokenizer, megatron_reader):
     records = [{"text": t, "title": f"title {i}"} for i, t in enumerate(_corpus_texts(20))]
     records.append(dict(records[0]))  # exact duplicate of both keys
@@ -190,10 +210,11 @@ def _bad_corpus(path, n_good):
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
-def test_bad_lines_counted_and_reported(tmp_path, sp_model):
+def test_bad_lines_counted_and_reported(tmp_path, tokenizer_spec):
+    kind, path = tokenizer_spec
     _bad_corpus(tmp_path / "bad.jsonl", 100)
-    result = _run_cli("--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "o",
-                      "--tokenizer-model", sp_model, "--max-bad-fraction", 0.2)
+    result = _run_cli("--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-type", kind,
+                      "--tokenizer-model", path, "--max-bad-fraction", 0.2)
     assert result.returncode == 0, result.stderr
     side = _sidecar(str(tmp_path / "o_text_document"))
     assert side["skipped"] == {"invalid_json": 1, "invalid_utf8": 2, "missing_key": 1, "non_string": 1,
@@ -269,6 +290,14 @@ def test_sigkill_leaves_no_finished_looking_output(tmp_path, sp_model):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     assert not IndexedDataset.exists(str(tmp_path / "o_text_document"))
+    assert any(".tmp" in name for name in names)  # the killed run's temporaries ...
+    _write_jsonl(tmp_path / "small.jsonl", [{"text": "a fresh run"}])
+    result = _run_cli("--input", tmp_path / "small.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-model",
+                      sp_model)
+    assert result.returncode == 0, result.stderr
+    names = os.listdir(tmp_path)
+    assert not any(".tmp" in name for name in names)  # ... are reclaimed by the next run for that prefix
+    assert IndexedDataset.exists(str(tmp_path / "o_text_document"))
 
 
 def test_merge_and_inspect(tmp_path, sp_model, megatron_reader):
@@ -286,6 +315,10 @@ def test_merge_and_inspect(tmp_path, sp_model, megatron_reader):
     merged = megatron_reader(str(tmp_path / "merged"))
     assert [tok.decode(d[:-1].tolist()) for d in merged] == texts
     parts = megatron_reader(prefixes[0]) + megatron_reader(prefixes[1])
+    with open(tmp_path / "merged.json", encoding="utf-8") as handle:
+        merged_sidecar = json.load(handle)
+    assert merged_sidecar["documents"] == len(texts) and merged_sidecar["tokens"] == sum(len(d) for d in parts)
+    assert merged_sidecar["tokenizer"]["sha256"] == _sidecar(prefixes[0])["tokenizer"]["sha256"]
     assert all(np.array_equal(a, b) for a, b in zip(merged, parts))
 
     result = _run_cli("--inspect", prefixes[0], "--num-samples", 2)

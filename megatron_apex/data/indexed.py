@@ -19,8 +19,11 @@ writes everything under temporary names and publishes it with fsync + rename, ``
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
+import re
 import shutil
 import struct
 from typing import Optional
@@ -35,6 +38,7 @@ __all__ = [
     "optimal_dtype",
     "merge_datasets",
     "fsync_directory",
+    "remove_stale_temporaries",
 ]
 
 _MAGIC = b"MMIDIDX\x00\x00"
@@ -75,6 +79,36 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Delete ``{prefix}.*.tmp<pid>`` files left by killed runs (their pid no longer exists).
+
+    They never look like a finished dataset, but they can be large; a later run for the same
+    prefix is the natural moment to reclaim the space. Files of live processes are left alone.
+    """
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + ".*.tmp*"):
+        match = re.search(r"\.tmp(\d+)$", path)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    if removed:
+        logger.info("removed %d stale temporary file(s) of an interrupted run: %s", len(removed), removed)
+    return removed
+
+
 class IndexedDatasetWriter:
     """Append documents to ``{prefix}.bin`` / ``{prefix}.idx`` and publish them atomically.
 
@@ -92,6 +126,7 @@ class IndexedDatasetWriter:
             raise ValueError(f"unsupported token dtype {self.dtype}")
         self.bin_path = prefix + ".bin"
         self.idx_path = prefix + ".idx"
+        remove_stale_temporaries(prefix)
         suffix = f".tmp{os.getpid()}"
         self._tmp_bin = self.bin_path + suffix
         self._tmp_idx = self.idx_path + suffix
@@ -283,19 +318,42 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
     dtype = readers[0].dtype
     for reader in readers:
         reader.close()
+    sidecars = []
+    for prefix in prefixes:
+        try:
+            with open(prefix + ".json", encoding="utf-8") as handle:
+                sidecars.append(json.load(handle))
+        except (OSError, ValueError):
+            sidecars.append(None)
+    tokenizers = {json.dumps(s.get("tokenizer"), sort_keys=True) for s in sidecars if s}
+    if len(tokenizers) > 1:
+        logger.warning("merging datasets made with different tokenizers (per their sidecars)")
     writer = IndexedDatasetWriter(output_prefix, dtype)
     try:
         for prefix in prefixes:
             writer.add_dataset(prefix)
             logger.info("merged %s", prefix)
-        writer.finalize()
+        summary = {
+            "format": "megatron-core indexed dataset (MMIDIDX v1)",
+            "prefix": output_prefix,
+            "documents": writer.document_count,
+            "sequences": writer.sequence_count,
+            "tokens": writer.token_count,
+            "dtype": dtype.name,
+            "inputs": list(prefixes),
+            "merged_from": sidecars,
+            "tokenizer": sidecars[0].get("tokenizer") if sidecars[0] and len(tokenizers) == 1 else None,
+            "created_by": "megatron_apex.data.indexed.merge_datasets",
+        }
+
+        def write_sidecar():
+            tmp = f"{output_prefix}.json.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(summary, handle, indent=2, sort_keys=True)
+            os.replace(tmp, output_prefix + ".json")
+
+        writer.finalize(before_index=write_sidecar)
     except BaseException:
         writer.abort()
         raise
-    return {
-        "documents": writer.document_count,
-        "sequences": writer.sequence_count,
-        "tokens": writer.token_count,
-        "dtype": str(dtype),
-        "inputs": list(prefixes),
-    }
+    return {k: summary[k] for k in ("documents", "sequences", "tokens", "dtype", "inputs")}

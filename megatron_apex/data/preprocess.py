@@ -75,7 +75,12 @@ _STATE: dict = {}
 
 def _init_worker(config: dict, tokenizer: Optional[Tokenizer] = None) -> None:
     if tokenizer is None:
-        options = {"num_threads": 1} if config["num_threads_one"] else {}
+        options = {}
+        if config["num_threads_one"]:
+            # one process per core already: keep the backends single-threaded (no oversubscription)
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            if config["tokenizer_kind"] == "sentencepiece":
+                options = {"num_threads": 1}
         tokenizer = load_tokenizer(config["tokenizer_kind"], config["tokenizer_path"], **options)
     _STATE.clear()
     _STATE.update(config)
@@ -83,20 +88,22 @@ def _init_worker(config: dict, tokenizer: Optional[Tokenizer] = None) -> None:
 
 
 def _encode_checked(tokenizer: Tokenizer, texts: list, lines: list, reject) -> tuple[list, list]:
-    """Batch-encode; if the batch fails (e.g. lone surrogates from ``\\ud800`` escapes, which are
-    valid JSON but not encodable as UTF-8) fall back to per-text calls to find the culprits."""
+    """Batch-encode; if the batch fails, find the culprits one by one. The expected culprits are
+    strings with lone surrogates (from ``\\ud800`` escapes: valid JSON, but not encodable as UTF-8);
+    any other per-text failure is a real error and propagates."""
     try:
         return tokenizer.encode_batch_arrays(texts), lines
-    except (UnicodeEncodeError, TypeError, RuntimeError):
+    except Exception:  # noqa: BLE001 - backends raise assorted types; re-checked per text below
         pass
     arrays, kept = [], []
     for text, line in zip(texts, lines):
         try:
             text.encode("utf-8")
-            arrays.append(tokenizer.encode_batch_arrays([text])[0])
-            kept.append(line)
-        except (UnicodeEncodeError, TypeError, RuntimeError) as exc:
+        except UnicodeEncodeError as exc:
             reject(line, "invalid_utf8", str(exc)[:120])
+            continue
+        arrays.append(tokenizer.encode_batch_arrays([text])[0])
+        kept.append(line)
     return arrays, kept
 
 
@@ -331,8 +338,9 @@ def preprocess_jsonl(
     records = blank = 0
     start = time.monotonic()
     bar = _Progress(total_bytes, log_interval, progress)
+    results = _run_blocks(files, config, tokenizer, workers, block_bytes)
     try:
-        for block, result in _run_blocks(files, config, tokenizer, workers, block_bytes):
+        for block, result in results:
             records += result["records"]
             blank += result["blank"]
             for file_index, line_no, key, reason, detail in result["examples"]:
@@ -410,6 +418,7 @@ def preprocess_jsonl(
         return sidecars
     except BaseException:
         bar.close()
+        results.close()  # stops the worker pool
         for writer in writers.values():
             writer.abort()
         raise
