@@ -47,7 +47,11 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
             found = []
             for root, dirs, names in os.walk(path):
                 dirs.sort()
-                found.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(JSONL_SUFFIXES))
+                for name in sorted(names):
+                    stem = os.path.join(root, name.rsplit(".", 1)[0])
+                    # skip our own sidecars ({prefix}.json next to {prefix}.idx) in mixed directories
+                    if name.endswith(JSONL_SUFFIXES) and not (name.endswith(".json") and os.path.exists(stem + ".idx")):
+                        found.append(os.path.join(root, name))
             if not found:
                 raise InputError(f"input directory {path!r} contains no JSONL files ({', '.join(JSONL_SUFFIXES)})")
             files.extend(found)

@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -74,16 +75,22 @@ _STATE: dict = {}
 
 
 def _init_worker(config: dict, tokenizer: Optional[Tokenizer] = None) -> None:
-    if tokenizer is None:
+    _STATE.clear()
+    _STATE.update(config)
+    if tokenizer is None:  # in a pool process
+        # Ctrl-C is handled by the main process, which terminates the pool; without this every
+        # worker would print its own KeyboardInterrupt traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         options = {}
         if config["num_threads_one"]:
             # one process per core already: keep the backends single-threaded (no oversubscription)
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             if config["tokenizer_kind"] == "sentencepiece":
                 options = {"num_threads": 1}
-        tokenizer = load_tokenizer(config["tokenizer_kind"], config["tokenizer_path"], **options)
-    _STATE.clear()
-    _STATE.update(config)
+        try:
+            tokenizer = load_tokenizer(config["tokenizer_kind"], config["tokenizer_path"], **options)
+        except Exception as exc:  # noqa: BLE001 - an initializer that raises makes Pool respawn forever
+            _STATE["error"] = f"worker could not load the tokenizer: {exc}"
     _STATE["tokenizer"] = tokenizer
 
 
@@ -110,6 +117,8 @@ def _encode_checked(tokenizer: Tokenizer, texts: list, lines: list, reject) -> t
 def _process_block(task: tuple) -> dict:
     """Validate and tokenize the lines of one block. Returns numpy arrays and counts per key."""
     file_index, first_line, data = task
+    if _STATE.get("error"):
+        raise RuntimeError(_STATE["error"])
     keys = _STATE["json_keys"]
     tokenizer: Tokenizer = _STATE["tokenizer"]
     texts = {k: [] for k in keys}
