@@ -200,7 +200,7 @@ def _process_block(task: tuple) -> dict:
             digests = b"".join(
                 hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in kept_texts
             )
-        out[key] = (tokens, lengths, digests, np.asarray(kept_lines, dtype=np.int64))
+        out[key] = (tokens, lengths, digests)
     return {"keys": out, "skipped": skipped, "examples": examples, "records": records, "blank": blank}
 
 
@@ -360,7 +360,7 @@ def preprocess_jsonl(
             for key in json_keys:
                 for reason, count in result["skipped"][key].items():
                     skipped[key][reason] += count
-                tokens, lengths, digests, kept_lines = result["keys"][key]
+                tokens, lengths, digests = result["keys"][key]
                 if dedup and len(lengths):
                     keep = np.ones(len(lengths), dtype=bool)
                     for i in range(len(lengths)):

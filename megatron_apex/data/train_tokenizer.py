@@ -65,7 +65,6 @@ def train_sentencepiece(
     character_coverage: float = 0.99995,
     num_threads: Optional[int] = None,
     hard_vocab_limit: bool = True,
-    seed: int = 0,
     extra_options: Optional[dict] = None,
 ) -> str:
     """Train ``{model_prefix}.model`` + ``{model_prefix}.vocab``; returns the ``.model`` path.
