@@ -1,0 +1,359 @@
+"""Streaming writer and light reader for Megatron's indexed dataset (``.bin`` / ``.idx``).
+
+The byte layout is megatron-core's ``MMIDIDX`` version 1 (see docs/formats.md section 2.1); files
+written here are read by ``megatron.core.datasets.indexed_dataset.IndexedDataset`` unchanged.
+
+Why not megatron-core's ``IndexedDatasetBuilder``?
+
+* it takes one torch tensor per document and keeps Python lists of every length and document
+  boundary, so memory grows with the corpus (tens of bytes per document) and each document costs
+  several Python calls;
+* it writes straight to the final file names, so a killed run leaves a pair that looks complete;
+* importing it pulls in torch and megatron-core (seconds per process).
+
+:class:`IndexedDatasetWriter` instead appends whole numpy chunks, spills the per-sequence lengths
+and the document boundaries to temporary side files (memory stays flat however large the corpus),
+writes everything under temporary names and publishes it with fsync + rename, ``.bin`` first and
+``.idx`` last: an ``.idx`` next to a ``.bin`` therefore always means "complete".
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from typing import Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IndexedDatasetWriter",
+    "IndexedDatasetReader",
+    "optimal_dtype",
+    "merge_datasets",
+    "fsync_directory",
+    "remove_stale_temporaries",
+]
+
+_MAGIC = b"MMIDIDX\x00\x00"
+_VERSION = 1
+# megatron-core DType codes (indexed_dataset.DType); 6/7 are float64/float32 there.
+_DTYPE_TO_CODE = {
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int32): 4,
+    np.dtype(np.int64): 5,
+    np.dtype(np.float64): 6,
+    np.dtype(np.float32): 7,
+    np.dtype(np.uint16): 8,
+}
+_CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
+_COPY_ITEMS = 1 << 22  # elements per chunk when streaming index arrays
+
+
+def optimal_dtype(vocab_size: Optional[int]) -> np.dtype:
+    """Same rule as megatron-core ``DType.optimal_dtype``: uint16 below 65500 ids, else int32."""
+    if vocab_size is not None and vocab_size < 65500:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def fsync_directory(path: str) -> None:
+    """Make renames inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Delete ``{prefix}.*.tmp<pid>`` files left by killed runs (their pid no longer exists).
+
+    They never look like a finished dataset, but they can be large; a later run for the same
+    prefix is the natural moment to reclaim the space. Files of live processes are left alone.
+    """
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + ".*.tmp*"):
+        match = re.search(r"\.tmp(\d+)$", path)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    if removed:
+        logger.info("removed %d stale temporary file(s) of an interrupted run: %s", len(removed), removed)
+    return removed
+
+
+class IndexedDatasetWriter:
+    """Append documents to ``{prefix}.bin`` / ``{prefix}.idx`` and publish them atomically.
+
+    Usage::
+
+        with IndexedDatasetWriter(prefix, np.uint16) as writer:
+            writer.add_documents(tokens, lengths)   # one sequence per document
+        # leaving the block without an exception calls finalize(); an exception calls abort()
+    """
+
+    def __init__(self, prefix: str, dtype, buffer_bytes: int = 8 << 20):
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _DTYPE_TO_CODE:
+            raise ValueError(f"unsupported token dtype {self.dtype}")
+        self.bin_path = prefix + ".bin"
+        self.idx_path = prefix + ".idx"
+        remove_stale_temporaries(prefix)
+        suffix = f".tmp{os.getpid()}"
+        self._tmp_bin = self.bin_path + suffix
+        self._tmp_idx = self.idx_path + suffix
+        self._tmp_lengths = prefix + ".lengths" + suffix
+        self._tmp_docs = prefix + ".docs" + suffix
+        self._bin = open(self._tmp_bin, "wb", buffering=buffer_bytes)
+        self._lengths = open(self._tmp_lengths, "wb", buffering=1 << 20)
+        self._docs = open(self._tmp_docs, "wb", buffering=1 << 20)
+        self.sequence_count = 0
+        self.document_count = 0
+        self.token_count = 0
+        self._closed = False
+
+    # -- appending -------------------------------------------------------------------------------
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append ``len(lengths)`` documents whose tokens are concatenated in ``tokens``."""
+        lengths = np.asarray(lengths, dtype=np.int32)
+        if len(lengths) == 0:
+            return
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        if int(lengths.sum(dtype=np.int64)) != tokens.size:
+            raise ValueError("sum(lengths) does not match the number of tokens")
+        self._bin.write(memoryview(tokens).cast("B"))
+        self._lengths.write(lengths.tobytes())
+        ends = np.arange(self.sequence_count + 1, self.sequence_count + len(lengths) + 1, dtype=np.int64)
+        self._docs.write(ends.tobytes())
+        self.sequence_count += len(lengths)
+        self.document_count += len(lengths)
+        self.token_count += tokens.size
+
+    def add_dataset(self, prefix: str) -> None:
+        """Append every document of an existing dataset (streamed; used by merge)."""
+        reader = IndexedDatasetReader(prefix)
+        if reader.dtype != self.dtype:
+            raise ValueError(f"{prefix}: dtype {reader.dtype} differs from the output dtype {self.dtype}")
+        self._bin.flush()
+        with open(reader.bin_path, "rb") as src:
+            shutil.copyfileobj(src, self._bin, 16 << 20)
+        for start in range(0, reader.sequence_count, _COPY_ITEMS):
+            self._lengths.write(np.asarray(reader.sequence_lengths[start : start + _COPY_ITEMS]).tobytes())
+        doc_idx = reader.document_indices
+        for start in range(1, len(doc_idx), _COPY_ITEMS):
+            chunk = np.asarray(doc_idx[start : start + _COPY_ITEMS], dtype=np.int64) + self.sequence_count
+            self._docs.write(chunk.tobytes())
+        self.sequence_count += reader.sequence_count
+        self.document_count += reader.document_count
+        self.token_count += int(reader.token_count)
+        reader.close()
+
+    # -- publishing ------------------------------------------------------------------------------
+    def _write_index(self) -> None:
+        """Stream the ``.idx`` from the spilled lengths/boundaries (memory: one chunk at a time)."""
+        itemsize = self.dtype.itemsize
+        with open(self._tmp_idx, "wb", buffering=8 << 20) as idx:
+            idx.write(_MAGIC)
+            idx.write(struct.pack("<Q", _VERSION))
+            idx.write(struct.pack("<B", _DTYPE_TO_CODE[self.dtype]))
+            idx.write(struct.pack("<Q", self.sequence_count))
+            idx.write(struct.pack("<Q", self.document_count + 1))
+            with open(self._tmp_lengths, "rb") as lengths:
+                shutil.copyfileobj(lengths, idx, 16 << 20)
+            offset = 0
+            with open(self._tmp_lengths, "rb") as lengths:
+                while True:
+                    chunk = np.frombuffer(lengths.read(4 * _COPY_ITEMS), dtype=np.int32)
+                    if chunk.size == 0:
+                        break
+                    sizes = chunk.astype(np.int64) * itemsize
+                    pointers = np.empty_like(sizes)
+                    pointers[0] = offset
+                    np.cumsum(sizes[:-1], out=pointers[1:])
+                    pointers[1:] += offset
+                    offset += int(sizes.sum())
+                    idx.write(pointers.tobytes())
+            idx.write(np.zeros(1, dtype=np.int64).tobytes())
+            with open(self._tmp_docs, "rb") as docs:
+                shutil.copyfileobj(docs, idx, 16 << 20)
+            idx.flush()
+            os.fsync(idx.fileno())
+
+    def finalize(self, before_index=None) -> None:
+        """Publish: fsync+rename ``.bin``, call ``before_index()`` (e.g. to write a sidecar), then
+        fsync+rename ``.idx`` last. An old ``.idx`` is removed first so that a stale index can never
+        be paired with a new ``.bin``."""
+        if self._closed:
+            return
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        self._lengths.close()
+        self._docs.close()
+        self._write_index()
+        os.unlink(self._tmp_lengths)
+        os.unlink(self._tmp_docs)
+        directory = os.path.dirname(os.path.abspath(self.prefix))
+        if os.path.exists(self.idx_path):
+            os.unlink(self.idx_path)
+            fsync_directory(directory)
+        os.replace(self._tmp_bin, self.bin_path)
+        fsync_directory(directory)
+        if before_index is not None:
+            before_index()
+        os.replace(self._tmp_idx, self.idx_path)
+        fsync_directory(directory)
+        self._closed = True
+        logger.info("wrote %s.{bin,idx}: %d documents, %d tokens", self.prefix, self.document_count, self.token_count)
+
+    def abort(self) -> None:
+        """Close and delete the temporary files; the final names are never touched."""
+        if self._closed:
+            return
+        for handle in (self._bin, self._lengths, self._docs):
+            try:
+                handle.close()
+            except OSError:
+                pass
+        for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
+            if os.path.exists(path):
+                os.unlink(path)
+        self._closed = True
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+class IndexedDatasetReader:
+    """Minimal memory-mapped reader (no torch import) for merge, inspect and tests.
+
+    Training should use megatron-core's ``IndexedDataset``; this class exists so that the data tools
+    stay fast to start and do not depend on torch.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.idx_path = prefix + ".idx"
+        self.bin_path = prefix + ".bin"
+        if not (os.path.isfile(self.idx_path) and os.path.isfile(self.bin_path)):
+            raise FileNotFoundError(f"no indexed dataset at {prefix!r} (need {prefix}.bin and {prefix}.idx)")
+        with open(self.idx_path, "rb") as handle:
+            header = handle.read(34)
+        if len(header) < 34 or header[:9] != _MAGIC:
+            raise ValueError(f"{self.idx_path} is not a Megatron indexed dataset index")
+        (version,) = struct.unpack("<Q", header[9:17])
+        if version != _VERSION:
+            raise ValueError(f"{self.idx_path}: unsupported index version {version}")
+        self.dtype = np.dtype(_CODE_TO_DTYPE[header[17]])
+        (self.sequence_count,) = struct.unpack("<Q", header[18:26])
+        (doc_idx_len,) = struct.unpack("<Q", header[26:34])
+        self.document_count = doc_idx_len - 1
+        n = self.sequence_count
+        self._idx = np.memmap(self.idx_path, mode="r", dtype=np.uint8)
+        self.sequence_lengths = np.frombuffer(self._idx, dtype=np.int32, count=n, offset=34)
+        self.sequence_pointers = np.frombuffer(self._idx, dtype=np.int64, count=n, offset=34 + 4 * n)
+        self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=doc_idx_len, offset=34 + 12 * n)
+        size = os.path.getsize(self.bin_path)
+        self._bin = np.memmap(self.bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, self.dtype)
+        self.token_count = int(self.sequence_lengths.sum(dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.sequence_count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize
+        return np.asarray(self._bin[start : start + int(self.sequence_lengths[i])])
+
+    def close(self) -> None:
+        self._idx = self._bin = None
+        self.sequence_lengths = self.sequence_pointers = self.document_indices = None
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
+    """Concatenate datasets (documents kept in order) into ``output_prefix.{bin,idx}``.
+
+    Like Megatron-LM's ``tools/merge_datasets.py`` but streamed and published atomically.
+    Returns counts of the merged dataset.
+    """
+    if not prefixes:
+        raise ValueError("nothing to merge")
+    readers = [IndexedDatasetReader(p) for p in prefixes]  # validate everything before writing
+    dtypes = {r.dtype for r in readers}
+    if len(dtypes) != 1:
+        raise ValueError(f"cannot merge datasets with different dtypes: {sorted(str(d) for d in dtypes)}")
+    dtype = readers[0].dtype
+    for reader in readers:
+        reader.close()
+    sidecars = []
+    for prefix in prefixes:
+        try:
+            with open(prefix + ".json", encoding="utf-8") as handle:
+                sidecars.append(json.load(handle))
+        except (OSError, ValueError):
+            sidecars.append(None)
+    tokenizers = {json.dumps(s.get("tokenizer"), sort_keys=True) for s in sidecars if s}
+    if len(tokenizers) > 1:
+        logger.warning("merging datasets made with different tokenizers (per their sidecars)")
+    writer = IndexedDatasetWriter(output_prefix, dtype)
+    try:
+        for prefix in prefixes:
+            writer.add_dataset(prefix)
+            logger.info("merged %s", prefix)
+        summary = {
+            "format": "megatron-core indexed dataset (MMIDIDX v1)",
+            "prefix": output_prefix,
+            "documents": writer.document_count,
+            "sequences": writer.sequence_count,
+            "tokens": writer.token_count,
+            "dtype": dtype.name,
+            "inputs": list(prefixes),
+            "merged_from": sidecars,
+            "tokenizer": sidecars[0].get("tokenizer") if sidecars[0] and len(tokenizers) == 1 else None,
+            "created_by": "megatron_apex.data.indexed.merge_datasets",
+        }
+
+        def write_sidecar():
+            tmp = f"{output_prefix}.json.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(summary, handle, indent=2, sort_keys=True)
+            os.replace(tmp, output_prefix + ".json")
+
+        writer.finalize(before_index=write_sidecar)
+    except BaseException:
+        writer.abort()
+        raise
+    return {k: summary[k] for k in ("documents", "sequences", "tokens", "dtype", "inputs")}

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Train a LLaMA-style sentencepiece tokenizer (BPE or unigram) on JSONL text.
+
+Writes PREFIX.model and PREFIX.vocab. Example:
+  python tools/train_tokenizer.py --input demo/train.jsonl --model-prefix demo/tok --vocab-size 4096
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_apex.data.train_tokenizer import train_sentencepiece  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="JSONL files (plain/.gz/.zst) or directories")
+    parser.add_argument("--model-prefix", "--output-prefix", dest="model_prefix", required=True)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--max-sentences", type=int, default=None, help="cap on training lines")
+    parser.add_argument("--max-chars", type=int, default=None, help="cap on training characters")
+    parser.add_argument("--unk-id", type=int, default=0)
+    parser.add_argument("--bos-id", type=int, default=1)
+    parser.add_argument("--eos-id", type=int, default=2)
+    parser.add_argument("--pad-id", type=int, default=-1)
+    parser.add_argument("--no-byte-fallback", action="store_true")
+    parser.add_argument("--character-coverage", type=float, default=0.99995)
+    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--soft-vocab-limit", action="store_true",
+                        help="allow a smaller vocabulary when the corpus is too small")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        path = train_sentencepiece(
+            args.input, args.model_prefix, args.vocab_size, model_type=args.model_type, json_key=args.json_key,
+            max_sentences=args.max_sentences, max_chars=args.max_chars, unk_id=args.unk_id, bos_id=args.bos_id,
+            eos_id=args.eos_id, pad_id=args.pad_id, byte_fallback=not args.no_byte_fallback,
+            character_coverage=args.character_coverage, num_threads=args.num_threads,
+            hard_vocab_limit=not args.soft_vocab_limit,
+        )
+    except (OSError, ValueError) as exc:
+        logging.error("error: %s", exc)
+        return 2
+    logging.info("tokenizer written to %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
