@@ -271,7 +271,8 @@ def test_positions_checks_and_state_roundtrip():
         fresh.effective_fc1(weights["linear_fc1.weight"])
     _perturb(ffn, 3)
     fresh.load_state_dict(ffn.state_dict())  # positions come with the checkpoint
-    assert torch.equal(fresh.effective_fc1(weights["linear_fc1.weight"]), ffn.effective_fc1(weights["linear_fc1.weight"]))
+    w1 = weights["linear_fc1.weight"]
+    assert torch.equal(fresh.effective_fc1(w1), ffn.effective_fc1(w1))
     with pytest.raises(ValueError, match="out of range"):
         ffn.effective_fc2(weights["linear_fc2.weight"][:, :4])
     with pytest.raises(ValueError):
@@ -287,3 +288,19 @@ def test_inactive_operator_is_passthrough():
     assert len(list(ffn.parameters())) == 0 and len(list(attn.parameters())) == 0
     w = torch.randn(8, 3)
     assert ffn.effective_fc1(w) is w and attn.effective_proj(w) is w
+
+
+def test_operator_pickles_and_deepcopies():
+    import copy
+    import io
+
+    attn, ffn, weights = _build(CONFIGS["gqa"], seed=2)
+    _perturb(attn, 1)
+    buf = io.BytesIO()
+    torch.save(attn, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    clone = copy.deepcopy(attn)
+    ref = attn.effective_proj(weights["linear_proj.weight"])
+    assert torch.equal(again.effective_proj(weights["linear_proj.weight"]), ref)
+    assert torch.equal(clone.effective_proj(weights["linear_proj.weight"]), ref)

@@ -134,6 +134,11 @@ def attn_operator_num_params(num_parts: int, k_per: int, d: int, r: int) -> int:
     return num_parts * (monarch_num_params(m_v) + 2 * m_v + monarch_num_params(m_o) + m_o)
 
 
+def _refresh_after_load(module: "_ExpansionBase", _incompatible_keys) -> None:
+    """load_state_dict post-hook (module-level, so the operators stay picklable)."""
+    module._refresh_pos_max()
+
+
 class _ExpansionBase(nn.Module):
     """Positions buffers and their bookkeeping, shared by the FFN and attention operators.
 
@@ -153,7 +158,7 @@ class _ExpansionBase(nn.Module):
         self.register_buffer("p_pos", torch.full(shape, -1, dtype=torch.int64, device=device))
         self.register_buffer("n_pos", torch.full(shape, -1, dtype=torch.int64, device=device))
         self._pos_max = -1  # python int: bound check without a device sync per call
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_pos_max())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _refresh_pos_max(self) -> None:
         if self.p_pos.numel() == 0:

@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .monarch import monarch_num_params
-from .operator import AttentionExpansion, FFNExpansion, attn_operator_num_params, unit_rows
+from .operator import AttentionExpansion, FFNExpansion, attn_operator_num_params, ffn_operator_num_params, unit_rows
 
 __all__ = ["tuned_units", "local_units", "PartialDeltas", "selected_mode_trainable_fraction"]
 
@@ -162,7 +161,7 @@ def selected_mode_trainable_fraction(
     deltas = ua * ((r + 2) * d * h + h * r * d) + uf * 3 * h
     b_a, b_f = math.gcd(b_cfg, ng), math.gcd(b_cfg, f)
     ka_per, kf_per = _count(k_frac, ng) // b_a, _count(k_frac, f) // b_f
-    op_ffn = b_f * (monarch_num_params(kf_per) + 3 * kf_per) if kf_per else 0
+    op_ffn = ffn_operator_num_params(b_f, kf_per)
     op_attn = attn_operator_num_params(b_a, ka_per, d, r)
     trainable = L * (deltas + op_ffn + op_attn) + emb
     return trainable / total
