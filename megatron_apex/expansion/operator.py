@@ -59,6 +59,52 @@ def _compute_dtype(w: torch.Tensor, p: torch.Tensor) -> torch.dtype:
     return torch.promote_types(w.dtype, p.dtype)
 
 
+class _ReplaceSlices(torch.autograd.Function):
+    """out = w with slices ``dst`` (along ``dim``) replaced by ``fn(w.index_select(dim, src), *params)``.
+
+    Why a custom Function: composing index_select and index_copy in plain autograd makes every
+    index_select's backward allocate and zero a full-size gradient and then sum them, several full passes
+    over W per step for a change that touches a few percent of its rows. Here the backward makes exactly
+    one full-size tensor (grad_out with the replaced slices zeroed, plus a scatter-add of the small
+    gathered gradient). The small function ``fn`` is recomputed under autograd in the backward (its cost
+    is O(m sqrt(m) h), negligible). Double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, w, dim, src, dst, fn, *params):  # noqa: D401
+        sel = w.detach().index_select(dim, src)
+        with torch.no_grad():
+            vals = fn(sel, *params)
+        ctx.dim, ctx.fn = dim, fn
+        ctx.save_for_backward(sel, src, dst, *params)
+        return w.detach().index_copy(dim, dst, vals)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sel, src, dst, *params = ctx.saved_tensors
+        dim, needs = ctx.dim, ctx.needs_input_grad
+        inputs = [sel.detach().requires_grad_(needs[0])]
+        inputs += [p.detach().requires_grad_(needs[5 + i]) for i, p in enumerate(params)]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = {}
+        if wanted:
+            with torch.enable_grad():
+                vals = ctx.fn(*inputs)
+            got = torch.autograd.grad(vals, wanted, grad.index_select(dim, dst), allow_unused=True)
+            grads = {id(t): g for t, g in zip(wanted, got)}
+        grad_w = None
+        if needs[0]:
+            grad_w = grad.index_fill(dim, dst, 0)  # the one full-size copy
+            g_sel = grads.get(id(inputs[0]))
+            if g_sel is not None:  # index_put_ (accumulate) is several times faster than index_add_ on CPU
+                if dim == 0:
+                    grad_w.index_put_((src,), g_sel, accumulate=True)
+                else:
+                    grad_w.t().index_put_((src,), g_sel.t(), accumulate=True)  # in place through the view
+        grad_params = [grads.get(id(t)) if t.requires_grad else None for t in inputs[1:]]
+        return (grad_w, None, None, None, None, *grad_params)
+
+
 def expand_columns(
     w: torch.Tensor,
     p_rows: torch.Tensor,
@@ -79,24 +125,30 @@ def expand_columns(
 
     Returns a new ``[rows, h]`` tensor (one copy of w; differentiable in every input).
     """
-    single = p_rows.dim() == 2
-    if single:
+    if p_rows.dim() == 2:
         p_rows, n_rows = p_rows.unsqueeze(0), n_rows.unsqueeze(0)
         betas = None if betas is None else betas.unsqueeze(0)
     nseg, nparts, m = p_rows.shape
     h = w.shape[1]
     ct = _compute_dtype(w, lf)
     p_idx, n_idx = p_rows.reshape(-1), n_rows.reshape(-1)  # [S*B*m]
-    wp = w.index_select(0, p_idx).to(ct).view(nseg, nparts, m, h)  # [S, B, m, h]
-    wn = w.index_select(0, n_idx).to(ct).view(nseg, nparts, m, h)  # [S, B, m, h]
-    x = wp.permute(1, 2, 0, 3).reshape(nparts, m, nseg * h)  # [B, m, S*h]: M mixes each segment
-    mx = monarch_apply(lf.to(ct), rf.to(ct), x).view(nparts, m, nseg, h).permute(2, 0, 1, 3)  # [S, B, m, h]
-    new_n = alpha.to(ct).unsqueeze(-1) * wn + mx  # [S, B, m, h]
-    idx, vals = n_idx, new_n.reshape(-1, h)
-    if betas is not None:
-        new_p = betas.to(ct).unsqueeze(-1) * wp  # [S, B, m, h]
-        idx, vals = torch.cat([n_idx, p_idx]), torch.cat([vals, new_p.reshape(-1, h)])
-    return w.index_copy(0, idx, vals.to(w.dtype))
+    k = p_idx.numel()
+
+    def new_rows(sel, lf_, rf_, alpha_, *betas_):
+        sel = sel.to(ct)
+        wp = sel[:k].view(nseg, nparts, m, h)  # [S, B, m, h]
+        wn = sel[k:].view(nseg, nparts, m, h)  # [S, B, m, h]
+        x = wp.permute(1, 2, 0, 3).reshape(nparts, m, nseg * h)  # [B, m, S*h]: M mixes each segment
+        mx = monarch_apply(lf_.to(ct), rf_.to(ct), x).view(nparts, m, nseg, h).permute(2, 0, 1, 3)  # [S, B, m, h]
+        vals = (alpha_.to(ct).unsqueeze(-1) * wn + mx).reshape(-1, h)  # new N rows
+        if betas_:
+            vals = torch.cat([vals, (betas_[0].to(ct).unsqueeze(-1) * wp).reshape(-1, h)])  # + new P rows
+        return vals.to(w.dtype)
+
+    src = torch.cat([p_idx, n_idx])
+    dst = n_idx if betas is None else torch.cat([n_idx, p_idx])
+    params = (lf, rf, alpha) if betas is None else (lf, rf, alpha, betas)
+    return _ReplaceSlices.apply(w, 0, src, dst, new_rows, *params)
 
 
 def expand_rows(
@@ -110,11 +162,15 @@ def expand_rows(
     h = w.shape[0]
     ct = _compute_dtype(w, lf)
     p_idx, n_idx = p_cols.reshape(-1), n_cols.reshape(-1)  # [B*m]
-    xp = w.index_select(1, p_idx).to(ct).t().reshape(nparts, m, h)  # [B, m, h] = W[:, P]^T
-    wn = w.index_select(1, n_idx).to(ct)  # [h, B*m]
-    mx = monarch_apply(lf.to(ct), rf.to(ct), xp).reshape(nparts * m, h).t()  # [h, B*m] = W[:, P] M^T
-    new_n = wn * alpha.to(ct).reshape(1, -1) + mx  # [h, B*m]
-    return w.index_copy(1, n_idx, new_n.to(w.dtype))
+    k = p_idx.numel()
+
+    def new_cols(sel, lf_, rf_, alpha_):
+        sel = sel.to(ct)  # [h, 2*B*m]
+        xp = sel[:, :k].t().reshape(nparts, m, h)  # [B, m, h] = W[:, P]^T
+        mx = monarch_apply(lf_.to(ct), rf_.to(ct), xp).reshape(nparts * m, h).t()  # [h, B*m] = W[:, P] M^T
+        return (sel[:, k:] * alpha_.to(ct).reshape(1, -1) + mx).to(w.dtype)  # [h, B*m]
+
+    return _ReplaceSlices.apply(w, 1, torch.cat([p_idx, n_idx]), n_idx, new_cols, lf, rf, alpha)
 
 
 def ffn_operator_num_params(num_parts: int, k_per: int) -> int:
