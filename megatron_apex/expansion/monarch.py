@@ -1,0 +1,94 @@
+"""Monarch matrices: the structured m x m mixing matrix M of the APEX operator, batched over partitions.
+
+Why Monarch: a dense M would cost m^2 parameters (m = k * rows per unit, e.g. 2064 FFN channels in a 7B
+layer); a Monarch matrix costs m * (nb + bs) ~ 2 m sqrt(m), as in the released APEX code.
+
+Layout (fixed; checkpoints depend on it), with m = nb * bs and x of length m viewed as ``(nb, bs)``
+(x[i*bs + j] = X[i, j]):
+
+1. R: ``[nb, bs, bs]`` block-diagonal, Y[i, :] = R[i] @ X[i, :]
+2. transpose (nb, bs) -> (bs, nb)
+3. L: ``[bs, nb, nb]`` block-diagonal, U[j, :] = L[j] @ Y[:, j]
+4. transpose back: out[i*bs + j] = U[j, i]
+
+Hence the dense entry M[(i, j), (k, l)] = L[j, i, k] * R[k, j, l]; :func:`monarch_to_dense` builds M from
+this formula, independently of the factored product in :func:`monarch_apply`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_to_dense", "monarch_init"]
+
+
+def monarch_shape(m: int) -> Tuple[int, int]:
+    """(nb, bs): nb = the divisor of m closest to sqrt(m) (ties -> the smaller), bs = m // nb."""
+    if m <= 0:
+        raise ValueError(f"monarch_shape needs m > 0, got {m}")
+    # The closest divisor is either the largest divisor <= sqrt(m) or its co-divisor m // a; they are
+    # equidistant only when equal, so the tie rule never changes the result (kept for the record).
+    a = math.isqrt(m)
+    while m % a:
+        a -= 1
+    b = m // a
+    root = math.sqrt(m)
+    best = a if root - a <= b - root else b
+    return best, m // best
+
+
+def monarch_num_params(m: int) -> int:
+    """Parameters of one m x m Monarch matrix: R has nb*bs*bs = m*bs, L has bs*nb*nb = m*nb."""
+    nb, bs = monarch_shape(m)
+    return m * (bs + nb)
+
+
+def monarch_apply(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """M_b @ X_b for every partition b, in O(B * m * (nb + bs) * c) without forming M.
+
+    Args:
+        lf: ``[B, bs, nb, nb]`` left factor.
+        rf: ``[B, nb, bs, bs]`` right factor.
+        x: ``[B, m, c]``.
+
+    Returns:
+        ``[B, m, c]``.
+    """
+    nparts, bs, nb, _ = lf.shape
+    m, c = x.shape[1], x.shape[2]
+    if rf.shape != (nparts, nb, bs, bs) or x.shape[0] != nparts or m != nb * bs:
+        raise ValueError(f"monarch_apply: inconsistent shapes L{tuple(lf.shape)} R{tuple(rf.shape)} X{tuple(x.shape)}")
+    xv = x.reshape(nparts, nb, bs, c)  # [B, nb, bs, c]
+    y = torch.einsum("bipq,biqc->bipc", rf, xv)  # [B, nb, bs, c]  block-diag R
+    u = torch.einsum("bjik,bkjc->bijc", lf, y)  # [B, nb, bs, c]  transpose, block-diag L, transpose back
+    return u.reshape(nparts, m, c)
+
+
+def monarch_to_dense(lf: torch.Tensor, rf: torch.Tensor) -> torch.Tensor:
+    """Dense ``[B, m, m]`` matrices, from M[(i,j),(k,l)] = L[j,i,k] * R[k,j,l] (for tests and fusing checks)."""
+    nparts, bs, nb, _ = lf.shape
+    d = torch.einsum("bjik,bkjl->bijkl", lf, rf)  # [B, nb, bs, nb, bs]
+    return d.reshape(nparts, nb * bs, nb * bs)
+
+
+def monarch_init(
+    num_parts: int,
+    m: int,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Factors of a zero Monarch matrix: L = 0, R ~ U(-1/sqrt(bs), 1/sqrt(bs)) (kaiming-uniform, a=sqrt(5)).
+
+    M = L.R = 0, so inserting the operator does not change the function; R random gives L a non-zero
+    gradient from the first step. The random draw is made on CPU in float64 and then cast, so it is the
+    same on every device and dtype given the same generator state.
+    """
+    nb, bs = monarch_shape(m)
+    bound = 1.0 / math.sqrt(bs)
+    rf = torch.rand(num_parts, nb, bs, bs, generator=generator, dtype=torch.float64)  # [B, nb, bs, bs]
+    rf = ((rf * 2 - 1) * bound).to(dtype=dtype, device=device)
+    lf = torch.zeros(num_parts, bs, nb, nb, dtype=dtype, device=device)  # [B, bs, nb, nb]
+    return lf, rf

@@ -1,0 +1,80 @@
+"""APEX advantage scoring: per-unit activation statistics and rank votes.
+
+The paper scores a unit not by the magnitude of its activations but by how often it ranks among the
+top-K (+1) or bottom-K (-1) units of its layer in a micro-batch (apex-method.md, section 1). Only the
+ordering of the statistic matters, so squared L2 norms are used (no square root).
+
+Everything here is a pure function of tensors. Under tensor parallelism the statistics are computed on
+the local shard (``unit_sq_norms_*`` only see local units); the engine gathers them across the TP group
+(and sums them across the CP group) before calling :func:`rank_votes`, which needs the whole layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["rank_votes", "unit_sq_norms_ffn", "unit_sq_norms_attn"]
+
+
+def rank_votes(stats: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, +1 for the k largest entries and -1 for the k smallest.
+
+    Args:
+        stats: ``[L, n]`` statistic per (layer, unit); any real dtype.
+        k: number of units voted up and down per row, ``0 <= 2k <= n``.
+
+    Returns:
+        ``[L, n]`` int64 votes in {-1, 0, +1}.
+
+    Ranking is a total order so every rank and layout votes identically: entries are sorted by
+    (value, unit index) with a stable ascending sort, i.e. among equal values the lower index counts
+    as *smaller* (it is the first to get -1 and the last to get +1).
+    """
+    if stats.dim() != 2:
+        raise ValueError(f"rank_votes expects stats of shape [L, n], got {tuple(stats.shape)}")
+    n = stats.shape[1]
+    if k < 0 or 2 * k > n:
+        raise ValueError(f"rank_votes needs 0 <= 2k <= n, got k={k}, n={n}")
+    if torch.isnan(stats).any():
+        raise ValueError("rank_votes: stats contain NaN; the ranking would be undefined")
+    votes = torch.zeros(stats.shape, dtype=torch.int64, device=stats.device)  # [L, n]
+    if k == 0:
+        return votes
+    order = torch.sort(stats, dim=1, stable=True).indices  # [L, n], ascending, ties by index
+    ones = torch.ones(stats.shape[0], k, dtype=torch.int64, device=stats.device)  # [L, k]
+    votes.scatter_(1, order[:, :k], -ones)
+    votes.scatter_(1, order[:, n - k:], ones)
+    return votes
+
+
+def unit_sq_norms_ffn(gate_preact: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm over all tokens of SiLU(gate pre-activation), per FFN channel.
+
+    Args:
+        gate_preact: ``[s, b, f_local]`` the gate half of ``linear_fc1``'s output (before SiLU and
+            before the product with the up branch).
+
+    Returns:
+        ``[f_local]`` float32 statistic. Accumulated in fp32 because bf16 sums over thousands of tokens
+        lose the low-order differences the ranking depends on.
+    """
+    g = F.silu(gate_preact.float())  # [s, b, f_local]
+    return g.square().reshape(-1, g.shape[-1]).sum(dim=0)  # [f_local]
+
+
+def unit_sq_norms_attn(core_attn_out: torch.Tensor, ng_local: int) -> torch.Tensor:
+    """Squared L2 norm over all tokens of each query group's attention output.
+
+    Args:
+        core_attn_out: ``[s, b, ng_local*r*d]`` the input of ``linear_proj``; group g owns the columns
+            ``[g*r*d, (g+1)*r*d)`` (megatron-core's head order is group-major).
+        ng_local: number of query groups held locally (a unit is a group; under MHA a head).
+
+    Returns:
+        ``[ng_local]`` float32 statistic.
+    """
+    width = core_attn_out.shape[-1]
+    if ng_local <= 0 or width % ng_local != 0:
+        raise ValueError(f"unit_sq_norms_attn: last dim {width} is not a multiple of ng_local={ng_local}")
+    x = core_attn_out.float().reshape(-1, ng_local, width // ng_local)  # [s*b, ng_local, r*d]
+    return x.square().sum(dim=(0, 2))  # [ng_local]

@@ -1,0 +1,76 @@
+"""Monarch factorisation: shape rule, factored apply vs dense construction, init, parameter count."""
+import math
+
+import pytest
+import torch
+
+from megatron_apex.expansion.monarch import (
+    monarch_apply, monarch_init, monarch_num_params, monarch_shape, monarch_to_dense,
+)
+
+
+def _closest_divisor(m):
+    divs = [x for x in range(1, m + 1) if m % x == 0]
+    return min(divs, key=lambda x: (abs(x - math.sqrt(m)), x))
+
+
+@pytest.mark.parametrize("m", list(range(1, 70)) + [768, 2064, 1376])
+def test_monarch_shape_rule(m):
+    nb, bs = monarch_shape(m)
+    assert nb * bs == m and nb == _closest_divisor(m)
+
+
+def _random_factors(nparts, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    nb, bs = monarch_shape(m)
+    lf = torch.randn(nparts, bs, nb, nb, generator=g, dtype=torch.float64)
+    rf = torch.randn(nparts, nb, bs, bs, generator=g, dtype=torch.float64)
+    return lf, rf
+
+
+def _dense_by_steps(lf, rf):
+    """Third, literal construction: R block-diag, explicit permutation matrix, L block-diag, permutation."""
+    out = []
+    for b in range(lf.shape[0]):
+        bs, nb = lf.shape[1], lf.shape[2]
+        m = nb * bs
+        r_bd = torch.block_diag(*rf[b])  # acts on x as (nb, bs)
+        l_bd = torch.block_diag(*lf[b])  # acts on x as (bs, nb)
+        perm = torch.zeros(m, m, dtype=lf.dtype)  # (nb, bs) -> (bs, nb)
+        for i in range(nb):
+            for j in range(bs):
+                perm[j * nb + i, i * bs + j] = 1
+        out.append(perm.t() @ l_bd @ perm @ r_bd)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("m", [1, 2, 6, 7, 12, 16, 30])
+def test_apply_matches_dense(m):
+    lf, rf = _random_factors(3, m, seed=m)
+    x = torch.randn(3, m, 5, dtype=torch.float64)
+    dense = monarch_to_dense(lf, rf)
+    assert dense.shape == (3, m, m)
+    torch.testing.assert_close(monarch_apply(lf, rf, x), dense @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dense, _dense_by_steps(lf, rf), rtol=1e-12, atol=1e-12)
+    eye = torch.eye(m, dtype=torch.float64).expand(3, m, m)
+    torch.testing.assert_close(monarch_apply(lf, rf, eye), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_init_is_zero_and_param_count():
+    g = torch.Generator().manual_seed(0)
+    lf, rf = monarch_init(4, 12, g, torch.float32)
+    nb, bs = monarch_shape(12)
+    assert lf.shape == (4, bs, nb, nb) and rf.shape == (4, nb, bs, bs)
+    assert torch.count_nonzero(lf) == 0 and torch.count_nonzero(rf) == rf.numel()
+    assert rf.abs().max() <= 1 / math.sqrt(bs)
+    assert torch.equal(monarch_to_dense(lf, rf), torch.zeros(4, 12, 12))
+    assert lf[0].numel() + rf[0].numel() == monarch_num_params(12) == 12 * (nb + bs)
+    assert monarch_num_params(2064) == 2064 * (43 + 48)
+    lf2, rf2 = monarch_init(4, 12, torch.Generator().manual_seed(0), torch.float64)
+    assert torch.equal(rf2.float(), rf)  # same draw whatever the dtype
+
+
+def test_apply_rejects_bad_shapes():
+    lf, rf = _random_factors(2, 6, 0)
+    with pytest.raises(ValueError):
+        monarch_apply(lf, rf, torch.randn(2, 7, 3, dtype=torch.float64))
