@@ -120,7 +120,11 @@ def build_state_dict(model, optimizer, ctx: ParallelContext, is_loading: bool, w
 def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: ParallelContext,
                     padded_vocab: int, consumed_samples: int, extra_common: Optional[dict] = None,
                     extra_sharded: Optional[dict] = None) -> str:
-    """Save on every rank; the tracker is updated by rank 0 only after all ranks finished."""
+    """Save on every rank; the tracker is updated by rank 0 only after all ranks finished.
+
+    ``optimizer=None`` writes a weights-only checkpoint (e.g. an imported Hugging Face model), which
+    can initialise a run through ``checkpoint.finetune_from`` but not resume one.
+    """
     from megatron.core import dist_checkpointing
 
     target = iter_dir(root, step)
@@ -130,9 +134,10 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
             shutil.rmtree(target)
         os.makedirs(target)
     dist.barrier()
-    sd = build_state_dict(model, optimizer, ctx, is_loading=False, with_optimizer=True, with_rng=True,
-                          extra_sharded=extra_sharded)
+    sd = build_state_dict(model, optimizer, ctx, is_loading=False, with_optimizer=optimizer is not None,
+                          with_rng=True, extra_sharded=extra_sharded)
     sd.update({"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
+               "has_optimizer": optimizer is not None,
                "config": cfg.to_dict(), "layout": _layout(ctx),
                "model_signature": model_signature(cfg, padded_vocab), **(extra_common or {})})
     dist_checkpointing.save(sd, target)
@@ -194,6 +199,9 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     path = resolve_checkpoint_dir(path)
     common = read_common(path)
     check_compatible(common, cfg, padded_vocab, path)
+    if load_optimizer and not common.get("has_optimizer", True):
+        raise CheckpointError(f"{path} holds weights only (no optimizer state), so a run cannot resume from it; "
+                              "start from it with checkpoint.finetune_from instead")
     same_layout = common.get("layout") == _layout(ctx)
     if load_rng and not same_layout:
         logger.warning("checkpoint layout %s differs from the current %s: RNG states are not restored",
