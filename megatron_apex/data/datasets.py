@@ -30,6 +30,10 @@ class _TokenInfo:
     eod: int
     pad: int = -1
 
+    @property
+    def unique_identifiers(self) -> dict:  # part of the dataset cache description
+        return {"vocab_size": self.vocab_size, "eod": self.eod}
+
 
 class RandomTokensDataset(torch.utils.data.Dataset):
     """Seeded random tokens (data.mock): sample i depends only on (seed, i)."""

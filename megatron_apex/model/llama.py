@@ -57,6 +57,9 @@ def build_transformer_config(cfg: Config, params_dtype: torch.dtype, use_cpu: bo
         pipeline_dtype=params_dtype,
         autocast_dtype=params_dtype,
         use_cpu_initialization=use_cpu,
+        # megatron-core's own draw also sets the tensor-parallel attributes of each weight (needed by
+        # the optimizer's norm and by our init); model.init.initialize_weights then redraws the values.
+        perform_initialization=True,
         # Fused kernels need CUDA (and NVIDIA apex / TE); the unfused paths compute the same thing.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_apex.config import Config
 from megatron_apex.data.datasets import build_datasets, build_loader, resolve_vocab
 from megatron_apex.distributed import ParallelContext
+from megatron_apex.model.init import initialize_weights
 from megatron_apex.model.llama import build_model, build_transformer_config, flops_per_token
 from megatron_apex.training import checkpoint as ckpt
 from megatron_apex.training.metrics import MetricsWriter, Throughput, gpu_peak_tflops
@@ -104,6 +105,7 @@ class Trainer:
         self.params_dtype = torch.bfloat16 if bf16 else torch.float32
         self.tconfig = build_transformer_config(cfg, self.params_dtype, use_cpu=not torch.cuda.is_available())
         model = build_model(cfg, self.tconfig, self.padded_vocab, ctx.is_first_stage, ctx.is_last_stage)
+        initialize_weights(model, cfg, ctx.tp_rank, ctx.tp_size)
         for cb in self.callbacks:
             cb.on_model_built(self, model)
         model.to(ctx.device)
