@@ -1,0 +1,158 @@
+"""Command line: ``megatron-apex train CONFIG [section.key=value ...] [--dry-run]``.
+
+The same entry point runs under torchrun, slurm (srun, one task per GPU) and mpirun; see
+``megatron_apex.distributed``. Exit codes: 0 finished, 75 stopped cleanly with a checkpoint
+(signal or ``train.exit_after_minutes``: resubmit to continue), 2 bad configuration, 1 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+
+from megatron_apex.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("megatron_apex")
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    import warnings
+
+    # megatron-core warns at import time that NVIDIA apex / Transformer Engine are absent; the local
+    # fallbacks are intended here, so these are noise.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+    fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level), format=fmt, datefmt="%H:%M:%S", force=True)
+    if rank != 0:
+        # Other ranks report warnings and errors only; the logging rank reports metrics itself.
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("megatron_apex.training.trainer").setLevel(logging.INFO)
+    for noisy in ("megatron.core", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
+    """Rough per-GPU memory (GiB) for the most loaded pipeline stage.
+
+    Weights/grads/optimizer: bf16 weights (2 B) + fp32 grads (4 B) + fp32 main weights and Adam
+    moments (12 B, divided by DP under the distributed optimizer); fp32 runs hold 4 + 4 + 8 B.
+    Activations: ~34 * s * b * h bytes per layer and micro-batch (bf16, SDPA/flash attention, no
+    recomputation; Korthikanti et al. 2022), divided by TP, times the micro-batches the 1F1B
+    schedule keeps in flight on the first stage (min(PP, micro-batches)); the logits add
+    s * b * V/TP * 6 bytes on the last stage.
+    """
+    from megatron_apex.model.llama import count_parameters
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = cfg.data_parallel_size(world_size)
+    counts = count_parameters(cfg, padded_vocab)
+    layers = m.num_layers // pp
+    stage_params = (counts["per_layer"] * layers + max(counts["embedding"], counts["output"])) / tp
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and cfg.parallel.backend != "gloo")
+    weight_b, grad_b, opt_b = (2, 4, 12) if bf16 else (4, 4, 8)
+    if p.use_distributed_optimizer:
+        opt_b /= dp
+    s, b, h = cfg.data.seq_length, t.micro_batch_size, m.hidden_size
+    in_flight = min(pp, cfg.num_micro_batches(world_size))
+    per_layer_act = 34 * s * b * h / tp * (2 if bf16 else 4) / 2
+    if t.recompute_activations:
+        per_layer_act = 2 * s * b * h * (2 if bf16 else 4)
+    act = per_layer_act * layers * in_flight + s * b * padded_vocab / tp * 6
+    gib = 1024 ** 3
+    return {"parameters_per_gpu": stage_params, "weights_gib": stage_params * weight_b / gib,
+            "grads_gib": stage_params * grad_b / gib, "optimizer_gib": stage_params * opt_b / gib,
+            "activations_gib": act / gib,
+            "total_gib": (stage_params * (weight_b + grad_b + opt_b) + act) / gib}
+
+
+def dry_run(cfg: Config, world_size: int) -> str:
+    """Validated layout, parameter count and memory estimate, without starting processes."""
+    from megatron_apex.model.llama import count_parameters
+
+    cfg.validate(world_size)
+    vocab = cfg.model.vocab_size
+    if vocab is None and cfg.data.tokenizer_model and os.path.exists(cfg.data.tokenizer_model):
+        from megatron_apex.data.tokenizers import load_tokenizer
+
+        vocab = load_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model).vocab_size
+    vocab = vocab or 32000
+    padded = cfg.padded_vocab_size(vocab)
+    counts = count_parameters(cfg, padded)
+    mem = estimate_memory(cfg, world_size, padded)
+    p, t = cfg.parallel, cfg.train
+    dp = cfg.data_parallel_size(world_size)
+    tokens = t.train_steps * t.global_batch_size * cfg.data.seq_length
+    lines = [
+        f"layout: world={world_size} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
+        f"x CP {p.context_parallel_size} x DP {dp}",
+        f"batch: micro {t.micro_batch_size} x {cfg.num_micro_batches(world_size)} micro-batches x DP {dp} "
+        f"= global {t.global_batch_size} sequences of {cfg.data.seq_length} tokens",
+        f"run: {t.train_steps} steps = {tokens / 1e9:.3f}B tokens",
+        f"parameters: {counts['total'] / 1e6:.1f}M total ({counts['non_embedding'] / 1e6:.1f}M non-embedding), "
+        f"vocab {vocab} padded to {padded}",
+        f"memory estimate per GPU (most loaded stage): {mem['total_gib']:.2f} GiB = weights {mem['weights_gib']:.2f}"
+        f" + grads {mem['grads_gib']:.2f} + optimizer {mem['optimizer_gib']:.2f} + activations "
+        f"{mem['activations_gib']:.2f}",
+    ]
+    if cfg.apex.enabled:
+        lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {cfg.apex_boundaries}")
+    return "\n".join(lines)
+
+
+def train_main(args) -> int:
+    from megatron_apex.distributed import detect_launch_env
+
+    launch = detect_launch_env()
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=launch.world_size if not args.world_size
+                          else args.world_size)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.logging.level, launch.rank)
+    if args.dry_run:
+        print(dry_run(cfg, args.world_size or launch.world_size))
+        return 0
+    from megatron_apex.training.run import run_training
+
+    return run_training(cfg, launch)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-apex", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) from a config file")
+    t.add_argument("config", help="YAML or TOML config file")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate, print layout, parameter count and memory estimate, and exit")
+    t.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of GPUs to plan for (default: this launch's)")
+    c = sub.add_parser("config", help="print the resolved config (YAML) or the configuration reference")
+    c.add_argument("config", nargs="?", help="config file")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return train_main(args)
+    if args.reference:
+        from megatron_apex.config import reference_markdown
+
+        print(reference_markdown())
+        return 0
+    try:
+        print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
