@@ -49,6 +49,9 @@ class Callback:
     def on_step_start(self, trainer: "Trainer", step: int) -> None:
         """Before the forward/backward passes of ``step``."""
 
+    def on_optimizer_step(self, trainer: "Trainer", step: int, skipped: bool) -> None:
+        """Right after the optimizer update of ``step`` (``skipped``: the update was dropped)."""
+
     def on_step_end(self, trainer: "Trainer", step: int, metrics: dict) -> None:
         """After the optimizer update of ``step`` (metrics: loss, lr, grad_norm...)."""
 
@@ -63,8 +66,8 @@ class Callback:
         """Non-tensor state identical on all ranks, stored in checkpoints."""
         return {}
 
-    def sharded_state(self, trainer: "Trainer") -> dict:
-        """Sharded (per-rank) objects stored in checkpoints."""
+    def sharded_state(self, trainer: "Trainer", common: Optional[dict] = None) -> dict:
+        """Sharded (per-rank) objects stored in checkpoints; ``common``: the state being loaded."""
         return {}
 
     def load_state(self, trainer: "Trainer", common: dict) -> None:
@@ -128,9 +131,9 @@ class Trainer:
         total_train = t.train_steps * t.global_batch_size
         n_evals = (t.train_steps // t.eval_interval if t.eval_interval else 0) + 1
         total_valid = t.eval_steps * t.global_batch_size
-        train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, total_train,
+        self.train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, total_train,
                                                  total_valid * (1 if n_evals else 0))
-        self.train_iter = iter(build_loader(train_ds, cfg, self.step * t.global_batch_size, total_train,
+        self.train_iter = iter(build_loader(self.train_ds, cfg, self.step * t.global_batch_size, total_train,
                                             ctx.dp_rank, ctx.dp_size))
         self.total_valid = total_valid
         self.metrics = MetricsWriter(ctx.is_logging_rank, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
@@ -151,9 +154,10 @@ class Trainer:
         root = c.load or c.save
         latest = ckpt.read_latest(root)
         if latest is not None:
+            saved = ckpt.read_common(ckpt.resolve_checkpoint_dir(root))
             common = ckpt.load_checkpoint(
                 root, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab, c.load_optimizer,
-                c.load_rng, extra_sharded=self._sharded_extra())
+                c.load_rng, extra_sharded=self._sharded_extra(saved))
             self.step = common["step"]
             for cb in self.callbacks:
                 cb.load_state(self, common)
@@ -163,10 +167,10 @@ class Trainer:
                                  self.padded_vocab, load_optimizer=False, load_rng=False)
             logger.info("initialised weights from %s (fresh optimizer and schedule, step 0)", c.finetune_from)
 
-    def _sharded_extra(self) -> dict:
+    def _sharded_extra(self, common: Optional[dict] = None) -> dict:
         extra = {}
         for cb in self.callbacks:
-            extra.update(cb.sharded_state(self))
+            extra.update(cb.sharded_state(self, common))
         return extra
 
     # ------------------------------------------------------------------ one step
@@ -215,6 +219,8 @@ class Trainer:
         metrics["grad_norm"] = grad_norm
         if grad_norm is not None and not math.isfinite(grad_norm):
             return self._non_finite(step, metrics)
+        for cb in self.callbacks:
+            cb.on_optimizer_step(self, step, skipped=False)
         return metrics
 
     def _non_finite(self, step: int, metrics: dict) -> dict:
@@ -229,6 +235,8 @@ class Trainer:
         logger.warning("step %d: non-finite loss/gradient, update skipped (%d so far)", step, self.skipped)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        for cb in self.callbacks:
+            cb.on_optimizer_step(self, step, skipped=True)
         return {**metrics, "skipped": True}
 
     # ------------------------------------------------------------------ evaluation

@@ -1,0 +1,513 @@
+"""APEX inside the parallel training loop: scoring hooks, stage boundaries, operator training, fuse.
+
+The whole method plugs into the trainer as one :class:`ApexCallback`; the mathematics lives in the
+pure modules beside this one (scoring, selection, partition, monarch, operator, partial).
+
+Design (apex-method.md section 5):
+
+* **Operators live beside the model, not in it.** Each stage's operators (Monarch factors, alpha,
+  beta; deltas in ``selected`` mode) are side modules held here, trained by their own small AdamW
+  with the schedule's learning rate times ``apex.lr_scale``. megatron-core's DDP and optimizer
+  therefore never see parameters appear or disappear; the operator's gradients are averaged over
+  the data-parallel group with one all-reduce per step (skipped when DP = 1). Every model checkpoint
+  is a plain LLaMA state dict; the operator state travels as one sharded object per rank.
+* **Applied on the weights.** The four linears of a layer get a forward override that builds
+  ``W_eff = f(W, operator)`` once per call and runs the unchanged megatron-core linear with it;
+  the cost is independent of the number of tokens.
+* **Shard-aware scoring.** Forward hooks record per-unit squared norms (FFN: SiLU(gate); attention:
+  per query group of the core-attention output) per micro-batch. At the end of a step the step's
+  statistics of all local layers are gathered over the TP group in *one* all-gather, ranked (top-K
+  +1, bottom-K -1) and added to local vote counts, identical on all TP ranks. Votes are summed over
+  the data-parallel group once, at the stage boundary.
+* **Cross-rank expansion by permutation.** At a boundary the finished operator is fused into the
+  master weights, P and N are selected per layer from the reduced votes, and one global
+  function-preserving permutation per layer (partition.balance_permutation) gives every one of the
+  ``apex.partitions`` blocks k/B P and k/B N units. It is applied to weights, fp32 master weights and
+  Adam moments (state.ParamStates; one TP all-gather per tensor, at boundaries only). The operator is
+  block-diagonal over those blocks, so it is rank-local and TP=1 computes exactly what TP=2 does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_apex.config import Config, ConfigError
+from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion
+from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
+from megatron_apex.expansion.partition import (balance_permutation, num_partitions, permute_fc1, permute_units,
+                                               round_k_to_partitions, shard_positions)
+from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn
+from megatron_apex.expansion.selection import k_from_ratio, progressive_k, select_units, select_units_partial
+from megatron_apex.expansion.state import ParamStates, reduce_votes, tp_gather, tp_shard
+from megatron_apex.training.optim import lr_at
+from megatron_apex.training.trainer import Callback
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "apex_state"
+
+
+class _Layer:
+    """One local transformer layer: its linears, global index, and this stage's operators."""
+
+    def __init__(self, layer, global_index: int):
+        self.layer = layer
+        self.index = global_index
+        attn, mlp = layer.self_attention, layer.mlp
+        self.linears = {"qkv": attn.linear_qkv, "proj": attn.linear_proj, "fc1": mlp.linear_fc1,
+                        "fc2": mlp.linear_fc2}
+        self.attn_op: Optional[AttentionExpansion] = None
+        self.ffn_op: Optional[FFNExpansion] = None
+        self.deltas: Optional[PartialDeltas] = None
+        self.selection: dict = {}  # global index sets of the current stage (for logs and checkpoints)
+
+    def operators(self) -> list:
+        return [m for m in (self.attn_op, self.ffn_op, self.deltas) if m is not None]
+
+    def effective(self, kind: str, w: torch.Tensor) -> torch.Tensor:
+        op = self.attn_op if kind in ("qkv", "proj") else self.ffn_op
+        if self.deltas is not None:
+            return getattr(self.deltas, f"effective_{kind}")(w, expansion=op)
+        if op is None:
+            return w
+        return getattr(op, f"effective_{kind}")(w)
+
+
+def _install_forward(linear, layer: _Layer, kind: str) -> None:
+    """Run the unchanged megatron-core linear with W_eff in place of its weight."""
+    cls_forward = type(linear).forward
+
+    def forward(input_, *args, **kwargs):
+        w = linear._parameters["weight"]
+        w_eff = layer.effective(kind, w)
+        if w_eff is w:
+            return cls_forward(linear, input_, *args, **kwargs)
+        linear._parameters["weight"] = w_eff  # bypasses Module.__setattr__'s Parameter check
+        try:
+            return cls_forward(linear, input_, *args, **kwargs)
+        finally:
+            linear._parameters["weight"] = w
+
+    linear.forward = forward
+
+
+class ApexCallback(Callback):
+    """APEX for one run: see the module docstring."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.a = cfg.apex
+        self.boundaries = cfg.apex_boundaries
+        self.stage = 0            # number of boundaries applied
+        self.finished = False     # operators fused for good
+        self.recording = False
+        self.layers: list = []
+        self.op_optimizer = None
+        self._pending_load = None
+        self.stats_time = 0.0
+        self.excluded = {}        # progressive mode: layer -> {"attn": tensor, "ffn": tensor} of former N units
+
+    # ------------------------------------------------------------------ geometry
+    def _geometry(self, ctx) -> None:
+        m = self.cfg.model
+        self.n = {"attn": m.query_groups, "ffn": m.ffn_hidden_size}
+        self.parts = {k: num_partitions(n, self.a.partitions) for k, n in self.n.items()}
+        for kind, b in self.parts.items():
+            if b % ctx.tp_size:
+                raise ConfigError(
+                    f"apex.partitions={self.a.partitions}: gcd with the {self.n[kind]} {kind} units is {b}, "
+                    f"not a multiple of parallel.tensor_model_parallel_size={ctx.tp_size}")
+        self.vote_k = {k: k_from_ratio(self.a.ratio, n) for k, n in self.n.items()}
+        self.r = m.num_attention_heads // m.query_groups
+        self.d = m.head_dim
+
+    def _k(self, kind: str) -> tuple[int, int]:
+        """(k, k_per) of the current stage for a unit kind (rounded to whole partitions)."""
+        k0 = progressive_k(self.vote_k[kind], max(self.stage - 1, 0), self.a.progressive)
+        return round_k_to_partitions(k0, self.parts[kind])
+
+    # ------------------------------------------------------------------ callback hooks
+    def on_model_built(self, trainer, model) -> None:
+        ctx = trainer.ctx
+        self._geometry(ctx)
+        decoder = getattr(model, "decoder", None)
+        for li, layer in enumerate(getattr(decoder, "layers", [])):
+            entry = _Layer(layer, layer.layer_number - 1)
+            for kind, linear in entry.linears.items():
+                _install_forward(linear, entry, kind)
+            entry.linears["fc1"].register_forward_hook(self._ffn_hook(li))
+            entry.linears["proj"].register_forward_pre_hook(self._attn_hook(li))
+            self.layers.append(entry)
+        n_layers = len(self.layers)
+        self.votes = {k: torch.zeros(n_layers, n, dtype=torch.int64) for k, n in self.n.items()}
+        self.raw = {k: torch.zeros(n_layers, n, dtype=torch.float64) for k, n in self.n.items()}
+        self._stats = [{"attn": [], "ffn": []} for _ in range(n_layers)]
+        if self.a.mode == "selected":
+            # Base weights frozen; embeddings and output layer stay trainable (norms frozen too).
+            for name, p in model.named_parameters():
+                if "embedding" not in name and "output_layer" not in name:
+                    p.requires_grad_(False)
+
+    def _ffn_hook(self, li: int):
+        def hook(module, inputs, output):
+            if self.recording:
+                out = output[0] if isinstance(output, tuple) else output  # [s, b, 2*f_local] = [gate | up]
+                f_local = out.shape[-1] // 2
+                self._stats[li]["ffn"].append(unit_sq_norms_ffn(out.detach()[..., :f_local]))
+        return hook
+
+    def _attn_hook(self, li: int):
+        ng_local = self.cfg.model.query_groups // self.cfg.parallel.tensor_model_parallel_size
+
+        def hook(module, inputs):
+            if self.recording:  # inputs[0]: core attention output [s, b, np_local * d]
+                self._stats[li]["attn"].append(unit_sq_norms_attn(inputs[0].detach(), ng_local))
+        return hook
+
+    def on_train_start(self, trainer) -> None:
+        self.param_states = ParamStates(trainer.optimizer, trainer.ctx.dp_group)
+        if self._pending_load is not None:
+            self._restore(trainer, self._pending_load)
+            self._pending_load = None
+
+    def on_step_start(self, trainer, step: int) -> None:
+        if self.finished:
+            return
+        while self.stage < len(self.boundaries) and step >= self.boundaries[self.stage]:
+            self._boundary(trainer, step)
+        self.recording = self.stage < len(self.boundaries)  # votes are needed for a later boundary
+        for entry in self.layers:
+            for op in entry.operators():
+                op.zero_grad(set_to_none=True)
+
+    def on_optimizer_step(self, trainer, step: int, skipped: bool) -> None:
+        if self.op_optimizer is None or self.finished:
+            return
+        params = [p for p in self._op_params() if p.grad is not None]
+        if skipped or not params:
+            return
+        ctx = trainer.ctx
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if ctx.dp_size > 1:
+            dist.all_reduce(flat, group=ctx.dp_group)
+            flat /= ctx.dp_size
+        clip = self.cfg.optimizer.clip_grad
+        if clip > 0:
+            sq = (flat.double() ** 2).sum()
+            if ctx.tp_size * ctx.pp_size > 1:
+                dist.all_reduce(sq, group=ctx.mp_group)
+            norm = sq.sqrt().item()
+            if norm > clip:
+                flat *= clip / (norm + 1e-6)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        for group in self.op_optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, step) * group["lr_mult"]
+        self.op_optimizer.step()
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        if self.recording:
+            self._accumulate_votes(trainer.ctx)
+            self.recording = False
+
+    def on_train_end(self, trainer) -> None:
+        if self.finished:
+            return
+        t0 = time.perf_counter()
+        self._fuse(trainer)
+        for entry in self.layers:
+            entry.attn_op = entry.ffn_op = entry.deltas = None
+        self.op_optimizer = None
+        self.finished = True
+        if trainer.ctx.rank == 0:
+            logger.info("APEX: final fuse done in %.2fs; the model is a plain LLaMA again", time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ scoring
+    def _accumulate_votes(self, ctx) -> None:
+        """One TP all-gather for the step's statistics of all local layers, then rank votes."""
+        t0 = time.perf_counter()
+        if not self.layers or not self._stats[0]["ffn"]:
+            return
+        per_layer = []
+        for s in self._stats:  # [micro, n_local] per kind -> [micro, n_attn_local + n_ffn_local]
+            per_layer.append(torch.cat([torch.stack(s["attn"]), torch.stack(s["ffn"])], dim=1))
+            s["attn"].clear()
+            s["ffn"].clear()
+        local = torch.stack(per_layer, dim=1).float()  # [micro, L, n_a_loc + n_f_loc]
+        n_a_loc = self.n["attn"] // ctx.tp_size
+        if ctx.tp_size > 1:
+            parts = [torch.empty_like(local) for _ in range(ctx.tp_size)]
+            dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
+        else:
+            parts = [local]
+        stats = {"attn": torch.cat([p[..., :n_a_loc] for p in parts], dim=-1),
+                 "ffn": torch.cat([p[..., n_a_loc:] for p in parts], dim=-1)}
+        for kind, st in stats.items():  # st: [micro, L, n]
+            k = self.vote_k[kind]
+            if k == 0:
+                continue
+            micro, n_layers, n = st.shape
+            votes = rank_votes(st.reshape(micro * n_layers, n).cpu(), k).view(micro, n_layers, n).sum(0)
+            self.votes[kind] += votes
+            self.raw[kind] += st.sum(0).double().cpu()
+        self.stats_time += time.perf_counter() - t0
+
+    def _initial_scoring(self, trainer) -> None:
+        """No-grad passes over the first ``apex.init_scoring_samples`` training samples."""
+        from megatron_apex.data.datasets import build_loader
+
+        samples = self.a.init_scoring_samples
+        gbs = self.cfg.train.global_batch_size
+        steps = -(-samples // gbs)
+        if steps == 0:
+            return
+        ctx = trainer.ctx
+        it = iter(build_loader(trainer.train_ds, self.cfg, 0, steps * gbs, ctx.dp_rank, ctx.dp_size))
+        with torch.no_grad():
+            for _ in range(steps):
+                self.recording = True
+                trainer._run_microbatches(it, forward_only=True)
+                self._accumulate_votes(ctx)
+        self.recording = False
+
+    # ------------------------------------------------------------------ stage boundary
+    def _boundary(self, trainer, step: int) -> None:
+        t0 = time.perf_counter()
+        ctx = trainer.ctx
+        if self.stage == 0 and self.a.init_scoring_samples > 0:
+            self._initial_scoring(trainer)
+        op_norm = self._operator_norm()
+        self._fuse(trainer)
+        votes = {k: reduce_votes(v, ctx.dp_group) for k, v in self.votes.items()}
+        raw = {k: reduce_votes(v, ctx.dp_group) for k, v in self.raw.items()}
+        self.stage += 1
+        summary = []
+        for li, entry in enumerate(self.layers):
+            perms = {}
+            for kind in ("attn", "ffn"):
+                perms[kind] = self._select(entry, li, kind, votes[kind][li], raw[kind][li])
+            self._permute(trainer, entry, perms)
+            self._build_operators(ctx, entry)
+            summary.append(self._summarize(entry))
+        self._build_op_optimizer(trainer)
+        for kind in self.votes:
+            self.votes[kind].zero_()
+            self.raw[kind].zero_()
+        if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one line per pipeline stage
+            logger.info("APEX stage %d/%d starts at step %d (boundary %.2fs; previous stage: operator |M| %.4g, "
+                        "scoring %.2fs): %s", self.stage, len(self.boundaries), step, time.perf_counter() - t0,
+                        op_norm, self.stats_time, "; ".join(summary))
+            if self.a.mode == "selected":
+                logger.info("APEX selected mode: %.1f%% of parameters trainable", 100 * self.trainable_fraction(trainer))
+        self.stats_time = 0.0
+
+    def _select(self, entry: _Layer, li: int, kind: str, votes: torch.Tensor, raw: torch.Tensor):
+        """Select P, N (and E) of one layer and unit kind; returns the global permutation (or None)."""
+        n = self.n[kind]
+        k, k_per = self._k(kind)
+        if k_per == 0:
+            entry.selection[kind] = None
+            return None
+        exclude = self.excluded.get((entry.index, kind)) if self.a.progressive else None
+        mask = None
+        if exclude is not None:
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[exclude] = True
+        if self.a.mode == "selected":
+            ratio = self.a.attn_tuned_ratio if kind == "attn" else self.a.ffn_tuned_ratio
+            e = max(0, int(ratio * n + 1e-9) - 2 * k)
+            p_units, n_units, e_units = select_units_partial(votes, raw.float(), k, e, exclude=mask)
+        else:
+            p_units, n_units = select_units(votes, raw.float(), k, exclude=mask)
+            e_units = torch.empty(0, dtype=torch.int64)
+        if self.a.progressive:
+            prev = self.excluded.get((entry.index, kind))
+            self.excluded[(entry.index, kind)] = n_units if prev is None else torch.cat([prev, n_units])
+        perm, p_pos, n_pos = balance_permutation(p_units, n_units, n, self.parts[kind])
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n)
+        entry.selection[kind] = {"P": p_units, "N": n_units, "E": inv[e_units] if e_units.numel() else e_units,
+                                 "p_pos": p_pos, "n_pos": n_pos}
+        return None if torch.equal(perm, torch.arange(n)) else perm
+
+    def _permute(self, trainer, entry: _Layer, perms: dict) -> None:
+        """Apply the layer's unit permutations to weights, master weights and Adam moments."""
+        ctx = trainer.ctx
+        r, d = self.r, self.d
+        plan = []
+        if perms.get("attn") is not None:
+            plan += [("qkv", 0, (r + 2) * d, perms["attn"], False), ("proj", 1, r * d, perms["attn"], False)]
+        if perms.get("ffn") is not None:
+            plan += [("fc1", 0, 1, perms["ffn"], True), ("fc2", 1, 1, perms["ffn"], False)]
+        for kind, dim, unit, perm, swiglu in plan:
+            param = entry.linears[kind].weight
+            tensors = self.param_states.gather(param)
+            for key, t in tensors.items():
+                full = tp_gather(t, dim, ctx.tp_group, ctx.tp_size, swiglu)
+                full = permute_fc1(full, perm) if swiglu else permute_units(full, perm, unit, dim)
+                tensors[key] = tp_shard(full, dim, ctx.tp_rank, ctx.tp_size, swiglu).contiguous()
+            self.param_states.scatter(param, tensors)
+
+    def _build_operators(self, ctx, entry: _Layer) -> None:
+        """Fresh zero-initialised operators (and deltas) for the layer's new selection."""
+        dev = entry.linears["qkv"].weight.device
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.stage * 104729 + entry.index)
+        entry.attn_op = entry.ffn_op = entry.deltas = None
+        for kind in ("attn", "ffn"):
+            sel = entry.selection.get(kind)
+            if sel is None:
+                continue
+            b_local = self.parts[kind] // ctx.tp_size
+            k_per = sel["p_pos"].shape[1]
+            if kind == "attn":
+                op = AttentionExpansion(b_local, k_per, self.d, self.r, device=dev)
+            else:
+                op = FFNExpansion(b_local, k_per, device=dev)
+            op.reset_parameters(gen, ctx.tp_rank, ctx.tp_size)
+            p_loc, n_loc = shard_positions(sel["p_pos"], sel["n_pos"], ctx.tp_rank, ctx.tp_size, self.n[kind])
+            op.set_positions(p_loc.to(dev), n_loc.to(dev))
+            setattr(entry, f"{kind}_op", op)
+        if self.a.mode == "selected":
+            units = {}
+            for kind in ("attn", "ffn"):
+                sel = entry.selection.get(kind)
+                if sel is None:
+                    units[kind] = torch.empty(0, dtype=torch.int64)
+                    continue
+                allu = tuned_units(sel["p_pos"].reshape(-1), sel["n_pos"].reshape(-1), sel["E"])
+                units[kind] = local_units(allu, ctx.tp_rank, ctx.tp_size, self.n[kind])
+            entry.deltas = PartialDeltas(units["attn"].to(dev), units["ffn"].to(dev), self.cfg.model.hidden_size,
+                                         self.d, self.r, device=dev)
+
+    def _op_params(self) -> list:
+        return [p for entry in self.layers for op in entry.operators() for p in op.parameters()]
+
+    def _build_op_optimizer(self, trainer) -> None:
+        """The operators' own AdamW (fresh state at every stage, as the method prescribes)."""
+        o = self.cfg.optimizer
+        ops, deltas = [], []
+        for entry in self.layers:
+            for op in (entry.attn_op, entry.ffn_op):
+                if op is not None:
+                    ops += list(op.parameters())
+            if entry.deltas is not None:
+                deltas += list(entry.deltas.parameters())
+        groups = [{"params": ops, "lr_mult": self.a.lr_scale, "weight_decay": self.a.operator_weight_decay}]
+        if deltas:
+            groups.append({"params": deltas, "lr_mult": 1.0, "weight_decay": o.weight_decay})
+        groups = [g for g in groups if g["params"]]
+        self.op_optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                                              eps=o.adam_eps) if groups else None
+
+    def _operator_norm(self) -> float:
+        """Mean Frobenius norm of the dense M of this rank's operators (0 right after insertion)."""
+        from megatron_apex.expansion.monarch import monarch_to_dense
+
+        norms = []
+        for entry in self.layers:
+            for op in (entry.attn_op, entry.ffn_op):
+                for name in ("monarch_l", "v_monarch_l", "o_monarch_l"):
+                    if hasattr(op, name):
+                        lf, rf = getattr(op, name), getattr(op, name.replace("_l", "_r"))
+                        norms.append(monarch_to_dense(lf.detach(), rf.detach()).norm().item())
+        return sum(norms) / len(norms) if norms else 0.0
+
+    def trainable_fraction(self, trainer) -> float:
+        """Share of all parameters being trained (model + operators), over the whole model."""
+        ctx = trainer.ctx
+        model_params = list(trainer.model.parameters())
+        counts = torch.tensor([
+            sum(p.numel() for p in model_params if p.requires_grad) + sum(p.numel() for p in self._op_params()),
+            sum(p.numel() for p in model_params)], dtype=torch.float64)
+        if ctx.tp_size * ctx.pp_size > 1:
+            dist.all_reduce(counts, group=ctx.mp_group)
+        return (counts[0] / counts[1]).item()
+
+    def _fuse(self, trainer) -> None:
+        """Fold the current operators (and deltas) into the master weights."""
+        for entry in self.layers:
+            if not entry.operators():
+                continue
+            for kind, linear in entry.linears.items():
+                tensors = self.param_states.gather(linear.weight)
+                with torch.no_grad():
+                    fused = entry.effective(kind, tensors["param"]).detach()
+                self.param_states.scatter(linear.weight, {"param": fused})
+
+    def _summarize(self, entry: _Layer) -> str:
+        parts = []
+        for kind in ("attn", "ffn"):
+            sel = entry.selection.get(kind)
+            if sel is None:
+                parts.append(f"{kind} -")
+                continue
+            p = sel["P"].tolist()
+            shown = ",".join(map(str, p[:4])) + ("..." if len(p) > 4 else "")
+            parts.append(f"{kind} k={len(p)} P=[{shown}]")
+        return f"L{entry.index}: " + " ".join(parts)
+
+    # ------------------------------------------------------------------ checkpoints
+    def common_state(self, trainer) -> dict:
+        return {"apex": {"version": 1, "stage": self.stage, "finished": self.finished,
+                         "boundaries": list(self.boundaries)}}
+
+    def _rank_state(self) -> dict:
+        return {
+            "votes": {k: v.clone() for k, v in self.votes.items()},
+            "raw": {k: v.clone() for k, v in self.raw.items()},
+            "excluded": {f"{li}:{kind}": v for (li, kind), v in self.excluded.items()},
+            "layers": [{"index": e.index, "selection": e.selection,
+                        "ops": {name: getattr(e, name).state_dict() for name in ("attn_op", "ffn_op", "deltas")
+                                if getattr(e, name) is not None}} for e in self.layers],
+            "op_optimizer": self.op_optimizer.state_dict() if self.op_optimizer is not None else None,
+        }
+
+    def sharded_state(self, trainer, common: Optional[dict] = None) -> dict:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        if common is not None and "apex" not in common:
+            return {}
+        ctx = trainer.ctx
+        return {STATE_KEY: ShardedObject(STATE_KEY, self._rank_state(), (ctx.pp_size, ctx.tp_size, ctx.dp_size),
+                                         (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=0)}
+
+    def load_state(self, trainer, common: dict) -> None:
+        saved = common.get("apex")
+        if saved is None:
+            if common.get("step", 0) > (self.boundaries[0] if self.boundaries else 0):
+                logger.warning("resuming from a checkpoint without APEX state: APEX starts at the next boundary")
+                self.stage = sum(1 for b in self.boundaries if b < common["step"])
+            return
+        layout = {"tp": trainer.ctx.tp_size, "pp": trainer.ctx.pp_size, "dp": trainer.ctx.dp_size,
+                  "cp": trainer.ctx.cp_size}
+        if common.get("layout") != layout and not saved["finished"]:
+            raise ConfigError(f"resuming in the middle of an APEX stage needs the layout it was saved with "
+                              f"({common.get('layout')}), not {layout}; resume with that layout, or from a "
+                              "checkpoint saved at or after the final fuse")
+        self.stage, self.finished = saved["stage"], saved["finished"]
+        self._pending_load = common.get(STATE_KEY)
+
+    def _restore(self, trainer, state: dict) -> None:
+        ctx = trainer.ctx
+        for kind in self.votes:
+            self.votes[kind].copy_(state["votes"][kind])
+            self.raw[kind].copy_(state["raw"][kind])
+        self.excluded = {(int(k.split(":")[0]), k.split(":")[1]): v for k, v in state["excluded"].items()}
+        for entry, saved in zip(self.layers, state["layers"]):
+            entry.selection = saved["selection"]
+            if self.finished:
+                continue
+            self._build_operators(ctx, entry)
+            for name, sd in saved["ops"].items():
+                getattr(entry, name).load_state_dict(sd)
+        if not self.finished:
+            self._build_op_optimizer(trainer)
+            if state["op_optimizer"] is not None and self.op_optimizer is not None:
+                self.op_optimizer.load_state_dict(state["op_optimizer"])

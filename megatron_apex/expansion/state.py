@@ -1,0 +1,167 @@
+"""Stage-boundary surgery on base weights and their optimizer state, whatever the optimizer.
+
+At an APEX stage boundary the base weights change in place twice: the finished stage's operator
+is fused into them, and units are permuted across tensor-parallel ranks so that every rank holds
+an equal share of the new P and N units. The optimizer's copy of those weights (fp32 master
+weights under bf16) and Adam's moments must change with them, row for row.
+
+:class:`ParamStates` gives a uniform view of one model parameter's *master weight* and *moments* as
+full local tensors (the rank's TP shard, in fp32), for megatron-core's three optimizers:
+
+* FP32Optimizer (fp32 training): the parameter is its own master; moments in ``state[param]``;
+* Float16OptimizerWithFloat16Params (bf16): ``param.main_param`` and ``state[main_param]``;
+* DistributedOptimizer: each data-parallel rank owns a flat range of the parameter; the full local
+  tensor is assembled with one all-reduce over the data-parallel group and split back afterwards.
+
+These collectives run at stage boundaries only (a few times per run), never per step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _leaf_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+class ParamStates:
+    """Gather/scatter a parameter's master weight and Adam moments as full local fp32 tensors."""
+
+    def __init__(self, optimizer, dp_group):
+        self.optimizers = _leaf_optimizers(optimizer)
+        self.dp_group = dp_group
+
+    def _owner(self, param):
+        for opt in self.optimizers:
+            if hasattr(opt, "model_param_group_index_map"):
+                if param in opt.model_param_group_index_map or param in getattr(opt, "model_param_gbuf_map", {}):
+                    return opt, "distributed"
+            else:
+                for group in opt.optimizer.param_groups:
+                    main = getattr(param, "main_param", None)
+                    if any(p is param or (main is not None and p is main) for p in group["params"]):
+                        return opt, "local"
+        return None, None
+
+    def gather(self, param: torch.Tensor) -> dict:
+        """{'param': master weight, 'exp_avg': ..., 'exp_avg_sq': ...} as fp32 tensors of param's shape.
+
+        Moments are zeros where the optimizer has none yet (before the first step).
+        """
+        opt, kind = self._owner(param)
+        if kind == "distributed":
+            return self._gather_distributed(opt, param)
+        out = {"param": param.detach().float().clone()}
+        main = getattr(param, "main_param", None) if opt is not None else None
+        if main is not None:
+            out["param"] = main.detach().float().clone().view_as(param)
+        state = opt.optimizer.state.get(main if main is not None else param, {}) if opt is not None else {}
+        for k in MOMENTS:
+            out[k] = state[k].detach().float().clone().view_as(param) if k in state else torch.zeros_like(out["param"])
+        return out
+
+    def scatter(self, param: torch.Tensor, tensors: dict, reset_step: bool = False) -> None:
+        """Write back master weight (and moments when given) and refresh the model parameter."""
+        opt, kind = self._owner(param)
+        with torch.no_grad():
+            param.copy_(tensors["param"].to(param.dtype))
+            if kind == "distributed":
+                self._scatter_distributed(opt, param, tensors, reset_step)
+                return
+            if opt is None:
+                return
+            main = getattr(param, "main_param", None)
+            if main is not None:
+                main.copy_(tensors["param"].view_as(main))
+            state = opt.optimizer.state.get(main if main is not None else param, {})
+            for k in MOMENTS:
+                if k in state and k in tensors:
+                    state[k].copy_(tensors[k].view_as(state[k]))
+            if reset_step and "step" in state:
+                _zero_step(state)
+
+    # -------------------------------------------------------------- distributed optimizer
+    def _local_range(self, opt, param):
+        try:
+            r = opt._get_model_param_range_map(param)["param"]
+            return r.start, r.end
+        except KeyError:
+            return 0, 0
+
+    def _gather_distributed(self, opt, param) -> dict:
+        start, end = self._local_range(opt, param)
+        owned = {}
+        if end > start and param in opt.model_param_group_index_map:
+            owned = opt._get_main_param_and_optimizer_states(param)
+        out = {}
+        # The same keys on every data-parallel rank (collective order must match).
+        for k in ("param",) + MOMENTS:
+            buf = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            if k in owned:
+                buf[start:end] = owned[k].detach().float().view(-1)
+            dist.all_reduce(buf, group=self.dp_group)
+            out[k] = buf.view_as(param)
+        return out
+
+    def _scatter_distributed(self, opt, param, tensors, reset_step) -> None:
+        start, end = self._local_range(opt, param)
+        if end <= start or param not in opt.model_param_group_index_map:
+            return
+        group_index, group_order = opt.model_param_group_index_map[param]
+        main = opt.optimizer.param_groups[group_index]["params"][group_order]
+        main.data.copy_(tensors["param"].reshape(-1)[start:end].to(main.dtype))
+        state = opt.optimizer.state.get(main, {})
+        for k in MOMENTS:
+            if k in state and k in tensors:
+                state[k].copy_(tensors[k].reshape(-1)[start:end].to(state[k].dtype))
+        if reset_step and "step" in state:
+            _zero_step(state)
+
+
+def _zero_step(state: dict) -> None:
+    step = state["step"]
+    if torch.is_tensor(step):
+        step.zero_()
+    else:
+        state["step"] = 0
+
+
+# ------------------------------------------------------------------ tensor-parallel gather/shard
+def tp_gather(t: torch.Tensor, dim: int, tp_group, tp_size: int, swiglu: bool = False) -> torch.Tensor:
+    """Local TP shard -> global tensor (``swiglu``: local [gate_i; up_i] -> global [gate; up])."""
+    if tp_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=tp_group)
+    if swiglu:
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+def tp_shard(full: torch.Tensor, dim: int, tp_rank: int, tp_size: int, swiglu: bool = False) -> torch.Tensor:
+    """Global tensor -> this rank's TP shard (inverse of :func:`tp_gather`)."""
+    if tp_size == 1:
+        return full
+    if swiglu:
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def reduce_votes(votes: torch.Tensor, group) -> torch.Tensor:
+    """Sum vote counts over a process group (data-parallel replicas saw different data)."""
+    out = votes.clone()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(out, group=group)
+    return out
+
+
+def maybe(x: Optional[torch.Tensor]):
+    return None if x is None else x.detach()
