@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py Makefile
 	touch $@
 
 demo: install
-	$(VENV)/bin/bash examples/demo/run_demo.sh 2>/dev/null || bash examples/demo/run_demo.sh
+	$(PY) tools/run_demo.py
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -166,7 +166,7 @@ class LoggingConfig:
 
 @dataclass
 class ApexConfig:
-    """APEX: advantageous parameter expansion (see docs/apex.md and the method specification)."""
+    """APEX: advantageous parameter expansion (see the README section "How APEX works")."""
 
     enabled: bool = doc(False, "Turn APEX on.")
     mode: Literal["all", "selected"] = doc(
