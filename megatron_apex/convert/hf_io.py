@@ -42,6 +42,59 @@ def read_hf_config(hf_dir: str) -> dict:
         raise ConversionError(f"{path}: not valid JSON ({exc})") from None
 
 
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Read single tensors of a safetensors file with plain reads (no memory map).
+
+    ``safetensors.safe_open`` memory-maps the file, and the touched pages stay resident in the
+    process (and count in its RSS) until the map is closed, so streaming a whole model through it
+    costs a second model's worth of memory. Reading each tensor's byte range into its own buffer
+    keeps peak memory at one tensor."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError) as exc:
+                raise ConversionError(f"{path}: not a safetensors file ({exc})") from None
+        header.pop("__metadata__", None)
+        self.header, self.data_start = header, 8 + n
+
+    def keys(self) -> list:
+        return list(self.header)
+
+    def get_slice(self, name: str):
+        return _Shape(self.header[name]["shape"])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        if info["dtype"] not in _TORCH_DTYPES:
+            raise ConversionError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+        buf = out.view(torch.uint8).reshape(-1).numpy() if out.numel() else None
+        if buf is not None and buf.nbytes != end - begin:
+            raise ConversionError(f"{self.path}: tensor {name}: {end - begin} bytes for shape {info['shape']}")
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if buf is not None and f.readinto(memoryview(buf)) != buf.nbytes:
+                raise ConversionError(f"{self.path}: truncated at tensor {name}")
+        return out
+
+
+class _Shape:
+    def __init__(self, shape):
+        self._shape = shape
+
+    def get_shape(self):
+        return list(self._shape)
+
+
 class HFTensorSource:
     """Lazy name -> tensor access over a HF checkpoint's weight files."""
 
@@ -73,9 +126,7 @@ class HFTensorSource:
         if fname not in self._files:
             path = os.path.join(self.hf_dir, fname)
             if fname.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._files[fname] = safe_open(path, framework="pt", device="cpu")
+                self._files[fname] = SafetensorsFile(path)
             else:
                 self._files[fname] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         return self._files[fname]
