@@ -1,0 +1,173 @@
+"""megatron_apex checkpoint (any TP/PP, root or iter_* directory) -> Hugging Face LlamaForCausalLM.
+
+The checkpoint is loaded once into a TP=1/PP=1 CPU model in its stored dtype; HF tensors are then
+produced layer by layer and written straight into safetensors shards whose headers were planned
+from the shapes, so peak memory stays near one copy of the model. Needs no ``transformers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_apex.config import Config, config_from_dict
+from megatron_apex.convert import mapping as M
+from megatron_apex.convert.hf_io import SafetensorsShardWriter, copy_tokenizer, parse_size, write_json
+from megatron_apex.convert.runtime import build_cpu_model, checkpoint_dtype, single_layout, single_process
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    output: str
+    files: list
+    vocab_size: int
+    dtype: torch.dtype
+
+
+def _fuse_expansion_if_present(model, common: dict):
+    """APEX hook: fold an active expansion operator into the base weights before export.
+
+    A checkpoint saved in the middle of an APEX stage holds operator state next to the base
+    weights (``common["apex"]``); exporting only the base weights would silently change the model.
+    Plug the fuse in here: take ``model`` (TP=1/PP=1, weights loaded) and the checkpoint's common
+    state, fuse every active operator into the weights and return the model. Until then such a
+    checkpoint is refused."""
+    apex = common.get("apex")
+    if not apex:
+        return model
+    active = apex.get("active_operators", apex.get("operators", apex.get("active"))) if isinstance(apex, dict) else apex
+    if active:
+        raise NotImplementedError(
+            "this checkpoint was saved during an APEX expansion stage (its common state has active operators "
+            "under 'apex'); fusing the operators into the base weights for export is not implemented yet "
+            "(megatron_apex.convert.exporter._fuse_expansion_if_present). Export a checkpoint saved after the "
+            "operators were fused (end of a stage), or implement the fuse there.")
+    return model
+
+
+def resolve_export_config(checkpoint: str, vocab_size: Optional[int] = None) -> tuple:
+    """(iter directory, common state, TP=1/PP=1 config, true vocab size, padded vocab size)."""
+    from megatron_apex.training.checkpoint import read_common, resolve_checkpoint_dir
+
+    if not os.path.exists(checkpoint):
+        raise M.ConversionError(f"{checkpoint}: no such checkpoint directory")
+    path = resolve_checkpoint_dir(checkpoint)
+    common = read_common(path)
+    cfg: Config = single_layout(config_from_dict(common["config"]))
+    padded = int(common["model_signature"]["padded_vocab_size"])
+    vocab = vocab_size or cfg.model.vocab_size
+    if vocab is None:
+        try:
+            from megatron_apex.data.datasets import resolve_vocab
+
+            vocab = resolve_vocab(cfg)[0]
+        except Exception as exc:  # the tokenizer of the run may not exist on this machine
+            raise M.ConversionError(f"{path}: the config has no model.vocab_size and the run's tokenizer "
+                                    f"({cfg.data.tokenizer_model}) cannot be read ({exc}); pass --vocab-size") from None
+    if not 0 < vocab <= padded:
+        raise M.ConversionError(f"vocab size {vocab} does not fit the checkpoint's padded vocabulary {padded}")
+    cfg.model.vocab_size = vocab
+    return path, common, cfg, vocab, padded
+
+
+def load_model(path: str, common: dict, cfg: Config, padded: int, dtype: torch.dtype, ctx):
+    """The checkpoint's weights in a TP=1/PP=1 CPU model (inside :func:`single_process`)."""
+    from megatron_apex.training.checkpoint import load_checkpoint
+
+    model = build_cpu_model(cfg, dtype, padded)
+    load_checkpoint(path, model, None, cfg, ctx, padded, load_optimizer=False, load_rng=False)
+    return _fuse_expansion_if_present(model, common)
+
+
+def hf_tensor_specs(m, vocab: int, dtype: torch.dtype) -> list:
+    """[(HF name, shape, dtype)] in the order they are written."""
+    h, f, d, ng, nh = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.query_groups, m.num_attention_heads
+    specs = [(M.HF_EMBED, (vocab, h), dtype)]
+    for i in range(m.num_layers):
+        n = M.hf_layer_names(i)
+        specs += [(n["input_norm"], (h,), dtype), (n["q"], (nh * d, h), dtype), (n["k"], (ng * d, h), dtype),
+                  (n["v"], (ng * d, h), dtype), (n["o"], (h, nh * d), dtype), (n["post_norm"], (h,), dtype),
+                  (n["gate"], (f, h), dtype), (n["up"], (f, h), dtype), (n["down"], (h, f), dtype)]
+    specs.append((M.HF_NORM, (h,), dtype))
+    if not m.tie_embeddings:
+        specs.append((M.HF_LM_HEAD, (vocab, h), dtype))
+    return specs
+
+
+def iter_hf_tensors(model, m, vocab: int, dtype: torch.dtype, progress: bool = True):
+    """Yield (HF name, tensor) from a TP=1/PP=1 model, layer by layer, in :func:`hf_tensor_specs` order."""
+    from tqdm import tqdm
+
+    params = dict(model.named_parameters())
+    nh, ng, d = m.num_attention_heads, m.query_groups, m.head_dim
+
+    def get(name: str) -> torch.Tensor:
+        return params[name].detach().to(dtype)
+
+    yield M.HF_EMBED, M.trim_vocab(get(M.MC_EMBED), vocab)
+    for i in tqdm(range(m.num_layers), desc="export layers", disable=not progress):
+        hn, mn = M.hf_layer_names(i), M.mcore_layer_names(i)
+        yield hn["input_norm"], get(mn["input_norm"])
+        q, k, v = M.mcore_to_hf_qkv(get(mn["qkv"]), nh, ng, d)
+        yield hn["q"], q
+        yield hn["k"], k
+        yield hn["v"], v
+        yield hn["o"], get(mn["o"])
+        yield hn["post_norm"], get(mn["post_norm"])
+        gate, up = M.split_fc1(get(mn["fc1"]))
+        yield hn["gate"], gate
+        yield hn["up"], up
+        yield hn["down"], get(mn["down"])
+    yield M.HF_NORM, get(M.MC_NORM)
+    if not m.tie_embeddings:
+        yield M.HF_LM_HEAD, M.trim_vocab(get(M.MC_OUTPUT), vocab)
+
+
+def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dtype] = None,
+                         shard_size: str | int = "5GB", tokenizer: Optional[str] = None,
+                         vocab_size: Optional[int] = None, progress: bool = True) -> ExportResult:
+    """Write ``output``/config.json, generation_config.json, safetensors shards (+ index) and tokenizer
+    files. ``dtype`` None keeps the checkpoint's stored dtype."""
+    path, common, cfg, vocab, padded = resolve_export_config(checkpoint, vocab_size)
+    stored = checkpoint_dtype(path)
+    dtype = dtype or stored
+    max_bytes = shard_size if isinstance(shard_size, int) else parse_size(shard_size)
+    os.makedirs(output, exist_ok=True)
+    m = cfg.model
+    hf_meta = common.get("hf_import") or {}
+    with single_process(cfg) as ctx:
+        model = load_model(path, common, cfg, padded, stored, ctx)
+        writer = SafetensorsShardWriter(output, hf_tensor_specs(m, vocab, dtype), max_bytes)
+        for name, tensor in iter_hf_tensors(model, m, vocab, dtype, progress):
+            writer.add(name, tensor)
+            del tensor
+        writer.close()
+        del model
+    write_json(os.path.join(output, "config.json"),
+               M.model_config_to_hf_config(m, vocab, dtype, hf_meta.get("config")))
+    write_json(os.path.join(output, "generation_config.json"), _generation_config(hf_meta, cfg))
+    files = list(writer.file_names) + (["model.safetensors.index.json"] if len(writer.file_names) > 1 else [])
+    files += ["config.json", "generation_config.json"]
+    if tokenizer:
+        files += copy_tokenizer(tokenizer, output)
+    logger.info("exported %s -> %s (%d file(s), vocab %d, %s)", path, output, len(writer.file_names), vocab,
+                str(dtype).replace("torch.", ""))
+    return ExportResult(output, files, vocab, dtype)
+
+
+def _generation_config(hf_meta: dict, cfg: Config) -> dict:
+    gen = dict(hf_meta.get("generation_config") or {})
+    gen.pop("transformers_version", None)
+    if not gen:
+        ids = hf_meta.get("config") or {}
+        gen = {"bos_token_id": ids.get("bos_token_id", 1),
+               "eos_token_id": ids.get("eos_token_id", cfg.data.eod_id if cfg.data.eod_id is not None else 2)}
+    return gen

@@ -1,0 +1,293 @@
+"""Reading and writing Hugging Face model directories, one tensor at a time.
+
+:class:`HFTensorSource` opens ``model.safetensors``, a sharded set with
+``model.safetensors.index.json``, or ``pytorch_model.bin`` (memory-mapped), and hands out tensors
+by name without loading the rest. :class:`SafetensorsShardWriter` writes sharded safetensors
+files whose headers are planned up front from the tensor shapes, so each tensor is written as
+soon as it is produced and then freed: peak memory is one tensor, not one shard. The file layout
+(u64 header length, JSON header, raw little-endian bytes) is the safetensors format; only the
+``safetensors`` package's reader is needed to read it back, and no ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+
+import torch
+
+from megatron_apex.convert.mapping import ConversionError
+
+logger = logging.getLogger(__name__)
+
+SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX = ("model.safetensors", "model.safetensors.index.json",
+                                                  "pytorch_model.bin", "pytorch_model.bin.index.json")
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir}: no such directory (expected a Hugging Face model directory)")
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: missing; a Hugging Face model directory needs config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Read single tensors of a safetensors file with plain reads (no memory map).
+
+    ``safetensors.safe_open`` memory-maps the file, and the touched pages stay resident in the
+    process (and count in its RSS) until the map is closed, so streaming a whole model through it
+    costs a second model's worth of memory. Reading each tensor's byte range into its own buffer
+    keeps peak memory at one tensor."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError) as exc:
+                raise ConversionError(f"{path}: not a safetensors file ({exc})") from None
+        header.pop("__metadata__", None)
+        self.header, self.data_start = header, 8 + n
+
+    def keys(self) -> list:
+        return list(self.header)
+
+    def get_slice(self, name: str):
+        return _Shape(self.header[name]["shape"])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        if info["dtype"] not in _TORCH_DTYPES:
+            raise ConversionError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+        buf = out.view(torch.uint8).reshape(-1).numpy() if out.numel() else None
+        if buf is not None and buf.nbytes != end - begin:
+            raise ConversionError(f"{self.path}: tensor {name}: {end - begin} bytes for shape {info['shape']}")
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if buf is not None and f.readinto(memoryview(buf)) != buf.nbytes:
+                raise ConversionError(f"{self.path}: truncated at tensor {name}")
+        return out
+
+
+class _Shape:
+    def __init__(self, shape):
+        self._shape = shape
+
+    def get_shape(self):
+        return list(self._shape)
+
+
+class HFTensorSource:
+    """Lazy name -> tensor access over a HF checkpoint's weight files."""
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        self._files = {}  # file name -> open handle (safe_open) or state dict (torch.load with mmap)
+        self.weight_map = self._discover()
+
+    def _discover(self) -> dict:
+        d = self.hf_dir
+        for index_name in (SAFE_INDEX, BIN_INDEX):
+            index = os.path.join(d, index_name)
+            if os.path.isfile(index):
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f).get("weight_map")
+                if not weight_map:
+                    raise ConversionError(f"{index}: no weight_map")
+                for fname in sorted(set(weight_map.values())):
+                    if not os.path.isfile(os.path.join(d, fname)):
+                        raise ConversionError(f"{index} names {fname}, which is missing from {d}")
+                return dict(weight_map)
+        for single in (SAFE_SINGLE, BIN_SINGLE):
+            if os.path.isfile(os.path.join(d, single)):
+                return {name: single for name in self._open(single).keys()}
+        raise ConversionError(f"{d}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
+                              f"or {BIN_INDEX})")
+
+    def _open(self, fname: str):
+        if fname not in self._files:
+            path = os.path.join(self.hf_dir, fname)
+            if fname.endswith(".safetensors"):
+                self._files[fname] = SafetensorsFile(path)
+            else:
+                self._files[fname] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return self._files[fname]
+
+    def names(self) -> list:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ConversionError(f"tensor {name!r} is missing from {self.hf_dir}")
+        handle = self._open(self.weight_map[name])
+        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+
+    def shape(self, name: str) -> tuple:
+        """A tensor's shape without reading its data (safetensors) or with a memory map (.bin)."""
+        if name not in self.weight_map:
+            raise ConversionError(f"tensor {name!r} is missing from {self.hf_dir}")
+        handle = self._open(self.weight_map[name])
+        if hasattr(handle, "get_slice"):
+            return tuple(handle.get_slice(name).get_shape())
+        return tuple(handle[name].shape)
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes (decimal units as Hugging Face uses them)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ConversionError(f"shard size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
+    unit = m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * base ** power)
+
+
+def plan_shards(specs: list, max_shard_bytes: int) -> list:
+    """Split ``[(name, shape, dtype)]`` (in write order) into shards of at most ``max_shard_bytes``
+    (a single tensor larger than the limit gets a shard of its own)."""
+    shards, current, size = [], [], 0
+    for name, shape, dtype in specs:
+        nbytes = _numel(shape) * _itemsize(dtype)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, tuple(shape), dtype))
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsShardWriter:
+    """Write tensors, in the planned order, into ``model-0000k-of-0000n.safetensors`` files (or one
+    ``model.safetensors``), plus the index. Each file's header is written when the file is opened,
+    from the planned shapes; :meth:`add` then appends one tensor's bytes."""
+
+    def __init__(self, out_dir: str, specs: list, max_shard_bytes: int):
+        self.out_dir = out_dir
+        self.shards = plan_shards(specs, max_shard_bytes)
+        n = len(self.shards)
+        self.file_names = ([SAFE_SINGLE] if n == 1 else
+                           [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
+        self._order = [entry for shard in self.shards for entry in shard]
+        self._pos = 0
+        self._shard = -1
+        self._file = None
+        self._weight_map = {}
+        self._total = 0
+
+    def _open_next(self) -> None:
+        self._close_file()
+        self._shard += 1
+        header, offset = {}, 0
+        for name, shape, dtype in self.shards[self._shard]:
+            nbytes = _numel(shape) * _itemsize(dtype)
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the reference writer aligns the data to 8 bytes
+        path = os.path.join(self.out_dir, self.file_names[self._shard])
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self._total += offset
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._order):
+            raise ConversionError(f"tensor {name!r} was not planned (all {len(self._order)} are written)")
+        want_name, shape, dtype = self._order[self._pos]
+        if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ConversionError(f"writer expected {want_name} {shape} {dtype}, got {name} "
+                                  f"{tuple(tensor.shape)} {tensor.dtype}")
+        if self._file is None or self._pos == sum(len(s) for s in self.shards[:self._shard + 1]):
+            self._open_next()
+        data = tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy()  # little-endian bytes
+        self._file.write(memoryview(data))
+        self._weight_map[name] = self.file_names[self._shard]
+        self._pos += 1
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last file and write the index (sharded only); checks every tensor was written."""
+        self._close_file()
+        if self._pos != len(self._order):
+            missing = [n for n, _, _ in self._order[self._pos:]]
+            raise ConversionError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
+        if len(self.file_names) > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
+            with open(os.path.join(self.out_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+
+
+def copy_tokenizer(tokenizer: str, out_dir: str) -> list:
+    """Copy tokenizer files next to the exported weights; returns the names written.
+
+    A sentencepiece ``.model`` becomes ``tokenizer.model``; a ``tokenizer.json`` is copied with the
+    ``tokenizer_config.json`` / ``special_tokens_map.json`` found beside it; a directory contributes
+    every known tokenizer file it holds."""
+    known = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+    if os.path.isdir(tokenizer):
+        sources = [os.path.join(tokenizer, n) for n in known if os.path.isfile(os.path.join(tokenizer, n))]
+        if not sources:
+            raise ConversionError(f"--tokenizer {tokenizer}: the directory holds none of {', '.join(known)}")
+        pairs = [(s, os.path.basename(s)) for s in sources]
+    elif not os.path.isfile(tokenizer):
+        raise ConversionError(f"--tokenizer {tokenizer}: no such file")
+    elif tokenizer.endswith(".json"):
+        beside = os.path.dirname(os.path.abspath(tokenizer))
+        pairs = [(tokenizer, "tokenizer.json")] + [
+            (os.path.join(beside, n), n) for n in ("tokenizer_config.json", "special_tokens_map.json")
+            if os.path.isfile(os.path.join(beside, n))]
+    else:  # sentencepiece model (any name)
+        pairs = [(tokenizer, "tokenizer.model")]
+    for src, name in pairs:
+        shutil.copyfile(src, os.path.join(out_dir, name))
+    return [name for _, name in pairs]
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+

@@ -1,0 +1,266 @@
+"""Pure mappings between Hugging Face LLaMA tensors/configs and megatron-core (local spec) ones.
+
+Everything here is a function of tensors and dicts: no files, no process groups. The layouts are
+documented in ``docs/formats.md`` §2.2-2.3; in short (h = hidden, nh = heads, ng = query groups,
+d = head dim, r = nh / ng, f = ffn size, V = vocab, Vp = padded vocab):
+
+* ``linear_qkv.weight`` [(nh + 2 ng) d, h] is group-major: for each group g, its r query heads,
+  then k_g, then v_g. This global order does not depend on the TP degree.
+* ``linear_fc1.weight`` [2f, h] = [gate; up] (SwiGLU, gate first).
+* embedding / output layer [Vp, h]: HF's [V, h] plus zero rows up to the padded size.
+* No RoPE permutation: megatron-core (``rotary_interleaved=False``) and HF both rotate halves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from megatron_apex.config import ModelConfig
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint or model directory cannot be converted (the message says why and what to do)."""
+
+
+class UnsupportedModelError(ConversionError):
+    """The source model uses an architecture or feature this converter would not reproduce exactly."""
+
+
+# ---------------------------------------------------------------------- tensors
+def hf_to_mcore_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                    num_query_groups: int, head_dim: int) -> torch.Tensor:
+    """HF ``q_proj`` [nh d, h], ``k_proj``/``v_proj`` [ng d, h] -> fused ``linear_qkv`` [(nh + 2 ng) d, h]."""
+    ng, d = num_query_groups, head_dim
+    r = num_heads // ng
+    h = q.shape[-1]
+    _expect(q, (num_heads * d, h), "q_proj")
+    _expect(k, (ng * d, h), "k_proj")
+    _expect(v, (ng * d, h), "v_proj")
+    qkv = torch.cat([q.reshape(ng, r * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)], dim=1)  # [ng, (r+2) d, h]
+    return qkv.reshape(ng * (r + 2) * d, h)
+
+
+def mcore_to_hf_qkv(qkv: torch.Tensor, num_heads: int, num_query_groups: int,
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``linear_qkv`` [(nh + 2 ng) d, h] -> (q_proj [nh d, h], k_proj [ng d, h], v_proj [ng d, h])."""
+    ng, d = num_query_groups, head_dim
+    r = num_heads // ng
+    h = qkv.shape[-1]
+    _expect(qkv, ((num_heads + 2 * ng) * d, h), "linear_qkv")
+    x = qkv.reshape(ng, (r + 2) * d, h)  # [ng, (r+2) d, h]
+    q, k, v = torch.split(x, [r * d, d, d], dim=1)
+    return q.reshape(num_heads * d, h), k.reshape(ng * d, h), v.reshape(ng * d, h)
+
+
+def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """HF ``gate_proj``, ``up_proj`` [f, h] -> ``linear_fc1`` [2f, h] = [gate; up]."""
+    if gate.shape != up.shape:
+        raise ConversionError(f"gate_proj {tuple(gate.shape)} and up_proj {tuple(up.shape)} differ in shape")
+    return torch.cat([gate, up], dim=0)
+
+
+def split_fc1(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_fc1`` [2f, h] -> (gate_proj [f, h], up_proj [f, h])."""
+    if fc1.shape[0] % 2:
+        raise ConversionError(f"linear_fc1 has an odd number of rows {fc1.shape[0]}; expected [gate; up]")
+    gate, up = torch.chunk(fc1, 2, dim=0)
+    return gate, up
+
+
+def pad_vocab(weight: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
+    """[V, h] -> [Vp, h] with zero rows appended (the padded tokens are never produced by a tokenizer)."""
+    v = weight.shape[0]
+    if v > padded_vocab_size:
+        raise ConversionError(f"vocabulary {v} is larger than the padded size {padded_vocab_size}")
+    if v == padded_vocab_size:
+        return weight
+    return torch.cat([weight, weight.new_zeros(padded_vocab_size - v, *weight.shape[1:])], dim=0)
+
+
+def trim_vocab(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[Vp, h] -> [V, h] (a view: the padding rows are dropped)."""
+    if weight.shape[0] < vocab_size:
+        raise ConversionError(f"embedding has {weight.shape[0]} rows, fewer than vocab_size={vocab_size}")
+    return weight[:vocab_size]
+
+
+def _expect(t: torch.Tensor, shape: tuple, name: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ConversionError(f"{name}: shape {tuple(t.shape)} does not match the config's {tuple(shape)}")
+
+
+# ---------------------------------------------------------------------- names
+def hf_layer_names(i: int) -> dict:
+    """HF tensor names of decoder layer ``i``, keyed by role."""
+    p = f"model.layers.{i}."
+    return {"input_norm": p + "input_layernorm.weight", "q": p + "self_attn.q_proj.weight",
+            "k": p + "self_attn.k_proj.weight", "v": p + "self_attn.v_proj.weight",
+            "o": p + "self_attn.o_proj.weight", "post_norm": p + "post_attention_layernorm.weight",
+            "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight", "down": p + "mlp.down_proj.weight"}
+
+
+def mcore_layer_names(i: int) -> dict:
+    """megatron-core (local spec) parameter names of decoder layer ``i``, keyed by role."""
+    p = f"decoder.layers.{i}."
+    return {"input_norm": p + "input_layernorm.weight", "qkv": p + "self_attention.linear_qkv.weight",
+            "o": p + "self_attention.linear_proj.weight", "post_norm": p + "pre_mlp_layernorm.weight",
+            "fc1": p + "mlp.linear_fc1.weight", "down": p + "mlp.linear_fc2.weight"}
+
+
+HF_EMBED, HF_NORM, HF_LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+MC_EMBED, MC_NORM, MC_OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
+# Buffers some HF checkpoints carry that are not weights (recomputed from the config).
+HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ---------------------------------------------------------------------- configs
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def hf_rope_theta(hf: dict) -> float:
+    """rope theta from a v4 (``rope_theta``) or v5 (``rope_parameters``) config."""
+    params = hf.get("rope_parameters") or {}
+    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
+def hf_rope_type(hf: dict) -> Optional[str]:
+    """The RoPE scaling type, or None for plain RoPE ('default' in transformers v5)."""
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        return None if kind == "default" else kind
+    params = hf.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    return None if kind in ("default", None) else kind
+
+
+def hf_dtype(hf: dict) -> Optional[torch.dtype]:
+    """The stored dtype named by the config (``torch_dtype`` in v4, ``dtype`` in v5), if any."""
+    name = hf.get("torch_dtype") or hf.get("dtype")
+    return _DTYPES.get(name) if isinstance(name, str) else None
+
+
+def check_hf_config(hf: dict, allow_sliding_window: bool = False) -> list:
+    """Refuse features this converter cannot reproduce exactly; returns warnings for allowed ones."""
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "mistral") or (archs and not set(archs) <= set(SUPPORTED_ARCHITECTURES)):
+        raise UnsupportedModelError(f"architecture {archs or model_type!r} (model_type={model_type!r}) is not "
+                                    f"supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"hidden_act={act!r}: only SwiGLU with silu is supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise UnsupportedModelError(f"{key}=true: biases are not supported (the model has add_bias_linear=False)")
+    rope = hf_rope_type(hf)
+    if rope is not None:
+        raise UnsupportedModelError(f"rope_scaling type {rope!r} is not supported (only plain RoPE); converting "
+                                    "would silently change the model at long context")
+    theta = hf_rope_theta(hf)
+    if theta != int(theta):
+        raise UnsupportedModelError(f"rope_theta={theta} is not an integer; megatron-core's rotary_base is an int")
+    warnings = []
+    window = hf.get("sliding_window")
+    use_window = hf.get("use_sliding_window", True)
+    if window is not None and use_window and window < hf.get("max_position_embeddings", 0):
+        if not allow_sliding_window:
+            raise UnsupportedModelError(
+                f"sliding_window={window} (< max_position_embeddings={hf.get('max_position_embeddings')}): "
+                "sliding-window attention is not supported; pass --allow-sliding-window to convert anyway, "
+                "in which case attention is FULL causal attention (identical only for sequences <= the window)")
+        warnings.append(f"sliding_window={window} dropped: the converted model uses full causal attention "
+                        f"(identical for sequences of at most {window} tokens)")
+    if hf.get("pretraining_tp", 1) not in (1, None):
+        warnings.append(f"pretraining_tp={hf['pretraining_tp']} ignored (it only changes how HF splits matmuls)")
+    return warnings
+
+
+def hf_config_to_model_config(hf: dict, allow_sliding_window: bool = False) -> ModelConfig:
+    """A HF LLaMA/Mistral ``config.json`` dict -> our :class:`ModelConfig` (checks included)."""
+    check_hf_config(hf, allow_sliding_window)
+    try:
+        heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        return ModelConfig(
+            num_layers=int(hf["num_hidden_layers"]),
+            hidden_size=hidden,
+            ffn_hidden_size=int(hf["intermediate_size"]),
+            num_attention_heads=heads,
+            num_query_groups=int(hf.get("num_key_value_heads") or heads),
+            kv_channels=int(hf.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            vocab_size=int(hf["vocab_size"]),
+            rotary_base=hf_rope_theta(hf),
+            norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            init_method_std=float(hf.get("initializer_range", 0.02)),
+        )
+    except KeyError as exc:
+        raise ConversionError(f"config.json lacks the required field {exc.args[0]!r}") from None
+
+
+# Keys carried over from the imported config.json on export (ids, not shapes).
+PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtype,
+                              extra: Optional[dict] = None) -> dict:
+    """Our :class:`ModelConfig` -> a ``LlamaForCausalLM`` ``config.json`` dict (transformers-v4-style keys,
+    which v5 also reads). ``extra`` supplies token ids (bos/eos/pad) kept from an import."""
+    extra = extra or {}
+    dtype_name = {v: k for k, v in _DTYPES.items()}[dtype]
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(vocab_size),
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.query_groups,
+        "head_dim": m.head_dim,
+        "max_position_embeddings": m.max_position_embeddings,
+        "hidden_act": "silu",
+        "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": float(m.rotary_base),
+        "rope_scaling": None,
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": m.init_method_std,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "bos_token_id": extra.get("bos_token_id", 1),
+        "eos_token_id": extra.get("eos_token_id", 2),
+        "pad_token_id": extra.get("pad_token_id"),
+    }
+    return cfg
+
+
+def check_layout(m: ModelConfig, tp: int, pp: int) -> None:
+    """Refuse a target TP/PP layout the model cannot be split into, naming the offending size."""
+    problems = []
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"--tp {tp} / --pp {pp}: must be positive")
+    if m.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={m.num_attention_heads} is not divisible by TP={tp}")
+    if m.query_groups % tp:
+        problems.append(f"num_key_value_heads (query groups)={m.query_groups} is not divisible by TP={tp}")
+    if m.ffn_hidden_size % tp:
+        problems.append(f"intermediate_size={m.ffn_hidden_size} is not divisible by TP={tp}")
+    if m.num_layers % pp:
+        problems.append(f"num_hidden_layers={m.num_layers} is not divisible by PP={pp}")
+    if problems:
+        raise ConversionError(f"target layout TP={tp} PP={pp} is impossible for this model: " + "; ".join(problems))
+
+
+def vocab_multiple(m: ModelConfig, tp: int) -> int:
+    """The padding multiple for a target TP degree (as ``Config.padded_vocab_size`` computes it)."""
+    return math.lcm(m.make_vocab_size_divisible_by, tp)

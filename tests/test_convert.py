@@ -1,0 +1,328 @@
+"""Hugging Face <-> megatron_apex conversion: pure mappings, round trips, logit parity, bad inputs.
+
+Tiny random LLaMAs are built with transformers (hidden 64, vocab 1000: not a multiple of 128, so
+vocabulary padding is exercised). Tolerance of the logit comparisons: fp32, max |diff| < 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from megatron_apex.convert import mapping as M  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+ATOL = 1e-4
+VOCAB = 1000
+
+
+def make_hf(path, kv_heads=2, tie=False, layers=2, shard=None, bin_format=False, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+                      max_position_embeddings=128, rms_norm_eps=1e-5, **extra)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norms, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    if bin_format:
+        os.makedirs(path, exist_ok=True)
+        cfg.save_pretrained(path)
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    else:
+        model.save_pretrained(path, **kwargs)
+    return str(path)
+
+
+def hf_state(path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(path, f)))
+    return state
+
+
+def rewrite_config(path, **changes):
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.update(changes)
+    json.dump(cfg, open(cfg_path, "w"))
+
+
+# ---------------------------------------------------------------------- pure functions
+@pytest.mark.parametrize("nh,ng", [(4, 4), (8, 2), (4, 1)])
+def test_qkv_roundtrip_and_group_layout(nh, ng):
+    d, h = 6, 10
+    q, k, v = torch.randn(nh * d, h), torch.randn(ng * d, h), torch.randn(ng * d, h)
+    qkv = M.hf_to_mcore_qkv(q, k, v, nh, ng, d)
+    assert qkv.shape == ((nh + 2 * ng) * d, h)
+    r = nh // ng
+    # group 0 holds query heads 0..r-1, then k_0, then v_0
+    assert torch.equal(qkv[:r * d], q[:r * d])
+    assert torch.equal(qkv[r * d:(r + 1) * d], k[:d])
+    assert torch.equal(qkv[(r + 1) * d:(r + 2) * d], v[:d])
+    q2, k2, v2 = M.mcore_to_hf_qkv(qkv, nh, ng, d)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_fc1_and_vocab_helpers():
+    gate, up = torch.randn(5, 3), torch.randn(5, 3)
+    fc1 = M.merge_fc1(gate, up)
+    assert torch.equal(fc1[:5], gate) and torch.equal(fc1[5:], up)
+    g2, u2 = M.split_fc1(fc1)
+    assert torch.equal(g2, gate) and torch.equal(u2, up)
+    w = torch.randn(1000, 4)
+    padded = M.pad_vocab(w, 1024)
+    assert padded.shape == (1024, 4) and torch.equal(padded[1000:], torch.zeros(24, 4))
+    assert torch.equal(M.trim_vocab(padded, 1000), w)
+    with pytest.raises(M.ConversionError, match="larger than the padded size"):
+        M.pad_vocab(w, 512)
+
+
+def test_config_mapping_roundtrip():
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
+          "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+          "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+          "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    m = M.hf_config_to_model_config(hf)
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups, m.head_dim,
+            m.vocab_size, m.rotary_base, m.norm_epsilon, m.tie_embeddings) == (
+        22, 2048, 5632, 32, 4, 64, 32000, 10000.0, 1e-5, False)
+    back = M.model_config_to_hf_config(m, 32000, torch.bfloat16, {"bos_token_id": 1, "eos_token_id": 2})
+    for key, value in hf.items():
+        assert back[key] == value, key
+    # transformers v5 style rope_parameters are read too
+    v5 = dict(hf, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    del v5["rope_theta"]
+    assert M.hf_config_to_model_config(v5).rotary_base == 500000.0
+
+
+# ---------------------------------------------------------------------- round trips and parity
+CASES = {
+    "mha-untied": dict(kv_heads=4, tie=False),
+    "gqa-tied": dict(kv_heads=2, tie=True),
+    "gqa-untied-sharded": dict(kv_heads=2, tie=False, shard="60KB"),
+    "gqa-bin": dict(kv_heads=2, tie=False, bin_format=True),
+}
+SLOW_CASES = {"gqa-bin"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
+def test_import_export_roundtrip_and_logits(tmp_path, case):
+    from megatron_apex.convert.exporter import export_hf_checkpoint
+    from megatron_apex.convert.importer import import_hf_checkpoint
+    from megatron_apex.convert.verify import compare_checkpoint_with_hf
+
+    src = make_hf(tmp_path / "hf", **CASES[case])
+    result = import_hf_checkpoint(src, str(tmp_path / "ckpt"), progress=False)
+    assert result.padded_vocab_size == 1024
+    parity = compare_checkpoint_with_hf(str(tmp_path / "ckpt"), src, num_sequences=2, seq_length=32)
+    assert parity.max_abs_diff < ATOL and parity.kl < 1e-8, parity
+    shard = "40KB" if case.endswith("sharded") else "5GB"
+    out = export_hf_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), shard_size=shard, progress=False)
+    a, b = hf_state(src) if not CASES[case].get("bin_format") else torch.load(
+        os.path.join(src, "pytorch_model.bin")), hf_state(out.output)
+    if CASES[case].get("tie"):
+        a.pop("lm_head.weight", None)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    if case.endswith("sharded"):
+        index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
+        assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(b)
+    from transformers import AutoConfig
+
+    c1, c2 = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(out.output)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "hidden_act", "rope_parameters"):
+        assert getattr(c1, key) == getattr(c2, key), key
+
+
+@pytest.fixture(scope="module")
+def imported_gqa(tmp_path_factory):
+    from megatron_apex.convert.importer import import_hf_checkpoint
+    from megatron_apex.convert.verify import hf_logits, random_tokens
+
+    d = tmp_path_factory.mktemp("gqa")
+    src = make_hf(d / "hf", kv_heads=2, tie=False, layers=4)
+    import_hf_checkpoint(src, str(d / "ckpt"), tp=2, pp=2, progress=False)
+    tokens = random_tokens(VOCAB, 2, 16, seed=1)
+    return str(d / "ckpt"), tokens, hf_logits(src, tokens)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_load_matches_hf(imported_gqa, tp, pp):
+    from convert_workers import load_and_forward
+    from distributed_utils import run_distributed
+
+    ckpt, tokens, reference = imported_gqa
+    results = run_distributed(load_and_forward, tp * pp, ckpt, tokens, tp, pp)
+    logits = [r for r in results if r is not None]
+    assert len(logits) == 1
+    assert (logits[0] - reference).abs().max() < ATOL
+
+
+@pytest.mark.slow
+def test_cli_import_export_verify(tmp_path, capsys):
+    import convert_checkpoint
+
+    src = make_hf(tmp_path / "hf", kv_heads=2)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"not really sentencepiece")
+    assert convert_checkpoint.main(["import", "--hf-dir", src, "--output", ckpt, "--config-out",
+                                    str(tmp_path / "m.yaml"), "--verify", "--no-progress"]) == 0
+    assert convert_checkpoint.main(["export", "--checkpoint", os.path.join(ckpt, "iter_0000000"), "--output", out,
+                                    "--dtype", "bf16", "--tokenizer", str(tok), "--verify", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("verify: OK") == 2 and "max |logit diff|" in text and "KL" in text
+    assert os.path.isfile(os.path.join(out, "tokenizer.model"))
+    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+    import yaml
+
+    from megatron_apex.config import load_config
+
+    section = yaml.safe_load(open(tmp_path / "m.yaml"))
+    assert section["model"]["num_query_groups"] == 2 and section["model"]["vocab_size"] == VOCAB
+    cfg = load_config(str(tmp_path / "m.yaml"), ["data.mock=true", "data.seq_length=64"])
+    assert cfg.padded_vocab_size() == 1024
+
+
+# ---------------------------------------------------------------------- bad inputs
+def _import(src, out, **kw):
+    from megatron_apex.convert.importer import import_hf_checkpoint
+
+    return import_hf_checkpoint(str(src), str(out), progress=False, **kw)
+
+
+def test_missing_inputs(tmp_path):
+    with pytest.raises(M.ConversionError, match="no such directory"):
+        _import(tmp_path / "nope", tmp_path / "ck")
+    src = make_hf(tmp_path / "hf")
+    os.remove(os.path.join(src, "model.safetensors"))
+    with pytest.raises(M.ConversionError, match="no weights found"):
+        _import(src, tmp_path / "ck")
+    os.remove(os.path.join(src, "config.json"))
+    with pytest.raises(M.ConversionError, match="config.json"):
+        _import(src, tmp_path / "ck")
+
+
+def test_shape_mismatch_and_missing_or_unknown_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf(tmp_path / "hf")
+    rewrite_config(src, intermediate_size=192)
+    with pytest.raises(M.ConversionError, match=r"gate_proj.weight: shape \(160, 64\) does not match config.json's "
+                                                r"\(192, 64\)"):
+        _import(src, tmp_path / "ck")
+    rewrite_config(src, intermediate_size=160)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(M.ConversionError) as err:
+        _import(src, tmp_path / "ck")
+    assert "missing: model.layers.1.mlp.up_proj.weight" in str(err.value)
+    assert "does not know (they would be dropped): model.layers.0.self_attn.q_norm.weight" in str(err.value)
+
+
+def test_impossible_layout(tmp_path):
+    src = make_hf(tmp_path / "hf", kv_heads=2)
+    with pytest.raises(M.ConversionError, match=r"TP=4 PP=1 is impossible.*num_key_value_heads \(query groups\)=2 "
+                                                r"is not divisible by TP=4"):
+        _import(src, tmp_path / "ck", tp=4)
+    with pytest.raises(M.ConversionError, match="num_hidden_layers=2 is not divisible by PP=3"):
+        _import(src, tmp_path / "ck", pp=3)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling type 'llama3' is not supported"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_scaling type 'linear' is not supported"),
+    ({"attention_bias": True}, "attention_bias=true: biases are not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "is not supported; supported"),
+    ({"sliding_window": 64}, "pass --allow-sliding-window"),
+])
+def test_unsupported_features_are_refused(tmp_path, change, message):
+    src = make_hf(tmp_path / "hf")
+    rewrite_config(src, **change)
+    with pytest.raises(M.UnsupportedModelError, match=message):
+        _import(src, tmp_path / "ck")
+
+
+def test_sliding_window_allowed_explicitly(tmp_path):
+    src = make_hf(tmp_path / "hf")
+    rewrite_config(src, sliding_window=64)
+    result = _import(src, tmp_path / "ck", allow_sliding_window=True)
+    assert any("full causal attention" in w for w in result.warnings)
+
+
+def test_tie_mismatch(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf(tmp_path / "hf", tie=False)
+    rewrite_config(src, tie_word_embeddings=True)  # lm_head differs from the embedding
+    with pytest.raises(M.ConversionError, match="tie_word_embeddings=true but lm_head.weight differs"):
+        _import(src, tmp_path / "ck")
+    rewrite_config(src, tie_word_embeddings=False)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(M.ConversionError, match="missing: lm_head.weight"):
+        _import(src, tmp_path / "ck")
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    import convert_checkpoint
+
+    src = make_hf(tmp_path / "hf", kv_heads=2)
+    assert convert_checkpoint.main(["import", "--hf-dir", src, "--output", str(tmp_path / "ck"), "--tp", "4"]) == 2
+    assert "not divisible by TP=4" in capsys.readouterr().err
+    assert convert_checkpoint.main(["export", "--checkpoint", str(tmp_path / "none"), "--output",
+                                    str(tmp_path / "o")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_apex_hook_refuses_active_operators():
+    from megatron_apex.convert.exporter import _fuse_expansion_if_present
+
+    model = object()
+    assert _fuse_expansion_if_present(model, {}) is model
+    assert _fuse_expansion_if_present(model, {"apex": {"active_operators": []}}) is model
+    with pytest.raises(NotImplementedError, match="APEX expansion stage"):
+        _fuse_expansion_if_present(model, {"apex": {"active_operators": ["layer0.attn"]}})
+
+
+def test_safetensors_writer_is_readable_without_transformers(tmp_path):
+    from safetensors import safe_open
+
+    from megatron_apex.convert.hf_io import SafetensorsShardWriter, parse_size
+
+    assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2GiB") == 2 * 2 ** 30 and parse_size("100") == 100
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.randn(2, 2).half()}
+    specs = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = SafetensorsShardWriter(str(tmp_path), specs, max_shard_bytes=60)
+    for n, t in tensors.items():
+        writer.add(n, t)
+    writer.close()
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    for n, t in tensors.items():
+        with safe_open(str(tmp_path / index["weight_map"][n]), "pt") as f:
+            assert torch.equal(f.get_tensor(n), t)

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Convert between Hugging Face LLaMA/Mistral directories and megatron_apex checkpoints.
+
+  # HF -> megatron_apex (weights only; train from it with checkpoint.finetune_from=CKPT)
+  python tools/convert_checkpoint.py import --hf-dir TinyLlama-1.1B --output ckpt/tinyllama \\
+      --tp 2 --pp 1 --config-out tinyllama_model.yaml --verify
+  # megatron_apex (any TP/PP; a root with tracker or an iter_* dir) -> HF LlamaForCausalLM
+  python tools/convert_checkpoint.py export --checkpoint runs/cpt --output hf_out \\
+      --dtype bf16 --shard-size 5GB --tokenizer tokenizer.model --verify
+
+Both directions stream layer by layer (peak memory near one copy of the model) and run in a
+single process on the CPU. --verify compares logits of both sides on random sequences (needs
+transformers) and fails if they differ beyond the tolerance.
+
+Exit codes: 0 ok, 2 bad input / unsupported model / impossible layout, 3 verification failed,
+130 interrupted.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="Hugging Face directory -> megatron_apex checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="config.json + model.safetensors (or shards + index, or "
+                     "pytorch_model.bin)")
+    imp.add_argument("--output", required=True, help="checkpoint root to create (iter_0000000 + tracker)")
+    imp.add_argument("--tp", type=int, default=1, help="target tensor-parallel degree to validate and record")
+    imp.add_argument("--pp", type=int, default=1, help="target pipeline-parallel degree to validate and record")
+    imp.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
+                     help="stored weight dtype; auto = the one config.json names (fp32 if none)")
+    imp.add_argument("--config-out", help="write the matching model config section (YAML) here")
+    imp.add_argument("--allow-sliding-window", action="store_true",
+                     help="convert a sliding-window model (Mistral v0.1) anyway: attention becomes full causal")
+    exp = sub.add_parser("export", help="megatron_apex checkpoint -> Hugging Face LlamaForCausalLM directory")
+    exp.add_argument("--checkpoint", required=True, help="checkpoint root (with tracker) or an iter_* directory")
+    exp.add_argument("--output", required=True, help="Hugging Face directory to write")
+    exp.add_argument("--dtype", choices=DTYPE_NAMES, help="weight dtype (default: the checkpoint's)")
+    exp.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
+    exp.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json, or a directory of tokenizer files")
+    exp.add_argument("--vocab-size", type=int, help="true vocabulary size when the checkpoint's config lacks it")
+    for p in (imp, exp):
+        p.add_argument("--verify", action="store_true", help="compare logits of both sides (needs transformers)")
+        p.add_argument("--verify-sequences", type=int, default=4, help="random sequences for --verify")
+        p.add_argument("--verify-length", type=int, default=64, help="tokens per --verify sequence")
+        p.add_argument("--atol", type=float, help="largest allowed |logit diff| (default 1e-3, 0.5 after a "
+                       "lossy dtype cast)")
+        p.add_argument("--kl-tol", type=float, help="largest allowed mean KL (default 1e-5, 1e-2 after a lossy cast)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+
+
+def _verify(args, checkpoint: str, hf_dir: str, lossy: bool) -> None:
+    from megatron_apex.convert.verify import compare_checkpoint_with_hf
+
+    result = compare_checkpoint_with_hf(checkpoint, hf_dir, args.verify_sequences, args.verify_length)
+    atol = args.atol if args.atol is not None else (0.5 if lossy else 1e-3)
+    kl_tol = args.kl_tol if args.kl_tol is not None else (1e-2 if lossy else 1e-5)
+    print(f"verify: {result.num_tokens} tokens  max |logit diff| = {result.max_abs_diff:.3e} (tol {atol:.0e})  "
+          f"KL(HF || megatron) = {result.kl:.3e} (tol {kl_tol:.0e})")
+    result.check(atol, kl_tol)
+    print("verify: OK")
+
+
+def run(args) -> None:
+    import torch
+
+    if args.command == "import":
+        from megatron_apex.convert.importer import import_hf_checkpoint, model_yaml
+
+        result = import_hf_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=_dtype(args.dtype),
+                                      allow_sliding_window=args.allow_sliding_window, progress=not args.no_progress)
+        for w in result.warnings:
+            print(f"warning: {w}")
+        print(f"wrote {result.checkpoint} (vocab {result.config.model.vocab_size} padded to "
+              f"{result.padded_vocab_size}; loads under TP={args.tp} PP={args.pp}; train from it with "
+              f"checkpoint.finetune_from={args.output})")
+        if args.config_out:
+            with open(args.config_out, "w", encoding="utf-8") as f:
+                f.write(model_yaml(result.config, args.tp, args.pp))
+            print(f"wrote {args.config_out}")
+        if args.verify:
+            _verify(args, args.output, args.hf_dir, lossy=args.dtype != "auto")
+    else:
+        from megatron_apex.convert.exporter import export_hf_checkpoint
+        from megatron_apex.convert.runtime import checkpoint_dtype
+        from megatron_apex.training.checkpoint import resolve_checkpoint_dir
+
+        result = export_hf_checkpoint(args.checkpoint, args.output, dtype=_dtype(args.dtype),
+                                      shard_size=args.shard_size, tokenizer=args.tokenizer,
+                                      vocab_size=args.vocab_size, progress=not args.no_progress)
+        print(f"wrote {args.output}: {', '.join(result.files)}")
+        if args.verify:
+            stored = checkpoint_dtype(resolve_checkpoint_dir(args.checkpoint))
+            lossy = torch.finfo(result.dtype).bits < torch.finfo(stored).bits or (
+                {result.dtype, stored} == {torch.float16, torch.bfloat16})
+            _verify(args, args.checkpoint, args.output, lossy)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megatron_apex.config import ConfigError
+    from megatron_apex.convert.mapping import ConversionError
+    from megatron_apex.convert.verify import VerifyFailed
+    from megatron_apex.training.checkpoint import CheckpointError
+
+    try:
+        run(args)
+    except VerifyFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (ConversionError, CheckpointError, ConfigError, NotImplementedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
