@@ -22,6 +22,7 @@ class GracefulExit(Callback):
                  signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes else None
         self.received: Optional[int] = None
+        self.deadline_logged = False
         self._previous = {}
         if handle_signals:
             for sig in signals:
@@ -38,6 +39,9 @@ class GracefulExit(Callback):
             return f"signal {signal.Signals(self.received).name}"
         # Only rank 0's clock decides, so all ranks stop at the same step (the request is reduced).
         if self.deadline is not None and trainer.ctx.rank == 0 and time.monotonic() >= self.deadline:
+            if not self.deadline_logged:  # say why the job stops: the launcher only sees exit code 75
+                logger.warning("train.exit_after_minutes reached: will save a checkpoint and exit after this step")
+                self.deadline_logged = True
             return "train.exit_after_minutes reached"
         return None
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# megatron-apex on one machine with torchrun (a workstation, a cloud VM, or an interactive
+# allocation): one worker per GPU.
+#
+#   GPUS_PER_NODE=8 bash launch_scripts/torchrun_single_node.sh CONFIG [section.key=value ...]
+#
+# Run it again with the same arguments to resume from the latest checkpoint in checkpoint.save.
+# Ctrl-C or SIGTERM: torchrun forwards the signal, the workers save a checkpoint and the script exits
+# with 75. Exit codes: 0 finished, 75 stopped cleanly after saving, 2 config error, 1 error.
+#
+# Environment knobs (besides those in launch_scripts/common.sh: PYTHON, DIST_TIMEOUT_MINUTES,
+# EXIT_AFTER_MINUTES):
+#   GPUS_PER_NODE  workers (default: the number of visible GPUs, or 1 without any)
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+  echo "usage: $0 CONFIG [section.key=value ...]" >&2
+  exit 2
+fi
+APEX_DIR="${APEX_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+cd "$APEX_DIR"
+# shellcheck source=launch_scripts/common.sh
+source "$APEX_DIR/launch_scripts/common.sh"
+apex_setup_env
+apex_default_overrides
+
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+  GPUS_PER_NODE="$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)"
+  [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
+fi
+
+apex_log_run_info "$APEX_DIR" "$@"
+echo "single node: $GPUS_PER_NODE worker(s)"
+
+rc=0
+# --standalone: a private rendezvous on a free local port, nothing to configure.
+apex_torchrun --standalone --nnodes=1 --nproc_per_node="$GPUS_PER_NODE" --max_restarts=0 \
+  -- "$1" "${APEX_DEFAULT_OVERRIDES[@]}" "${@:2}" || rc=$?
+echo "training exited with code $rc"
+apex_maybe_requeue "$rc"
+exit "$rc"

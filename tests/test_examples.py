@@ -1,0 +1,80 @@
+"""Every example config is a valid plan for the world size its recipe is written for (``--dry-run``)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from megatron_apex.cli import main
+
+MOCK = ["data.mock=true", "model.vocab_size=256", "data.eod_id=0", "data.tokenizer_type=none"]
+
+# config (relative to examples/) -> (intended world size, overrides, lines the recipe's README quotes)
+RECIPES = {
+    "tiny_cpu.yaml": (2, MOCK, ["layout: world=2 = TP 1 x PP 1 x CP 1 x DP 2"]),
+    "tinyllama_1b_apex_10b/config.yaml": (8, [], [
+        "layout: world=8 = TP 1 x PP 1 x CP 1 x DP 8",
+        "batch: micro 8 x 8 micro-batches x DP 8 = global 512 sequences of 2048 tokens",
+        "run: 9537 steps = 10.000B tokens",
+        "APEX: mode all, ratio 0.125, stage boundaries [0, 3179, 6358]"]),
+    "llama2_7b_apex_cpt/config.yaml": (32, [], [
+        "layout: world=32 = TP 2 x PP 2 x CP 1 x DP 8",
+        "batch: micro 1 x 32 micro-batches x DP 8 = global 256 sequences of 4096 tokens",
+        "run: 19074 steps = 20.001B tokens"]),
+}
+
+
+def _dry_run(capsys, path: str, world_size: int, overrides: list) -> str:
+    rc = main(["train", path, *overrides, "--dry-run", "--world-size", str(world_size)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for what in ("layout: world=", "parameters:", "memory estimate per GPU"):
+        assert what in out
+    return out
+
+
+def _readme(config: str) -> str:
+    """The recipe's README: NAME.md beside NAME.yaml, or README.md in the recipe's folder."""
+    stem = os.path.join(ROOT, "examples", os.path.splitext(config)[0])
+    candidates = [stem + ".md", os.path.join(os.path.dirname(stem), "README.md")]
+    return next(open(p, encoding="utf-8").read() for p in candidates if os.path.isfile(p))
+
+
+@pytest.mark.parametrize("config", sorted(RECIPES))
+def test_recipe_dry_run_matches_readme(config, capsys):
+    world, overrides, expected = RECIPES[config]
+    out = _dry_run(capsys, os.path.join(ROOT, "examples", config), world, overrides)
+    readme = _readme(config)
+    for line in expected:
+        assert line in out
+    # The README pastes this very output: keep them in sync.
+    for line in out.strip().splitlines():
+        assert line in readme, f"{config}: README lacks the dry-run line {line!r}"
+
+
+def test_plain_comparison_run_is_the_same_plan(capsys):
+    config = os.path.join(ROOT, "examples", "tinyllama_1b_apex_10b", "config.yaml")
+    apex = _dry_run(capsys, config, 8, [])
+    plain = _dry_run(capsys, config, 8, ["apex.enabled=false"])
+    assert "APEX:" not in plain
+    assert plain.strip().splitlines() == [ln for ln in apex.strip().splitlines() if not ln.startswith("APEX:")]
+
+
+def test_every_example_config_dry_runs(capsys):
+    """Configs not in RECIPES (other engineers' examples) still plan for their smallest world size."""
+    configs = sorted(glob.glob(os.path.join(ROOT, "examples", "**", "*.yaml"), recursive=True))
+    assert configs
+    for path in configs:
+        rel = os.path.relpath(path, os.path.join(ROOT, "examples"))
+        if rel in RECIPES:
+            world, overrides, _ = RECIPES[rel]
+        else:
+            p = (yaml.safe_load(open(path, encoding="utf-8")) or {}).get("parallel", {})
+            world = (p.get("tensor_model_parallel_size", 1) * p.get("pipeline_model_parallel_size", 1)
+                     * p.get("context_parallel_size", 1))
+            overrides = []
+        _dry_run(capsys, path, world, overrides)
