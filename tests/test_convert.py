@@ -300,14 +300,12 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
-def test_apex_hook_refuses_active_operators():
+def test_apex_hook_leaves_checkpoints_without_active_operators_alone():
     from megatron_apex.convert.exporter import _fuse_expansion_if_present
 
-    model = object()
-    assert _fuse_expansion_if_present(model, {}) is model
-    assert _fuse_expansion_if_present(model, {"apex": {"active_operators": []}}) is model
-    with pytest.raises(NotImplementedError, match="APEX expansion stage"):
-        _fuse_expansion_if_present(model, {"apex": {"active_operators": ["layer0.attn"]}})
+    model = object()  # never touched: nothing to fuse
+    assert _fuse_expansion_if_present(model, {}, "unused", None) is model
+    assert _fuse_expansion_if_present(model, {"apex": {"stage": 3, "finished": True}}, "unused", None) is model
 
 
 def test_safetensors_writer_is_readable_without_transformers(tmp_path):

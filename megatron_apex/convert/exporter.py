@@ -32,24 +32,22 @@ class ExportResult:
     dtype: torch.dtype
 
 
-def _fuse_expansion_if_present(model, common: dict):
-    """APEX hook: fold an active expansion operator into the base weights before export.
+def _fuse_expansion_if_present(model, common: dict, path: str, cfg: Config):
+    """Fold the operators of a checkpoint saved in the middle of an APEX stage into the weights.
 
-    A checkpoint saved in the middle of an APEX stage holds operator state next to the base
-    weights (``common["apex"]``); exporting only the base weights would silently change the model.
-    Plug the fuse in here: take ``model`` (TP=1/PP=1, weights loaded) and the checkpoint's common
-    state, fuse every active operator into the weights and return the model. Until then such a
-    checkpoint is refused."""
-    apex = common.get("apex")
-    if not apex:
+    Exporting only the base weights of such a checkpoint would silently change the model; the
+    per-rank operator state is joined and fused at TP=1 (``megatron_apex.expansion.export``)."""
+    from megatron_apex.expansion.export import fuse_global_weights, has_active_operators, load_rank_states
+
+    if not has_active_operators(common):
         return model
-    active = apex.get("active_operators", apex.get("operators", apex.get("active"))) if isinstance(apex, dict) else apex
-    if active:
-        raise NotImplementedError(
-            "this checkpoint was saved during an APEX expansion stage (its common state has active operators "
-            "under 'apex'); fusing the operators into the base weights for export is not implemented yet "
-            "(megatron_apex.convert.exporter._fuse_expansion_if_present). Export a checkpoint saved after the "
-            "operators were fused (end of a stage), or implement the fuse there.")
+    params = dict(model.named_parameters())
+    weights = {name: p.data for name, p in params.items()}
+    fuse_global_weights(weights, cfg, load_rank_states(path, common))
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if tensor is not params[name].data:
+                params[name].copy_(tensor)
     return model
 
 
@@ -84,7 +82,7 @@ def load_model(path: str, common: dict, cfg: Config, padded: int, dtype: torch.d
 
     model = build_cpu_model(cfg, dtype, padded)
     load_checkpoint(path, model, None, cfg, ctx, padded, load_optimizer=False, load_rng=False)
-    return _fuse_expansion_if_present(model, common)
+    return _fuse_expansion_if_present(model, common, path, cfg)
 
 
 def hf_tensor_specs(m, vocab: int, dtype: torch.dtype) -> list:

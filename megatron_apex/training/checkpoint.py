@@ -101,12 +101,19 @@ def _layout(ctx: ParallelContext) -> dict:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "cp": ctx.cp_size}
 
 
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers: checkpoint keys never depend on wrapping."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def build_state_dict(model, optimizer, ctx: ParallelContext, is_loading: bool, with_optimizer: bool,
                      with_rng: bool, extra_sharded: Optional[dict] = None) -> dict:
     """The sharded state dict of model (+ optimizer, RNG, extra sharded state)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    sd = {"model": model.sharded_state_dict()}
+    sd = {"model": unwrap(model).sharded_state_dict()}
     if with_optimizer:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
     if with_rng:
@@ -210,7 +217,7 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     sd = build_state_dict(model, optimizer, ctx, is_loading=True, with_optimizer=load_optimizer,
                           with_rng=load_rng, extra_sharded=extra_sharded)
     loaded = dist_checkpointing.load(sd, path)
-    model.load_state_dict(loaded["model"], strict=True)
+    unwrap(model).load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if load_rng:
