@@ -20,13 +20,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
+import sys
+import types
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 _APPLIED = False
+# megatron-core modules whose tensor factories ask for CUDA on the paths this project uses; they are
+# imported before patching so that their module-level ``torch`` can be redirected.
+_MCORE_MODULES = (
+    "megatron.core.utils", "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication", "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler", "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer", "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads", "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.cross_entropy", "megatron.core.transformer.module",
+    "megatron.core.models.gpt.gpt_model", "megatron.core.dist_checkpointing.strategies.filesystem_async",
+)
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "zeros_like",
               "ones_like", "empty_like", "full_like")
 
@@ -49,6 +65,36 @@ def _redirect_device(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+class _CpuFactoryTorch(types.ModuleType):
+    """``torch`` as seen by megatron-core modules: factories asked for CUDA build on the CPU.
+
+    Installed as the module-level name ``torch`` of megatron-core modules only, so no other library
+    in the process (transformers, say) sees a changed ``torch.zeros``.
+    """
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _redirect_device(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_PROXY = None
+
+
+def _redirect_mcore_factories() -> None:
+    global _PROXY
+    _PROXY = _PROXY or _CpuFactoryTorch()
+    for name in _MCORE_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = _PROXY
 
 
 class CpuRNGStatesTracker:
@@ -104,19 +150,18 @@ def apply_cpu_patches() -> bool:
     Idempotent; a no-op on machines with CUDA.
     """
     global _APPLIED
-    if _APPLIED:
-        return True
     if torch.cuda.is_available():
         return False
+    # (4): factories asked for device="cuda" (or a CUDA ordinal) build on the CPU instead, in
+    # megatron-core's modules only (re-run on every call: modules imported since are covered too).
+    _redirect_mcore_factories()
+    if _APPLIED:
+        return True
 
     # (1) and (2): a CPU "current device"; synchronisation is a no-op on the CPU.
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     torch.Tensor.cuda = lambda self, *a, **k: self
-
-    # (4): factories asked for device="cuda" (or a CUDA ordinal) build on the CPU instead.
-    for name in _FACTORIES:
-        setattr(torch, name, _redirect_device(getattr(torch, name)))
 
     # (5): type-name checks: report CPU tensors under their CUDA type names, as megatron-core's
     # optimizer and grad-clipping code compare against those literally.
