@@ -382,12 +382,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        where = prefix or "top level"
+        where = f"section {prefix.rstrip('.')}" if prefix else "top level"
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
                           f"known: {', '.join(sorted(names))}")
     kwargs = {}
