@@ -101,12 +101,22 @@ def _layout(ctx: ParallelContext) -> dict:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "cp": ctx.cp_size}
 
 
+def _unwrap_ddp(model):
+    """The module inside megatron-core DDP (Float16Module forwards sharded_state_dict itself)."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+
+    return model.module if isinstance(model, _BaseDataParallel) else model
+
+
 def build_state_dict(model, optimizer, ctx: ParallelContext, is_loading: bool, with_optimizer: bool,
                      with_rng: bool, extra_sharded: Optional[dict] = None) -> dict:
     """The sharded state dict of model (+ optimizer, RNG, extra sharded state)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    sd = {"model": model.sharded_state_dict()}
+    # Keys of the bare model (as Megatron-LM writes them): megatron DDP has no sharded_state_dict of
+    # its own, so through the wrapper every key would gain a "module." prefix that its
+    # load_state_dict (which forwards to the wrapped module) does not expect.
+    sd = {"model": _unwrap_ddp(model).sharded_state_dict()}
     if with_optimizer:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
     if with_rng:
