@@ -17,18 +17,22 @@ import torch
 
 # ---------------------------------------------------------------------- multi-process workers
 def train_many(config_path: str, runs: list) -> list:
-    """Train each override list in turn in this rank (same layout for all); losses per run.
+    """Train each override list in turn in this rank; losses per run.
 
-    Several runs per process share one process start; each builds its own model, optimizer and
+    Several runs (layouts) share one process start; each builds its own model, optimizer and
     data from scratch, so runs do not influence each other (the weights come from per-name
     generators, the data order from the global sample index).
     """
+    from megatron.core import parallel_state as ps
+
     from megatron_apex.config import load_config
     from megatron_apex.distributed import initialize_distributed
     from megatron_apex.training.trainer import Trainer
 
     out = []
     for overrides in runs:
+        if ps.model_parallel_is_initialized():  # the layout may change between runs
+            ps.destroy_model_parallel()
         cfg = load_config(config_path, overrides)
         ctx = initialize_distributed(cfg)
         result = Trainer(cfg, ctx).setup().train()
@@ -51,39 +55,45 @@ def train_and_evaluate(config_path: str, overrides: list) -> dict:
             "rank": ctx.rank}
 
 
-def gathered_initial_weights(config_path: str, overrides: list) -> Optional[dict]:
-    """Build and initialise the model, gather every TP-sharded matrix to its full (global) shape.
+def gathered_initial_weights(config_path: str, runs: list) -> list:
+    """For each override list: build and initialise the model, gather every TP-sharded matrix.
 
-    Returns ``{global name: full tensor}`` on the TP-rank-0 ranks (None elsewhere); PP stages each
-    report their own layers under global layer numbers.
+    Returns per run ``{global name: full tensor}`` on the TP-rank-0 ranks (None elsewhere); PP
+    stages each report their own layers under global layer numbers.
     """
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from megatron_apex.config import load_config
     from megatron_apex.distributed import initialize_distributed
     from megatron_apex.model.init import _global_name, _layer_offset, initialize_weights
     from megatron_apex.model.llama import build_model, build_transformer_config
 
-    cfg = load_config(config_path, overrides)
-    ctx = initialize_distributed(cfg)
-    tconfig = build_transformer_config(cfg, torch.float32, use_cpu=True)
-    model = build_model(cfg, tconfig, cfg.padded_vocab_size(), ctx.is_first_stage, ctx.is_last_stage)
-    initialize_weights(model, cfg, ctx.tp_rank, ctx.tp_size)
-    offset = _layer_offset(model)
-    out = {}
-    for name, p in model.named_parameters():
-        full = p.detach().clone()
-        if getattr(p, "tensor_model_parallel", False) and ctx.tp_size > 1:
-            parts = [torch.empty_like(full) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, full.contiguous(), group=ctx.tp_group)
-            if name.endswith("mlp.linear_fc1.weight"):
-                # Each rank holds [gate_shard; up_shard]: reassemble [gate; up].
-                gates, ups = zip(*(t.chunk(2, dim=0) for t in parts))
-                full = torch.cat([*gates, *ups], dim=0)
-            else:
-                full = torch.cat(parts, dim=p.partition_dim)
-        out[_global_name(name, offset)] = full
-    return out if ctx.tp_rank == 0 else None
+    results = []
+    for overrides in runs:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        cfg = load_config(config_path, overrides)
+        ctx = initialize_distributed(cfg)
+        tconfig = build_transformer_config(cfg, torch.float32, use_cpu=True)
+        model = build_model(cfg, tconfig, cfg.padded_vocab_size(), ctx.is_first_stage, ctx.is_last_stage)
+        initialize_weights(model, cfg, ctx.tp_rank, ctx.tp_size)
+        offset = _layer_offset(model)
+        out = {}
+        for name, p in model.named_parameters():
+            full = p.detach().clone()
+            if getattr(p, "tensor_model_parallel", False) and ctx.tp_size > 1:
+                parts = [torch.empty_like(full) for _ in range(ctx.tp_size)]
+                dist.all_gather(parts, full.contiguous(), group=ctx.tp_group)
+                if name.endswith("mlp.linear_fc1.weight"):
+                    # Each rank holds [gate_shard; up_shard]: reassemble [gate; up].
+                    gates, ups = zip(*(t.chunk(2, dim=0) for t in parts))
+                    full = torch.cat([*gates, *ups], dim=0)
+                else:
+                    full = torch.cat(parts, dim=p.partition_dim)
+            out[_global_name(name, offset)] = full
+        results.append(out if ctx.tp_rank == 0 else None)
+    return results
 
 
 # ---------------------------------------------------------------------- in-process (world size 1)
