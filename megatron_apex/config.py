@@ -134,7 +134,7 @@ class TrainConfig:
     max_skipped_steps: int = doc(10, "With nan_policy=skip, stop after this many skipped steps.")
     exit_after_minutes: Optional[float] = doc(
         None, "Save a checkpoint and exit cleanly after this much wall time (before a job's time limit).")
-    exit_on_signal: bool = doc(True, "SIGTERM/SIGUSR1 make the trainer save a checkpoint and exit (code 0 once saved).")
+    exit_on_signal: bool = doc(True, "SIGTERM/SIGUSR1 make the trainer save a checkpoint and exit (code 75: resubmit to continue).")
     gpu_peak_tflops: Optional[float] = doc(
         None, "Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the device name up (H100/H200/A100).")
     recompute_activations: bool = doc(False, "Full activation recomputation of each layer (saves memory).")
