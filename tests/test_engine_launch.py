@@ -48,6 +48,7 @@ def test_slurm_variables_without_scontrol(no_scontrol):
     ("alpha,beta", "alpha"),
     ("solo", "solo"),
     ("node[3-4].cluster", "node3.cluster"),
+    ("rack[2-3]-n[01-04],x", "rack2-n01"),
 ])
 def test_slurm_hostlist_fallback(no_scontrol, nodelist, first):
     assert _first_slurm_host(nodelist) == first
