@@ -134,7 +134,7 @@ class TrainConfig:
     max_skipped_steps: int = doc(10, "With nan_policy=skip, stop after this many skipped steps.")
     exit_after_minutes: Optional[float] = doc(
         None, "Save a checkpoint and exit cleanly after this much wall time (before a job's time limit).")
-    exit_on_signal: bool = doc(True, "SIGTERM/SIGUSR1 make the trainer save a checkpoint and exit (exit code 75 once saved).")
+    exit_on_signal: bool = doc(True, "SIGTERM/SIGUSR1 make the trainer save a checkpoint and exit (code 75: resubmit to continue).")
     gpu_peak_tflops: Optional[float] = doc(
         None, "Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the device name up (H100/H200/A100).")
     recompute_activations: bool = doc(False, "Full activation recomputation of each layer (saves memory).")
@@ -382,12 +382,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        where = prefix or "top level"
+        where = f"section {prefix.rstrip('.')}" if prefix else "top level"
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
                           f"known: {', '.join(sorted(names))}")
     kwargs = {}

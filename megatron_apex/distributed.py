@@ -53,13 +53,10 @@ def _first_slurm_host(nodelist: str) -> str:
             return out[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    # Fallback parser for the common "prefix[01-04,07],other" form.
+    # Fallback parser for "prefix[01-04,07],other" (every bracket, e.g. "rack[1-2]-n[01-04]", takes
+    # its first value).
     first = re.split(r",(?![^\[]*\])", nodelist)[0]
-    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
-    if not m:
-        return first
-    prefix, ranges, suffix = m.groups()
-    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def detect_launch_env(env: Optional[dict] = None) -> LaunchEnv:

@@ -280,7 +280,7 @@ class Trainer:
             if metrics["stop"]:
                 self.result.exit_reason = "stopped"
                 break
-            if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
+            if cfg.checkpoint.save and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
                     and self.step < t.train_steps:
                 self.save()
         if self.result.exit_reason == "finished":

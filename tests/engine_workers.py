@@ -1,0 +1,137 @@
+"""Module-level (picklable) workers and small helpers for the engine tests.
+
+Workers run inside ranks started by ``distributed_utils.run_distributed``; helpers for the
+single-process tests run the trainer inside the pytest process itself (world size 1), which
+saves the ~10 s of interpreter and torch start-up a spawned process costs on a small machine.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+from typing import Optional
+
+import torch
+
+
+# ---------------------------------------------------------------------- multi-process workers
+def train_many(config_path: str, runs: list) -> list:
+    """Train each override list in turn in this rank; losses per run.
+
+    Several runs (layouts) share one process start; each builds its own model, optimizer and
+    data from scratch, so runs do not influence each other (the weights come from per-name
+    generators, the data order from the global sample index).
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import initialize_distributed
+    from megatron_apex.training.trainer import Trainer
+
+    out = []
+    for overrides in runs:
+        if ps.model_parallel_is_initialized():  # the layout may change between runs
+            ps.destroy_model_parallel()
+        cfg = load_config(config_path, overrides)
+        ctx = initialize_distributed(cfg)
+        result = Trainer(cfg, ctx).setup().train()
+        out.append({"losses": dict(result.losses), "valid": dict(result.valid), "step": result.step,
+                    "exit": result.exit_reason, "rank": ctx.rank})
+    return out
+
+
+def train_and_evaluate(config_path: str, overrides: list) -> dict:
+    """Train (saving a checkpoint at the end), then evaluate the final weights; per rank."""
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import initialize_distributed
+    from megatron_apex.training.trainer import Trainer
+
+    cfg = load_config(config_path, overrides)
+    ctx = initialize_distributed(cfg)
+    trainer = Trainer(cfg, ctx).setup()
+    result = trainer.train()
+    return {"losses": dict(result.losses), "eval": trainer.evaluate(), "checkpoint": result.checkpoint,
+            "rank": ctx.rank}
+
+
+def gathered_initial_weights(config_path: str, runs: list) -> list:
+    """For each override list: build and initialise the model, gather every TP-sharded matrix.
+
+    Returns per run ``{global name: full tensor}`` on the TP-rank-0 ranks (None elsewhere); PP
+    stages each report their own layers under global layer numbers.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import initialize_distributed
+    from megatron_apex.model.init import _global_name, _layer_offset, initialize_weights
+    from megatron_apex.model.llama import build_model, build_transformer_config
+
+    results = []
+    for overrides in runs:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        cfg = load_config(config_path, overrides)
+        ctx = initialize_distributed(cfg)
+        tconfig = build_transformer_config(cfg, torch.float32, use_cpu=True)
+        model = build_model(cfg, tconfig, cfg.padded_vocab_size(), ctx.is_first_stage, ctx.is_last_stage)
+        initialize_weights(model, cfg, ctx.tp_rank, ctx.tp_size)
+        offset = _layer_offset(model)
+        out = {}
+        for name, p in model.named_parameters():
+            full = p.detach().clone()
+            if getattr(p, "tensor_model_parallel", False) and ctx.tp_size > 1:
+                parts = [torch.empty_like(full) for _ in range(ctx.tp_size)]
+                dist.all_gather(parts, full.contiguous(), group=ctx.tp_group)
+                if name.endswith("mlp.linear_fc1.weight"):
+                    # Each rank holds [gate_shard; up_shard]: reassemble [gate; up].
+                    gates, ups = zip(*(t.chunk(2, dim=0) for t in parts))
+                    full = torch.cat([*gates, *ups], dim=0)
+                else:
+                    full = torch.cat(parts, dim=p.partition_dim)
+            out[_global_name(name, offset)] = full
+        results.append(out if ctx.tp_rank == 0 else None)
+    return results
+
+
+# ---------------------------------------------------------------------- in-process (world size 1)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_single_process() -> None:
+    from megatron_apex.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+def trainer_in_process(config_path: str, overrides: list, callbacks=None):
+    """A set-up Trainer in this process (distributed must be started with world size 1)."""
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import LaunchEnv, initialize_distributed
+    from megatron_apex.training.trainer import Trainer
+
+    torch.set_num_threads(1)  # the same arithmetic as a one-thread spawned rank
+    cfg = load_config(config_path, overrides, world_size=1)
+    ctx = initialize_distributed(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
+    return Trainer(cfg, ctx, callbacks).setup()
+
+
+# ---------------------------------------------------------------------- reading results
+def tensorboard_losses(event_file: str, tag: str = "train/loss") -> dict:
+    """{step index (0-based): loss} from one TensorBoard event file (written at log_interval=1)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(event_file, size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return {}
+    return {e.step - 1: e.value for e in acc.Scalars(tag)}
+
+
+def event_files(directory: str) -> list:
+    return sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*")))

@@ -1,0 +1,227 @@
+"""The config tree: every validation error names the field and the value; loading and overrides.
+
+Fast, no processes. Each error test asserts the ``"field=value: problem"`` form of the message,
+so a user reading it knows which key to change and what it held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+
+import pytest
+
+from megatron_apex.config import (
+    Config, ConfigError, apply_overrides, config_from_dict, load_config, reference_markdown,
+)
+
+# A valid base: mock data needs no files and no tokenizer.
+BASE = ["data.mock=true", "model.vocab_size=256", "data.tokenizer_type=none"]
+
+
+def _load(*overrides, world_size=None, path=None):
+    return load_config(path, [*BASE, *overrides], world_size=world_size)
+
+
+def _error(*overrides, world_size=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        _load(*overrides, world_size=world_size)
+    return str(info.value)
+
+
+def test_base_config_is_valid():
+    cfg = _load(world_size=1)
+    assert cfg.data.mock and cfg.model.vocab_size == 256
+
+
+@pytest.mark.parametrize("overrides, world_size, field_value, words", [
+    # heads not divisible by TP (query groups set divisible, so the heads check is the one hit)
+    (["model.num_attention_heads=6", "model.hidden_size=96", "parallel.tensor_model_parallel_size=4",
+      "model.num_query_groups=2"], None, "model.num_attention_heads=6", "tensor_model_parallel_size=4"),
+    # query groups not divisible by TP (heads are)
+    (["model.num_attention_heads=4", "model.num_query_groups=1", "parallel.tensor_model_parallel_size=2"],
+     None, "model.num_query_groups=1", "tensor_model_parallel_size=2"),
+    # layers not divisible by PP
+    (["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"], None, "model.num_layers=3",
+     "pipeline_model_parallel_size=2"),
+    # global batch not divisible by micro-batch x DP: 8 % (2 x 3) != 0 at world size 3
+    (["train.global_batch_size=8", "train.micro_batch_size=2"], 3, "train.global_batch_size=8", "2 x 3"),
+    # global batch not divisible by micro-batch (no world size needed)
+    (["train.global_batch_size=9", "train.micro_batch_size=2"], None, "train.global_batch_size=9",
+     "micro_batch_size=2"),
+    # sequence longer than the model's positions
+    (["data.seq_length=512", "model.max_position_embeddings=256"], None, "data.seq_length=512",
+     "max_position_embeddings=256"),
+    # min_lr > lr
+    (["optimizer.lr=1e-4", "optimizer.min_lr=1e-3"], None, "optimizer.min_lr=0.001", "optimizer.lr=0.0001"),
+    # world size not divisible by TP x PP
+    (["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 6,
+     "parallel='TP=2 x PP=2 x CP=1'", "world size 6"),
+    # query groups must divide heads
+    (["model.num_attention_heads=4", "model.num_query_groups=3"], None, "model.num_query_groups=3",
+     "num_attention_heads=4"),
+    # a positive field given 0
+    (["model.num_layers=0"], None, "model.num_layers=0", "positive"),
+    # APEX ratio outside (0, 0.5]
+    (["apex.enabled=true", "apex.ratio=0.75"], None, "apex.ratio=0.75", "(0, 0.5]"),
+    (["apex.enabled=true", "apex.ratio=0"], None, "apex.ratio=0.0", "(0, 0.5]"),
+    # APEX boundaries outside the run
+    (["apex.enabled=true", "train.train_steps=100", "apex.boundaries=[0, 50, 100]"], None,
+     "apex.boundaries=[0, 50, 100]", "train.train_steps=100"),
+    (["apex.enabled=true", "apex.boundaries=[0, 60, 30]"], None, "apex.boundaries=[0, 60, 30]",
+     "strictly increasing"),
+    # APEX partitions not a multiple of TP
+    (["apex.enabled=true", "apex.partitions=3", "parallel.tensor_model_parallel_size=2"], None,
+     "apex.partitions=3", "tensor_model_parallel_size=2"),
+    # data: no mock and no path
+    (["data.mock=false", "data.eod_id=0"], None, "data.data_path=[]", "data.mock=true"),
+])
+def test_validation_error_names_field_and_value(overrides, world_size, field_value, words):
+    message = _error(*overrides, world_size=world_size)
+    assert message.startswith(field_value + ":"), message
+    assert words in message, message
+
+
+def test_layout_errors_only_with_world_size():
+    # The same config is fine until the world size is known (the layout check needs it).
+    _load("train.global_batch_size=8", "train.micro_batch_size=2")
+    assert "train.global_batch_size=8" in _error("train.global_batch_size=8", "train.micro_batch_size=2",
+                                                 world_size=3)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("nosuch=1", "unknown key(s) nosuch in top level;"),
+    ("model.nosuch=1", "unknown key(s) model.nosuch in section model;"),
+    ("train.nosuch.deeper=1", "unknown key(s) train.nosuch in section train;"),
+])
+def test_unknown_keys(override, expected):
+    message = _error(override)
+    assert expected in message, message
+    assert "known:" in message  # the message lists what would have been accepted
+
+
+def test_unknown_key_in_section_lists_known_fields():
+    message = _error("model.hiden_size=64")
+    assert "model.hiden_size" in message and "hidden_size" in message.split("known:")[1]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.num_layers=abc", "model.num_layers='abc': expected an integer"),
+    ("model.num_layers=1.5", "model.num_layers=1.5: expected an integer"),
+    ("model.num_layers=true", "model.num_layers=True: expected an integer"),
+    ("model.tie_embeddings=maybe", "model.tie_embeddings='maybe': expected true or false"),
+    ("optimizer.lr=fast", "optimizer.lr='fast': expected a number"),
+    ("checkpoint.save=3", "checkpoint.save=3: expected a string"),
+    ("data.data_path={a: 1}", "data.data_path={'a': 1}: expected a list"),
+    ("train.precision=fp8", "train.precision='fp8': must be one of 'auto', 'fp32', 'bf16'"),
+    ("model.transformer_impl=te", "model.transformer_impl='te': must be one of 'local', 'transformer_engine'"),
+    ("model=3", "model: expected a mapping, got 3"),
+])
+def test_bad_types_and_choices(override, expected):
+    message = _error(override)
+    assert message.startswith(expected), message
+
+
+def test_override_parsing():
+    # Values are YAML scalars; "none" stays a string here and becomes None in an Optional field.
+    values = apply_overrides({}, ["a.b=1", "a.c=[x, y]", "a.d=none", "a.e=1.5", "a.f=true", "g=hello",
+                                  "a.h=", "a.i=x=y"])
+    assert values == {"a": {"b": 1, "c": ["x", "y"], "d": "none", "e": 1.5, "f": True, "h": "", "i": "x=y"},
+                      "g": "hello"}
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_overrides({}, ["model.num_layers"])
+    with pytest.raises(ConfigError, match="model is not a section"):
+        apply_overrides({"model": 3}, ["model.num_layers=2"])
+
+
+def test_override_values_reach_typed_fields():
+    cfg = _load("model.num_query_groups=none", "data.data_path=[0.3, a, 0.7, b]", "optimizer.lr=1e-3",
+                "model.tie_embeddings=yes", "checkpoint.keep_last=null", "data.valid_data_path=p,q")
+    assert cfg.model.num_query_groups is None and cfg.model.query_groups == cfg.model.num_attention_heads
+    assert cfg.data.data_path == [0.3, "a", 0.7, "b"]
+    assert cfg.optimizer.lr == 1e-3 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.model.tie_embeddings is True and cfg.checkpoint.keep_last is None
+    assert cfg.data.valid_data_path == ["p", "q"]
+
+
+def test_weighted_blend_must_alternate():
+    message = _error("data.mock=false", "data.eod_id=0", "data.data_path=[0.5, a, 0.5]")
+    assert message.startswith("data.data_path=[0.5, 'a', 0.5]:") and "alternate" in message
+
+
+def test_yaml_and_toml_load_the_same(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model:\n  num_layers: 6\n  hidden_size: 96\n  num_attention_heads: 6\n"
+                         "optimizer:\n  lr: 1.0e-3\ndata:\n  mock: true\n  tokenizer_type: none\n"
+                         "  data_path: [x]\n")
+    toml_file = tmp_path / "c.toml"
+    toml_file.write_text("[model]\nnum_layers = 6\nhidden_size = 96\nnum_attention_heads = 6\n"
+                         "[optimizer]\nlr = 1.0e-3\n[data]\nmock = true\ntokenizer_type = \"none\"\n"
+                         "data_path = [\"x\"]\n")
+    a = load_config(yaml_file, ["model.vocab_size=256"])
+    b = load_config(toml_file, ["model.vocab_size=256"])
+    assert a == b
+    assert a.model.num_layers == 6 and a.model.head_dim == 16 and a.optimizer.lr == 1e-3
+    assert a.data.data_path == ["x"]
+    # Overrides win over the file.
+    assert load_config(toml_file, ["model.vocab_size=256", "model.num_layers=3"]).model.num_layers == 3
+
+
+def test_example_config_loads(tiny_config):
+    cfg = load_config(tiny_config, BASE, world_size=2)
+    assert cfg.model.num_layers == 4 and cfg.num_micro_batches(2) == 1
+
+
+def test_missing_file_and_parse_error(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path / 'nope.yaml'} does not exist")):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nnum_layers = 2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"cannot parse config file {bad}")):
+        load_config(bad)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"cannot parse config file {bad_yaml}")):
+        load_config(bad_yaml)
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = _load("model.num_layers=6", "apex.enabled=true", "apex.boundaries=[0, 20]")
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_derived_values():
+    cfg = _load("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                "train.global_batch_size=16", "train.micro_batch_size=2", "model.vocab_size=1000",
+                "model.make_vocab_size_divisible_by=128", world_size=8)
+    assert cfg.data_parallel_size(8) == 2 and cfg.num_micro_batches(8) == 4
+    assert cfg.padded_vocab_size() == 1024 and cfg.padded_vocab_size(1025) == 1152
+    # The padding is the same at TP=1 and TP=2 (so checkpoints reshard freely).
+    cfg1 = _load("model.vocab_size=1000")
+    assert cfg1.padded_vocab_size() == cfg.padded_vocab_size()
+    apex = _load("apex.enabled=true", "apex.stages=3", "train.train_steps=90")
+    assert apex.apex_boundaries == [0, 30, 60]
+
+
+def _all_fields():
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(cls):
+            yield section.name, f
+
+
+def test_reference_lists_every_field_with_its_help():
+    text = reference_markdown()
+    fields = list(_all_fields())
+    assert len(fields) > 50
+    for section, f in fields:
+        assert f.metadata.get("help"), f"{section}.{f.name} has no documentation"
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{section}.{f.name}` |")), None)
+        assert row is not None, f"{section}.{f.name} missing from the reference"
+        assert f.metadata["help"] in row
+    for section in dataclasses.fields(Config):
+        assert f"### `{section.name}`" in text

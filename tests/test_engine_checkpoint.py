@@ -1,0 +1,257 @@
+"""Checkpoints: exact resume after a crash, SIGKILL and SIGTERM of the real command line, resharding
+TP=2 -> TP=1, refusal of incompatible and weights-only checkpoints, crash during a save, pruning.
+
+Single-process runs train inside the pytest process (world size 1, one thread); the kill tests run
+``python -m megatron_apex.train`` as a subprocess, as a cluster job would. On the CPU in fp32 with
+one thread the arithmetic is deterministic, so a resumed run must reproduce the uninterrupted
+run's losses *exactly*: any difference means some state (weights, Adam moments, LR step, data
+position) was not restored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from distributed_utils import free_port, run_distributed
+from engine_workers import event_files, tensorboard_losses, train_and_evaluate, trainer_in_process
+from helpers import tiny_overrides
+from megatron_apex.training import checkpoint as ckpt
+from megatron_apex.training.trainer import Callback
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process():
+    """The in-process runs share one world-size-1 process group, torn down after the module."""
+    yield
+    from megatron_apex.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+def _overrides(tiny_data, save=None, **extra):
+    extra = {"train.train_steps": STEPS, **extra}
+    if save is not None:
+        extra["checkpoint.save"] = save
+    return tiny_overrides(tiny_data, **extra)
+
+
+def _train(tiny_config, overrides, callbacks=None):
+    trainer = trainer_in_process(tiny_config, overrides, callbacks)
+    return trainer, trainer.train()
+
+
+def _iters(root) -> list:
+    return sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_config, tiny_data, tmp_path_factory):
+    """The reference run: STEPS steps, a checkpoint every 2 steps, the newest 2 kept."""
+    root = str(tmp_path_factory.mktemp("uninterrupted"))
+    _, result = _train(tiny_config, _overrides(tiny_data, root, **{"checkpoint.save_interval": 2,
+                                                                  "checkpoint.keep_last": 2}))
+    assert sorted(result.losses) == list(range(STEPS)) and result.exit_reason == "finished"
+    return {"losses": result.losses, "root": root}
+
+
+class CrashAt(Callback):
+    """Raise at the start of a step, as a node failure would interrupt the run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_start(self, trainer, step):
+        if step == self.step:
+            raise RuntimeError(f"simulated crash at step {step}")
+
+
+def test_keep_last_prunes_old_checkpoints(uninterrupted):
+    root = uninterrupted["root"]
+    assert _iters(root) == [4, 6]
+    assert ckpt.read_latest(root) == 6
+
+
+def test_resume_after_crash_is_exact(tiny_config, tiny_data, tmp_path, uninterrupted):
+    ref = uninterrupted["losses"]
+    overrides = _overrides(tiny_data, str(tmp_path), **{"checkpoint.save_interval": 2})
+    trainer = trainer_in_process(tiny_config, overrides, [CrashAt(3)])
+    with pytest.raises(RuntimeError, match="simulated crash at step 3"):
+        trainer.train()
+    assert trainer.result.losses == {k: ref[k] for k in range(3)}
+    assert ckpt.read_latest(str(tmp_path)) == 2
+
+    # The same command again: resumes at step 2 (weights, Adam state, LR step, data position).
+    trainer, result = _train(tiny_config, overrides)
+    assert sorted(result.losses) == [2, 3, 4, 5]
+    assert result.losses == {k: ref[k] for k in range(2, STEPS)}  # exact, see the module docstring
+    assert result.step == STEPS and ckpt.read_latest(str(tmp_path)) == STEPS
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tiny_config, tiny_data, tmp_path, uninterrupted,
+                                                     monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    real_save = dist_checkpointing.save
+
+    def failing_save(state_dict, directory, *args, **kwargs):
+        if directory.endswith(os.path.basename(ckpt.iter_dir("", 4))):
+            with open(os.path.join(directory, "__0_0.distcp"), "wb") as f:  # half a shard
+                f.write(b"\0" * 100)
+            raise OSError("simulated: disk full while saving")
+        return real_save(state_dict, directory, *args, **kwargs)
+
+    overrides = _overrides(tiny_data, str(tmp_path), **{"checkpoint.save_interval": 2})
+    monkeypatch.setattr(dist_checkpointing, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        _train(tiny_config, overrides)
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+    assert ckpt.read_latest(str(tmp_path)) == 2, "the tracker must still name the last complete save"
+    assert _iters(str(tmp_path)) == [2, 4]  # the partial directory is still there
+
+    trainer, result = _train(tiny_config, overrides)
+    assert result.losses == {k: uninterrupted["losses"][k] for k in range(2, STEPS)}
+    # The save of step 4 was redone over the leftover directory and is complete now.
+    assert ckpt.read_common(ckpt.iter_dir(str(tmp_path), 4))["step"] == 4
+    assert ckpt.read_latest(str(tmp_path)) == STEPS
+
+
+def test_incompatible_checkpoint_is_refused(tiny_config, tiny_data, uninterrupted):
+    overrides = _overrides(tiny_data, **{"checkpoint.load": uninterrupted["root"], "model.hidden_size": 96})
+    with pytest.raises(ckpt.CheckpointError, match=r"hidden_size: checkpoint 64 vs config 96"):
+        trainer_in_process(tiny_config, overrides)
+
+
+def test_weights_only_checkpoint_finetunes_but_does_not_resume(tiny_config, tiny_data, tmp_path):
+    import torch
+
+    source, _ = _train(tiny_config, _overrides(tiny_data, **{"train.train_steps": 2}))
+    weights = str(tmp_path / "weights")
+    ckpt.save_checkpoint(weights, 2, source.model, None, source.cfg, source.ctx, source.padded_vocab, 0)
+    trained = {n: p.detach().clone() for n, p in source.model.named_parameters()}
+
+    with pytest.raises(ckpt.CheckpointError, match="weights only.*checkpoint.finetune_from"):
+        trainer_in_process(tiny_config, _overrides(tiny_data, **{"checkpoint.load": weights}))
+
+    fresh = trainer_in_process(tiny_config, _overrides(tiny_data))
+    tuned = trainer_in_process(tiny_config, _overrides(tiny_data, str(tmp_path / "run"),
+                                                       **{"checkpoint.finetune_from": weights}))
+    assert tuned.step == 0
+    differs_from_init = False
+    for name, p in tuned.model.named_parameters():
+        assert torch.equal(p, trained[name]), name
+        differs_from_init |= not torch.equal(p, dict(fresh.model.named_parameters())[name])
+    assert differs_from_init
+    result = tuned.train()
+    assert sorted(result.losses) == list(range(STEPS))  # a fresh schedule from step 0
+
+
+def test_tp2_checkpoint_loads_at_tp1(tiny_config, tiny_data, tmp_path):
+    root = str(tmp_path / "tp2")
+    eval_steps = {"train.eval_steps": 2, "train.train_steps": 3}
+    results = run_distributed(train_and_evaluate, 2, tiny_config, _overrides(
+        tiny_data, root, **{"parallel.tensor_model_parallel_size": 2, **eval_steps}))
+    tp2_eval = results[0]["eval"]
+    assert results[1]["eval"] == tp2_eval
+    assert ckpt.read_common(ckpt.iter_dir(root, 3))["layout"]["tp"] == 2
+
+    loaded = trainer_in_process(tiny_config, _overrides(tiny_data, **{"checkpoint.load": root, **eval_steps}))
+    assert loaded.step == 3
+    # Same weights, summed in a different order over TP shards: fp32 rounding only.
+    assert abs(loaded.evaluate() - tp2_eval) <= 1e-5
+    fresh = trainer_in_process(tiny_config, _overrides(tiny_data, **eval_steps))
+    assert abs(fresh.evaluate() - tp2_eval) > 1e-2  # the comparison is not vacuous
+
+
+# ---------------------------------------------------------------------- the real command line
+CLI_STEPS = 40
+CLI_EXTRA = {"train.train_steps": CLI_STEPS, "checkpoint.save_interval": 5, "train.log_interval": 1}
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tiny_config, tiny_data):
+    """The uninterrupted CLI_STEPS-step run, in-process (same arithmetic: fp32, one thread)."""
+    _, result = _train(tiny_config, tiny_overrides(tiny_data, **CLI_EXTRA))
+    return result.losses
+
+
+def _launch(tiny_config, tiny_data, root, log):
+    overrides = tiny_overrides(tiny_data, **CLI_EXTRA, **{
+        "checkpoint.save": os.path.join(root, "ckpt"), "logging.tensorboard_dir": os.path.join(root, "tb")})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "megatron_apex.train", tiny_config, *overrides,
+           "train.exit_on_signal=true"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_checkpoint(proc, root, timeout=300.0) -> int:
+    deadline = time.monotonic() + timeout
+    tracker = os.path.join(root, "ckpt", ckpt.TRACKER)
+    while time.monotonic() < deadline:
+        if os.path.exists(tracker):
+            return ckpt.read_latest(os.path.join(root, "ckpt"))
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited with {proc.returncode} before its first checkpoint")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no checkpoint within the time limit")
+
+
+def _restart_and_compare(tiny_config, tiny_data, root, reference, log) -> dict:
+    """Run the same command to completion; its TensorBoard losses must equal the reference's."""
+    resume_step = ckpt.read_latest(os.path.join(root, "ckpt"))
+    before = set(event_files(os.path.join(root, "tb")))
+    proc = _launch(tiny_config, tiny_data, root, log)
+    assert proc.wait(timeout=600) == 0, open(log.name).read()[-3000:]
+    (new_file,) = set(event_files(os.path.join(root, "tb"))) - before
+    losses = tensorboard_losses(new_file)
+    assert sorted(losses) == list(range(resume_step, CLI_STEPS))
+    # TensorBoard stores fp32 scalars: compare with the reference rounded the same way, exactly.
+    assert losses == {k: float(np.float32(reference[k])) for k in losses}
+    assert ckpt.read_latest(os.path.join(root, "ckpt")) == CLI_STEPS
+    return losses
+
+
+def test_cli_sigkill_between_checkpoints_then_restart(tiny_config, tiny_data, tmp_path, cli_reference):
+    root = str(tmp_path)
+    with open(tmp_path / "run1.log", "w") as log:
+        proc = _launch(tiny_config, tiny_data, root, log)
+        first = _wait_for_checkpoint(proc, root)
+        proc.send_signal(signal.SIGKILL)  # no handler can run: as a node loss or an OOM kill
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    latest = ckpt.read_latest(os.path.join(root, "ckpt"))
+    assert first <= latest < CLI_STEPS, "the run must have been killed before its end"
+    with open(tmp_path / "run2.log", "w") as log:
+        _restart_and_compare(tiny_config, tiny_data, root, cli_reference, log)
+
+
+def test_cli_sigterm_saves_exits_75_and_resumes(tiny_config, tiny_data, tmp_path, cli_reference):
+    root = str(tmp_path)
+    with open(tmp_path / "run1.log", "w") as log:
+        proc = _launch(tiny_config, tiny_data, root, log)
+        first = _wait_for_checkpoint(proc, root)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 75, open(log.name).read()[-3000:]
+    text = open(tmp_path / "run1.log").read()
+    assert "received SIGTERM" in text and "training stopped at step" in text
+    stopped = ckpt.read_latest(os.path.join(root, "ckpt"))
+    assert first < stopped < CLI_STEPS  # a checkpoint of the step where it stopped, not the last periodic one
+    assert ckpt.read_common(ckpt.iter_dir(os.path.join(root, "ckpt"), stopped))["step"] == stopped
+    (first_file,) = event_files(os.path.join(root, "tb"))
+    before = tensorboard_losses(first_file)
+    assert before == {k: float(np.float32(cli_reference[k])) for k in range(stopped)}
+    with open(tmp_path / "run2.log", "w") as log:
+        _restart_and_compare(tiny_config, tiny_data, root, cli_reference, log)

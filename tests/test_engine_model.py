@@ -1,0 +1,246 @@
+"""The model: SDPA attention against megatron-core's reference, parameter counts, layout-independent
+initialisation, the dry run, and non-finite loss handling.
+
+Single-process tests build the model in this process (world size 1, one thread); the TP/PP
+initialisation check spawns ranks and is marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distributed_utils import run_distributed
+from engine_workers import gathered_initial_weights, trainer_in_process
+from helpers import tiny_overrides
+from megatron_apex.config import load_config
+from megatron_apex.training.trainer import Callback, TrainingError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOCK = ["data.mock=true", "model.vocab_size=256", "data.tokenizer_type=none"]
+
+
+@pytest.fixture(scope="module")
+def world1(tiny_config):
+    """torch.distributed and megatron-core's parallel state at world size 1, in this process."""
+    from megatron_apex.distributed import LaunchEnv, destroy_distributed, initialize_distributed
+
+    from engine_workers import free_port
+
+    torch.set_num_threads(1)
+    cfg = load_config(tiny_config, MOCK, world_size=1)
+    ctx = initialize_distributed(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
+    yield ctx
+    destroy_distributed()
+
+
+def _tconfig(cfg):
+    from megatron_apex.model.llama import build_transformer_config
+
+    return build_transformer_config(cfg, torch.float32, use_cpu=True)
+
+
+@pytest.mark.parametrize("heads, groups", [(4, None), (8, 2), (4, 1)], ids=["MHA", "GQA", "MQA"])
+def test_sdpa_attention_equals_megatron_unfused(world1, tiny_config, heads, groups):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_apex.model.attention import SDPAttention
+
+    cfg = load_config(tiny_config, [*MOCK, f"model.num_attention_heads={heads}",
+                                    f"model.num_query_groups={groups if groups else 'none'}"])
+    tconfig = _tconfig(cfg)
+    sdpa = SDPAttention(tconfig, 1, AttnMaskType.causal, "self")
+    unfused = DotProductAttention(tconfig, 1, AttnMaskType.causal, "self")
+    s, b, d, ng = 24, 3, cfg.model.head_dim, cfg.model.query_groups
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(s, b, heads, d, generator=g)  # [s, b, np, hn]
+    k = torch.randn(s, b, ng, d, generator=g)     # [s, b, ng, hn]
+    v = torch.randn(s, b, ng, d, generator=g)
+    out_sdpa = sdpa(q, k, v, None)
+    out_ref = unfused(q, k, v, None)
+    assert out_sdpa.shape == out_ref.shape == (s, b, heads * d)  # [s, b, np*hn]
+    assert torch.allclose(out_sdpa, out_ref, atol=1e-5, rtol=0), (out_sdpa - out_ref).abs().max()
+    # Causality: the first position's output depends only on the first key/value.
+    k2, v2 = k.clone(), v.clone()
+    k2[1:], v2[1:] = 0.0, 0.0
+    assert torch.allclose(sdpa(q, k2, v2, None)[0], out_sdpa[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_count_parameters_matches_built_model(world1, tiny_config, tie):
+    from megatron_apex.model.llama import build_model, count_parameters
+
+    cfg = load_config(tiny_config, [*MOCK, f"model.tie_embeddings={tie}", "model.vocab_size=300"])
+    padded = cfg.padded_vocab_size()
+    assert padded == 384
+    model = build_model(cfg, _tconfig(cfg), padded, True, True)
+    real = sum(p.numel() for p in model.parameters())  # a tied weight is one parameter
+    counts = count_parameters(cfg, padded)
+    assert counts["total"] == real
+    assert counts["non_embedding"] == real - padded * cfg.model.hidden_size * (1 if tie else 2)
+
+
+def test_initialisation_is_deterministic_and_seeded(world1, tiny_config):
+    from megatron_apex.model.init import initialize_weights
+    from megatron_apex.model.llama import build_model
+
+    def weights(seed):
+        cfg = load_config(tiny_config, [*MOCK, f"train.seed={seed}"])
+        model = build_model(cfg, _tconfig(cfg), cfg.padded_vocab_size(), True, True)
+        initialize_weights(model, cfg, 0, 1)
+        return cfg, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    cfg, a = weights(1)
+    _, b = weights(1)
+    _, c = weights(2)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(not torch.equal(a[n], c[n]) for n in a if a[n].dim() >= 2)
+    std = cfg.model.init_method_std
+    emb = a["embedding.word_embeddings.weight"]
+    assert abs(emb.std().item() - std) < 0.1 * std
+    # Residual-branch outputs are scaled by 1/sqrt(2 * layers).
+    proj = a["decoder.layers.0.self_attention.linear_proj.weight"]
+    assert abs(proj.std().item() - std / (2 * cfg.model.num_layers) ** 0.5) < 0.1 * std
+
+
+@pytest.mark.slow
+def test_initialisation_is_independent_of_tp_and_pp(world1, tiny_config):
+    from megatron_apex.model.init import initialize_weights
+    from megatron_apex.model.llama import build_model
+
+    overrides = [*MOCK, "model.num_query_groups=2"]
+    cfg = load_config(tiny_config, overrides)
+    model = build_model(cfg, _tconfig(cfg), cfg.padded_vocab_size(), True, True)
+    initialize_weights(model, cfg, 0, 1)
+    reference = {n: p.detach() for n, p in model.named_parameters()}
+
+    layouts = (["parallel.tensor_model_parallel_size=2"], ["parallel.pipeline_model_parallel_size=2"])
+    per_rank = run_distributed(gathered_initial_weights, 2, tiny_config, [[*overrides, *lay] for lay in layouts])
+    for i, layout in enumerate(layouts):
+        merged = {}
+        for rank_results in per_rank:
+            merged.update(rank_results[i] or {})
+        assert sorted(merged) == sorted(reference), layout
+        for name, full in merged.items():
+            assert torch.equal(full, reference[name]), (layout, name)
+
+
+def test_dry_run_prints_layout_parameters_and_memory(tiny_config):
+    from megatron_apex.model.llama import count_parameters
+
+    overrides = [*MOCK, "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                 "train.global_batch_size=16", "train.micro_batch_size=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, "-m", "megatron_apex.cli", "train", tiny_config, *overrides,
+                           "--dry-run", "--world-size", "8"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    cfg = load_config(tiny_config, overrides, world_size=8)
+    total = count_parameters(cfg, cfg.padded_vocab_size())["total"]
+    assert "layout: world=8 = TP 2 x PP 2 x CP 1 x DP 2" in out
+    assert "batch: micro 2 x 4 micro-batches x DP 2 = global 16 sequences of 128 tokens" in out
+    assert f"parameters: {total / 1e6:.1f}M total" in out and "vocab 256 padded to 256" in out
+    assert "memory estimate per GPU (most loaded stage):" in out and "GiB" in out
+    assert "distributed start" not in out + proc.stderr  # nothing was started
+
+
+def test_dry_run_config_error_exits_2(tiny_config, capsys):
+    from megatron_apex.cli import main
+
+    code = main(["train", tiny_config, *MOCK, "model.num_layers=3", "parallel.pipeline_model_parallel_size=2",
+                 "--dry-run"])
+    assert code == 2
+    assert "configuration error: model.num_layers=3:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- non-finite losses
+class PoisonOutput(Callback):
+    """Make the logits NaN during the given steps (as an overflow would)."""
+
+    def __init__(self, steps):
+        self.steps, self.handle, self.before, self.after = set(steps), None, {}, {}
+
+    def _snapshot(self, trainer):
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    def on_step_start(self, trainer, step):
+        if step in self.steps:
+            self.before[step] = self._snapshot(trainer)
+            layer = trainer.model.module.output_layer
+            self.handle = layer.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:]))
+
+    def on_step_end(self, trainer, step, metrics):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+            self.after[step] = (self._snapshot(trainer), metrics)
+
+
+def test_nan_loss_stops_with_the_step(world1, tiny_config, tiny_data):
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 2 .*train.nan_policy='stop'"):
+        trainer_in_process(tiny_config, tiny_overrides(tiny_data), [PoisonOutput([2])]).train()
+
+
+def test_nan_policy_skip_skips_the_update(world1, tiny_config, tiny_data):
+    poison = PoisonOutput([2])
+    result = trainer_in_process(tiny_config, tiny_overrides(tiny_data, **{"train.nan_policy": "skip"}),
+                                [poison]).train()
+    assert result.exit_reason == "finished" and sorted(result.losses) == list(range(6))
+    after, metrics = poison.after[2]
+    assert metrics.get("skipped") is True
+    assert all(torch.equal(after[n], poison.before[2][n]) for n in after), "a skipped step changed the weights"
+    assert all(torch.isfinite(torch.tensor(result.losses[s])) for s in (3, 4, 5))
+
+
+def test_nan_policy_skip_stops_after_max_skipped_steps(world1, tiny_config, tiny_data):
+    overrides = tiny_overrides(tiny_data, **{"train.nan_policy": "skip", "train.max_skipped_steps": 2})
+    trainer = trainer_in_process(tiny_config, overrides, [PoisonOutput([1, 2, 3, 4])])
+    with pytest.raises(TrainingError, match=r"at step 3 .*3 steps skipped > train.max_skipped_steps=2"):
+        trainer.train()
+
+
+def test_absurd_learning_rate_is_caught(world1, tiny_config, tiny_data):
+    """lr=1e30: the first update makes the weights overflow, the next loss is not finite."""
+    overrides = tiny_overrides(tiny_data, **{"optimizer.lr": 1e30, "optimizer.min_lr": 0.0,
+                                             "optimizer.lr_warmup_steps": 0, "optimizer.clip_grad": 0.0})
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step [12] "):
+        trainer_in_process(tiny_config, overrides).train()
+
+
+class PoisonGradients(Callback):
+    """NaN gradients with a finite loss (an overflow in the backward pass) during one step."""
+
+    def __init__(self, step):
+        self.step, self.handle, self.before, self.after = step, None, None, None
+
+    def on_step_start(self, trainer, step):
+        if step == self.step:
+            self.before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+            layer = trainer.model.module.decoder.final_layernorm
+            self.handle = layer.register_full_backward_hook(
+                lambda m, grad_in, grad_out: tuple(g * float("nan") if g is not None else g for g in grad_in))
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            self.handle.remove()
+            self.after = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, metrics)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: Trainer.train_step checks the gradient norm only after "
+                   "optimizer.step() has applied the NaN gradients, so a 'skipped' step has already "
+                   "corrupted the weights (megatron-core's FP32Optimizer does not skip on NaN)")
+def test_nan_gradient_with_finite_loss_is_skipped_without_update(world1, tiny_config, tiny_data):
+    poison = PoisonGradients(2)
+    result = trainer_in_process(tiny_config, tiny_overrides(tiny_data, **{"train.nan_policy": "skip"}),
+                                [poison]).train()
+    after, metrics = poison.after
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics.get("skipped") is True
+    assert all(torch.equal(after[n], poison.before[n]) for n in after), "a skipped step changed the weights"
+    assert result.exit_reason == "finished"
