@@ -233,9 +233,6 @@ class PoisonGradients(Callback):
             self.after = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, metrics)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: Trainer.train_step checks the gradient norm only after "
-                   "optimizer.step() has applied the NaN gradients, so a 'skipped' step has already "
-                   "corrupted the weights (megatron-core's FP32Optimizer does not skip on NaN)")
 def test_nan_gradient_with_finite_loss_is_skipped_without_update(world1, tiny_config, tiny_data):
     poison = PoisonGradients(2)
     result = trainer_in_process(tiny_config, tiny_overrides(tiny_data, **{"train.nan_policy": "skip"}),

@@ -190,20 +190,32 @@ class Trainer:
             num_microbatches=self.num_micro, seq_length=self.cfg.data.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
 
-    def _reduce(self, losses: list, stop: bool) -> tuple[float, bool, bool]:
-        """(mean loss over all micro-batches of all DP ranks, non-finite?, stop requested?)."""
+    def _grads_finite(self) -> torch.Tensor:
+        """Whether this rank's (already data-parallel reduced) gradients are all finite.
+
+        One reduction per gradient buffer: a sum is non-finite iff some element is (or the sum
+        overflows fp32, which only happens for gradients that are useless anyway).
+        """
+        sums = [buf.grad_data.sum() for buf in getattr(self.model, "buffers", [])]
+        return torch.isfinite(torch.stack(sums)).all() if sums else torch.tensor(True)
+
+    def _reduce(self, losses: list, stop: bool, grads_finite=None) -> tuple[float, bool, bool]:
+        """(mean loss over all micro-batches of all DP ranks, non-finite loss or grads?, stop requested?)."""
         ctx = self.ctx
         counts = ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0
         vals = torch.stack([x["lm loss"].float() for x in losses]) if counts and losses else None
-        t = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+        t = torch.zeros(5, dtype=torch.float64, device=ctx.device)
         if vals is not None:
             finite = torch.isfinite(vals).all()
             t[0] = vals.sum().double() if finite else 0.0
             t[1] = len(losses)
             t[2] = 0.0 if finite else 1.0
-        t[3] = float(stop)
+        if grads_finite is not None:
+            t[3] = (~grads_finite).double()
+        t[4] = float(stop)
         dist.all_reduce(t)
-        return (t[0] / max(t[1].item(), 1)).item(), bool(t[2] > 0), bool(t[3] > 0)
+        loss = float("nan") if t[2] > 0 else (t[0] / max(t[1].item(), 1)).item()
+        return loss, bool(t[2] + t[3] > 0), bool(t[4] > 0)
 
     def train_step(self, step: int) -> dict:
         lr = apply_lr(self.cfg, self.optimizer, step)
@@ -211,7 +223,9 @@ class Trainer:
         self.optimizer.zero_grad()
         losses = self._run_microbatches(self.train_iter, forward_only=False)
         stop_reason = next((r for r in (cb.stop_requested(self) for cb in self.callbacks) if r), None)
-        loss, nonfinite, stop = self._reduce(losses, stop_reason is not None)
+        # Loss and gradients are checked *before* the update: megatron-core's fp32 optimizer would
+        # apply NaN gradients. The check rides on the step's one all-reduce.
+        loss, nonfinite, stop = self._reduce(losses, stop_reason is not None, self._grads_finite())
         metrics = {"loss": loss, "lr": lr, "stop": stop}
         if nonfinite:
             return self._non_finite(step, metrics)
