@@ -39,15 +39,26 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
+    import queue as queue_mod
+    import time
+
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, value = queue.get(timeout=2.0)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:  # died without reporting (killed, segfault): do not wait for the timeout
+                    errors.append(f"rank(s) {dead} exited with code(s) {[procs[r].exitcode for r in dead]}")
+                elif time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout:.0f}s")
+                continue
             if status == "ok":
                 results[rank] = value
             else:
                 errors.append(f"rank {rank}:\n{value}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)
