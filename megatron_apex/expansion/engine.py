@@ -327,12 +327,15 @@ class ApexCallback(Callback):
         else:
             p_units, n_units = select_units(votes, raw.float(), k, exclude=mask)
             e_units = torch.empty(0, dtype=torch.int64)
-        if self.a.progressive:
-            prev = self.excluded.get((entry.index, kind))
-            self.excluded[(entry.index, kind)] = n_units if prev is None else torch.cat([prev, n_units])
         perm, p_pos, n_pos = balance_permutation(p_units, n_units, n, self.parts[kind])
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(n)
+        if self.a.progressive:
+            # Votes of the next stage are indexed by the units' positions *after* this permutation, so
+            # the excluded set (former N units, including those of earlier stages) moves with it.
+            prev = self.excluded.get((entry.index, kind))
+            former = n_units if prev is None else torch.cat([prev, n_units])
+            self.excluded[(entry.index, kind)] = torch.sort(inv[former]).values
         entry.selection[kind] = {"P": p_units, "N": n_units, "E": inv[e_units] if e_units.numel() else e_units,
                                  "p_pos": p_pos, "n_pos": n_pos}
         return None if torch.equal(perm, torch.arange(n)) else perm
