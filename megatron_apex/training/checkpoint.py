@@ -210,7 +210,9 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     sd = build_state_dict(model, optimizer, ctx, is_loading=True, with_optimizer=load_optimizer,
                           with_rng=load_rng, extra_sharded=extra_sharded)
     loaded = dist_checkpointing.load(sd, path)
-    model.load_state_dict(loaded["model"], strict=True)
+    # The DDP wrapper's sharded_state_dict keys carry its "module." prefix; its load_state_dict forwards
+    # to the wrapped module, which expects the keys without it.
+    model.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()}, strict=True)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if load_rng:
