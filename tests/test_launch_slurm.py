@@ -148,10 +148,6 @@ def test_sigterm_checkpoint_and_resume(script, slurm_env, tiny_data, tmp_path):
     with open(log2, "w") as log:
         rc = _wait(_launch(script, args, env2, log), log2, timeout=240)
     out2 = log2.read_text()
-    if rc != 75 and 'Unexpected key(s) in state_dict: "module.' in out2:
-        # Reported: checkpoint.load_checkpoint passes the DDP wrapper's "module."-prefixed sharded keys to
-        # DDP.load_state_dict, which forwards them to the unwrapped model (strip the prefix on load).
-        pytest.xfail("library bug: resuming fails in checkpoint.load_checkpoint (module. prefix)")
     assert rc == 75, out2[-6000:]
     assert f"resumed from {save} at step {saved}" in out2
     assert "train.exit_after_minutes reached" in out2

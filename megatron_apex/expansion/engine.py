@@ -327,12 +327,15 @@ class ApexCallback(Callback):
         else:
             p_units, n_units = select_units(votes, raw.float(), k, exclude=mask)
             e_units = torch.empty(0, dtype=torch.int64)
-        if self.a.progressive:
-            prev = self.excluded.get((entry.index, kind))
-            self.excluded[(entry.index, kind)] = n_units if prev is None else torch.cat([prev, n_units])
         perm, p_pos, n_pos = balance_permutation(p_units, n_units, n, self.parts[kind])
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(n)
+        if self.a.progressive:
+            # Votes of the next stage are indexed by the units' positions *after* this permutation, so
+            # the excluded set (former N units, including those of earlier stages) moves with it.
+            prev = self.excluded.get((entry.index, kind))
+            former = n_units if prev is None else torch.cat([prev, n_units])
+            self.excluded[(entry.index, kind)] = torch.sort(inv[former]).values
         entry.selection[kind] = {"P": p_units, "N": n_units, "E": inv[e_units] if e_units.numel() else e_units,
                                  "p_pos": p_pos, "n_pos": n_pos}
         return None if torch.equal(perm, torch.arange(n)) else perm
@@ -469,11 +472,28 @@ class ApexCallback(Callback):
             "op_optimizer": self.op_optimizer.state_dict() if self.op_optimizer is not None else None,
         }
 
+    @staticmethod
+    def _same_layout(trainer, common: dict) -> bool:
+        """Whether ``common`` was saved under the current layout; refuses mid-stage APEX state otherwise.
+
+        Called before the sharded state is loaded (the per-rank object exists only for the saved
+        layout), so the user gets this message rather than a missing-key error from the loader.
+        """
+        layout = {"tp": trainer.ctx.tp_size, "pp": trainer.ctx.pp_size, "dp": trainer.ctx.dp_size,
+                  "cp": trainer.ctx.cp_size}
+        if common.get("layout") == layout:
+            return True
+        if not common["apex"]["finished"]:
+            raise ConfigError(f"resuming in the middle of an APEX stage needs the layout it was saved with "
+                              f"({common.get('layout')}), not {layout}; resume with that layout, or from a "
+                              "checkpoint saved at or after the final fuse")
+        return False
+
     def sharded_state(self, trainer, common: Optional[dict] = None) -> dict:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        if common is not None and "apex" not in common:
-            return {}
+        if common is not None and ("apex" not in common or not self._same_layout(trainer, common)):
+            return {}  # nothing saved, or a finished run resumed under another layout (nothing needed)
         ctx = trainer.ctx
         return {STATE_KEY: ShardedObject(STATE_KEY, self._rank_state(), (ctx.pp_size, ctx.tp_size, ctx.dp_size),
                                          (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=0)}
@@ -485,12 +505,7 @@ class ApexCallback(Callback):
                 logger.warning("resuming from a checkpoint without APEX state: APEX starts at the next boundary")
                 self.stage = sum(1 for b in self.boundaries if b < common["step"])
             return
-        layout = {"tp": trainer.ctx.tp_size, "pp": trainer.ctx.pp_size, "dp": trainer.ctx.dp_size,
-                  "cp": trainer.ctx.cp_size}
-        if common.get("layout") != layout and not saved["finished"]:
-            raise ConfigError(f"resuming in the middle of an APEX stage needs the layout it was saved with "
-                              f"({common.get('layout')}), not {layout}; resume with that layout, or from a "
-                              "checkpoint saved at or after the final fuse")
+        self._same_layout(trainer, common)  # raises mid-stage under another layout
         self.stage, self.finished = saved["stage"], saved["finished"]
         self._pending_load = common.get(STATE_KEY)
 

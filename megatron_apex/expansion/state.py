@@ -40,7 +40,11 @@ class ParamStates:
     def _owner(self, param):
         for opt in self.optimizers:
             if hasattr(opt, "model_param_group_index_map"):
-                if param in opt.model_param_group_index_map or param in getattr(opt, "model_param_gbuf_map", {}):
+                # model_param_group_index_map / model_param_gbuf_map only hold the parameters that
+                # overlap this rank's shard; a parameter owned entirely by other DP ranks must still
+                # take the distributed path (its gather/scatter are collectives over the DP group).
+                if param in opt.model_param_group_index_map or param in getattr(opt, "model_param_gbuf_map", {}) \
+                        or any(param in getattr(b, "param_index_map", {}) for b in getattr(opt, "buffers", [])):
                     return opt, "distributed"
             else:
                 for group in opt.optimizer.param_groups:

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""APEX overhead on CPU: the same run with and without APEX, each variant in its own process.
+
+Config (defaults): LLaMA with hidden 512, 8 layers, 16 heads (MHA), FFN 1408, seq 512, micro-batch 1,
+4 micro-batches per step, fp32, single process, mock data (data.mock=true, vocab 8192). APEX: ratio
+0.125, apex.partitions 2 (so attention units are expanded too), boundaries [0, S-2] of S steps,
+no initial scoring pass (it is a one-off cost before stage 1, not part of a stage).
+
+Measured, per variant and round (rounds alternate the order plain/APEX to spread machine noise):
+* step time of every step (on_step_start -> on_step_end); the *steady state* is the steps of stage 1
+  after ``--warmup`` steps and before the timed boundary. With APEX these steps include the operator
+  (W_eff built per linear call, its backward, the side AdamW) and scoring (hooks + per-step ranking);
+* the time of the boundary at step S-2 (fuse, DP vote reduction, selection, balancing permutation of
+  weights + Adam moments, fresh operators), timed around ApexCallback._boundary, excluded from the
+  step time of that step;
+* peak memory: ru_maxrss of the child process (resource.getrusage, includes the Python/torch/megatron
+  baseline of both variants, so the ratio understates relative model-state growth);
+* APEX breakdown: time in W_eff construction (forward only), scoring (_accumulate_votes), and the
+  operator optimizer step (on_optimizer_step), per step.
+
+Targets: step-time ratio <= 1.03, boundary <= 1 step, peak RSS ratio <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def overrides(args, apex: bool) -> list:
+    o = {
+        "data.mock": True, "data.tokenizer_type": "none", "model.vocab_size": args.vocab,
+        "model.num_layers": args.layers, "model.hidden_size": args.hidden, "model.ffn_hidden_size": args.ffn,
+        "model.num_attention_heads": args.heads, "model.num_query_groups": args.heads,
+        "model.max_position_embeddings": args.seq, "data.seq_length": args.seq,
+        "train.micro_batch_size": 1, "train.global_batch_size": args.micro, "train.train_steps": args.steps,
+        "train.log_interval": 1000, "train.eval_interval": 0, "train.eval_steps": 0, "train.precision": "fp32",
+        "optimizer.lr_warmup_steps": 1, "checkpoint.save_interval": 0,
+    }
+    if apex:
+        o.update({"apex.enabled": True, "apex.ratio": args.ratio, "apex.partitions": args.partitions,
+                  "apex.boundaries": f"[0, {args.steps - 2}]", "apex.init_scoring_samples": 0})
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+# ---------------------------------------------------------------------- child: one variant
+def child(args) -> None:
+    import resource
+
+    import torch
+
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(args.port)})
+    torch.set_num_threads(args.threads)
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import destroy_distributed, initialize_distributed
+    from megatron_apex.expansion import engine
+    from megatron_apex.training.run import build_callbacks
+    from megatron_apex.training.trainer import Callback, Trainer
+
+    apex = args.child == "apex"
+    cfg = load_config(None, overrides(args, apex))
+    ctx = initialize_distributed(cfg)
+    cbs = build_callbacks(cfg)
+    times, boundary, parts = {}, {}, {"w_eff": 0.0, "op_opt": 0.0}
+    if apex:
+        cb = next(c for c in cbs if isinstance(c, engine.ApexCallback))
+        orig_b, orig_opt, orig_eff = cb._boundary, cb.on_optimizer_step, engine._Layer.effective
+
+        def timed_boundary(trainer, step):
+            parts["scoring"] = parts.get("scoring", 0.0) + cb.stats_time  # reset by the boundary
+            t0 = time.perf_counter()
+            orig_b(trainer, step)
+            boundary[step] = time.perf_counter() - t0
+
+        def timed_opt(trainer, step, skipped):
+            t0 = time.perf_counter()
+            orig_opt(trainer, step, skipped)
+            parts["op_opt"] += time.perf_counter() - t0
+
+        def timed_eff(self, kind, w):
+            t0 = time.perf_counter()
+            out = orig_eff(self, kind, w)
+            parts["w_eff"] += time.perf_counter() - t0
+            return out
+
+        cb._boundary, cb.on_optimizer_step = timed_boundary, timed_opt
+        engine._Layer.effective = timed_eff
+
+    class Start(Callback):  # first callback: before APEX's on_step_start (boundary)
+        def on_step_start(self, trainer, step):
+            self.t0 = time.perf_counter()
+
+    class End(Callback):  # last callback: after APEX's on_step_end (scoring)
+        def on_step_end(self, trainer, step, metrics):
+            times[step] = time.perf_counter() - start.t0
+
+    start = Start()
+    trainer = Trainer(cfg, ctx, [start] + cbs + [End()]).setup()
+    trainer.train()
+    scoring = parts.get("scoring", 0.0)
+    step_times = {s: t - boundary.get(s, 0.0) for s, t in times.items()}
+    out = {"variant": args.child, "step_times": step_times, "boundary": boundary, "parts": parts,
+           "scoring_last_stage": scoring, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+           "params": sum(p.numel() for p in trainer.model.parameters())}
+    destroy_distributed()
+    with open(args.out, "w") as f:
+        json.dump(out, f)
+
+
+# ---------------------------------------------------------------------- parent
+def run_variant(args, variant: str, port: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--out", out, "--port", str(port)]
+    for k in ("hidden", "layers", "heads", "ffn", "seq", "micro", "steps", "vocab", "ratio", "partitions", "threads"):
+        cmd += [f"--{k}", str(getattr(args, k))]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{variant} run failed:\n{proc.stderr[-4000:]}")
+    with open(out) as f:
+        res = json.load(f)
+    os.unlink(out)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--ffn", type=int, default=1408)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--micro", type=int, default=4, help="micro-batches (of 1 sequence) per step")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--ratio", type=float, default=0.125)
+    ap.add_argument("--partitions", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", choices=["plain", "apex"])
+    ap.add_argument("--out")
+    ap.add_argument("--port", type=int, default=29611)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    b = args.steps - 2
+    steady = [s for s in range(args.warmup, args.steps) if s != b]
+    runs = {"plain": [], "apex": []}
+    for r in range(args.rounds):
+        order = ("plain", "apex") if r % 2 == 0 else ("apex", "plain")
+        for v in order:
+            res = run_variant(args, v, args.port + 2 * r + (v == "apex"))
+            runs[v].append(res)
+            print(f"round {r} {v:5s}: steps " + " ".join(f"{res['step_times'][str(s)]:.3f}" for s in steady)
+                  + (f" | boundary@{b} {res['boundary'][str(b)]:.3f}s" if v == "apex" else "")
+                  + f" | maxrss {res['maxrss_kb'] / 1024:.0f} MiB", flush=True)
+
+    def steady_times(v):
+        return [res["step_times"][str(s)] for res in runs[v] for s in steady]
+
+    plain_t, apex_t = statistics.median(steady_times("plain")), statistics.median(steady_times("apex"))
+    # Paired per round and step (same position in the run, adjacent in time): median of the ratios.
+    paired = statistics.median(a["step_times"][str(s)] / p["step_times"][str(s)]
+                               for a, p in zip(runs["apex"], runs["plain"]) for s in steady)
+    bnd = statistics.median(res["boundary"][str(b)] for res in runs["apex"])
+    rss_p = statistics.median(res["maxrss_kb"] for res in runs["plain"])
+    rss_a = statistics.median(res["maxrss_kb"] for res in runs["apex"])
+    n_steps = len(runs["apex"][0]["step_times"])
+    weff = statistics.median(res["parts"]["w_eff"] for res in runs["apex"]) / n_steps
+    opopt = statistics.median(res["parts"]["op_opt"] for res in runs["apex"]) / n_steps
+    score = statistics.median(res["scoring_last_stage"] for res in runs["apex"]) / max(1, b)
+    ratio = apex_t / plain_t
+    print(f"\nmodel: {runs['plain'][0]['params'] / 1e6:.1f}M parameters; {args.micro} micro-batches x {args.seq} "
+          f"tokens per step; {args.threads} threads; {args.rounds} rounds x {len(steady)} steady steps")
+    print(f"median step time: plain {plain_t:.3f}s, APEX {apex_t:.3f}s -> ratio {ratio:.4f} "
+          f"(paired median {paired:.4f}); target <= 1.03: {'MET' if ratio <= 1.03 else 'MISSED'}")
+    print(f"stage boundary: {bnd:.3f}s = {bnd / plain_t:.3f} step times; target <= 1: "
+          f"{'MET' if bnd <= plain_t else 'MISSED'}")
+    print(f"peak RSS (ru_maxrss): plain {rss_p / 1024:.0f} MiB, APEX {rss_a / 1024:.0f} MiB -> ratio "
+          f"{rss_a / rss_p:.4f}; target <= 1.05: {'MET' if rss_a <= 1.05 * rss_p else 'MISSED'}")
+    print(f"APEX time per step: W_eff construction (forward) {1000 * weff:.1f} ms, scoring (ranking + gather) "
+          f"{1000 * score:.1f} ms, operator AdamW + grad all-reduce {1000 * opopt:.1f} ms "
+          f"(= {100 * (weff + score + opopt) / plain_t:.2f}% of a plain step)")
+
+
+if __name__ == "__main__":
+    main()

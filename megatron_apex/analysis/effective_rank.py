@@ -1,0 +1,87 @@
+"""Effective rank (Roy & Vetterli, 2007) of every weight matrix of a checkpoint.
+
+    erank(W) = exp(-sum_i p_i log p_i),   p_i = s_i / sum_j s_j,   s_i the singular values of W
+
+It lies in [1, min(out, in)]: n for an n x n identity (all s_i equal), 1 for a rank-1 matrix. The APEX
+paper argues that expansion raises it; this module reports it per layer and matrix (Q, K, V, O, gate,
+up, down; embeddings and output layer), from the global tensors of a checkpoint of any layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_apex.analysis.checkpoint_io import load_common, load_model_tensors
+
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def effective_rank(w: torch.Tensor) -> float:
+    """Roy-Vetterli effective rank of a 2-D tensor (0.0 for an all-zero matrix)."""
+    if w.dim() != 2:
+        raise ValueError(f"effective_rank needs a matrix, got shape {tuple(w.shape)}")
+    s = torch.linalg.svdvals(w.detach().double())
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def split_layer(tensors: dict, layer: int, cfg_model: dict) -> dict:
+    """The seven matrices of one transformer layer from the stacked global tensors."""
+    heads, groups = cfg_model["num_attention_heads"], cfg_model["num_query_groups"] or cfg_model["num_attention_heads"]
+    h = cfg_model["hidden_size"]
+    d = cfg_model["kv_channels"] or h // heads
+    r = heads // groups
+    qkv = tensors["decoder.layers.self_attention.linear_qkv.weight"][layer]  # [g*(r+2)*d, h], per group [q; k; v]
+    per_group = qkv.view(groups, r + 2, d, qkv.shape[-1])
+    fc1 = tensors["decoder.layers.mlp.linear_fc1.weight"][layer]  # [gate; up]
+    gate, up = fc1.chunk(2, dim=0)
+    return {"q": per_group[:, :r].reshape(groups * r * d, -1), "k": per_group[:, r].reshape(groups * d, -1),
+            "v": per_group[:, r + 1].reshape(groups * d, -1),
+            "o": tensors["decoder.layers.self_attention.linear_proj.weight"][layer],
+            "gate": gate, "up": up, "down": tensors["decoder.layers.mlp.linear_fc2.weight"][layer]}
+
+
+def checkpoint_effective_ranks(checkpoint: str) -> dict:
+    """{'layers': [{matrix: erank}], 'global': {name: erank}, 'step': int} of a checkpoint."""
+    common = load_common(checkpoint)
+    model = common["config"]["model"]
+    tensors = load_model_tensors(checkpoint)
+    layers = []
+    for li in range(model["num_layers"]):
+        mats = split_layer(tensors, li, model)
+        layers.append({name: effective_rank(mats[name]) for name in MATRICES})
+    glob = {}
+    for name, key in (("embedding", "embedding.word_embeddings.weight"), ("output_layer", "output_layer.weight")):
+        if key in tensors:
+            glob[name] = effective_rank(tensors[key])
+    return {"step": common["step"], "layers": layers, "global": glob,
+            "apex": common.get("apex")}
+
+
+def format_table(result: dict, compare: dict | None = None) -> str:
+    """Per-layer table; with ``compare``, each cell is ``value (delta)`` with delta = compare - result."""
+    cols = list(MATRICES)
+    width = 17 if compare else 9
+    head = f"{'layer':>5} " + " ".join(f"{c:>{width}}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for li, row in enumerate(result["layers"]):
+        cells = []
+        for c in cols:
+            if compare:
+                other = compare["layers"][li][c]
+                cells.append(f"{other:8.3f} ({other - row[c]:+6.3f})".rjust(width))
+            else:
+                cells.append(f"{row[c]:{width}.3f}")
+        lines.append(f"{li:>5} " + " ".join(cells))
+    for name, v in result["global"].items():
+        if compare and name in compare["global"]:
+            lines.append(f"{name}: {compare['global'][name]:.3f} ({compare['global'][name] - v:+.3f})")
+        else:
+            lines.append(f"{name}: {v:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""APEX inside the training loop (single process, fp32, CPU, gloo): function preservation at
+operator insertion and fuse, a plain model after the final fuse, selected mode, progressive mode."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from apex_workers import (apex_train_worker, function_preservation_worker, plain_state_worker,
+                          selected_mode_worker)
+from distributed_utils import run_distributed
+from helpers import tiny_overrides
+
+APEX = {"apex.enabled": True, "apex.init_scoring_samples": 16, "apex.ratio": 0.25, "apex.partitions": 2}
+# MHA with 8 query groups, so attention units are expanded too (k = 2 of 8 at ratio 0.25).
+SHAPE = {"model.num_attention_heads": 8, "model.num_query_groups": 8, "model.ffn_hidden_size": 128}
+
+
+def _over(data, **extra):
+    return tiny_overrides(data, **{**SHAPE, **APEX, **extra})
+
+
+def test_function_preservation_insert_exact_fuse_tight(tiny_data, tiny_config):
+    # lr_scale 50: the operator really moves (M != 0) within a 3-step stage.
+    over = _over(tiny_data, **{"apex.boundaries": "[0, 3]", "apex.lr_scale": 50.0, "train.train_steps": 6})
+    (r,) = run_distributed(function_preservation_worker, 1, tiny_config, over)
+    # Stage 1 trained a nonzero operator.
+    assert r["op_norm"] > 1e-3, r["op_norm"]
+    # Fuse: W <- W_eff, operators removed; the loss on the fixed batch is unchanged up to rounding.
+    rel = abs(r["fused"] - r["with_op"]) / abs(r["with_op"])
+    assert rel < 1e-6, (r["with_op"], r["fused"], rel)
+    # Fresh operators (after selection and the balancing permutation) change the loss by exactly 0.
+    assert r["n_fresh_ops"] > 0
+    assert r["inserted"] == r["removed"], (r["inserted"], r["removed"])
+    # The permutation of the boundary preserves the function too (rounding only).
+    assert abs(r["inserted"] - r["fused"]) / abs(r["fused"]) < 1e-6
+    # Stage 2 trains its operator; the final fuse leaves a plain model computing the same loss.
+    assert r["op_norm2"] > 1e-3
+    assert r["ops_left"] == 0
+    assert abs(r["final_fused"] - r["with_op2"]) / abs(r["with_op2"]) < 1e-6
+    # Plain LLaMA parameters only after the final fuse (no operator keys in the module tree).
+    assert not [k for k in r["state_keys"] if "monarch" in k or "alpha" in k or "beta" in k or "delta" in k]
+
+
+def test_final_checkpoint_is_plain(tiny_data, tiny_config, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    from megatron_apex.training.checkpoint import read_common
+
+    steps = {"train.train_steps": 6}
+    plain = tiny_overrides(tiny_data, **{**SHAPE, **steps, "checkpoint.save": str(tmp_path / "plain")})
+    apex = _over(tiny_data, **{**steps, "apex.boundaries": "[0, 3]", "apex.lr_scale": 20.0,
+                               "checkpoint.save": str(tmp_path / "apex")})
+    (p,) = run_distributed(plain_state_worker, 1, tiny_config, plain)
+    (a,) = run_distributed(apex_train_worker, 1, tiny_config, apex)
+    # Inserting the first operators does not change the step-0 loss at all.
+    assert a["losses"][0] == p["losses"][0]
+    assert a["losses"] != p["losses"]  # ... but APEX does train differently afterwards
+    assert a["finished"]
+    meta_p = dist_checkpointing.load_tensors_metadata(p["checkpoint"])
+    meta_a = dist_checkpointing.load_tensors_metadata(a["checkpoint"])
+    shapes_p = {k: tuple(v.global_shape) for k, v in meta_p.items()}
+    shapes_a = {k: tuple(v.global_shape) for k, v in meta_a.items()}
+    assert shapes_a == shapes_p  # model and optimizer tensors: same keys, same global shapes
+    model_keys = [k for k in shapes_a if not k.startswith("optimizer")]
+    assert model_keys and all("apex" not in k and "monarch" not in k for k in model_keys)
+    common = read_common(a["checkpoint"])
+    assert common["apex"]["finished"] is True and common["apex"]["stage"] == 2
+    assert "apex" not in read_common(p["checkpoint"])
+
+
+def _expected_selected_counts(n_attn, n_ffn, ratio, attn_tuned, ffn_tuned, parts, h, d, r):
+    """Trainable parameters of deltas and operators per layer, counted from the method's formulas."""
+    from megatron_apex.expansion.operator import attn_operator_num_params, ffn_operator_num_params
+
+    total = 0
+    for kind, n, tuned in (("attn", n_attn, attn_tuned), ("ffn", n_ffn, ffn_tuned)):
+        k = int(ratio * n + 1e-9) // parts[kind] * parts[kind]
+        if k == 0:
+            continue
+        u = int(tuned * n + 1e-9)  # P + N + E
+        if kind == "attn":
+            total += u * (r + 2) * d * h + h * u * r * d  # Q,K,V rows and O columns of u query groups
+            total += attn_operator_num_params(parts[kind], k // parts[kind], d, r)
+        else:
+            total += 2 * u * h + h * u  # gate and up rows, down columns
+            total += ffn_operator_num_params(parts[kind], k // parts[kind])
+    return total
+
+
+def test_selected_mode_trains_only_intended_parameters(tiny_data, tiny_config):
+    over = _over(tiny_data, **{"apex.mode": "selected", "apex.boundaries": "[0]", "train.train_steps": 4,
+                               "apex.attn_tuned_ratio": 0.75, "apex.ffn_tuned_ratio": 0.625})
+    (r,) = run_distributed(selected_mode_worker, 1, tiny_config, over)
+    params = r["params"]
+    trained = {n for n in params if "embedding" in n or "output_layer" in n}
+    assert trained, list(params)
+    for name, p in params.items():
+        if name in trained:
+            assert p["requires_grad"] and p["grad_nonzero"] and p["changed"], name
+        else:  # base linear weights and layer norms: frozen, no gradient, unchanged
+            assert not p["requires_grad"] and not p["grad_nonzero"] and not p["changed"], name
+    assert r["deltas"] and all(x["grad"] for x in r["deltas"])
+    assert r["ops"] and any(x["grad"] for x in r["ops"])  # Monarch: the zero factor gets grads first
+    # Independent count of the trainable share.
+    h, n_layers = 64, 4
+    per_layer = _expected_selected_counts(r["n"]["attn"], r["n"]["ffn"], 0.25, 0.75, 0.625, r["parts"],
+                                          h, 8, 1)
+    assert sum(x["numel"] for x in r["deltas"] + r["ops"]) == n_layers * per_layer
+    total = sum(p["numel"] for p in params.values())
+    base_trainable = sum(params[n]["numel"] for n in trained)
+    expected = (base_trainable + n_layers * per_layer) / total
+    assert r["fraction"] == pytest.approx(expected, rel=1e-12)
+    assert 0 < r["fraction"] < 1
+    # E units exist and are disjoint from P/N positions.
+    sel = r["record"][0]["layers"][0]["ffn"]
+    assert len(sel["E"]) == int(0.625 * 128) - 2 * len(sel["P"]) > 0
+    assert not set(sel["E"]) & (set(sel["p_pos"]) | set(sel["n_pos"]))
+
+
+def test_progressive_halves_k_and_excludes_former_n(tiny_data, tiny_config):
+    over = _over(tiny_data, **{"apex.progressive": True, "apex.boundaries": "[0, 2, 4]", "train.train_steps": 6,
+                               "apex.lr_scale": 10.0})
+    (r,) = run_distributed(apex_train_worker, 1, tiny_config, over)
+    rec, perms = r["record"], r["perms"]
+    assert [b["step"] for b in rec] == [0, 2, 4]
+    moved = False
+    for li in rec[0]["layers"]:
+        for kind, n in (("ffn", 128), ("attn", 8)):
+            k0 = int(0.25 * n)
+            former_n = set()  # positions (in the current unit order) of units already used as N
+            for s, b in enumerate(rec):
+                sel = b["layers"][li][kind]
+                k = (max(1, k0 >> s) // 2) * 2  # halved each stage, rounded to the 2 partitions
+                if k == 0:
+                    assert sel is None
+                    continue
+                assert len(sel["P"]) == len(sel["N"]) == k, (li, kind, s)
+                assert not set(sel["P"]) & former_n and not set(sel["N"]) & former_n, (li, kind, s)
+                perm = perms[s][li][kind]
+                inv = list(range(n))
+                if perm is not None:
+                    moved = True
+                    for new, old in enumerate(perm):
+                        inv[old] = new
+                assert {inv[u] for u in sel["N"]} == set(sel["n_pos"])  # N's new positions
+                former_n = {inv[u] for u in former_n | set(sel["N"])}
+    assert moved  # otherwise the index mapping across stages was not exercised

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Heat map of the APEX votes and P/N selections stored in a checkpoint saved during APEX training.
+
+  python tools/apex_report.py --checkpoint ckpts/run1 --output heatmap.png [--json votes.json]
+
+--checkpoint: a checkpoint root (latest iteration) or an iter_* directory. One panel for attention
+units, one for FFN channels; layers x units, this stage's vote counts (summed over data-parallel
+ranks) as color, P marked with filled and N with open triangles. Exit codes: 0 ok, 2 bad input.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--output", required=True, help="PNG file to write")
+    ap.add_argument("--json", help="also write votes and selections as JSON")
+    ap.add_argument("--title")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from megatron_apex.analysis.apex_report import marks, render, report_data
+    from megatron_apex.training.checkpoint import CheckpointError
+
+    try:
+        data = report_data(args.checkpoint)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"apex_report: {exc}", file=sys.stderr)
+        return 2
+    render(data, args.output, args.title)
+    print(f"wrote {args.output} (step {data['step']}, stage {data['stage']}, layout {data['layout']})")
+    if args.json:
+        out = {"step": data["step"], "stage": data["stage"], "finished": data["finished"],
+               "votes": {k: v.tolist() for k, v in data["votes"].items()},
+               "selection": {str(li): {k: {"P": marks(sel, k, "P"), "N": marks(sel, k, "N"),
+                                            "p_pos": marks(sel, k, "p_pos"), "n_pos": marks(sel, k, "n_pos")}
+                                       for k in data["votes"]} for li, sel in data["selection"].items()}}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Effective rank (Roy & Vetterli) of every weight matrix of a checkpoint, per layer.
+
+  python tools/effective_rank.py --checkpoint ckpts/plain [--compare ckpts/apex] [--json out.json]
+
+erank(W) = exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j over the singular values of W. Matrices:
+Q, K, V, O, gate, up, down of every layer, plus embeddings and output layer. Global tensors are read
+in one process whatever the layout the checkpoint was saved with. With --compare, each cell shows the
+second checkpoint's value and its difference to the first. Exit codes: 0 ok, 2 bad input.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--compare", help="second checkpoint: report its values and the difference")
+    ap.add_argument("--json", help="write the numbers as JSON")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from megatron_apex.analysis.effective_rank import checkpoint_effective_ranks, format_table
+    from megatron_apex.training.checkpoint import CheckpointError
+
+    try:
+        first = checkpoint_effective_ranks(args.checkpoint)
+        second = checkpoint_effective_ranks(args.compare) if args.compare else None
+    except (CheckpointError, FileNotFoundError, KeyError) as exc:
+        print(f"effective_rank: {exc}", file=sys.stderr)
+        return 2
+    if second is not None and len(second["layers"]) != len(first["layers"]):
+        print("effective_rank: the checkpoints have different numbers of layers", file=sys.stderr)
+        return 2
+    print(f"effective rank: {args.checkpoint} (step {first['step']})"
+          + (f" vs {args.compare} (step {second['step']}): value of the second (difference)" if second else ""))
+    print(format_table(first, second))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": first, "compare": second}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
