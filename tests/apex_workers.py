@@ -137,8 +137,10 @@ def _eval_loss(trainer, batches: list) -> float:
     """Forward-only mean loss on a fixed list of micro-batches (no scoring recorded)."""
     apex = _apex(trainer.callbacks)
     rec, apex.recording = apex.recording, False
+    apex.on_evaluate(trainer, begin=True)  # the engine's contract for forward-only passes
     with torch.no_grad():
         losses = trainer._run_microbatches(iter(list(batches)), forward_only=True)
+    apex.on_evaluate(trainer, begin=False)
     apex.recording = rec
     return trainer._reduce(losses, False)[0]
 
@@ -184,18 +186,18 @@ def function_preservation_worker(config_path: str, overrides: list) -> dict:
         # The fused weights now hold W_eff: the old operators must not act again (the boundary
         # replaces them by fresh ones right after), so evaluate the plain fused model.
         for e in apex.layers:
-            e.attn_op = e.ffn_op = e.deltas = None
+            e.attn_op = e.ffn_op = e.deltas = e.inplace = None
         out["fused"] = _eval_loss(tr, batches)
 
     def measure_insertion(tr):
         out["inserted"] = _eval_loss(tr, batches)
-        saved = [(e.attn_op, e.ffn_op, e.deltas) for e in apex.layers]
+        saved = [(e.attn_op, e.ffn_op, e.deltas, e.inplace) for e in apex.layers]
         out["n_fresh_ops"] = sum(len(e.operators()) for e in apex.layers)
         for e in apex.layers:
-            e.attn_op = e.ffn_op = e.deltas = None
+            e.attn_op = e.ffn_op = e.deltas = e.inplace = None
         out["removed"] = _eval_loss(tr, batches)
-        for e, (a, f, d) in zip(apex.layers, saved):
-            e.attn_op, e.ffn_op, e.deltas = a, f, d
+        for e, (a, f, d, i) in zip(apex.layers, saved):
+            e.attn_op, e.ffn_op, e.deltas, e.inplace = a, f, d, i
         orig_build_opt(tr)
 
     apex._fuse, apex._build_op_optimizer = fuse_then_measure, measure_insertion
@@ -274,3 +276,20 @@ def selected_mode_worker(config_path: str, overrides: list) -> dict:
     out["n"] = dict(apex.n)
     out["parts"] = dict(apex.parts)
     return out
+
+
+def functional_path_callbacks(cfg):
+    """APEX callbacks forced onto the per-call W_eff path (the reference for the in-place path)."""
+    from megatron_apex.training.run import build_callbacks
+
+    cbs = build_callbacks(cfg)
+    for cb in cbs:
+        if hasattr(cb, "inplace"):
+            cb.inplace = False
+    return cbs
+
+
+def default_callbacks(cfg):
+    from megatron_apex.training.run import build_callbacks
+
+    return build_callbacks(cfg)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_apex.config import Config, ConfigError
+from megatron_apex.expansion.inplace import InPlaceLayer
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, num_partitions, permute_fc1, permute_units,
@@ -64,6 +65,7 @@ class _Layer:
         self.attn_op: Optional[AttentionExpansion] = None
         self.ffn_op: Optional[FFNExpansion] = None
         self.deltas: Optional[PartialDeltas] = None
+        self.inplace: Optional[InPlaceLayer] = None
         self.selection: dict = {}  # global index sets of the current stage (for logs and checkpoints)
 
     def operators(self) -> list:
@@ -110,6 +112,9 @@ class ApexCallback(Callback):
         self.op_optimizer = None
         self._pending_load = None
         self.stats_time = 0.0
+        # Once per step on the changed rows (inplace.py), unless the base weights have no gradient
+        # buffer (selected mode) or megatron-core reduces gradients during the backward pass.
+        self.inplace = self.a.mode == "all" and not cfg.parallel.overlap_grad_reduce
         self.excluded = {}        # progressive mode: layer -> {"attn": tensor, "ffn": tensor} of former N units
 
     # ------------------------------------------------------------------ geometry
@@ -138,8 +143,9 @@ class ApexCallback(Callback):
         decoder = getattr(model, "decoder", None)
         for li, layer in enumerate(getattr(decoder, "layers", [])):
             entry = _Layer(layer, layer.layer_number - 1)
-            for kind, linear in entry.linears.items():
-                _install_forward(linear, entry, kind)
+            if not self.inplace:
+                for kind, linear in entry.linears.items():
+                    _install_forward(linear, entry, kind)
             entry.linears["fc1"].register_forward_hook(self._ffn_hook(li))
             entry.linears["proj"].register_forward_pre_hook(self._attn_hook(li))
             self.layers.append(entry)
@@ -171,6 +177,14 @@ class ApexCallback(Callback):
 
     def on_train_start(self, trainer) -> None:
         self.param_states = ParamStates(trainer.optimizer, trainer.ctx.dp_group)
+        if self.inplace:
+            finalize = trainer.tconfig.finalize_model_grads_func
+
+            def finalize_with_operator_grads(*args, **kwargs):
+                self._restore_weights(with_grads=True)  # before megatron-core reduces main_grad
+                return finalize(*args, **kwargs)
+
+            trainer.tconfig.finalize_model_grads_func = finalize_with_operator_grads
         if self._pending_load is not None:
             self._restore(trainer, self._pending_load)
             self._pending_load = None
@@ -184,6 +198,23 @@ class ApexCallback(Callback):
         for entry in self.layers:
             for op in entry.operators():
                 op.zero_grad(set_to_none=True)
+        self._materialize()
+
+    def on_evaluate(self, trainer, begin: bool) -> None:
+        if begin:
+            self._materialize()
+        else:
+            self._restore_weights(with_grads=False)
+
+    def _materialize(self) -> None:
+        for entry in self.layers:
+            if entry.inplace is not None:
+                entry.inplace.materialize()
+
+    def _restore_weights(self, with_grads: bool) -> None:
+        for entry in self.layers:
+            if entry.inplace is not None:
+                entry.inplace.restore(with_grads)
 
     def on_optimizer_step(self, trainer, step: int, skipped: bool) -> None:
         if self.op_optimizer is None or self.finished:
@@ -221,9 +252,10 @@ class ApexCallback(Callback):
         if self.finished:
             return
         t0 = time.perf_counter()
+        self._restore_weights(with_grads=False)
         self._fuse(trainer)
         for entry in self.layers:
-            entry.attn_op = entry.ffn_op = entry.deltas = None
+            entry.attn_op = entry.ffn_op = entry.deltas = entry.inplace = None
         self.op_optimizer = None
         self.finished = True
         if trainer.ctx.rank == 0:
@@ -362,7 +394,7 @@ class ApexCallback(Callback):
         """Fresh zero-initialised operators (and deltas) for the layer's new selection."""
         dev = entry.linears["qkv"].weight.device
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.stage * 104729 + entry.index)
-        entry.attn_op = entry.ffn_op = entry.deltas = None
+        entry.attn_op = entry.ffn_op = entry.deltas = entry.inplace = None
         for kind in ("attn", "ffn"):
             sel = entry.selection.get(kind)
             if sel is None:
@@ -388,6 +420,8 @@ class ApexCallback(Callback):
                 units[kind] = local_units(allu, ctx.tp_rank, ctx.tp_size, self.n[kind])
             entry.deltas = PartialDeltas(units["attn"].to(dev), units["ffn"].to(dev), self.cfg.model.hidden_size,
                                          self.d, self.r, device=dev)
+        entry.inplace = InPlaceLayer(entry.linears, entry.attn_op, entry.ffn_op, self.d, self.r) \
+            if self.inplace else None
 
     def _op_params(self) -> list:
         return [p for entry in self.layers for op in entry.operators() for p in op.parameters()]

@@ -55,6 +55,9 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", step: int, metrics: dict) -> None:
         """After the optimizer update of ``step`` (metrics: loss, lr, grad_norm...)."""
 
+    def on_evaluate(self, trainer: "Trainer", begin: bool) -> None:
+        """Around forward-only validation passes (``begin`` True before, False after)."""
+
     def stop_requested(self, trainer: "Trainer") -> Optional[str]:
         """A reason to save and stop after this step, or None (reduced over all ranks)."""
         return None
@@ -258,11 +261,15 @@ class Trainer:
         if self.valid_ds is None:
             return None
         self.model.eval()
+        for cb in self.callbacks:
+            cb.on_evaluate(self, begin=True)
         it = iter(build_loader(self.valid_ds, self.cfg, 0, self.total_valid, self.ctx.dp_rank, self.ctx.dp_size))
         total = 0.0
         with torch.no_grad():
             for _ in range(self.cfg.train.eval_steps):
                 total += self._reduce(self._run_microbatches(it, forward_only=True), False)[0]
+        for cb in self.callbacks:
+            cb.on_evaluate(self, begin=False)
         self.model.train()
         return total / self.cfg.train.eval_steps
 

@@ -1,0 +1,37 @@
+"""`make demo` end to end (the same script, fewer steps): corpus -> tokenizer -> preprocess -> APEX training
+through two stage boundaries -> heat map -> Hugging Face export verified against transformers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def test_demo_pipeline(tmp_path):
+    from distributed_utils import free_port
+
+    out = tmp_path / "demo"
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "run_demo.py"), "--output", str(out),
+                           "--steps", "30", "--vocab-size", "1024"], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    log = proc.stdout
+    # Three APEX stages: two boundaries after the first, then the final fuse.
+    assert "APEX stage 3/3 starts at step 20" in log and "final fuse done" in log
+    assert "skipped" not in log, "a demo step was skipped"
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    heatmap = out / "apex_heatmap.png"
+    assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hf = out / "hf_model"
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 1024
+    assert (hf / "tokenizer.model").exists()
+    assert any(name.endswith(".safetensors") for name in os.listdir(hf))
+    assert os.listdir(out / "tensorboard")
