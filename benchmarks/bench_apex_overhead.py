@@ -15,8 +15,9 @@ Measured, per variant and round (rounds alternate the order plain/APEX to spread
   step time of that step;
 * peak memory: ru_maxrss of the child process (resource.getrusage, includes the Python/torch/megatron
   baseline of both variants, so the ratio understates relative model-state growth);
-* APEX breakdown: time in W_eff construction (forward only), scoring (_accumulate_votes), and the
-  operator optimizer step (on_optimizer_step), per step.
+* APEX breakdown per step: the operator (in-place W_eff rows and the chain rule on main_grad,
+  expansion/inplace.py), the scoring hooks' statistics, ranking + TP gather (_accumulate_votes), and the
+  operator optimizer step (on_optimizer_step).
 
 Targets: step-time ratio <= 1.03, boundary <= 1 step, peak RSS ratio <= 1.05.
 """
@@ -71,10 +72,27 @@ def child(args) -> None:
     cfg = load_config(None, overrides(args, apex))
     ctx = initialize_distributed(cfg)
     cbs = build_callbacks(cfg)
-    times, boundary, parts = {}, {}, {"w_eff": 0.0, "op_opt": 0.0}
+    times, boundary, parts = {}, {}, {"w_eff": 0.0, "op_opt": 0.0, "hooks": 0.0}
     if apex:
+        from megatron_apex.expansion import inplace
+
         cb = next(c for c in cbs if isinstance(c, engine.ApexCallback))
         orig_b, orig_opt, orig_eff = cb._boundary, cb.on_optimizer_step, engine._Layer.effective
+
+        def timed(fn, key):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                out = fn(*a, **k)
+                parts[key] += time.perf_counter() - t0
+                return out
+            return wrapper
+
+        # The in-place path (mode all): W_eff rows written once per step, chain rule once per step.
+        inplace.InPlaceLayer.materialize = timed(inplace.InPlaceLayer.materialize, "w_eff")
+        inplace.InPlaceLayer.restore = timed(inplace.InPlaceLayer.restore, "w_eff")
+        # The per-micro-batch statistics computed in the scoring hooks.
+        engine.unit_sq_norms_ffn = timed(engine.unit_sq_norms_ffn, "hooks")
+        engine.unit_sq_norms_attn = timed(engine.unit_sq_norms_attn, "hooks")
 
         def timed_boundary(trainer, step):
             parts["scoring"] = parts.get("scoring", 0.0) + cb.stats_time  # reset by the boundary
@@ -181,6 +199,7 @@ def main() -> None:
     n_steps = len(runs["apex"][0]["step_times"])
     weff = statistics.median(res["parts"]["w_eff"] for res in runs["apex"]) / n_steps
     opopt = statistics.median(res["parts"]["op_opt"] for res in runs["apex"]) / n_steps
+    hooks = statistics.median(res["parts"]["hooks"] for res in runs["apex"]) / n_steps
     score = statistics.median(res["scoring_last_stage"] for res in runs["apex"]) / max(1, b)
     ratio = apex_t / plain_t
     print(f"\nmodel: {runs['plain'][0]['params'] / 1e6:.1f}M parameters; {args.micro} micro-batches x {args.seq} "
@@ -191,9 +210,9 @@ def main() -> None:
           f"{'MET' if bnd <= plain_t else 'MISSED'}")
     print(f"peak RSS (ru_maxrss): plain {rss_p / 1024:.0f} MiB, APEX {rss_a / 1024:.0f} MiB -> ratio "
           f"{rss_a / rss_p:.4f}; target <= 1.05: {'MET' if rss_a <= 1.05 * rss_p else 'MISSED'}")
-    print(f"APEX time per step: W_eff construction (forward) {1000 * weff:.1f} ms, scoring (ranking + gather) "
-          f"{1000 * score:.1f} ms, operator AdamW + grad all-reduce {1000 * opopt:.1f} ms "
-          f"(= {100 * (weff + score + opopt) / plain_t:.2f}% of a plain step)")
+    print(f"APEX time per step: operator (W_eff rows in, chain rule out) {1000 * weff:.1f} ms, scoring hooks "
+          f"{1000 * hooks:.1f} ms, ranking + gather {1000 * score:.1f} ms, operator AdamW + grad all-reduce "
+          f"{1000 * opopt:.1f} ms (= {100 * (weff + hooks + score + opopt) / plain_t:.2f}% of a plain step)")
 
 
 if __name__ == "__main__":
