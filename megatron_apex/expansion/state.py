@@ -18,10 +18,11 @@ These collectives run at stage boundaries only (a few times per run), never per 
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_apex.model.sharding import tp_gather, tp_shard  # noqa: F401  (used by the engine)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -136,36 +137,9 @@ def _zero_step(state: dict) -> None:
         state["step"] = 0
 
 
-# ------------------------------------------------------------------ tensor-parallel gather/shard
-def tp_gather(t: torch.Tensor, dim: int, tp_group, tp_size: int, swiglu: bool = False) -> torch.Tensor:
-    """Local TP shard -> global tensor (``swiglu``: local [gate_i; up_i] -> global [gate; up])."""
-    if tp_size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(tp_size)]
-    dist.all_gather(parts, t.contiguous(), group=tp_group)
-    if swiglu:
-        halves = [p.chunk(2, dim=0) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(parts, dim=dim)
-
-
-def tp_shard(full: torch.Tensor, dim: int, tp_rank: int, tp_size: int, swiglu: bool = False) -> torch.Tensor:
-    """Global tensor -> this rank's TP shard (inverse of :func:`tp_gather`)."""
-    if tp_size == 1:
-        return full
-    if swiglu:
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
-    return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
 def reduce_votes(votes: torch.Tensor, group) -> torch.Tensor:
     """Sum vote counts over a process group (data-parallel replicas saw different data)."""
     out = votes.clone()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(out, group=group)
     return out
-
-
-def maybe(x: Optional[torch.Tensor]):
-    return None if x is None else x.detach()

@@ -17,6 +17,7 @@ import zlib
 import torch
 
 from megatron_apex.config import Config
+from megatron_apex.model.sharding import tp_shard
 
 # RowParallel projections whose output joins the residual stream: N(0, std / sqrt(2 * layers)).
 _SCALED = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
@@ -44,17 +45,6 @@ def _full_shape(param: torch.Tensor, tp_size: int) -> tuple:
     return tuple(shape)
 
 
-def _local_shard(full: torch.Tensor, param: torch.Tensor, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim = param.partition_dim
-    if name.endswith("mlp.linear_fc1.weight"):
-        # SwiGLU: the global tensor is [gate; up]; a rank holds [gate_shard; up_shard].
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
-    return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
 @torch.no_grad()
 def initialize_weights(model: torch.nn.Module, cfg: Config, tp_rank: int, tp_size: int) -> None:
     """Draw every matrix of ``model`` (one pipeline stage's chunk) from a per-name generator.
@@ -74,4 +64,7 @@ def initialize_weights(model: torch.nn.Module, cfg: Config, tp_rank: int, tp_siz
         gen = torch.Generator().manual_seed(seed)
         sigma = scaled_std if global_name.endswith(_SCALED) else std
         full = torch.empty(_full_shape(param, tp_size), dtype=torch.float32).normal_(0.0, sigma, generator=gen)
-        param.copy_(_local_shard(full, param, name, tp_rank, tp_size).to(param.dtype))
+        if getattr(param, "tensor_model_parallel", False):
+            # SwiGLU fc1: the global tensor is [gate; up]; a rank holds [gate_shard; up_shard].
+            full = tp_shard(full, param.partition_dim, tp_rank, tp_size, swiglu=name.endswith("mlp.linear_fc1.weight"))
+        param.copy_(full.to(param.dtype))
