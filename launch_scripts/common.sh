@@ -139,3 +139,10 @@ apex_torchrun() {
   fi
   return "$rc"
 }
+
+# Number of GPUs visible on this node (1 when there are none, e.g. a CPU test run).
+apex_local_gpus() {
+  local n
+  n="$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)"
+  if [[ "$n" -gt 0 ]]; then echo "$n"; else echo 1; fi
+}

@@ -36,10 +36,7 @@ source "$APEX_DIR/launch_scripts/common.sh"
 apex_setup_env
 apex_default_overrides
 
-if [[ -z "${NP:-}" ]]; then
-  NP="$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)"
-  [[ "$NP" -gt 0 ]] || NP=1
-fi
+NP="${NP:-$(apex_local_gpus)}"
 MPIRUN="${MPIRUN:-mpirun}"
 mpi_args=(-np "$NP")
 if [[ -n "${HOSTFILE:-}" ]]; then

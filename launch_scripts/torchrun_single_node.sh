@@ -24,10 +24,7 @@ source "$APEX_DIR/launch_scripts/common.sh"
 apex_setup_env
 apex_default_overrides
 
-if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-  GPUS_PER_NODE="$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)"
-  [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
-fi
+GPUS_PER_NODE="${GPUS_PER_NODE:-$(apex_local_gpus)}"
 
 apex_log_run_info "$APEX_DIR" "$@"
 echo "single node: $GPUS_PER_NODE worker(s)"
