@@ -66,6 +66,20 @@ def _callbacks(cfg, stop_at: Optional[int] = None):
     return cbs
 
 
+def _started_trainer(config_path: str, overrides: list):
+    """(cfg, trainer, recording APEX callback) of a set-up trainer whose on_train_start hooks ran."""
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import initialize_distributed
+    from megatron_apex.training.trainer import Trainer
+
+    cfg = load_config(config_path, overrides)
+    cbs = _callbacks(cfg)
+    trainer = Trainer(cfg, initialize_distributed(cfg), cbs).setup()
+    for cb in trainer.callbacks:
+        cb.on_train_start(trainer)
+    return cfg, trainer, _apex(cbs)
+
+
 def _apex(cbs) -> Optional[RecordingApex]:
     return next((cb for cb in cbs if isinstance(cb, ApexCallback)), None)
 
@@ -159,18 +173,9 @@ def function_preservation_worker(config_path: str, overrides: list) -> dict:
     """Drives ApexCallback through stage 1 and the boundary into stage 2, measuring the loss on one
     fixed batch: with the trained operator, after the fuse (operators removed), and with the fresh
     operators inserted vs. removed."""
-    from megatron_apex.config import load_config
     from megatron_apex.data.datasets import build_loader
-    from megatron_apex.distributed import initialize_distributed
-    from megatron_apex.training.trainer import Trainer
 
-    cfg = load_config(config_path, overrides)
-    ctx = initialize_distributed(cfg)
-    cbs = _callbacks(cfg)
-    apex = _apex(cbs)
-    trainer = Trainer(cfg, ctx, cbs).setup()
-    for cb in trainer.callbacks:
-        cb.on_train_start(trainer)
+    cfg, trainer, apex = _started_trainer(config_path, overrides)
     it = iter(build_loader(trainer.valid_ds or trainer.train_ds, cfg, 0, cfg.train.global_batch_size, 0, 1))
     batches = [next(it) for _ in range(trainer.num_micro)]
     b1 = apex.boundaries[1]
@@ -239,17 +244,7 @@ def plain_state_worker(config_path: str, overrides: list) -> dict:
 
 def selected_mode_worker(config_path: str, overrides: list) -> dict:
     """One boundary and two steps in ``selected`` mode: which parameters get gradients and move."""
-    from megatron_apex.config import load_config
-    from megatron_apex.distributed import initialize_distributed
-    from megatron_apex.training.trainer import Trainer
-
-    cfg = load_config(config_path, overrides)
-    ctx = initialize_distributed(cfg)
-    cbs = _callbacks(cfg)
-    apex = _apex(cbs)
-    trainer = Trainer(cfg, ctx, cbs).setup()
-    for cb in trainer.callbacks:
-        cb.on_train_start(trainer)
+    cfg, trainer, apex = _started_trainer(config_path, overrides)
     model = trainer.model
     _manual_steps(trainer, range(1))  # the boundary at step 0 permutes (frozen) weights: snapshot after it
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -280,16 +275,10 @@ def selected_mode_worker(config_path: str, overrides: list) -> dict:
 
 def functional_path_callbacks(cfg):
     """APEX callbacks forced onto the per-call W_eff path (the reference for the in-place path)."""
-    from megatron_apex.training.run import build_callbacks
+    from apex_export_workers import apex_callbacks
 
-    cbs = build_callbacks(cfg)
+    cbs = apex_callbacks(cfg)
     for cb in cbs:
         if hasattr(cb, "inplace"):
             cb.inplace = False
     return cbs
-
-
-def default_callbacks(cfg):
-    from megatron_apex.training.run import build_callbacks
-
-    return build_callbacks(cfg)

@@ -154,7 +154,8 @@ def test_progressive_halves_k_and_excludes_former_n(tiny_data, tiny_config):
 def test_inplace_path_equals_per_call_path(tiny_config, tiny_data):
     """The once-per-step in-place operator (mode all) computes what building W_eff in every linear
     call computes: same losses through two boundaries (fp32; only summation order differs)."""
-    from apex_workers import default_callbacks, functional_path_callbacks
+    from apex_export_workers import apex_callbacks
+    from apex_workers import functional_path_callbacks
     from distributed_utils import run_distributed
     from helpers import tiny_overrides, train_worker
 
@@ -162,7 +163,7 @@ def test_inplace_path_equals_per_call_path(tiny_config, tiny_data):
         "apex.enabled": True, "apex.boundaries": "[0, 2, 4]", "apex.ratio": 0.25, "apex.partitions": 2,
         "apex.init_scoring_samples": 16, "apex.lr_scale": 30.0, "model.num_query_groups": 4,
         "train.train_steps": 6, "train.eval_interval": 3, "train.eval_steps": 1})
-    fast = run_distributed(train_worker, 1, tiny_config, overrides, default_callbacks)[0]
+    fast = run_distributed(train_worker, 1, tiny_config, overrides, apex_callbacks)[0]
     ref = run_distributed(train_worker, 1, tiny_config, overrides, functional_path_callbacks)[0]
     assert max(abs(fast["losses"][k] - ref["losses"][k]) for k in ref["losses"]) < 1e-5
     assert fast["valid"] and max(abs(fast["valid"][k] - ref["valid"][k]) for k in ref["valid"]) < 1e-5
