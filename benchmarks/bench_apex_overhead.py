@@ -1,12 +1,17 @@
 #!/usr/bin/env python
 """APEX overhead on CPU: the same run with and without APEX, each variant in its own process.
 
+The two processes run side by side in lockstep: a token passed through two pipes lets exactly one of
+them compute a step at a time (plain step i, APEX step i, plain step i+1, ...), so every APEX step is
+timed next to its plain twin and a change in machine load hits both alike. Each process has the
+whole machine (``--threads``) while it holds the token; the waiting one sleeps in ``os.read``.
+
 Config (defaults): LLaMA with hidden 512, 8 layers, 16 heads (MHA), FFN 1408, seq 512, micro-batch 1,
 4 micro-batches per step, fp32, single process, mock data (data.mock=true, vocab 8192). APEX: ratio
 0.125, apex.partitions 2 (so attention units are expanded too), boundaries [0, S-2] of S steps,
 no initial scoring pass (it is a one-off cost before stage 1, not part of a stage).
 
-Measured, per variant and round (rounds alternate the order plain/APEX to spread machine noise):
+Measured, per variant and round (rounds alternate which variant steps first):
 * step time of every step (on_step_start -> on_step_end); the *steady state* is the steps of stage 1
   after ``--warmup`` steps and before the timed boundary. With APEX these steps include the operator
   (W_eff built per linear call, its backward, the side AdamW) and scoring (hooks + per-step ranking);
@@ -114,13 +119,21 @@ def child(args) -> None:
         cb._boundary, cb.on_optimizer_step = timed_boundary, timed_opt
         engine._Layer.effective = timed_eff
 
+    def take_turn():
+        if not os.read(args.turn_in, 1):
+            sys.exit("the other benchmark process exited")
+
     class Start(Callback):  # first callback: before APEX's on_step_start (boundary)
         def on_step_start(self, trainer, step):
+            take_turn()
             self.t0 = time.perf_counter()
 
     class End(Callback):  # last callback: after APEX's on_step_end (scoring)
         def on_step_end(self, trainer, step, metrics):
             times[step] = time.perf_counter() - start.t0
+            os.write(args.turn_out, b"t")
+            if step == args.steps - 1 and args.first:
+                take_turn()  # let the partner's last step run alone before tearing down
 
     start = Start()
     trainer = Trainer(cfg, ctx, [start] + cbs + [End()]).setup()
@@ -136,20 +149,37 @@ def child(args) -> None:
 
 
 # ---------------------------------------------------------------------- parent
-def run_variant(args, variant: str, port: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--out", out, "--port", str(port)]
-    for k in ("hidden", "layers", "heads", "ffn", "seq", "micro", "steps", "vocab", "ratio", "partitions", "threads"):
-        cmd += [f"--{k}", str(getattr(args, k))]
+def run_pair(args, order: tuple, port: int) -> dict:
+    """Both variants side by side, in lockstep through a token ring of two pipes; ``order[0]`` starts."""
+    a_to_b, b_to_a = os.pipe(), os.pipe()
+    fds = {order[0]: (b_to_a[0], a_to_b[1]), order[1]: (a_to_b[0], b_to_a[1])}  # (turn_in, turn_out)
+    procs, outs = {}, {}
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{variant} run failed:\n{proc.stderr[-4000:]}")
-    with open(out) as f:
-        res = json.load(f)
-    os.unlink(out)
-    return res
+    for i, variant in enumerate(order):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            outs[variant] = f.name
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--out", outs[variant],
+               "--port", str(port + i), "--turn-in", str(fds[variant][0]), "--turn-out", str(fds[variant][1])]
+        cmd += ["--first"] if i == 0 else []
+        for k in ("hidden", "layers", "heads", "ffn", "seq", "micro", "steps", "vocab", "ratio", "partitions",
+                  "threads"):
+            cmd += [f"--{k}", str(getattr(args, k))]
+        procs[variant] = subprocess.Popen(cmd, env=env, pass_fds=fds[variant], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True)
+    os.write(b_to_a[1], b"t")  # order[0] holds the token first
+    for fd in (*a_to_b, *b_to_a):
+        os.close(fd)  # a child that dies closes its ends, and its partner sees EOF instead of hanging
+    results = {}
+    for variant, proc in procs.items():
+        _, err = proc.communicate()
+        if proc.returncode:
+            for other in procs.values():
+                other.kill()
+            sys.exit(f"{variant} run failed:\n{err[-4000:]}")
+        with open(outs[variant]) as f:
+            results[variant] = json.load(f)
+        os.unlink(outs[variant])
+    return results
 
 
 def main() -> None:
@@ -170,6 +200,9 @@ def main() -> None:
     ap.add_argument("--child", choices=["plain", "apex"])
     ap.add_argument("--out")
     ap.add_argument("--port", type=int, default=29611)
+    ap.add_argument("--turn-in", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--turn-out", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--first", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -179,8 +212,9 @@ def main() -> None:
     runs = {"plain": [], "apex": []}
     for r in range(args.rounds):
         order = ("plain", "apex") if r % 2 == 0 else ("apex", "plain")
+        results = run_pair(args, order, args.port + 2 * r)
         for v in order:
-            res = run_variant(args, v, args.port + 2 * r + (v == "apex"))
+            res = results[v]
             runs[v].append(res)
             print(f"round {r} {v:5s}: steps " + " ".join(f"{res['step_times'][str(s)]:.3f}" for s in steady)
                   + (f" | boundary@{b} {res['boundary'][str(b)]:.3f}s" if v == "apex" else "")
@@ -190,7 +224,7 @@ def main() -> None:
         return [res["step_times"][str(s)] for res in runs[v] for s in steady]
 
     plain_t, apex_t = statistics.median(steady_times("plain")), statistics.median(steady_times("apex"))
-    # Paired per round and step (same position in the run, adjacent in time): median of the ratios.
+    # Paired per round and step (the two steps ran back to back): median of the ratios.
     paired = statistics.median(a["step_times"][str(s)] / p["step_times"][str(s)]
                                for a, p in zip(runs["apex"], runs["plain"]) for s in steady)
     bnd = statistics.median(res["boundary"][str(b)] for res in runs["apex"])

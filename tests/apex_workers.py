@@ -31,6 +31,7 @@ class RecordingApex(ApexCallback):
 
     def _boundary(self, trainer, step):
         self._cur_perms = {}
+        votes = {kind: v.tolist() for kind, v in self.votes.items()}  # the votes this boundary selects on
         super()._boundary(trainer, step)
         rec = {}
         for e in self.layers:
@@ -39,7 +40,7 @@ class RecordingApex(ApexCallback):
                 sel = e.selection.get(kind)
                 rec[e.index][kind] = None if sel is None else {
                     k: sel[k].reshape(-1).tolist() for k in ("P", "N", "E", "p_pos", "n_pos")}
-        self.record.append({"step": step, "stage": self.stage, "layers": rec})
+        self.record.append({"step": step, "stage": self.stage, "layers": rec, "votes": votes})
         self.perms.append(self._cur_perms)
 
 

@@ -167,3 +167,19 @@ def test_inplace_path_equals_per_call_path(tiny_config, tiny_data):
     ref = run_distributed(train_worker, 1, tiny_config, overrides, functional_path_callbacks)[0]
     assert max(abs(fast["losses"][k] - ref["losses"][k]) for k in ref["losses"]) < 1e-5
     assert fast["valid"] and max(abs(fast["valid"][k] - ref["valid"][k]) for k in ref["valid"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_activation_recompute_counts_each_micro_batch_once(tiny_data, tiny_config):
+    """Full activation recomputation re-runs every layer's forward inside the backward, which fires the
+    scoring hooks a second time; those must not vote: votes, selections and losses are those of the
+    same run without recomputation."""
+    base = {"apex.boundaries": "[0, 2, 4]", "train.train_steps": 5}
+    (ref,) = run_distributed(apex_train_worker, 1, tiny_config, _over(tiny_data, **base))
+    (rec,) = run_distributed(apex_train_worker, 1, tiny_config,
+                             _over(tiny_data, **base, **{"train.recompute_activations": True}))
+    assert [b["step"] for b in rec["record"]] == [0, 2, 4]
+    assert any(v != 0 for b in ref["record"][1:] for rows in b["votes"].values() for row in rows for v in row)
+    assert [b["votes"] for b in rec["record"]] == [b["votes"] for b in ref["record"]]
+    assert [b["layers"] for b in rec["record"]] == [b["layers"] for b in ref["record"]]
+    assert max(abs(rec["losses"][k] - ref["losses"][k]) for k in ref["losses"]) < 1e-5

@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.random import is_checkpointing
 
 from megatron_apex.config import Config, ConfigError
 from megatron_apex.expansion.inplace import InPlaceLayer
@@ -159,9 +160,14 @@ class ApexCallback(Callback):
                 if "embedding" not in name and "output_layer" not in name:
                     p.requires_grad_(False)
 
+    def _recording(self) -> bool:
+        """Statistics are taken on the forward pass only: with activation recomputation megatron-core
+        re-runs each layer's forward (with grad enabled) inside the backward, which must not vote twice."""
+        return self.recording and not (is_checkpointing() and torch.is_grad_enabled())
+
     def _ffn_hook(self, li: int):
         def hook(module, inputs, output):
-            if self.recording:
+            if self._recording():
                 out = output[0] if isinstance(output, tuple) else output  # [s, b, 2*f_local] = [gate | up]
                 f_local = out.shape[-1] // 2
                 self._stats[li]["ffn"].append(unit_sq_norms_ffn(out.detach()[..., :f_local]))
@@ -171,7 +177,7 @@ class ApexCallback(Callback):
         ng_local = self.cfg.model.query_groups // self.cfg.parallel.tensor_model_parallel_size
 
         def hook(module, inputs):
-            if self.recording:  # inputs[0]: core attention output [s, b, np_local * d]
+            if self._recording():  # inputs[0]: core attention output [s, b, np_local * d]
                 self._stats[li]["attn"].append(unit_sq_norms_attn(inputs[0].detach(), ng_local))
         return hook
 

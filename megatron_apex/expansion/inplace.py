@@ -23,28 +23,36 @@ from __future__ import annotations
 
 import torch
 
-from megatron_apex.expansion.monarch import monarch_apply
+from megatron_apex.expansion.monarch import monarch_backward, monarch_left, monarch_right
 from megatron_apex.expansion.operator import unit_rows
 
 
 class _Segment:
-    """The P and N slices of one weight under one operator: ``[B, m]`` row (or column) indices."""
+    """The P and N slices of one weight under one operator, read and written together.
+
+    ``p_idx``/``n_idx`` are ``[B, m]`` row (or column) indices; ``pn`` is their concatenation, so one
+    ``index_select`` reads, and one ``index_copy_`` writes, both sets as a ``[2, B, m, c]`` tensor
+    (``[0]`` = P, ``[1]`` = N). Columns of a row-type weight are transposed into rows.
+    """
 
     def __init__(self, kind: str, dim: int, p_idx: torch.Tensor, n_idx: torch.Tensor, beta):
         self.kind, self.dim, self.beta = kind, dim, beta
-        self.shape = p_idx.shape  # [B, m]
-        self.p_flat, self.n_flat = p_idx.reshape(-1), n_idx.reshape(-1)
+        self.shape = (2, *p_idx.shape)  # [2, B, m]
+        self.pn = torch.cat([p_idx.reshape(-1), n_idx.reshape(-1)])
+        self.n = n_idx.reshape(-1)
 
-    def read(self, t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Rows -> [B, m, c] (columns of a row-type weight are transposed into rows)."""
-        x = t.index_select(self.dim, flat)
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        """P and N rows of ``t`` -> ``[2, B, m, c]`` (a fresh tensor)."""
+        x = t.index_select(self.dim, self.pn)
         if self.dim == 1:
             x = x.t()
         return x.reshape(*self.shape, -1)
 
-    def write(self, t: torch.Tensor, flat: torch.Tensor, x: torch.Tensor) -> None:
-        x = x.reshape(flat.numel(), -1)
-        t.index_copy_(self.dim, flat, (x.t() if self.dim == 1 else x).to(t.dtype))
+    def write(self, t: torch.Tensor, x: torch.Tensor) -> None:
+        """``x`` ``[2, B, m, c]`` into the P and N rows of ``t``; ``[B, m, c]`` into the N rows only."""
+        idx = self.pn if x.dim() == 4 else self.n
+        x = x.reshape(idx.numel(), -1).to(t.dtype)
+        t.index_copy_(self.dim, idx, x.t() if self.dim == 1 else x)
 
 
 class _Group:
@@ -52,59 +60,60 @@ class _Group:
 
     def __init__(self, lf, rf, alpha, segments: list):
         self.lf, self.rf, self.alpha, self.segments = lf, rf, alpha, segments
+        self.ct = torch.promote_types(rf.dtype, torch.float32)  # compute dtype: fp32 at least
+        self.widths = None
         self.saved = None
-
-    def _weights(self, linears, s: _Segment):
-        return linears[s.kind].weight
 
     @torch.no_grad()
     def materialize(self, linears) -> None:
-        xp = [s.read(self._weights(linears, s).data, s.p_flat).float() for s in self.segments]
-        xn = [s.read(self._weights(linears, s).data, s.n_flat).float() for s in self.segments]
-        widths = [x.shape[-1] for x in xp]
-        mixed = monarch_apply(self.lf.float(), self.rf.float(), torch.cat(xp, dim=-1)).split(widths, dim=-1)
-        alpha = self.alpha.float().unsqueeze(-1)
-        for s, p, n, y in zip(self.segments, xp, xn, mixed):
-            w = self._weights(linears, s).data
-            s.write(w, s.n_flat, alpha * n + y)
-            if s.beta is not None:
-                s.write(w, s.p_flat, s.beta.float().unsqueeze(-1) * p)
-        self.saved = (xp, xn)
+        xs = [s.read(linears[s.kind].weight.data).to(self.ct) for s in self.segments]  # [2, B, m, c]
+        self.widths = [x.shape[-1] for x in xs]
+        xp = torch.cat([x[0] for x in xs], dim=-1)  # [B, m, C]
+        y = monarch_right(self.rf.to(self.ct), xp)  # kept for the chain rule
+        mixed = monarch_left(self.lf.to(self.ct), y).split(self.widths, dim=-1)
+        alpha = self.alpha.to(self.ct).unsqueeze(-1)
+        for s, x, mix in zip(self.segments, xs, mixed):
+            w = linears[s.kind].weight.data
+            if s.beta is None:
+                s.write(w, mix.addcmul_(alpha, x[1]))  # W_eff[N] = alpha * W[N] + M W[P]
+            else:
+                out = torch.empty_like(x)
+                torch.mul(s.beta.to(self.ct).unsqueeze(-1), x[0], out=out[0])  # W_eff[P] = beta * W[P]
+                torch.addcmul(mix, alpha, x[1], out=out[1])
+                s.write(w, out)
+        self.saved = (xs, xp, y)
 
+    @torch.no_grad()
     def restore(self, linears, with_grads: bool) -> None:
-        xp, xn = self.saved
+        xs, xp, y = self.saved
         if with_grads:
-            self._chain_rule(linears, xp, xn)
-        with torch.no_grad():
-            for s, p, n in zip(self.segments, xp, xn):
-                w = self._weights(linears, s).data
-                s.write(w, s.n_flat, n)
-                s.write(w, s.p_flat, p)
+            self._chain_rule(linears, xs, xp, y)
+        for s, x in zip(self.segments, xs):
+            s.write(linears[s.kind].weight.data, x)
         self.saved = None
 
-    def _chain_rule(self, linears, xp: list, xn: list) -> None:
-        gp = [s.read(self._weights(linears, s).main_grad, s.p_flat).float() for s in self.segments]
-        gn = [s.read(self._weights(linears, s).main_grad, s.n_flat).float() for s in self.segments]
-        alpha = self.alpha.float().unsqueeze(-1)
-        # dL/dalpha, dL/dbeta: per row of the stacked units, summed over columns (and shared segments).
-        d_alpha = sum((g * n).sum(-1) for g, n in zip(gn, xn))
-        # dL/dM (through the Monarch factors) and M^T dL/dW_eff[N], by one small backward.
-        widths = [x.shape[-1] for x in xp]
-        with torch.enable_grad():
-            lf, rf = self.lf.detach().float().requires_grad_(), self.rf.detach().float().requires_grad_()
-            x = torch.cat(xp, dim=-1).requires_grad_()
-            d_lf, d_rf, d_x = torch.autograd.grad(monarch_apply(lf, rf, x), (lf, rf, x), torch.cat(gn, dim=-1))
-        with torch.no_grad():
-            for s, p, g_p, g_n, d_mix in zip(self.segments, xp, gp, gn, d_x.split(widths, dim=-1)):
-                main_grad = self._weights(linears, s).main_grad
-                d_p = d_mix + (s.beta.float().unsqueeze(-1) * g_p if s.beta is not None else g_p)
-                s.write(main_grad, s.n_flat, alpha * g_n)
-                s.write(main_grad, s.p_flat, d_p)
-                if s.beta is not None:
-                    _accumulate(s.beta, (g_p * p).sum(-1))
-            _accumulate(self.alpha, d_alpha)
-            _accumulate(self.lf, d_lf)
-            _accumulate(self.rf, d_rf)
+    def _chain_rule(self, linears, xs: list, xp: torch.Tensor, y: torch.Tensor) -> None:
+        """dL/dW on the P and N rows of main_grad, and the operator's gradients, in closed form.
+
+        With u = L (R x_P) (Monarch, see monarch.py) and g = dL/dW_eff: dL/dW[N] = alpha * g[N],
+        dL/dW[P] = beta * g[P] + M^T g[N], dL/dalpha = sum(g[N] * W[N]), dL/dbeta = sum(g[P] * W[P]).
+        """
+        gs = [s.read(linears[s.kind].weight.main_grad).to(self.ct) for s in self.segments]  # [2, B, m, c]
+        gn = torch.cat([g[1] for g in gs], dim=-1)  # [B, m, C] = dL/du
+        d_lf, d_rf, d_x = monarch_backward(self.lf.to(self.ct), self.rf.to(self.ct), xp, y, gn)
+        alpha = self.alpha.to(self.ct).unsqueeze(-1)
+        d_alpha = 0
+        for s, x, g, d_mix in zip(self.segments, xs, gs, d_x.split(self.widths, dim=-1)):
+            d_alpha = d_alpha + torch.linalg.vecdot(g[1], x[1])
+            if s.beta is not None:
+                _accumulate(s.beta, torch.linalg.vecdot(g[0], x[0]))
+                g[0].mul_(s.beta.to(self.ct).unsqueeze(-1))
+            g[0].add_(d_mix)  # dL/dW[P]
+            g[1].mul_(alpha)  # dL/dW[N]
+            s.write(linears[s.kind].weight.main_grad, g)
+        _accumulate(self.alpha, d_alpha)
+        _accumulate(self.lf, d_lf)
+        _accumulate(self.rf, d_rf)
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:

@@ -21,7 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_to_dense", "monarch_init"]
+__all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_right", "monarch_left", "monarch_backward",
+           "monarch_to_dense", "monarch_init"]
 
 
 def monarch_shape(m: int) -> Tuple[int, int]:
@@ -60,10 +61,39 @@ def monarch_apply(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> torch.
     m, c = x.shape[1], x.shape[2]
     if rf.shape != (nparts, nb, bs, bs) or x.shape[0] != nparts or m != nb * bs:
         raise ValueError(f"monarch_apply: inconsistent shapes L{tuple(lf.shape)} R{tuple(rf.shape)} X{tuple(x.shape)}")
-    xv = x.reshape(nparts, nb, bs, c)  # [B, nb, bs, c]
-    y = torch.einsum("bipq,biqc->bipc", rf, xv)  # [B, nb, bs, c]  block-diag R
-    u = torch.einsum("bjik,bkjc->bijc", lf, y)  # [B, nb, bs, c]  transpose, block-diag L, transpose back
-    return u.reshape(nparts, m, c)
+    return monarch_left(lf, monarch_right(rf, x))
+
+
+def monarch_right(rf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Step 1, block-diagonal R: ``x`` ``[B, m, c]`` -> ``y`` ``[B, nb, bs, c]``."""
+    nparts, nb, bs, _ = rf.shape
+    return torch.einsum("bipq,biqc->bipc", rf, x.reshape(nparts, nb, bs, -1))
+
+
+def monarch_left(lf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Steps 2-4, L across the blocks: ``y`` ``[B, nb, bs, c]`` -> ``[B, m, c]``."""
+    return torch.einsum("bjik,bkjc->bijc", lf, y).reshape(lf.shape[0], -1, y.shape[-1])
+
+
+def monarch_backward(
+    lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Closed-form vector-Jacobian product of :func:`monarch_apply`, without autograd.
+
+    Args:
+        lf, rf, x: the inputs of the forward; ``y = monarch_right(rf, x)`` (kept from the forward).
+        grad: ``[B, m, c]`` dL/d(output).
+
+    Returns:
+        (dL/dlf, dL/drf, dL/dx), shaped like lf, rf, x.
+    """
+    nparts, bs, nb, _ = lf.shape
+    du = grad.reshape(nparts, nb, bs, -1)  # [B, nb(i), bs(j), c]
+    d_lf = torch.einsum("bijc,bkjc->bjik", du, y)
+    d_y = torch.einsum("bjik,bijc->bkjc", lf, du)  # [B, nb, bs, c]
+    d_rf = torch.einsum("bipc,biqc->bipq", d_y, x.reshape(nparts, nb, bs, -1))
+    d_x = torch.einsum("bipq,bipc->biqc", rf, d_y)
+    return d_lf, d_rf, d_x.reshape(x.shape)
 
 
 def monarch_to_dense(lf: torch.Tensor, rf: torch.Tensor) -> torch.Tensor:

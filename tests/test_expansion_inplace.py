@@ -1,0 +1,74 @@
+"""The once-per-step in-place operator (expansion/inplace.py) against autograd on the functional path."""
+import types
+
+import pytest
+import torch
+
+from megatron_apex.expansion.inplace import InPlaceLayer
+from test_expansion_operator import CONFIGS, F64, _build, _effective, _perturb
+
+KINDS = {"qkv": "linear_qkv.weight", "proj": "linear_proj.weight", "fc1": "linear_fc1.weight",
+         "fc2": "linear_fc2.weight"}
+
+
+def _linears(weights, grads):
+    """Stand-ins for megatron-core linears: a weight Parameter carrying main_grad = dL/dW_eff."""
+    out = {}
+    for kind, name in KINDS.items():
+        w = torch.nn.Parameter(weights[name].clone())
+        w.main_grad = grads[name].clone()
+        out[kind] = types.SimpleNamespace(weight=w)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_inplace_equals_autograd(name):
+    """materialize writes exactly W_eff; restore(with_grads) turns dL/dW_eff into dL/dW on main_grad,
+    accumulates the operator's gradients as autograd computes them, and puts W back bit for bit."""
+    cfg = CONFIGS[name]
+    attn, ffn, weights = _build(cfg, seed=3)
+    _perturb(attn, 11)
+    _perturb(ffn, 12)
+    g = torch.Generator().manual_seed(5)
+    grads = {k: torch.randn(w.shape, generator=g, dtype=F64) for k, w in weights.items()}  # dL/dW_eff
+
+    # Reference: L = sum(W_eff * G) so dL/dW_eff = G; autograd through the functional path.
+    ref_w = {k: w.clone().requires_grad_() for k, w in weights.items()}
+    eff = _effective(attn, ffn, ref_w)
+    sum((eff[k] * grads[k]).sum() for k in eff).backward()
+    ref_op_grads = {f"{m}.{n}": p.grad.clone() for m, op in (("attn", attn), ("ffn", ffn))
+                    for n, p in op.named_parameters()}
+    for op in (attn, ffn):
+        op.zero_grad(set_to_none=True)
+
+    linears = _linears(weights, grads)
+    layer = InPlaceLayer(linears, attn, ffn, cfg["d"], cfg["nh"] // cfg["ng"])
+    layer.materialize()
+    for kind, key in KINDS.items():
+        torch.testing.assert_close(linears[kind].weight.data, eff[key].detach(), rtol=1e-12, atol=1e-12)
+    layer.restore(with_grads=True)
+    for kind, key in KINDS.items():
+        assert torch.equal(linears[kind].weight.data, weights[key]), kind  # originals back, exactly
+        torch.testing.assert_close(linears[kind].weight.main_grad, ref_w[key].grad, rtol=1e-12, atol=1e-12)
+    got = {f"{m}.{n}": p.grad for m, op in (("attn", attn), ("ffn", ffn)) for n, p in op.named_parameters()}
+    assert got.keys() == ref_op_grads.keys()
+    for k in got:
+        assert got[k] is not None, k
+        torch.testing.assert_close(got[k], ref_op_grads[k], rtol=1e-12, atol=1e-12)
+
+
+def test_restore_without_grads_leaves_main_grad():
+    """restore(with_grads=False) (evaluation, checkpoints) only puts the weights back."""
+    attn, ffn, weights = _build(CONFIGS["gqa"], seed=4)
+    _perturb(attn, 1)
+    _perturb(ffn, 2)
+    grads = {k: torch.randn(w.shape, dtype=F64) for k, w in weights.items()}
+    linears = _linears(weights, grads)
+    layer = InPlaceLayer(linears, attn, ffn, CONFIGS["gqa"]["d"], 2)
+    layer.materialize()
+    assert any(not torch.equal(linears[k].weight.data, weights[n]) for k, n in KINDS.items())
+    layer.restore(with_grads=False)
+    for kind, key in KINDS.items():
+        assert torch.equal(linears[kind].weight.data, weights[key])
+        assert torch.equal(linears[kind].weight.main_grad, grads[key])
+    assert all(p.grad is None for op in (attn, ffn) for p in op.parameters())
