@@ -324,3 +324,44 @@ def test_safetensors_writer_is_readable_without_transformers(tmp_path):
     for n, t in tensors.items():
         with safe_open(str(tmp_path / index["weight_map"][n]), "pt") as f:
             assert torch.equal(f.get_tensor(n), t)
+
+
+def test_hf_source_reads_straight_into_a_destination(tmp_path):
+    from megatron_apex.convert.hf_io import HFTensorSource, SafetensorsShardWriter
+
+    t = torch.randn(4, 3)
+    writer = SafetensorsShardWriter(str(tmp_path), [("w", (4, 3), torch.float32)], max_shard_bytes=10 ** 9)
+    writer.add("w", t)
+    writer.close()
+    source = HFTensorSource(str(tmp_path))
+    padded = torch.full((6, 3), 7.0)
+    source.read_into("w", padded[:4])  # the rows of a larger tensor, as the padded embedding is filled
+    assert torch.equal(padded[:4], t) and torch.equal(padded[4:], torch.full((2, 3), 7.0))
+    half = torch.empty(4, 3, dtype=torch.bfloat16)
+    source.read_into("w", half)  # another dtype: cast on the way in
+    assert torch.equal(half, t.to(torch.bfloat16))
+    with pytest.raises(M.ConversionError, match="'w': shape"):
+        source.read_into("w", torch.empty(3, 4))
+
+
+def test_checkpoint_saves_and_loads_swiglu_halves_without_copies():
+    """The fc1 halves are handed to the torch_dist writer as slices with storages of their own (so it
+    does not clone them), and loaded halves that are the model's own slices are not concatenated."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    from megatron_apex.training.checkpoint import _merge_in_place, _share_cpu_slices
+
+    w = torch.randn(8, 3)
+    sd = {"fc1": apply_swiglu_sharded_factory(ShardedTensor.from_rank_offsets("fc1", w), ())}
+    _share_cpu_slices(sd)
+    for half, expected, offset in zip(sd["fc1"], w.chunk(2), (0, 12)):
+        t = half.data
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size() == 48
+        assert t.data_ptr() == w.data_ptr() + offset * 4 and torch.equal(t, expected)
+
+    factory = apply_swiglu_sharded_factory(ShardedTensor.from_rank_offsets("fc1", w), ())
+    _merge_in_place({"model": {"fc1": factory}})
+    assert factory.merge_fn([h.data for h in factory.build()]) is w  # loaded in place: nothing to merge
+    merged = factory.merge_fn([h.data.clone() for h in factory.build()])  # elsewhere: the factory's own merge
+    assert merged is not w and torch.equal(merged, w)

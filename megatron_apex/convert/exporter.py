@@ -1,8 +1,9 @@
 """megatron_apex checkpoint (any TP/PP, root or iter_* directory) -> Hugging Face LlamaForCausalLM.
 
-The checkpoint is loaded once into a TP=1/PP=1 CPU model in its stored dtype; HF tensors are then
-produced layer by layer and written straight into safetensors shards whose headers were planned
-from the shapes, so peak memory stays near one copy of the model. Needs no ``transformers``.
+The checkpoint is loaded once, in place, into a TP=1/PP=1 CPU model in its stored dtype; HF tensors
+are then produced layer by layer and written straight into safetensors shards whose headers were
+planned from the shapes, so peak memory stays near one copy of the model (plus the one-tensor read
+buffer of torch.distributed.checkpoint). Needs no ``transformers``.
 """
 
 from __future__ import annotations

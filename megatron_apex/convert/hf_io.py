@@ -2,7 +2,8 @@
 
 :class:`HFTensorSource` opens ``model.safetensors``, a sharded set with
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` (memory-mapped), and hands out tensors
-by name without loading the rest. :class:`SafetensorsShardWriter` writes sharded safetensors
+by name without loading the rest, or reads one straight into a destination tensor (a model's
+parameter), with no copy in between. :class:`SafetensorsShardWriter` writes sharded safetensors
 files whose headers are planned up front from the tensor shapes, so each tensor is written as
 soon as it is produced and then freed: peak memory is one tensor, not one shard. The file layout
 (u64 header length, JSON header, raw little-endian bytes) is the safetensors format; only the
@@ -71,13 +72,24 @@ class SafetensorsFile:
     def get_slice(self, name: str):
         return _Shape(self.header[name]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.header[name]["dtype"]
+        if code not in _TORCH_DTYPES:
+            raise ConversionError(f"{self.path}: tensor {name} has unsupported dtype {code}")
+        return _TORCH_DTYPES[code]
+
     def get_tensor(self, name: str) -> torch.Tensor:
+        return self.read_into(name, torch.empty(self.header[name]["shape"], dtype=self.dtype(name)))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor ``name`` straight into ``out`` (contiguous, of the stored shape and dtype)."""
         info = self.header[name]
-        if info["dtype"] not in _TORCH_DTYPES:
-            raise ConversionError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if tuple(out.shape) != tuple(info["shape"]) or out.dtype != self.dtype(name) or not out.is_contiguous():
+            raise ConversionError(f"{self.path}: tensor {name} is {info['dtype']} {info['shape']}, cannot be read "
+                                  f"into a {'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} "
+                                  f"{list(out.shape)} tensor")
         begin, end = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
-        buf = out.view(torch.uint8).reshape(-1).numpy() if out.numel() else None
+        buf = out.detach().view(torch.uint8).reshape(-1).numpy() if out.numel() else None
         if buf is not None and buf.nbytes != end - begin:
             raise ConversionError(f"{self.path}: tensor {name}: {end - begin} bytes for shape {info['shape']}")
         with open(self.path, "rb") as f:
@@ -142,6 +154,18 @@ class HFTensorSource:
             raise ConversionError(f"tensor {name!r} is missing from {self.hf_dir}")
         handle = self._open(self.weight_map[name])
         return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (of the tensor's shape) with tensor ``name``, cast to ``out``'s dtype. A safetensors
+        tensor of ``out``'s dtype is read straight into a contiguous ``out``, with no temporary copy."""
+        if tuple(out.shape) != self.shape(name):
+            raise ConversionError(f"tensor {name!r}: shape {self.shape(name)} does not fit the destination "
+                                  f"{tuple(out.shape)}")
+        handle = self._open(self.weight_map[name])
+        if isinstance(handle, SafetensorsFile) and out.is_contiguous() and handle.dtype(name) == out.dtype:
+            handle.read_into(name, out)
+        else:
+            out.copy_(self.get(name))
 
     def shape(self, name: str) -> tuple:
         """A tensor's shape without reading its data (safetensors) or with a memory map (.bin)."""

@@ -1,7 +1,8 @@
 """Hugging Face LLaMA/Mistral directory -> megatron_apex weights-only checkpoint.
 
-Streaming: the megatron model is allocated once (uninitialised) and filled layer by layer from
-HF tensors read lazily one at a time, so peak memory stays near one copy of the model. The
+Streaming: the megatron model is allocated once (uninitialised) and filled layer by layer, each HF
+tensor read straight into its place in the model's parameters, so peak memory stays near one copy
+of the model (the checkpoint save then writes the parameters without staging copies). The
 checkpoint is written at TP=1/PP=1; torch_dist stores global tensors, so it loads under any
 layout. The target layout (``tp``, ``pp``) is checked up front and recorded in the checkpoint.
 """
@@ -94,39 +95,56 @@ def check_hf_tensors(source: HFTensorSource, m) -> list:
 
 
 def copy_hf_into_model(model, source: HFTensorSource, m, padded_vocab: int, progress: bool = True) -> None:
-    """Fill every parameter of a TP=1/PP=1 model from the HF tensors, one layer at a time."""
+    """Fill every parameter of a TP=1/PP=1 model from the HF tensors, one layer at a time.
+
+    Each HF tensor is read straight into its place in the model's parameter (the rows of the padded
+    embedding, the gate/up halves of fc1); q/k/v go through one small temporary each, copied into
+    the group-major slots of the fused QKV. No converted copy of a parameter is built on the side."""
     from tqdm import tqdm
 
     params = dict(model.named_parameters())
     seen = set()
+    nh, ng, d, h, f = m.num_attention_heads, m.query_groups, m.head_dim, m.hidden_size, m.ffn_hidden_size
 
-    def put(name: str, value: torch.Tensor) -> None:
+    def param(name: str, shape: tuple) -> torch.Tensor:
         p = params[name]
-        if p.shape != value.shape:
-            raise M.ConversionError(f"{name}: converted shape {tuple(value.shape)} != model's {tuple(p.shape)}")
-        p.data.copy_(value)
+        if tuple(p.shape) != tuple(shape):
+            raise M.ConversionError(f"{name}: converted shape {tuple(shape)} != model's {tuple(p.shape)}")
         seen.add(name)
+        return p.data
 
-    nh, ng, d = m.num_attention_heads, m.query_groups, m.head_dim
+    def fill(name: str, hf_name: str) -> None:
+        source.read_into(hf_name, param(name, source.shape(hf_name)))
+
+    def fill_vocab(name: str, hf_name: str) -> None:  # [V, h] into the first V rows of [Vp, h], zeros below
+        v = source.shape(hf_name)[0]
+        if v > padded_vocab:
+            raise M.ConversionError(f"vocabulary {v} is larger than the padded size {padded_vocab}")
+        w = param(name, (padded_vocab, h))
+        source.read_into(hf_name, w[:v])
+        w[v:].zero_()
+
     with torch.no_grad():
-        embed = source.get(M.HF_EMBED)
-        put(M.MC_EMBED, M.pad_vocab(embed, padded_vocab))
-        if m.tie_embeddings and M.HF_LM_HEAD in source and not torch.equal(source.get(M.HF_LM_HEAD), embed):
+        if (m.tie_embeddings and M.HF_LM_HEAD in source
+                and not torch.equal(source.get(M.HF_LM_HEAD), source.get(M.HF_EMBED))):
             raise M.ConversionError("tie_word_embeddings=true but lm_head.weight differs from "
                                     "model.embed_tokens.weight; the tie setting does not match the weights")
-        del embed
+        fill_vocab(M.MC_EMBED, M.HF_EMBED)
         for i in tqdm(range(m.num_layers), desc="import layers", disable=not progress):
             hn, mn = M.hf_layer_names(i), M.mcore_layer_names(i)
-            put(mn["input_norm"], source.get(hn["input_norm"]))
-            put(mn["qkv"], M.hf_to_mcore_qkv(source.get(hn["q"]), source.get(hn["k"]), source.get(hn["v"]),
-                                             nh, ng, d))
-            put(mn["o"], source.get(hn["o"]))
-            put(mn["post_norm"], source.get(hn["post_norm"]))
-            put(mn["fc1"], M.merge_fc1(source.get(hn["gate"]), source.get(hn["up"])))
-            put(mn["down"], source.get(hn["down"]))
-        put(M.MC_NORM, source.get(M.HF_NORM))
+            fill(mn["input_norm"], hn["input_norm"])
+            qkv = param(mn["qkv"], ((nh + 2 * ng) * d, h))
+            for part, role in zip(M.qkv_parts(qkv, nh, ng, d), ("q", "k", "v")):
+                part.copy_(source.get(hn[role]).reshape(part.shape))
+            fill(mn["o"], hn["o"])
+            fill(mn["post_norm"], hn["post_norm"])
+            gate, up = M.split_fc1(param(mn["fc1"], (2 * f, h)))
+            source.read_into(hn["gate"], gate)
+            source.read_into(hn["up"], up)
+            fill(mn["down"], hn["down"])
+        fill(M.MC_NORM, M.HF_NORM)
         if not m.tie_embeddings:
-            put(M.MC_OUTPUT, M.pad_vocab(source.get(M.HF_LM_HEAD), padded_vocab))
+            fill_vocab(M.MC_OUTPUT, M.HF_LM_HEAD)
     left = sorted(set(params) - seen)
     if left:
         raise M.ConversionError(f"model parameters not filled from the HF weights: {', '.join(left)}")

@@ -43,16 +43,24 @@ def hf_to_mcore_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
     return qkv.reshape(ng * (r + 2) * d, h)
 
 
-def mcore_to_hf_qkv(qkv: torch.Tensor, num_heads: int, num_query_groups: int,
-                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused ``linear_qkv`` [(nh + 2 ng) d, h] -> (q_proj [nh d, h], k_proj [ng d, h], v_proj [ng d, h])."""
+def qkv_parts(qkv: torch.Tensor, num_heads: int, num_query_groups: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a contiguous fused ``linear_qkv`` [(nh + 2 ng) d, h] as (q [ng, r d, h], k [ng, d, h],
+    v [ng, d, h]); each reshapes to its HF tensor ([nh d, h], [ng d, h], [ng d, h]). Writing into the
+    views fills the fused tensor in place."""
     ng, d = num_query_groups, head_dim
     r = num_heads // ng
     h = qkv.shape[-1]
     _expect(qkv, ((num_heads + 2 * ng) * d, h), "linear_qkv")
-    x = qkv.reshape(ng, (r + 2) * d, h)  # [ng, (r+2) d, h]
-    q, k, v = torch.split(x, [r * d, d, d], dim=1)
-    return q.reshape(num_heads * d, h), k.reshape(ng * d, h), v.reshape(ng * d, h)
+    return torch.split(qkv.view(ng, (r + 2) * d, h), [r * d, d, d], dim=1)
+
+
+def mcore_to_hf_qkv(qkv: torch.Tensor, num_heads: int, num_query_groups: int,
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``linear_qkv`` [(nh + 2 ng) d, h] -> (q_proj [nh d, h], k_proj [ng d, h], v_proj [ng d, h])."""
+    q, k, v = qkv_parts(qkv.contiguous(), num_heads, num_query_groups, head_dim)
+    h = qkv.shape[-1]
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
 def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
                "has_optimizer": optimizer is not None,
                "config": cfg.to_dict(), "layout": _layout(ctx),
                "model_signature": model_signature(cfg, padded_vocab), **(extra_common or {})})
+    _share_cpu_slices(sd)
     dist_checkpointing.save(sd, target)
     dist.barrier()
     if ctx.rank == 0:
@@ -156,6 +157,71 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
     dist.barrier()
     logger.info("saved checkpoint %s", target)
     return target
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on the same memory as the contiguous CPU tensor ``t`` whose storage is exactly ``t``'s
+    bytes (no copy): ``torch.from_numpy`` wraps the numpy view of those bytes in a storage of its own."""
+    raw = torch.from_numpy(t.detach().reshape(-1).view(torch.uint8).numpy())
+    return raw.view(t.dtype).view(t.shape)
+
+
+def _share_cpu_slices(sd: dict) -> None:
+    """Let the torch_dist writer save CPU slices of larger tensors without copying them first.
+
+    The writer clones every CPU tensor that is a slice of a larger storage (``torch.save`` would
+    otherwise write the whole storage), and it does so for all tensors before writing any: with
+    SwiGLU each ``linear_fc1.weight`` is saved as two halves, so a CPU save held a second copy of
+    every fc1 weight (1.9 GiB for a 1.1B LLaMA). Giving each contiguous slice a storage of its own
+    over the same memory writes the same bytes with no copy. Factories are applied here (the
+    save applies them first anyway) so that their slices are seen; GPU tensors are left alone."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    def share(x):
+        t = x.data if isinstance(x, ShardedTensor) and x.flattened_range is None else None
+        if (t is not None and t.device.type == "cpu" and t.numel() and t.is_contiguous()
+                and t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+            x.data = _own_storage(t)
+        return x
+
+    apply_factories(sd)
+    dict_list_map_inplace(share, sd)
+
+
+def _merge_in_place(sd: dict) -> None:
+    """Skip the copy that merging a factory's loaded pieces makes when they were loaded in place.
+
+    A factory (SwiGLU's fc1 halves) hands the loader views of the model's tensor; the loader fills
+    those views in place, and the merge then concatenates them into a new tensor, which for a CPU
+    model held a second copy of every fc1 weight until the state dict was applied. When the loaded
+    pieces are exactly consecutive views tiling the factory's tensor, that tensor already holds the
+    merged value (the merge is the inverse of the split), so it is returned as is; anything else
+    goes through the factory's own merge."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    def in_place(merge, whole):
+        def merge_fn(pieces):
+            return whole if _tiles(pieces, whole) else merge(pieces)
+        return merge_fn
+
+    for factory in nested_values(sd):
+        if isinstance(factory, ShardedTensorFactory):
+            factory.merge_fn = in_place(factory.merge_fn, factory.data)
+
+
+def _tiles(pieces, whole) -> bool:
+    """Whether ``pieces`` are contiguous views of the contiguous ``whole``, back to back in order."""
+    if not (isinstance(pieces, list) and pieces and isinstance(whole, torch.Tensor) and whole.is_contiguous()):
+        return False
+    ptr = whole.data_ptr()
+    for t in pieces:
+        if not (isinstance(t, torch.Tensor) and t.is_contiguous() and t.dtype == whole.dtype
+                and t.device == whole.device and t.data_ptr() == ptr):
+            return False
+        ptr += t.numel() * t.element_size()
+    return ptr == whole.data_ptr() + whole.numel() * whole.element_size()
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -216,6 +282,7 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
         load_rng = False
     sd = build_state_dict(model, optimizer, ctx, is_loading=True, with_optimizer=load_optimizer,
                           with_rng=load_rng, extra_sharded=extra_sharded)
+    _merge_in_place(sd)
     loaded = dist_checkpointing.load(sd, path)
     unwrap(model).load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
