@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from megatron_apex.expansion import engine
 from megatron_apex.expansion.engine import ApexCallback
 from megatron_apex.training.trainer import Callback
 
@@ -128,7 +129,9 @@ def apex_train_worker(config_path: str, overrides: list, stop_at: Optional[int] 
            "checkpoint": result.checkpoint}
     if apex is not None:
         out.update({"record": apex.record, "perms": apex.perms, "start_state": start, "stop_state": stop_state,
-                    "stage": apex.stage, "finished": apex.finished})
+                    "stage": apex.stage, "finished": apex.finished,
+                    "silu_recorded": [e.layer.mlp.config.activation_func is not torch.nn.functional.silu
+                                      for e in apex.layers]})
     return out
 
 
@@ -283,3 +286,10 @@ def functional_path_callbacks(cfg):
         if hasattr(cb, "inplace"):
             cb.inplace = False
     return cbs
+
+
+def apex_train_worker_fc1_hook(config_path: str, overrides: list) -> dict:
+    """apex_train_worker with the FFN statistic taken by the fallback forward hook on linear_fc1
+    (SiLU recomputed) instead of from megatron-core's own SiLU."""
+    engine._record_silu = lambda mlp, recorder: False
+    return apex_train_worker(config_path, overrides)

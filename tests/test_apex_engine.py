@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from apex_workers import (apex_train_worker, function_preservation_worker, plain_state_worker,
-                          selected_mode_worker)
+from apex_workers import (apex_train_worker, apex_train_worker_fc1_hook, function_preservation_worker,
+                          plain_state_worker, selected_mode_worker)
 from distributed_utils import run_distributed
 from helpers import tiny_overrides
 
@@ -183,3 +183,16 @@ def test_activation_recompute_counts_each_micro_batch_once(tiny_data, tiny_confi
     assert [b["votes"] for b in rec["record"]] == [b["votes"] for b in ref["record"]]
     assert [b["layers"] for b in rec["record"]] == [b["layers"] for b in ref["record"]]
     assert max(abs(rec["losses"][k] - ref["losses"][k]) for k in ref["losses"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_ffn_statistic_from_megatron_silu_equals_recomputed(tiny_data, tiny_config):
+    """The FFN statistic recorded from the SiLU megatron-core computes equals the fallback that
+    recomputes SiLU from linear_fc1's output: identical votes and selections."""
+    base = {"apex.boundaries": "[0, 2]", "train.train_steps": 3}
+    (own,) = run_distributed(apex_train_worker, 1, tiny_config, _over(tiny_data, **base))
+    (hook,) = run_distributed(apex_train_worker_fc1_hook, 1, tiny_config, _over(tiny_data, **base))
+    assert own["silu_recorded"] == [True] * 4 and hook["silu_recorded"] == [False] * 4
+    assert any(v != 0 for row in own["record"][1]["votes"]["ffn"] for v in row)
+    assert [b["votes"] for b in own["record"]] == [b["votes"] for b in hook["record"]]
+    assert [b["layers"] for b in own["record"]] == [b["layers"] for b in hook["record"]]

@@ -7,6 +7,8 @@ import torch
 from megatron_apex.expansion.inplace import InPlaceLayer
 from test_expansion_operator import CONFIGS, F64, _build, _effective, _perturb
 
+# One partition too: there the packed P and N slices of a row-type weight are contiguous.
+SHAPES = {**CONFIGS, "mha-1part": dict(h=5, nh=8, ng=8, d=3, f=24, b_cfg=1, k_attn=2, k_ffn=6)}
 KINDS = {"qkv": "linear_qkv.weight", "proj": "linear_proj.weight", "fc1": "linear_fc1.weight",
          "fc2": "linear_fc2.weight"}
 
@@ -21,12 +23,24 @@ def _linears(weights, grads):
     return out
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_inplace_equals_autograd(name):
+def _pack(op, n_units):
+    """Packed positions (P units first, then N, in every partition), as the engine's boundary leaves them."""
+    b, k = op.p_pos.shape
+    base = torch.arange(b).unsqueeze(1) * (n_units // b)
+    op.set_positions(base + torch.arange(k), base + k + torch.arange(k))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["scattered", "packed"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_inplace_equals_autograd(name, packed):
     """materialize writes exactly W_eff; restore(with_grads) turns dL/dW_eff into dL/dW on main_grad,
-    accumulates the operator's gradients as autograd computes them, and puts W back bit for bit."""
-    cfg = CONFIGS[name]
+    accumulates the operator's gradients as autograd computes them, and puts W back bit for bit.
+    Scattered positions go through index gathers, packed ones through strided views."""
+    cfg = SHAPES[name]
     attn, ffn, weights = _build(cfg, seed=3)
+    if packed:
+        _pack(attn, cfg["ng"])
+        _pack(ffn, cfg["f"])
     _perturb(attn, 11)
     _perturb(ffn, 12)
     g = torch.Generator().manual_seed(5)
@@ -43,6 +57,7 @@ def test_inplace_equals_autograd(name):
 
     linears = _linears(weights, grads)
     layer = InPlaceLayer(linears, attn, ffn, cfg["d"], cfg["nh"] // cfg["ng"])
+    assert layer.packed == packed
     layer.materialize()
     for kind, key in KINDS.items():
         torch.testing.assert_close(linears[kind].weight.data, eff[key].detach(), rtol=1e-12, atol=1e-12)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_apex.expansion.partition import (
-    balance_permutation, invert_permutation, num_partitions, permute_fc1, permute_layer_weights,
+    balance_permutation, invert_permutation, num_partitions, pack_partitions, permute_fc1, permute_layer_weights,
     permute_units, round_k_to_partitions, shard_positions,
 )
 from megatron_apex.expansion.selection import select_units
@@ -169,3 +169,30 @@ def test_shard_positions():
         shard_positions(p, n, 0, 3, 16)
     with pytest.raises(ValueError):  # partition 0 holds a unit of rank 1
         shard_positions(torch.tensor([[0], [9]]), torch.tensor([[12], [1]]), 0, 2, 16)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_partitions(seed):
+    """After packing, every partition holds its P units first and its N units next (pairing and the
+    order of the other units kept), and no unit leaves the partition the balancing gave it."""
+    g = torch.Generator().manual_seed(seed)
+    n_units, num_parts = 48, [1, 2, 4, 8][seed % 4]
+    k = num_parts * (1 + seed % 3)
+    p, n = select_units(torch.randint(-5, 6, (n_units,), generator=g), torch.rand(n_units, generator=g), k)
+    perm, p_pos, n_pos = balance_permutation(p, n, n_units, num_parts)
+    packed, pp, np_ = pack_partitions(perm, p_pos, n_pos)
+    size, k_per = n_units // num_parts, k // num_parts
+    assert sorted(packed.tolist()) == list(range(n_units))
+    for b in range(num_parts):
+        assert pp[b].tolist() == list(range(b * size, b * size + k_per))
+        assert np_[b].tolist() == list(range(b * size + k_per, b * size + 2 * k_per))
+        block = set(perm[b * size:(b + 1) * size].tolist())
+        assert set(packed[b * size:(b + 1) * size].tolist()) == block  # nothing crossed a partition
+        # the i-th P (N) unit is the unit the balancing put at the i-th P (N) position
+        assert packed[pp[b]].tolist() == perm[p_pos[b]].tolist()
+        assert packed[np_[b]].tolist() == perm[n_pos[b]].tolist()
+        rest = [u for u in perm[b * size:(b + 1) * size].tolist()
+                if u not in set(perm[p_pos[b]].tolist()) | set(perm[n_pos[b]].tolist())]
+        assert packed[b * size + 2 * k_per:(b + 1) * size].tolist() == rest
+    assert set(packed[pp.reshape(-1)].tolist()) == set(p.tolist())
+    assert set(packed[np_.reshape(-1)].tolist()) == set(n.tolist())

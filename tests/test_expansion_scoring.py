@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn
+from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu
 from megatron_apex.expansion.selection import (
     k_from_ratio, progressive_k, rank_units, select_units, select_units_partial,
 )
@@ -56,6 +56,9 @@ def test_unit_sq_norms_ffn():
     assert got.dtype == torch.float32 and got.shape == (6,)
     ref = (F.silu(x.to(torch.bfloat16).double()) ** 2).sum((0, 1))
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    # From the SiLU output itself (what the engine records from megatron-core's own SiLU).
+    act = F.silu(x)
+    torch.testing.assert_close(unit_sq_norms_silu(act).double(), (act ** 2).sum((0, 1)), rtol=1e-6, atol=1e-6)
 
 
 def test_unit_sq_norms_attn_groups_columns():

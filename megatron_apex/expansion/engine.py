@@ -22,28 +22,31 @@ Design (apex-method.md section 5):
 * **Cross-rank expansion by permutation.** At a boundary the finished operator is fused into the
   master weights, P and N are selected per layer from the reduced votes, and one global
   function-preserving permutation per layer (partition.balance_permutation) gives every one of the
-  ``apex.partitions`` blocks k/B P and k/B N units. It is applied to weights, fp32 master weights and
+  ``apex.partitions`` blocks k/B P and k/B N units, packed at the start of the block
+  (partition.pack_partitions, so the in-place operator reads strided blocks). It is applied to weights, fp32 master weights and
   Adam moments (state.ParamStates; one TP all-gather per tensor, at boundaries only). The operator is
   block-diagonal over those blocks, so it is rank-local and TP=1 computes exactly what TP=2 does.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.tensor_parallel.random import is_checkpointing
 
 from megatron_apex.config import Config, ConfigError
 from megatron_apex.expansion.inplace import InPlaceLayer
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
-from megatron_apex.expansion.partition import (balance_permutation, num_partitions, permute_fc1, permute_units,
-                                               round_k_to_partitions, shard_positions)
-from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn
+from megatron_apex.expansion.partition import (balance_permutation, num_partitions, pack_partitions, permute_fc1,
+                                               permute_units, round_k_to_partitions, shard_positions)
+from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu
 from megatron_apex.expansion.selection import k_from_ratio, progressive_k, select_units, select_units_partial
 from megatron_apex.expansion.state import ParamStates, reduce_votes, tp_gather, tp_shard
 from megatron_apex.training.optim import lr_at
@@ -79,6 +82,23 @@ class _Layer:
         if op is None:
             return w
         return getattr(op, f"effective_{kind}")(w)
+
+
+def _record_silu(mlp, recorder) -> bool:
+    """Take the FFN statistic from the SiLU the MLP computes anyway, instead of computing it again.
+
+    Possible when megatron-core's MLP applies ``config.activation_func`` to the gate half itself (the
+    unfused SwiGLU path, which the model builder selects); the MLP then gets its own copy of the config
+    whose activation function also records. Returns False (the caller falls back to a forward hook on
+    linear_fc1 that recomputes SiLU) for any other activation path.
+    """
+    cfg = mlp.config
+    if (cfg.use_te_activation_func or cfg.bias_activation_fusion or not cfg.gated_linear_unit
+            or cfg.activation_func is not F.silu or cfg.activation_func_clamp_value is not None):
+        return False
+    mlp.config = copy.copy(cfg)
+    mlp.config.activation_func = recorder
+    return True
 
 
 def _install_forward(linear, layer: _Layer, kind: str) -> None:
@@ -147,7 +167,8 @@ class ApexCallback(Callback):
             if not self.inplace:
                 for kind, linear in entry.linears.items():
                     _install_forward(linear, entry, kind)
-            entry.linears["fc1"].register_forward_hook(self._ffn_hook(li))
+            if not _record_silu(layer.mlp, self._silu_recorder(li)):
+                entry.linears["fc1"].register_forward_hook(self._ffn_hook(li))
             entry.linears["proj"].register_forward_pre_hook(self._attn_hook(li))
             self.layers.append(entry)
         n_layers = len(self.layers)
@@ -164,6 +185,14 @@ class ApexCallback(Callback):
         """Statistics are taken on the forward pass only: with activation recomputation megatron-core
         re-runs each layer's forward (with grad enabled) inside the backward, which must not vote twice."""
         return self.recording and not (is_checkpointing() and torch.is_grad_enabled())
+
+    def _silu_recorder(self, li: int):
+        def silu(x: torch.Tensor) -> torch.Tensor:
+            y = F.silu(x)
+            if self._recording():
+                self._stats[li]["ffn"].append(unit_sq_norms_silu(y.detach()))
+            return y
+        return silu
 
     def _ffn_hook(self, li: int):
         def hook(module, inputs, output):
@@ -365,7 +394,7 @@ class ApexCallback(Callback):
         else:
             p_units, n_units = select_units(votes, raw.float(), k, exclude=mask)
             e_units = torch.empty(0, dtype=torch.int64)
-        perm, p_pos, n_pos = balance_permutation(p_units, n_units, n, self.parts[kind])
+        perm, p_pos, n_pos = pack_partitions(*balance_permutation(p_units, n_units, n, self.parts[kind]))
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(n)
         if self.a.progressive:

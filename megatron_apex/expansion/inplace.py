@@ -13,7 +13,9 @@ full ``W_eff`` in every linear call of every micro-batch, once per step:
 Rows outside P and N have dL/dW = dL/dW_eff and are not touched. Row-type weights (linear_proj,
 linear_fc2) are handled as their transposed columns, where the same formula holds without beta.
 Weights sharing one (M, alpha) are expanded by one Monarch call on their concatenated columns. The
-cost per step is a few passes over the P and N rows plus one small Monarch forward and backward
+engine packs the units at every boundary (P units first, N units next, in every partition), so the P
+and N rows are strided blocks of each weight; other positions (set by hand, as in tests) go through
+index gathers and scatters, with the same results. The cost per step is a few passes over the P and N rows plus one small Monarch forward and backward
 per operator, whatever the number of micro-batches or tokens. The engine falls back to building
 W_eff per call for the ``selected`` mode (frozen base weights have no gradient buffer) and with
 overlapped gradient reduction; a test checks that both paths agree.
@@ -53,6 +55,54 @@ class _Segment:
         idx = self.pn if x.dim() == 4 else self.n
         x = x.reshape(idx.numel(), -1).to(t.dtype)
         t.index_copy_(self.dim, idx, x.t() if self.dim == 1 else x)
+
+
+class _PackedSegment:
+    """The same interface as :class:`_Segment` when the units are *packed* (partition.pack_partitions):
+    in every partition the P units come first and the N units right after them, so P and N are strided
+    views of the weight and reading or writing them touches only their own memory (a gather of
+    scattered columns touches every cache line of the matrix).
+
+    The weight holds ``n_units`` units of ``unit`` rows (columns) along ``dim``, from row ``start`` on
+    (the up half of fc1 starts at f_local), in ``B`` partitions; the operator uses the
+    ``[offset, offset + size)`` slice of each unit (V rows of a query group: offset (r+1)*d, size d).
+    """
+
+    def __init__(self, kind: str, dim: int, num_parts: int, k: int, n_units: int, unit: int, offset: int,
+                 size: int, beta, start: int = 0):
+        self.kind, self.dim, self.beta = kind, dim, beta
+        self.b, self.k, self.n_units, self.unit = num_parts, k, n_units, unit
+        self.offset, self.size, self.start = offset, size, start
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        """``[2, B, k, size, c]`` view of the P ([0]) and N ([1]) slices of ``t``."""
+        sl = slice(self.offset, self.offset + self.size)
+        if self.dim == 0:
+            units = t.narrow(0, self.start, self.n_units * self.unit).view(self.b, -1, self.unit, t.shape[1])
+            return units[:, :2 * self.k, sl].unflatten(1, (2, self.k)).transpose(0, 1)
+        units = t.narrow(1, self.start, self.n_units * self.unit).view(t.shape[0], self.b, -1, self.unit)
+        return units[:, :, :2 * self.k, sl].unflatten(2, (2, self.k)).permute(2, 1, 3, 4, 0)
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        """A fresh ``[2, B, m, c]`` copy (never a view of ``t``, even where the slices are contiguous)."""
+        v = self._view(t).clone(memory_format=torch.contiguous_format)
+        return v.view(2, self.b, self.k * self.size, -1)
+
+    def write(self, t: torch.Tensor, x: torch.Tensor) -> None:
+        v = self._view(t)
+        if x.dim() == 3:
+            v = v[1]
+        v.copy_(x.reshape(v.shape))
+
+
+def _packed(op, n_local: int) -> bool:
+    """Whether the operator's local positions are packed: P at ``[0, k)``, N at ``[k, 2k)`` of every partition."""
+    b, k = op.p_pos.shape
+    if n_local % b:
+        return False
+    base = torch.arange(b, dtype=op.p_pos.dtype, device=op.p_pos.device).unsqueeze(1) * (n_local // b)
+    ar = torch.arange(k, dtype=op.p_pos.dtype, device=op.p_pos.device)
+    return torch.equal(op.p_pos, base + ar) and torch.equal(op.n_pos, base + k + ar)
 
 
 class _Group:
@@ -128,21 +178,34 @@ class InPlaceLayer:
         self.linears = linears
         self.groups = []
         if attn_op is not None and attn_op.active:
-            v_rows = lambda pos: unit_rows(pos, (r + 2) * d, (r + 1) * d, d)  # noqa: E731
-            o_cols = lambda pos: unit_rows(pos, r * d, 0, r * d)  # noqa: E731
-            v = _Segment("qkv", 0, v_rows(attn_op.p_pos), v_rows(attn_op.n_pos), attn_op.beta_v)
-            o = _Segment("proj", 1, o_cols(attn_op.p_pos), o_cols(attn_op.n_pos), None)
+            b, k = attn_op.p_pos.shape
+            ng_local = linears["qkv"].weight.shape[0] // ((r + 2) * d)
+            if _packed(attn_op, ng_local):
+                v = _PackedSegment("qkv", 0, b, k, ng_local, (r + 2) * d, (r + 1) * d, d, attn_op.beta_v)
+                o = _PackedSegment("proj", 1, b, k, ng_local, r * d, 0, r * d, None)
+            else:
+                v_rows = lambda pos: unit_rows(pos, (r + 2) * d, (r + 1) * d, d)  # noqa: E731
+                o_cols = lambda pos: unit_rows(pos, r * d, 0, r * d)  # noqa: E731
+                v = _Segment("qkv", 0, v_rows(attn_op.p_pos), v_rows(attn_op.n_pos), attn_op.beta_v)
+                o = _Segment("proj", 1, o_cols(attn_op.p_pos), o_cols(attn_op.n_pos), None)
             if attn_op.shared:
                 self.groups.append(_Group(*attn_op._v_side(), [v, o]))
             else:
                 self.groups += [_Group(*attn_op._v_side(), [v]), _Group(*attn_op._o_side(), [o])]
         if ffn_op is not None and ffn_op.active:
             f_local = linears["fc1"].weight.shape[0] // 2
+            b, k = ffn_op.p_pos.shape
             p, n = ffn_op.p_pos, ffn_op.n_pos
-            self.groups.append(_Group(ffn_op.monarch_l, ffn_op.monarch_r, ffn_op.alpha, [
-                _Segment("fc1", 0, p, n, ffn_op.beta_gate),
-                _Segment("fc1", 0, p + f_local, n + f_local, ffn_op.beta_up),
-                _Segment("fc2", 1, p, n, None)]))
+            if _packed(ffn_op, f_local):
+                segments = [_PackedSegment("fc1", 0, b, k, f_local, 1, 0, 1, ffn_op.beta_gate),
+                            _PackedSegment("fc1", 0, b, k, f_local, 1, 0, 1, ffn_op.beta_up, start=f_local),
+                            _PackedSegment("fc2", 1, b, k, f_local, 1, 0, 1, None)]
+            else:
+                segments = [_Segment("fc1", 0, p, n, ffn_op.beta_gate),
+                            _Segment("fc1", 0, p + f_local, n + f_local, ffn_op.beta_up),
+                            _Segment("fc2", 1, p, n, None)]
+            self.groups.append(_Group(ffn_op.monarch_l, ffn_op.monarch_r, ffn_op.alpha, segments))
+        self.packed = all(isinstance(s, _PackedSegment) for g in self.groups for s in g.segments)
         self.materialized = False
 
     def materialize(self) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "num_partitions",
     "round_k_to_partitions",
     "balance_permutation",
+    "pack_partitions",
     "invert_permutation",
     "permute_units",
     "permute_fc1",
@@ -122,6 +123,40 @@ def balance_permutation(
     n_pos = pos_all[new_cls == 2].view(num_parts, k_per)
     dev = p_units.device
     return perm_t.to(dev), p_pos.to(dev), n_pos.to(dev)
+
+
+def pack_partitions(
+    perm: torch.Tensor, p_pos: torch.Tensor, n_pos: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Follow ``perm`` by a reordering inside every partition: its P units first, then its N units, then
+    the others, each class in its current order.
+
+    The engine applies this after :func:`balance_permutation`, so that the P and N rows of every weight
+    are strided blocks (expansion/inplace.py reads and writes them without gathers). Units never leave
+    their partition here, so no unit crosses a TP rank beyond what the balancing moved, and the pairing
+    (the i-th P position feeds the i-th N position) is kept.
+
+    Args:
+        perm: ``[n]`` gather-form permutation (``perm[new_pos] = old_unit``).
+        p_pos, n_pos: ``[B, k_per]`` ascending positions of the P and N units after ``perm``.
+
+    Returns:
+        (perm, p_pos, n_pos) of the composed permutation; p_pos[b] = b*U + [0, k_per) and
+        n_pos[b] = b*U + k_per + [0, k_per) with U = n / B.
+    """
+    _check_perm(perm)
+    n, (num_parts, k_per) = perm.shape[0], p_pos.shape
+    size = n // num_parts
+    base = torch.arange(num_parts, dtype=torch.int64).unsqueeze(1) * size  # [B, 1]
+    p_cpu, n_cpu = p_pos.detach().cpu().long(), n_pos.detach().cpu().long()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[p_cpu.reshape(-1)] = False
+    rest[n_cpu.reshape(-1)] = False
+    others = torch.arange(n, dtype=torch.int64)[rest].view(num_parts, size - 2 * k_per)  # ascending per partition
+    order = torch.cat([p_cpu, n_cpu, others], dim=1).reshape(-1)  # [n]: new position -> position after perm
+    ar = torch.arange(k_per, dtype=torch.int64)
+    dev = perm.device
+    return perm[order.to(dev)], (base + ar).to(dev), (base + k_per + ar).to(dev)
 
 
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:

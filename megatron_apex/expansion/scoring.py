@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rank_votes", "unit_sq_norms_ffn", "unit_sq_norms_attn"]
+__all__ = ["rank_votes", "unit_sq_norms_ffn", "unit_sq_norms_silu", "unit_sq_norms_attn"]
 
 
 def rank_votes(stats: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,8 +58,13 @@ def unit_sq_norms_ffn(gate_preact: torch.Tensor) -> torch.Tensor:
         ``[f_local]`` float32 statistic. Accumulated in fp32 because bf16 sums over thousands of tokens
         lose the low-order differences the ranking depends on.
     """
-    g = F.silu(gate_preact.float())  # [s, b, f_local]
-    return g.square().reshape(-1, g.shape[-1]).sum(dim=0)  # [f_local]
+    return unit_sq_norms_silu(F.silu(gate_preact.float()))
+
+
+def unit_sq_norms_silu(gate_act: torch.Tensor) -> torch.Tensor:
+    """:func:`unit_sq_norms_ffn` from the SiLU output itself (``[s, b, f_local]``, any float dtype)."""
+    g = gate_act.float().reshape(-1, gate_act.shape[-1])  # [s*b, f_local]
+    return torch.linalg.vecdot(g, g, dim=0)  # [f_local]
 
 
 def unit_sq_norms_attn(core_attn_out: torch.Tensor, ng_local: int) -> torch.Tensor:
