@@ -11,11 +11,14 @@ Design (apex-method.md section 5):
   therefore never see parameters appear or disappear; the operator's gradients are averaged over
   the data-parallel group with one all-reduce per step (skipped when DP = 1). Every model checkpoint
   is a plain LLaMA state dict; the operator state travels as one sharded object per rank.
-* **Applied on the weights.** The four linears of a layer get a forward override that builds
-  ``W_eff = f(W, operator)`` once per call and runs the unchanged megatron-core linear with it;
-  the cost is independent of the number of tokens.
-* **Shard-aware scoring.** Forward hooks record per-unit squared norms (FFN: SiLU(gate); attention:
-  per query group of the core-attention output) per micro-batch. At the end of a step the step's
+* **Applied on the weights.** In mode ``all`` the W_eff rows of P and N are written into the weights
+  once per step and the chain rule is applied to those rows of ``main_grad`` (expansion/inplace.py);
+  otherwise the four linears of a layer get a forward override that builds ``W_eff = f(W, operator)``
+  once per call. Either way the cost is independent of the number of tokens.
+* **Shard-aware scoring.** Per-unit squared norms are recorded per micro-batch: FFN from the SiLU
+  megatron-core's MLP computes (its activation function records; a forward hook on linear_fc1 that
+  recomputes SiLU is the fallback), attention per query group of the core-attention output (a
+  pre-hook on linear_proj). The re-run forward of activation recomputation is not recorded. At the end of a step the step's
   statistics of all local layers are gathered over the TP group in *one* all-gather, ranked (top-K
   +1, bottom-K -1) and added to local vote counts, identical on all TP ranks. Votes are summed over
   the data-parallel group once, at the stage boundary.

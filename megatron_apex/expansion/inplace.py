@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_apex.expansion.monarch import monarch_backward, monarch_left, monarch_right
+from megatron_apex.expansion.monarch import monarch_backward, monarch_forward
 from megatron_apex.expansion.operator import unit_rows
 
 
@@ -119,8 +119,8 @@ class _Group:
         xs = [s.read(linears[s.kind].weight.data).to(self.ct) for s in self.segments]  # [2, B, m, c]
         self.widths = [x.shape[-1] for x in xs]
         xp = torch.cat([x[0] for x in xs], dim=-1)  # [B, m, C]
-        y = monarch_right(self.rf.to(self.ct), xp)  # kept for the chain rule
-        mixed = monarch_left(self.lf.to(self.ct), y).split(self.widths, dim=-1)
+        mixed, y = monarch_forward(self.lf.to(self.ct), self.rf.to(self.ct), xp)  # y: kept for the chain rule
+        mixed = mixed.split(self.widths, dim=-1)
         alpha = self.alpha.to(self.ct).unsqueeze(-1)
         for s, x, mix in zip(self.segments, xs, mixed):
             w = linears[s.kind].weight.data

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_right", "monarch_left", "monarch_backward",
+__all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_forward", "monarch_backward",
            "monarch_to_dense", "monarch_init"]
 
 
@@ -61,39 +61,49 @@ def monarch_apply(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> torch.
     m, c = x.shape[1], x.shape[2]
     if rf.shape != (nparts, nb, bs, bs) or x.shape[0] != nparts or m != nb * bs:
         raise ValueError(f"monarch_apply: inconsistent shapes L{tuple(lf.shape)} R{tuple(rf.shape)} X{tuple(x.shape)}")
-    return monarch_left(lf, monarch_right(rf, x))
+    return monarch_forward(lf, rf, x)[0]
 
 
-def monarch_right(rf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Step 1, block-diagonal R: ``x`` ``[B, m, c]`` -> ``y`` ``[B, nb, bs, c]``."""
-    nparts, nb, bs, _ = rf.shape
-    return torch.einsum("bipq,biqc->bipc", rf, x.reshape(nparts, nb, bs, -1))
+def monarch_forward(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`monarch_apply` (no shape checks) that also returns what :func:`monarch_backward` needs.
 
-
-def monarch_left(lf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Steps 2-4, L across the blocks: ``y`` ``[B, nb, bs, c]`` -> ``[B, m, c]``."""
-    return torch.einsum("bjik,bkjc->bijc", lf, y).reshape(lf.shape[0], -1, y.shape[-1])
+    Every product is one ``bmm`` on contiguous operands: R over the ``B*nb`` blocks of ``x``, then L
+    over the ``B*bs`` columns of the block-transposed intermediate. Returns ``(out [B, m, c],
+    y_t [B, bs, nb, c])`` where ``y_t[b, j, k] = (R x)[b, k, j]``.
+    """
+    nparts, bs, nb, _ = lf.shape
+    c = x.shape[-1]
+    y = torch.bmm(rf.reshape(nparts * nb, bs, bs), x.reshape(nparts * nb, bs, c))  # [B*nb, bs, c]
+    y_t = y.view(nparts, nb, bs, c).transpose(1, 2).contiguous()  # [B, bs, nb, c]
+    u_t = torch.bmm(lf.reshape(nparts * bs, nb, nb), y_t.view(nparts * bs, nb, c))  # [B*bs, nb, c]
+    return u_t.view(nparts, bs, nb, c).transpose(1, 2).reshape(nparts, nb * bs, c), y_t
 
 
 def monarch_backward(
-    lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
+    lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor, y_t: torch.Tensor, grad: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Closed-form vector-Jacobian product of :func:`monarch_apply`, without autograd.
 
     Args:
-        lf, rf, x: the inputs of the forward; ``y = monarch_right(rf, x)`` (kept from the forward).
+        lf, rf, x: the inputs of the forward; ``y_t`` the intermediate :func:`monarch_forward` returned.
         grad: ``[B, m, c]`` dL/d(output).
 
     Returns:
-        (dL/dlf, dL/drf, dL/dx), shaped like lf, rf, x.
+        (dL/dlf, dL/drf, dL/dx), shaped like lf, rf, x. With U_j = L_j Y_j per column block j and
+        Y_i = R_i X_i per row block i: dL_j = dU_j Y_j^T, dY_j = L_j^T dU_j, dR_i = dY_i X_i^T,
+        dX_i = R_i^T dY_i (four bmm, two block transposes).
     """
     nparts, bs, nb, _ = lf.shape
-    du = grad.reshape(nparts, nb, bs, -1)  # [B, nb(i), bs(j), c]
-    d_lf = torch.einsum("bijc,bkjc->bjik", du, y)
-    d_y = torch.einsum("bjik,bijc->bkjc", lf, du)  # [B, nb, bs, c]
-    d_rf = torch.einsum("bipc,biqc->bipq", d_y, x.reshape(nparts, nb, bs, -1))
-    d_x = torch.einsum("bipq,bipc->biqc", rf, d_y)
-    return d_lf, d_rf, d_x.reshape(x.shape)
+    c = x.shape[-1]
+    du_t = grad.reshape(nparts, nb, bs, c).transpose(1, 2).reshape(nparts * bs, nb, c)  # [B*bs, nb(i), c]
+    y_t = y_t.view(nparts * bs, nb, c)
+    d_lf = torch.bmm(du_t, y_t.transpose(1, 2)).view(lf.shape)  # [B*bs, nb(i), nb(k)]
+    d_y_t = torch.bmm(lf.reshape(nparts * bs, nb, nb).transpose(1, 2), du_t)  # [B*bs, nb(k), c]
+    d_y = d_y_t.view(nparts, bs, nb, c).transpose(1, 2).reshape(nparts * nb, bs, c)  # [B*nb, bs(p), c]
+    xb = x.reshape(nparts * nb, bs, c)
+    d_rf = torch.bmm(d_y, xb.transpose(1, 2)).view(rf.shape)  # [B*nb, bs(p), bs(q)]
+    d_x = torch.bmm(rf.reshape(nparts * nb, bs, bs).transpose(1, 2), d_y)  # [B*nb, bs(q), c]
+    return d_lf, d_rf, d_x.view(x.shape)
 
 
 def monarch_to_dense(lf: torch.Tensor, rf: torch.Tensor) -> torch.Tensor:
