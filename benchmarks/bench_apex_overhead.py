@@ -2,8 +2,9 @@
 """APEX overhead on CPU: the same run with and without APEX, each variant in its own process.
 
 The two processes run side by side in lockstep: a token passed through two pipes lets exactly one of
-them compute a step at a time (plain step i, APEX step i, plain step i+1, ...), so every APEX step is
-timed next to its plain twin and a change in machine load hits both alike. Both are pinned to the
+them run at a time (plain step i, APEX step i, plain step i+1, ...; a process hands the token over
+only when it is about to start its next step), so every APEX step is timed next to its plain twin and
+a change in machine load hits both alike. Both are pinned to the
 same ``--threads`` cores (default one thread on one core); the waiting one sleeps in ``os.read``.
 
 On a virtual machine the hypervisor also takes cores away (steal time; 10-15 % on the machine this
@@ -146,8 +147,12 @@ def child(args) -> None:
         if not os.read(args.turn_in, 1):
             sys.exit("the other benchmark process exited")
 
+    # A process keeps the token from its step's start until it is about to start its next step, so
+    # whatever it does between two steps never overlaps the partner's timed step.
     class Start(Callback):  # first callback: before APEX's on_step_start (boundary)
         def on_step_start(self, trainer, step):
+            if step > 0:
+                os.write(args.turn_out, b"t")
             take_turn()
             self.t0, self.s0 = time.perf_counter(), steal_seconds(cpus)
 
@@ -155,18 +160,31 @@ def child(args) -> None:
         def on_step_end(self, trainer, step, metrics):
             times[step] = time.perf_counter() - start.t0
             steal[step] = steal_seconds(cpus) - start.s0
-            os.write(args.turn_out, b"t")
-            if step == args.steps - 1 and args.first:
-                take_turn()  # let the partner's last step run alone before tearing down
+            if step == args.steps - 1:
+                os.write(args.turn_out, b"t")
+                if args.first:
+                    take_turn()  # let the partner's last step run alone before tearing down
 
     start = Start()
     trainer = Trainer(cfg, ctx, [start] + cbs + [End()]).setup()
+    phases = {"fwd_bwd": [], "optimizer": []}  # per step, both variants (APEX work included where it runs)
+
+    def timed_phase(fn, key):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            phases[key].append(time.perf_counter() - t0)
+            return out
+        return wrapper
+
+    trainer._run_microbatches = timed_phase(trainer._run_microbatches, "fwd_bwd")
+    trainer.optimizer.step = timed_phase(trainer.optimizer.step, "optimizer")
     trainer.train()
     scoring = parts.get("scoring", 0.0)
     step_times = {s: t - boundary.get(s, 0.0) for s, t in times.items()}
     # The step's own time: wall time less the time the hypervisor ran other guests on our cores.
     step_own = {s: t - steal[s] - boundary.get(s, 0.0) + boundary_steal.get(s, 0.0) for s, t in times.items()}
-    out = {"variant": args.child, "step_times": step_times, "step_own": step_own, "boundary": boundary, "parts": parts,
+    out = {"variant": args.child, "phases": phases, "step_times": step_times, "step_own": step_own, "boundary": boundary, "parts": parts,
            "scoring_last_stage": scoring, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            "params": sum(p.numel() for p in trainer.model.parameters())}
     destroy_distributed()
@@ -271,6 +289,10 @@ def main() -> None:
     print(f"median step time less hypervisor steal: plain {plain_c:.3f}s, APEX {apex_c:.3f}s -> ratio "
           f"{apex_c / plain_c:.4f} "
           f"(paired median {paired_c:.4f}); target <= 1.03: {'MET' if paired_c <= 1.03 else 'MISSED'}")
+    for key in ("fwd_bwd", "optimizer"):
+        med = {v: statistics.median(x for res in runs[v] for x in res["phases"][key][args.warmup:b]) for v in runs}
+        print(f"  median {key}: plain {med['plain']:.3f}s, APEX {med['apex']:.3f}s (APEX work inside: "
+              f"{'restore + chain rule, hooks' if key == 'fwd_bwd' else 'none'})")
     print(f"stage boundary: {bnd:.3f}s = {bnd / plain_t:.3f} step times; target <= 1: "
           f"{'MET' if bnd <= plain_t else 'MISSED'}")
     print(f"peak RSS (ru_maxrss): plain {rss_p / 1024:.0f} MiB, APEX {rss_a / 1024:.0f} MiB -> ratio "
