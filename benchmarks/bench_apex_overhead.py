@@ -98,7 +98,7 @@ def child(args) -> None:
     cfg = load_config(None, overrides(args, apex))
     ctx = initialize_distributed(cfg)
     cbs = build_callbacks(cfg)
-    times, steal, boundary, boundary_steal = {}, {}, {}, {}
+    times, steal, boundary, boundary_steal, faults = {}, {}, {}, {}, {}
     parts = {"w_eff": 0.0, "op_opt": 0.0, "hooks": 0.0}
     if apex:
         from megatron_apex.expansion import inplace
@@ -155,11 +155,13 @@ def child(args) -> None:
                 os.write(args.turn_out, b"t")
             take_turn()
             self.t0, self.s0 = time.perf_counter(), steal_seconds(cpus)
+            self.f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     class End(Callback):  # last callback: after APEX's on_step_end (scoring)
         def on_step_end(self, trainer, step, metrics):
             times[step] = time.perf_counter() - start.t0
             steal[step] = steal_seconds(cpus) - start.s0
+            faults[step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start.f0
             if step == args.steps - 1:
                 os.write(args.turn_out, b"t")
                 if args.first:
@@ -184,7 +186,7 @@ def child(args) -> None:
     step_times = {s: t - boundary.get(s, 0.0) for s, t in times.items()}
     # The step's own time: wall time less the time the hypervisor ran other guests on our cores.
     step_own = {s: t - steal[s] - boundary.get(s, 0.0) + boundary_steal.get(s, 0.0) for s, t in times.items()}
-    out = {"variant": args.child, "phases": phases, "step_times": step_times, "step_own": step_own, "boundary": boundary, "parts": parts,
+    out = {"variant": args.child, "phases": phases, "faults": faults, "step_times": step_times, "step_own": step_own, "boundary": boundary, "parts": parts,
            "scoring_last_stage": scoring, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            "params": sum(p.numel() for p in trainer.model.parameters())}
     destroy_distributed()
@@ -289,6 +291,8 @@ def main() -> None:
     print(f"median step time less hypervisor steal: plain {plain_c:.3f}s, APEX {apex_c:.3f}s -> ratio "
           f"{apex_c / plain_c:.4f} "
           f"(paired median {paired_c:.4f}); target <= 1.03: {'MET' if paired_c <= 1.03 else 'MISSED'}")
+    flt = {v: statistics.median(res["faults"][str(s)] for res in runs[v] for s in steady) for v in runs}
+    print(f"  median minor page faults per step: plain {flt['plain']:.0f}, APEX {flt['apex']:.0f}")
     for key in ("fwd_bwd", "optimizer"):
         med = {v: statistics.median(x for res in runs[v] for x in res["phases"][key][args.warmup:b]) for v in runs}
         print(f"  median {key}: plain {med['plain']:.3f}s, APEX {med['apex']:.3f}s (APEX work inside: "
