@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_apex.expansion.inplace import InPlaceLayer
+from megatron_apex.expansion.partition import packed_positions
 from test_expansion_operator import CONFIGS, F64, _build, _effective, _perturb
 
 # One partition too: there the packed P and N slices of a row-type weight are contiguous.
@@ -25,9 +26,7 @@ def _linears(weights, grads):
 
 def _pack(op, n_units):
     """Packed positions (P units first, then N, in every partition), as the engine's boundary leaves them."""
-    b, k = op.p_pos.shape
-    base = torch.arange(b).unsqueeze(1) * (n_units // b)
-    op.set_positions(base + torch.arange(k), base + k + torch.arange(k))
+    op.set_positions(*packed_positions(*op.p_pos.shape, n_units))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["scattered", "packed"])

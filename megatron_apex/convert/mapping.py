@@ -34,13 +34,14 @@ def hf_to_mcore_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
                     num_query_groups: int, head_dim: int) -> torch.Tensor:
     """HF ``q_proj`` [nh d, h], ``k_proj``/``v_proj`` [ng d, h] -> fused ``linear_qkv`` [(nh + 2 ng) d, h]."""
     ng, d = num_query_groups, head_dim
-    r = num_heads // ng
     h = q.shape[-1]
     _expect(q, (num_heads * d, h), "q_proj")
     _expect(k, (ng * d, h), "k_proj")
     _expect(v, (ng * d, h), "v_proj")
-    qkv = torch.cat([q.reshape(ng, r * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)], dim=1)  # [ng, (r+2) d, h]
-    return qkv.reshape(ng * (r + 2) * d, h)
+    qkv = q.new_empty((num_heads + 2 * ng) * d, h)
+    for part, t in zip(qkv_parts(qkv, num_heads, ng, d), (q, k, v)):
+        part.copy_(t.reshape(part.shape))
+    return qkv
 
 
 def qkv_parts(qkv: torch.Tensor, num_heads: int, num_query_groups: int,

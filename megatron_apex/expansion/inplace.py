@@ -27,6 +27,7 @@ import torch
 
 from megatron_apex.expansion.monarch import monarch_backward, monarch_forward
 from megatron_apex.expansion.operator import unit_rows
+from megatron_apex.expansion.partition import packed_positions
 
 
 class _Segment:
@@ -100,9 +101,8 @@ def _packed(op, n_local: int) -> bool:
     b, k = op.p_pos.shape
     if n_local % b:
         return False
-    base = torch.arange(b, dtype=op.p_pos.dtype, device=op.p_pos.device).unsqueeze(1) * (n_local // b)
-    ar = torch.arange(k, dtype=op.p_pos.dtype, device=op.p_pos.device)
-    return torch.equal(op.p_pos, base + ar) and torch.equal(op.n_pos, base + k + ar)
+    p_pos, n_pos = packed_positions(b, k, n_local, op.p_pos.device)
+    return torch.equal(op.p_pos, p_pos) and torch.equal(op.n_pos, n_pos)
 
 
 class _Group:

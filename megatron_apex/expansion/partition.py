@@ -23,6 +23,7 @@ __all__ = [
     "round_k_to_partitions",
     "balance_permutation",
     "pack_partitions",
+    "packed_positions",
     "invert_permutation",
     "permute_units",
     "permute_fc1",
@@ -147,16 +148,21 @@ def pack_partitions(
     _check_perm(perm)
     n, (num_parts, k_per) = perm.shape[0], p_pos.shape
     size = n // num_parts
-    base = torch.arange(num_parts, dtype=torch.int64).unsqueeze(1) * size  # [B, 1]
     p_cpu, n_cpu = p_pos.detach().cpu().long(), n_pos.detach().cpu().long()
     rest = torch.ones(n, dtype=torch.bool)
     rest[p_cpu.reshape(-1)] = False
     rest[n_cpu.reshape(-1)] = False
     others = torch.arange(n, dtype=torch.int64)[rest].view(num_parts, size - 2 * k_per)  # ascending per partition
     order = torch.cat([p_cpu, n_cpu, others], dim=1).reshape(-1)  # [n]: new position -> position after perm
-    ar = torch.arange(k_per, dtype=torch.int64)
-    dev = perm.device
-    return perm[order.to(dev)], (base + ar).to(dev), (base + k_per + ar).to(dev)
+    return (perm[order.to(perm.device)], *packed_positions(num_parts, k_per, n, perm.device))
+
+
+def packed_positions(num_parts: int, k_per: int, n_units: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``[B, k_per]`` P and N positions of the packed layout: b*U + [0, k_per) and
+    b*U + k_per + [0, k_per), U = n_units / B (``n_units`` may be a rank's local count)."""
+    base = torch.arange(num_parts, dtype=torch.int64, device=device).unsqueeze(1) * (n_units // num_parts)
+    ar = torch.arange(k_per, dtype=torch.int64, device=device)
+    return base + ar, base + k_per + ar
 
 
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
