@@ -56,14 +56,14 @@ def overrides(args, apex: bool) -> list:
         "model.num_layers": args.layers, "model.hidden_size": args.hidden, "model.ffn_hidden_size": args.ffn,
         "model.num_attention_heads": args.heads, "model.num_query_groups": args.heads,
         "model.max_position_embeddings": args.seq, "data.seq_length": args.seq,
-        "train.micro_batch_size": 1, "train.global_batch_size": args.micro, "train.train_steps": args.steps,
-        "train.log_interval": 1000, "train.eval_interval": 0, "train.eval_steps": 0, "train.precision": "fp32",
+        "train.micro_batch_size": args.mbs, "train.global_batch_size": args.micro * args.mbs, "train.train_steps": args.steps,
+        "train.log_interval": 1000, "train.eval_interval": 0, "train.eval_steps": 0, "train.precision": args.precision,
         "optimizer.lr_warmup_steps": 1, "checkpoint.save_interval": 0,
     }
     if apex:
         o.update({"apex.enabled": True, "apex.ratio": args.ratio, "apex.partitions": args.partitions,
                   "apex.boundaries": f"[0, {args.steps - 2}]", "apex.init_scoring_samples": 0})
-    return [f"{k}={v}" for k, v in o.items()]
+    return [f"{k}={v}" for k, v in o.items()] + list(args.set)
 
 
 # ---------------------------------------------------------------------- child: one variant
@@ -95,6 +95,9 @@ def child(args) -> None:
     from megatron_apex.training.trainer import Callback, Trainer
 
     apex = args.child == "apex"
+    cuda = torch.cuda.is_available()
+    # On a GPU the step's work is asynchronous: every clock read below is preceded by a synchronize.
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = load_config(None, overrides(args, apex))
     ctx = initialize_distributed(cfg)
     cbs = build_callbacks(cfg)
@@ -115,17 +118,18 @@ def child(args) -> None:
             return wrapper
 
         # The in-place path (mode all): W_eff rows written once per step, chain rule once per step.
-        inplace.InPlaceLayer.materialize = timed(inplace.InPlaceLayer.materialize, "w_eff")
-        inplace.InPlaceLayer.restore = timed(inplace.InPlaceLayer.restore, "w_eff")
+        inplace.InPlaceRunner.materialize = timed(inplace.InPlaceRunner.materialize, "w_eff")
+        inplace.InPlaceRunner.restore = timed(inplace.InPlaceRunner.restore, "w_eff")
         # The per-micro-batch statistics computed in the scoring hooks.
-        engine.unit_sq_norms_ffn = timed(engine.unit_sq_norms_ffn, "hooks")  # fallback path (not used here)
-        engine.unit_sq_norms_silu = timed(engine.unit_sq_norms_silu, "hooks")
-        engine.unit_sq_norms_attn = timed(engine.unit_sq_norms_attn, "hooks")
+        engine.unit_norms_silu = timed(engine.unit_norms_silu, "hooks")
+        engine.unit_norms_attn = timed(engine.unit_norms_attn, "hooks")
 
         def timed_boundary(trainer, step):
             parts["scoring"] = parts.get("scoring", 0.0) + cb.stats_time  # reset by the boundary
+            sync()
             t0, s0 = time.perf_counter(), steal_seconds(cpus)
             orig_b(trainer, step)
+            sync()
             boundary[step] = time.perf_counter() - t0
             boundary_steal[step] = steal_seconds(cpus) - s0
 
@@ -154,27 +158,45 @@ def child(args) -> None:
             if step > 0:
                 os.write(args.turn_out, b"t")
             take_turn()
+            sync()
+            if args.profile and step == args.warmup - 1:  # a step before the timed ones (graphs replay by then)
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
             self.t0, self.s0 = time.perf_counter(), steal_seconds(cpus)
             self.f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     class End(Callback):  # last callback: after APEX's on_step_end (scoring)
         def on_step_end(self, trainer, step, metrics):
+            sync()
             times[step] = time.perf_counter() - start.t0
             steal[step] = steal_seconds(cpus) - start.s0
             faults[step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start.f0
+            parts_at[step] = dict(parts, scoring=cb.stats_time) if apex else {}
+            if getattr(start, "prof", None) is not None:
+                start.prof.__exit__(None, None, None)
+                os.makedirs(args.profile, exist_ok=True)
+                with open(os.path.join(args.profile, f"{args.child}.txt"), "w") as f:
+                    for key in (["cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+                        f.write(f"# step {step}, sorted by {key}\n")
+                        f.write(start.prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+                start.prof = None
             if step == args.steps - 1:
                 os.write(args.turn_out, b"t")
                 if args.first:
                     take_turn()  # let the partner's last step run alone before tearing down
 
+    parts_at = {}  # per step: the APEX part timers after it (cumulative)
     start = Start()
     trainer = Trainer(cfg, ctx, [start] + cbs + [End()]).setup()
     phases = {"fwd_bwd": [], "optimizer": []}  # per step, both variants (APEX work included where it runs)
 
     def timed_phase(fn, key):
         def wrapper(*a, **k):
+            sync()
             t0 = time.perf_counter()
             out = fn(*a, **k)
+            sync()
             phases[key].append(time.perf_counter() - t0)
             return out
         return wrapper
@@ -188,6 +210,11 @@ def child(args) -> None:
     step_own = {s: t - steal[s] - boundary.get(s, 0.0) + boundary_steal.get(s, 0.0) for s, t in times.items()}
     out = {"variant": args.child, "phases": phases, "faults": faults, "step_times": step_times, "step_own": step_own, "boundary": boundary, "parts": parts,
            "scoring_last_stage": scoring, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+           "device": torch.cuda.get_device_name() if cuda else "cpu",
+           "max_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
+           "max_gpu_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
+           "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
+           "parts_at": parts_at,
            "params": sum(p.numel() for p in trainer.model.parameters())}
     destroy_distributed()
     with open(args.out, "w") as f:
@@ -200,16 +227,17 @@ def run_pair(args, order: tuple, port: int) -> dict:
     a_to_b, b_to_a = os.pipe(), os.pipe()
     fds = {order[0]: (b_to_a[0], a_to_b[1]), order[1]: (a_to_b[0], b_to_a[1])}  # (turn_in, turn_out)
     procs, outs = {}, {}
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     for i, variant in enumerate(order):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             outs[variant] = f.name
         cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--out", outs[variant],
                "--port", str(port + i), "--turn-in", str(fds[variant][0]), "--turn-out", str(fds[variant][1])]
         cmd += ["--first"] if i == 0 else []
-        for k in ("hidden", "layers", "heads", "ffn", "seq", "micro", "steps", "vocab", "ratio", "partitions",
-                  "threads"):
+        for k in ("hidden", "layers", "heads", "ffn", "seq", "micro", "mbs", "steps", "warmup", "vocab", "ratio",
+                  "partitions", "threads", "precision"):
             cmd += [f"--{k}", str(getattr(args, k))]
+        cmd += [a for kv in args.set for a in ("--set", kv)] + (["--profile", args.profile] if args.profile else [])
         procs[variant] = subprocess.Popen(cmd, env=env, pass_fds=fds[variant], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True)
     os.write(b_to_a[1], b"t")  # order[0] holds the token first
@@ -235,14 +263,19 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--ffn", type=int, default=1408)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--micro", type=int, default=4, help="micro-batches (of 1 sequence) per step")
+    ap.add_argument("--micro", type=int, default=4, help="micro-batches per step")
+    ap.add_argument("--mbs", type=int, default=1, help="sequences per micro-batch")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--ratio", type=float, default=0.125)
     ap.add_argument("--partitions", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for both variants (repeatable), e.g. apex.cuda_graphs=false")
+    ap.add_argument("--profile", metavar="DIR", help="write a torch.profiler op table of step warmup-1 per variant")
     ap.add_argument("--child", choices=["plain", "apex"])
     ap.add_argument("--out")
     ap.add_argument("--port", type=int, default=29611)
@@ -279,31 +312,46 @@ def main() -> None:
     bnd = statistics.median(res["boundary"][str(b)] for res in runs["apex"])
     rss_p = statistics.median(res["maxrss_kb"] for res in runs["plain"])
     rss_a = statistics.median(res["maxrss_kb"] for res in runs["apex"])
-    n_steps = len(runs["apex"][0]["step_times"])
-    weff = statistics.median(res["parts"]["w_eff"] for res in runs["apex"]) / n_steps
-    opopt = statistics.median(res["parts"]["op_opt"] for res in runs["apex"]) / n_steps
-    hooks = statistics.median(res["parts"]["hooks"] for res in runs["apex"]) / n_steps
-    score = statistics.median(res["scoring_last_stage"] for res in runs["apex"]) / max(1, b)
-    print(f"\nmodel: {runs['plain'][0]['params'] / 1e6:.1f}M parameters; {args.micro} micro-batches x {args.seq} "
-          f"tokens per step; {args.threads} threads; {args.rounds} rounds x {len(steady)} steady steps")
-    print(f"median step wall time: plain {plain_t:.3f}s, APEX {apex_t:.3f}s -> ratio {apex_t / plain_t:.4f} "
-          f"(paired median {paired:.4f})")
-    print(f"median step time less hypervisor steal: plain {plain_c:.3f}s, APEX {apex_c:.3f}s -> ratio "
-          f"{apex_c / plain_c:.4f} "
-          f"(paired median {paired_c:.4f}); target <= 1.03: {'MET' if paired_c <= 1.03 else 'MISSED'}")
-    flt = {v: statistics.median(res["faults"][str(s)] for res in runs[v] for s in steady) for v in runs}
-    print(f"  median minor page faults per step: plain {flt['plain']:.0f}, APEX {flt['apex']:.0f}")
+    def part(key):  # median over the steady steps of one APEX part's time in that step
+        return statistics.median(res["parts_at"][str(s)][key] - res["parts_at"][str(s - 1)][key]
+                                 for res in runs["apex"] for s in steady)
+    weff, opopt, hooks, score = part("w_eff"), part("op_opt"), part("hooks"), part("scoring")
+    device = runs["plain"][0].get("device", "cpu")
+    gpu = device != "cpu"
+    target = 1.01 if gpu else 1.03
+    print(f"\ndevice: {device}; model: {runs['plain'][0]['params'] / 1e6:.1f}M parameters, {args.precision}; "
+          f"{args.micro} micro-batches x {args.mbs} x {args.seq} tokens per step; {args.threads} threads; "
+          f"{args.rounds} rounds x {len(steady)} steady steps")
+    verdict = paired if gpu else paired_c  # a GPU step's time is not the host's: no steal correction there
+    print(f"median step wall time: plain {plain_t:.4f}s, APEX {apex_t:.4f}s -> ratio {apex_t / plain_t:.4f} "
+          f"(paired median {paired:.4f})" + (f"; target <= {target}: {'MET' if verdict <= target else 'MISSED'}"
+                                             if gpu else ""))
+    if not gpu:
+        print(f"median step time less hypervisor steal: plain {plain_c:.3f}s, APEX {apex_c:.3f}s -> ratio "
+              f"{apex_c / plain_c:.4f} (paired median {paired_c:.4f}); target <= {target}: "
+              f"{'MET' if verdict <= target else 'MISSED'}")
+        flt = {v: statistics.median(res["faults"][str(s)] for res in runs[v] for s in steady) for v in runs}
+        print(f"  median minor page faults per step: plain {flt['plain']:.0f}, APEX {flt['apex']:.0f}")
     for key in ("fwd_bwd", "optimizer"):
         med = {v: statistics.median(x for res in runs[v] for x in res["phases"][key][args.warmup:b]) for v in runs}
-        print(f"  median {key}: plain {med['plain']:.3f}s, APEX {med['apex']:.3f}s (APEX work inside: "
+        print(f"  median {key}: plain {med['plain']:.4f}s, APEX {med['apex']:.4f}s (APEX work inside: "
               f"{'restore + chain rule, hooks' if key == 'fwd_bwd' else 'none'})")
     print(f"stage boundary: {bnd:.3f}s = {bnd / plain_t:.3f} step times; target <= 1: "
           f"{'MET' if bnd <= plain_t else 'MISSED'}")
     print(f"peak RSS (ru_maxrss): plain {rss_p / 1024:.0f} MiB, APEX {rss_a / 1024:.0f} MiB -> ratio "
-          f"{rss_a / rss_p:.4f}; target <= 1.05: {'MET' if rss_a <= 1.05 * rss_p else 'MISSED'}")
-    print(f"APEX time per step: operator (W_eff rows in, chain rule out) {1000 * weff:.1f} ms, scoring hooks "
-          f"{1000 * hooks:.1f} ms, ranking + gather {1000 * score:.1f} ms, operator AdamW + grad all-reduce "
-          f"{1000 * opopt:.1f} ms (= {100 * (weff + hooks + score + opopt) / plain_t:.2f}% of a plain step)")
+          f"{rss_a / rss_p:.4f}" + ("" if gpu else f"; target <= 1.05: {'MET' if rss_a <= 1.05 * rss_p else 'MISSED'}"))
+    if gpu:
+        mem_p = statistics.median(res["max_gpu_bytes"] for res in runs["plain"])
+        mem_a = statistics.median(res["max_gpu_bytes"] for res in runs["apex"])
+        print(f"peak GPU memory (max_memory_allocated): plain {mem_p / 2**30:.2f} GiB, APEX {mem_a / 2**30:.2f} GiB "
+              f"-> ratio {mem_a / mem_p:.4f}; target <= 1.05: {'MET' if mem_a <= 1.05 * mem_p else 'MISSED'}")
+        for v in runs:
+            print(f"  {v}: max_memory_reserved " + ", ".join(f"{r['max_gpu_reserved'] / 2**30:.2f}" for r in runs[v])
+                  + " GiB; allocator retries " + ", ".join(str(r["alloc_retries"]) for r in runs[v]))
+    print(f"APEX {'host ' if gpu else ''}time per step: operator (W_eff rows in, chain rule out) {1000 * weff:.1f} ms, "
+          f"scoring hooks {1000 * hooks:.1f} ms, ranking + gather {1000 * score:.1f} ms, operator AdamW + grad "
+          f"all-reduce {1000 * opopt:.1f} ms (= {100 * (weff + hooks + score + opopt) / plain_t:.2f}% of a plain step)"
+          + ("; on a GPU these are launch times, the kernels run asynchronously" if gpu else ""))
 
 
 if __name__ == "__main__":

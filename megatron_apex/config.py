@@ -182,6 +182,7 @@ class ApexConfig:
     partitions: int = doc(8, "Operator blocks per layer (a multiple of the TP degree); fixed so every layout computes the same.")
     lr_scale: float = doc(1.0, "Learning-rate multiplier of the operator parameters.")
     operator_weight_decay: float = doc(0.0, "Weight decay of the operator parameters.")
+    cuda_graphs: bool = doc(True, "On GPUs, replay the per-step operator work (mode all) from two CUDA graphs.")
 
 
 @dataclass

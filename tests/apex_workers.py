@@ -130,6 +130,7 @@ def apex_train_worker(config_path: str, overrides: list, stop_at: Optional[int] 
     if apex is not None:
         out.update({"record": apex.record, "perms": apex.perms, "start_state": start, "stop_state": stop_state,
                     "stage": apex.stage, "finished": apex.finished,
+                    "graph_replays": apex._runner.replays if apex._runner is not None else 0,
                     "silu_recorded": [e.layer.mlp.config.activation_func is not torch.nn.functional.silu
                                       for e in apex.layers]})
     return out

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.random import is_checkpointing
 
 from megatron_apex.config import Config, ConfigError
-from megatron_apex.expansion.inplace import InPlaceLayer
+from megatron_apex.expansion.inplace import InPlaceLayer, InPlaceRunner
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, num_partitions, pack_partitions, permute_fc1,
                                                permute_units, round_k_to_partitions, shard_positions)
-from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu
+from megatron_apex.expansion.scoring import rank_votes, unit_norms_attn, unit_norms_silu
 from megatron_apex.expansion.selection import k_from_ratio, progressive_k, select_units, select_units_partial
 from megatron_apex.expansion.state import ParamStates, reduce_votes, tp_gather, tp_shard
 from megatron_apex.training.optim import lr_at
@@ -139,6 +139,7 @@ class ApexCallback(Callback):
         # Once per step on the changed rows (inplace.py), unless the base weights have no gradient
         # buffer (selected mode) or megatron-core reduces gradients during the backward pass.
         self.inplace = self.a.mode == "all" and not cfg.parallel.overlap_grad_reduce
+        self._runner = InPlaceRunner(self.a.cuda_graphs) if self.inplace else None
         self.excluded = {}        # progressive mode: layer -> {"attn": tensor, "ffn": tensor} of former N units
 
     # ------------------------------------------------------------------ geometry
@@ -175,8 +176,11 @@ class ApexCallback(Callback):
             entry.linears["proj"].register_forward_pre_hook(self._attn_hook(li))
             self.layers.append(entry)
         n_layers = len(self.layers)
-        self.votes = {k: torch.zeros(n_layers, n, dtype=torch.int64) for k, n in self.n.items()}
-        self.raw = {k: torch.zeros(n_layers, n, dtype=torch.float64) for k, n in self.n.items()}
+        # Votes are counted where the statistics are (no device-to-host copy per step); the boundary
+        # reduces them over DP there and moves them to the host for the selection.
+        dev = self.layers[0].linears["qkv"].weight.device if self.layers else torch.device("cpu")
+        self.votes = {k: torch.zeros(n_layers, n, dtype=torch.int64, device=dev) for k, n in self.n.items()}
+        self.raw = {k: torch.zeros(n_layers, n, dtype=torch.float64, device=dev) for k, n in self.n.items()}
         self._stats = [{"attn": [], "ffn": []} for _ in range(n_layers)]
         if self.a.mode == "selected":
             # Base weights frozen; embeddings and output layer stay trainable (norms frozen too).
@@ -193,7 +197,7 @@ class ApexCallback(Callback):
         def silu(x: torch.Tensor) -> torch.Tensor:
             y = F.silu(x)
             if self._recording():
-                self._stats[li]["ffn"].append(unit_sq_norms_silu(y.detach()))
+                self._stats[li]["ffn"].append(unit_norms_silu(y.detach()))
             return y
         return silu
 
@@ -202,7 +206,7 @@ class ApexCallback(Callback):
             if self._recording():
                 out = output[0] if isinstance(output, tuple) else output  # [s, b, 2*f_local] = [gate | up]
                 f_local = out.shape[-1] // 2
-                self._stats[li]["ffn"].append(unit_sq_norms_ffn(out.detach()[..., :f_local]))
+                self._stats[li]["ffn"].append(unit_norms_silu(F.silu(out.detach()[..., :f_local].float())))
         return hook
 
     def _attn_hook(self, li: int):
@@ -210,7 +214,7 @@ class ApexCallback(Callback):
 
         def hook(module, inputs):
             if self._recording():  # inputs[0]: core attention output [s, b, np_local * d]
-                self._stats[li]["attn"].append(unit_sq_norms_attn(inputs[0].detach(), ng_local))
+                self._stats[li]["attn"].append(unit_norms_attn(inputs[0].detach(), ng_local))
         return hook
 
     def on_train_start(self, trainer) -> None:
@@ -233,9 +237,10 @@ class ApexCallback(Callback):
         while self.stage < len(self.boundaries) and step >= self.boundaries[self.stage]:
             self._boundary(trainer, step)
         self.recording = self.stage < len(self.boundaries)  # votes are needed for a later boundary
-        for entry in self.layers:
-            for op in entry.operators():
-                op.zero_grad(set_to_none=True)
+        if not self.inplace:  # the in-place path writes the operators' gradients itself (InPlaceRunner)
+            for entry in self.layers:
+                for op in entry.operators():
+                    op.zero_grad(set_to_none=True)
         self._materialize()
 
     def on_evaluate(self, trainer, begin: bool) -> None:
@@ -244,15 +249,16 @@ class ApexCallback(Callback):
         else:
             self._restore_weights(with_grads=False)
 
+    def _inplace_layers(self) -> list:
+        return [entry.inplace for entry in self.layers if entry.inplace is not None]
+
     def _materialize(self) -> None:
-        for entry in self.layers:
-            if entry.inplace is not None:
-                entry.inplace.materialize()
+        if self._runner is not None:
+            self._runner.materialize(self._inplace_layers())
 
     def _restore_weights(self, with_grads: bool) -> None:
-        for entry in self.layers:
-            if entry.inplace is not None:
-                entry.inplace.restore(with_grads)
+        if self._runner is not None:
+            self._runner.restore(self._inplace_layers(), with_grads)
 
     def on_optimizer_step(self, trainer, step: int, skipped: bool) -> None:
         if self.op_optimizer is None or self.finished:
@@ -261,22 +267,18 @@ class ApexCallback(Callback):
         if skipped or not params:
             return
         ctx = trainer.ctx
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        if ctx.dp_size > 1:
+        grads = [p.grad for p in params]
+        if ctx.dp_size > 1:  # one all-reduce for all operator gradients
+            flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=ctx.dp_group)
             flat /= ctx.dp_size
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
         clip = self.cfg.optimizer.clip_grad
-        if clip > 0:
-            sq = (flat.double() ** 2).sum()
+        if clip > 0:  # clipped on the device: no host synchronisation
+            sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
             if ctx.tp_size * ctx.pp_size > 1:
                 dist.all_reduce(sq, group=ctx.mp_group)
-            norm = sq.sqrt().item()
-            if norm > clip:
-                flat *= clip / (norm + 1e-6)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+            torch._foreach_mul_(grads, torch.clamp(clip / (sq.sqrt() + 1e-6), max=1.0).to(grads[0].dtype))
         for group in self.op_optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, step) * group["lr_mult"]
         self.op_optimizer.step()
@@ -294,6 +296,8 @@ class ApexCallback(Callback):
         self._fuse(trainer)
         for entry in self.layers:
             entry.attn_op = entry.ffn_op = entry.deltas = entry.inplace = None
+        if self._runner is not None:
+            self._runner.release()
         self.op_optimizer = None
         self.finished = True
         if trainer.ctx.rank == 0:
@@ -301,16 +305,19 @@ class ApexCallback(Callback):
 
     # ------------------------------------------------------------------ scoring
     def _accumulate_votes(self, ctx) -> None:
-        """One TP all-gather for the step's statistics of all local layers, then rank votes."""
+        """One TP all-gather for the step's statistics of all local layers, then rank votes (on the
+        statistics' device; no host synchronisation)."""
         t0 = time.perf_counter()
         if not self.layers or not self._stats[0]["ffn"]:
             return
-        per_layer = []
-        for s in self._stats:  # [micro, n_local] per kind -> [micro, n_attn_local + n_ffn_local]
-            per_layer.append(torch.cat([torch.stack(s["attn"]), torch.stack(s["ffn"])], dim=1))
+        n_layers, micro = len(self._stats), len(self._stats[0]["ffn"])
+        # [L*micro, n_a_loc + n_f_loc], layer-major: one stack per kind over every layer and micro-batch;
+        # the hooks recorded L2 norms, the statistic is their square
+        local = torch.cat([torch.stack([t for s in self._stats for t in s[kind]]) for kind in ("attn", "ffn")],
+                          dim=1).square()
+        for s in self._stats:
             s["attn"].clear()
             s["ffn"].clear()
-        local = torch.stack(per_layer, dim=1).float()  # [micro, L, n_a_loc + n_f_loc]
         n_a_loc = self.n["attn"] // ctx.tp_size
         if ctx.tp_size > 1:
             parts = [torch.empty_like(local) for _ in range(ctx.tp_size)]
@@ -319,14 +326,14 @@ class ApexCallback(Callback):
             parts = [local]
         stats = {"attn": torch.cat([p[..., :n_a_loc] for p in parts], dim=-1),
                  "ffn": torch.cat([p[..., n_a_loc:] for p in parts], dim=-1)}
-        for kind, st in stats.items():  # st: [micro, L, n]
+        for kind, st in stats.items():  # st: [L*micro, n]
             k = self.vote_k[kind]
             if k == 0:
                 continue
-            micro, n_layers, n = st.shape
-            votes = rank_votes(st.reshape(micro * n_layers, n).cpu(), k).view(micro, n_layers, n).sum(0)
-            self.votes[kind] += votes
-            self.raw[kind] += st.sum(0).double().cpu()
+            n = st.shape[-1]
+            # NaN statistics reach raw (sums keep NaN); the boundary refuses them before selecting.
+            self.votes[kind] += rank_votes(st, k, check_nan=False).view(n_layers, micro, n).sum(1)
+            self.raw[kind] += st.view(n_layers, micro, n).sum(1).double()
         self.stats_time += time.perf_counter() - t0
 
     def _initial_scoring(self, trainer) -> None:
@@ -354,9 +361,16 @@ class ApexCallback(Callback):
         if self.stage == 0 and self.a.init_scoring_samples > 0:
             self._initial_scoring(trainer)
         op_norm = self._operator_norm()
+        if self._runner is not None:
+            self._runner.release()  # the stage's CUDA graphs and their buffers
         self._fuse(trainer)
-        votes = {k: reduce_votes(v, ctx.dp_group) for k, v in self.votes.items()}
-        raw = {k: reduce_votes(v, ctx.dp_group) for k, v in self.raw.items()}
+        votes = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.votes.items()}
+        raw = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.raw.items()}
+        for kind, r in raw.items():
+            if torch.isnan(r).any():
+                bad = sorted({int(i) for i in torch.nonzero(torch.isnan(r))[:, 0]})
+                raise ValueError(f"APEX: the {kind} activation statistics of local layers {bad} contain NaN "
+                                 f"since the last boundary (the model diverged?); refusing to select at step {step}")
         self.stage += 1
         summary = []
         for li, entry in enumerate(self.layers):
@@ -478,8 +492,9 @@ class ApexCallback(Callback):
         if deltas:
             groups.append({"params": deltas, "lr_mult": 1.0, "weight_decay": o.weight_decay})
         groups = [g for g in groups if g["params"]]
-        self.op_optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
-                                              eps=o.adam_eps) if groups else None
+        cuda = bool(groups) and groups[0]["params"][0].is_cuda
+        self.op_optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                              fused=cuda or None) if groups else None
 
     def _operator_norm(self) -> float:
         """Mean Frobenius norm of the dense M of this rank's operators (0 right after insertion)."""
@@ -500,7 +515,7 @@ class ApexCallback(Callback):
         model_params = list(trainer.model.parameters())
         counts = torch.tensor([
             sum(p.numel() for p in model_params if p.requires_grad) + sum(p.numel() for p in self._op_params()),
-            sum(p.numel() for p in model_params)], dtype=torch.float64)
+            sum(p.numel() for p in model_params)], dtype=torch.float64, device=ctx.device)
         if ctx.tp_size * ctx.pp_size > 1:
             dist.all_reduce(counts, group=ctx.mp_group)
         return (counts[0] / counts[1]).item()
@@ -535,8 +550,8 @@ class ApexCallback(Callback):
 
     def _rank_state(self) -> dict:
         return {
-            "votes": {k: v.clone() for k, v in self.votes.items()},
-            "raw": {k: v.clone() for k, v in self.raw.items()},
+            "votes": {k: v.to("cpu", copy=True) for k, v in self.votes.items()},
+            "raw": {k: v.to("cpu", copy=True) for k, v in self.raw.items()},
             "excluded": {f"{li}:{kind}": v for (li, kind), v in self.excluded.items()},
             "layers": [{"index": e.index, "selection": e.selection,
                         "ops": {name: getattr(e, name).state_dict() for name in ("attn_op", "ffn_op", "deltas")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_apex.expansion.monarch import monarch_backward, monarch_forward
+from megatron_apex.expansion.monarch import monarch_backward, monarch_forward, monarch_right
 from megatron_apex.expansion.operator import unit_rows
 from megatron_apex.expansion.partition import packed_positions
 
@@ -112,15 +112,15 @@ class _Group:
         self.lf, self.rf, self.alpha, self.segments = lf, rf, alpha, segments
         self.ct = torch.promote_types(rf.dtype, torch.float32)  # compute dtype: fp32 at least
         self.widths = None
-        self.saved = None
+        self.saved = None  # the original P and N rows of every segment, in the weight's own dtype
 
     @torch.no_grad()
     def materialize(self, linears) -> None:
-        xs = [s.read(linears[s.kind].weight.data).to(self.ct) for s in self.segments]  # [2, B, m, c]
+        raws = [s.read(linears[s.kind].weight.data) for s in self.segments]  # [2, B, m, c], kept to restore
+        xs = [x.to(self.ct) for x in raws]
         self.widths = [x.shape[-1] for x in xs]
         xp = torch.cat([x[0] for x in xs], dim=-1)  # [B, m, C]
-        mixed, y = monarch_forward(self.lf.to(self.ct), self.rf.to(self.ct), xp)  # y: kept for the chain rule
-        mixed = mixed.split(self.widths, dim=-1)
+        mixed = monarch_forward(self.lf.to(self.ct), self.rf.to(self.ct), xp)[0].split(self.widths, dim=-1)
         alpha = self.alpha.to(self.ct).unsqueeze(-1)
         for s, x, mix in zip(self.segments, xs, mixed):
             w = linears[s.kind].weight.data
@@ -131,26 +131,31 @@ class _Group:
                 torch.mul(s.beta.to(self.ct).unsqueeze(-1), x[0], out=out[0])  # W_eff[P] = beta * W[P]
                 torch.addcmul(mix, alpha, x[1], out=out[1])
                 s.write(w, out)
-        self.saved = (xs, xp, y)
+        self.saved = raws
 
     @torch.no_grad()
-    def restore(self, linears, with_grads: bool) -> None:
-        xs, xp, y = self.saved
+    def restore(self, linears, with_grads: bool, keep: bool = False) -> None:
+        """Original rows back (bit for bit); ``keep`` leaves them referenced (CUDA graphs reuse them)."""
         if with_grads:
-            self._chain_rule(linears, xs, xp, y)
-        for s, x in zip(self.segments, xs):
+            self._chain_rule(linears, self.saved)
+        for s, x in zip(self.segments, self.saved):
             s.write(linears[s.kind].weight.data, x)
-        self.saved = None
+        if not keep:
+            self.saved = None
 
-    def _chain_rule(self, linears, xs: list, xp: torch.Tensor, y: torch.Tensor) -> None:
+    def _chain_rule(self, linears, raws: list) -> None:
         """dL/dW on the P and N rows of main_grad, and the operator's gradients, in closed form.
 
         With u = L (R x_P) (Monarch, see monarch.py) and g = dL/dW_eff: dL/dW[N] = alpha * g[N],
         dL/dW[P] = beta * g[P] + M^T g[N], dL/dalpha = sum(g[N] * W[N]), dL/dbeta = sum(g[P] * W[P]).
+        The Monarch intermediate R x_P is recomputed (one small bmm) rather than kept through the step.
         """
+        xs = [x.to(self.ct) for x in raws]
+        xp = torch.cat([x[0] for x in xs], dim=-1)  # [B, m, C]
+        lf, rf = self.lf.to(self.ct), self.rf.to(self.ct)
         gs = [s.read(linears[s.kind].weight.main_grad).to(self.ct) for s in self.segments]  # [2, B, m, c]
         gn = torch.cat([g[1] for g in gs], dim=-1)  # [B, m, C] = dL/du
-        d_lf, d_rf, d_x = monarch_backward(self.lf.to(self.ct), self.rf.to(self.ct), xp, y, gn)
+        d_lf, d_rf, d_x = monarch_backward(lf, rf, xp, monarch_right(rf, xp), gn)
         alpha = self.alpha.to(self.ct).unsqueeze(-1)
         d_alpha = 0
         for s, x, g, d_mix in zip(self.segments, xs, gs, d_x.split(self.widths, dim=-1)):
@@ -167,8 +172,11 @@ class _Group:
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    grad = grad.to(param.dtype)
-    param.grad = grad if param.grad is None else param.grad + grad
+    """Add into ``param.grad`` in place (a CUDA graph replays into the same buffer), or set it."""
+    if param.grad is None:
+        param.grad = grad.to(param.dtype)
+    else:
+        param.grad.add_(grad)
 
 
 class InPlaceLayer:
@@ -216,11 +224,145 @@ class InPlaceLayer:
             group.materialize(self.linears)
         self.materialized = True
 
-    def restore(self, with_grads: bool) -> None:
+    def restore(self, with_grads: bool, keep: bool = False) -> None:
         """Put the original rows back; with ``with_grads``, turn main_grad's dL/dW_eff rows into dL/dW
         rows and accumulate the operator's gradients."""
         if not self.materialized:
             return
         for group in self.groups:
-            group.restore(self.linears, with_grads)
+            group.restore(self.linears, with_grads, keep)
         self.materialized = False
+
+    def operator_params(self) -> list:
+        """The operator parameters this layer's chain rule writes gradients into."""
+        out = []
+        for g in self.groups:
+            out += [g.lf, g.rf, g.alpha] + [s.beta for s in g.segments if s.beta is not None]
+        return list({id(p): p for p in out}.values())
+
+
+class InPlaceRunner:
+    """Materialize / restore of all local layers, once per step; replayed from two CUDA graphs on a GPU.
+
+    The per-step work is a few dozen small kernels per layer whose launch cost (host time) is the whole
+    cost of the operator on a GPU. It reads and writes only persistent tensors (weights, ``main_grad``,
+    operator parameters and their gradients, the saved rows), so after one eager step with a new set of
+    operators the runner captures ``materialize`` and ``restore(with_grads=True)`` of every layer as two
+    graphs (sharing one memory pool) and replays them in later steps: two launches per step. The saved
+    rows are then graph-owned buffers, kept for the stage. Any failure to capture falls back to eager
+    execution for the rest of the run, with a warning. Forward-only passes (evaluation) replay the
+    materialize graph and restore eagerly.
+    """
+
+    def __init__(self, use_graphs: bool):
+        self.use_graphs = use_graphs
+        self.replays = 0  # steps whose chain rule ran from the graph (for tests and benchmarks)
+        self._key = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._eager_steps = 0
+        self._g_mat = self._g_res = None
+        self._static = None
+        self._stream = None
+
+    def release(self) -> None:
+        """Drop the graphs and the buffers they own (at a boundary and at the final fuse)."""
+        self._key = None
+        self._reset()
+
+    def _check(self, layers: list) -> None:
+        # The key holds the layers themselves, so a new layer can never pass for a freed one.
+        if self._key is None or len(layers) != len(self._key) or any(a is not b for a, b in zip(layers, self._key)):
+            self._key = list(layers)  # new operators (a boundary, a restore): new graphs after one eager step
+            self._reset()
+
+    def _graphs_on(self, layers: list) -> bool:
+        return (self.use_graphs and torch.cuda.is_available() and bool(layers)
+                and layers[0].linears["qkv"].weight.is_cuda)
+
+    @staticmethod
+    def _warn(exc: Exception) -> None:
+        import logging
+
+        logging.getLogger(__name__).warning("APEX: CUDA graph capture of the operator failed (%s: %s); running "
+                                            "it eagerly from now on (apex.cuda_graphs=false avoids the attempt)",
+                                            type(exc).__name__, exc)
+
+    def _fall_back(self, layers: list, exc: Exception) -> None:
+        """A failed materialize capture: nothing captured ran, so the weights are the originals."""
+        self._warn(exc)
+        self.use_graphs = False
+        self._reset()
+        for layer in layers:
+            layer.materialized = False
+            for g in layer.groups:
+                g.saved = None
+
+    def materialize(self, layers: list) -> None:
+        self._check(layers)
+        if not layers or layers[0].materialized:
+            return
+        if self._graphs_on(layers) and self._eager_steps >= 1:
+            try:
+                if self._g_mat is None:
+                    self._stream = torch.cuda.Stream()
+                    self._stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(self._stream):  # warm up on the capture stream (no net change)
+                        for layer in layers:
+                            layer.materialize()
+                        for layer in layers:
+                            layer.restore(with_grads=False)
+                    torch.cuda.current_stream().wait_stream(self._stream)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, stream=self._stream, capture_error_mode="thread_local"):
+                        for layer in layers:
+                            layer.materialize()
+                    self._g_mat = g
+                    self._static = [grp.saved for layer in layers for grp in layer.groups]
+                self._g_mat.replay()
+                for layer in layers:
+                    layer.materialized = True
+                return
+            except RuntimeError as exc:
+                self._fall_back(layers, exc)
+        for layer in layers:
+            layer.materialize()
+
+    def restore(self, layers: list, with_grads: bool) -> None:
+        self._check(layers)
+        if not layers or not layers[0].materialized:
+            return
+        params = [p for layer in layers for p in layer.operator_params()] if with_grads else []
+        graphed = self.use_graphs and self._g_mat is not None
+        if with_grads and graphed:
+            try:
+                if self._g_res is None:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self._g_mat.pool(), stream=self._stream,
+                                          capture_error_mode="thread_local"):
+                        torch._foreach_zero_([p.grad for p in params])
+                        for layer in layers:
+                            layer.restore(with_grads=True, keep=True)
+                    self._g_res = g
+                self._g_res.replay()
+                self.replays += 1
+                for layer in layers:
+                    layer.materialized = False
+                return
+            except RuntimeError as exc:  # nothing captured ran: the rows are still W_eff, the saved rows intact
+                self._warn(exc)
+                self.use_graphs = graphed = False
+                for layer in layers:
+                    layer.materialized = True
+        for p in params:
+            p.grad = None
+        for layer in layers:
+            layer.restore(with_grads, keep=graphed)
+        if with_grads:
+            self._eager_steps += 1
+        if not self.use_graphs and self._g_mat is not None:
+            self._reset()

@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_forward", "monarch_backward",
-           "monarch_to_dense", "monarch_init"]
+__all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_forward", "monarch_right",
+           "monarch_backward", "monarch_to_dense", "monarch_init"]
 
 
 def monarch_shape(m: int) -> Tuple[int, int]:
@@ -64,6 +64,16 @@ def monarch_apply(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> torch.
     return monarch_forward(lf, rf, x)[0]
 
 
+def monarch_right(rf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The intermediate ``y_t [B, bs, nb, c]`` of :func:`monarch_forward` (``y_t[b, j, k] = (R x)[b, k, j]``):
+    one ``bmm`` over the ``B*nb`` blocks of ``x``, then a block transpose. :func:`monarch_backward`
+    needs it; recomputing it is cheaper than keeping it between forward and backward."""
+    nparts, nb, bs, _ = rf.shape
+    c = x.shape[-1]
+    y = torch.bmm(rf.reshape(nparts * nb, bs, bs), x.reshape(nparts * nb, bs, c))  # [B*nb, bs, c]
+    return y.view(nparts, nb, bs, c).transpose(1, 2).contiguous()  # [B, bs, nb, c]
+
+
 def monarch_forward(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`monarch_apply` (no shape checks) that also returns what :func:`monarch_backward` needs.
 
@@ -73,8 +83,7 @@ def monarch_forward(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> Tupl
     """
     nparts, bs, nb, _ = lf.shape
     c = x.shape[-1]
-    y = torch.bmm(rf.reshape(nparts * nb, bs, bs), x.reshape(nparts * nb, bs, c))  # [B*nb, bs, c]
-    y_t = y.view(nparts, nb, bs, c).transpose(1, 2).contiguous()  # [B, bs, nb, c]
+    y_t = monarch_right(rf, x)  # [B, bs, nb, c]
     u_t = torch.bmm(lf.reshape(nparts * bs, nb, nb), y_t.view(nparts * bs, nb, c))  # [B*bs, nb, c]
     return u_t.view(nparts, bs, nb, c).transpose(1, 2).reshape(nparts, nb * bs, c), y_t
 

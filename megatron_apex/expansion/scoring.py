@@ -13,15 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rank_votes", "unit_sq_norms_ffn", "unit_sq_norms_silu", "unit_sq_norms_attn"]
+__all__ = ["rank_votes", "unit_norms_silu", "unit_norms_attn", "unit_sq_norms_ffn", "unit_sq_norms_silu",
+           "unit_sq_norms_attn"]
 
 
-def rank_votes(stats: torch.Tensor, k: int) -> torch.Tensor:
+def rank_votes(stats: torch.Tensor, k: int, check_nan: bool = True) -> torch.Tensor:
     """Per row, +1 for the k largest entries and -1 for the k smallest.
 
     Args:
         stats: ``[L, n]`` statistic per (layer, unit); any real dtype.
         k: number of units voted up and down per row, ``0 <= 2k <= n``.
+        check_nan: refuse NaN statistics here (a host synchronisation on a GPU); the engine checks
+            its accumulated sums at the boundary instead.
 
     Returns:
         ``[L, n]`` int64 votes in {-1, 0, +1}.
@@ -35,7 +38,7 @@ def rank_votes(stats: torch.Tensor, k: int) -> torch.Tensor:
     n = stats.shape[1]
     if k < 0 or 2 * k > n:
         raise ValueError(f"rank_votes needs 0 <= 2k <= n, got k={k}, n={n}")
-    if torch.isnan(stats).any():
+    if check_nan and torch.isnan(stats).any():
         raise ValueError("rank_votes: stats contain NaN; the ranking would be undefined")
     votes = torch.zeros(stats.shape, dtype=torch.int64, device=stats.device)  # [L, n]
     if k == 0:
@@ -47,6 +50,39 @@ def rank_votes(stats: torch.Tensor, k: int) -> torch.Tensor:
     return votes
 
 
+def _norm(x: torch.Tensor, dim) -> torch.Tensor:
+    """float32 L2 norms over ``dim``, accumulated in at least fp32 (in float64 for float64 input)."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32)).float()
+
+
+def unit_norms_silu(gate_act: torch.Tensor) -> torch.Tensor:
+    """L2 norm over all tokens of each FFN channel's SiLU output (``[s, b, f_local]``, any float dtype).
+
+    One reduction kernel that reads the activations once and accumulates in fp32 (bf16 sums over
+    thousands of tokens would lose the low-order differences the ranking depends on). The scoring
+    hooks record these norms; the engine squares a whole step's worth at once.
+    """
+    return _norm(gate_act.reshape(-1, gate_act.shape[-1]), 0)
+
+
+def unit_norms_attn(core_attn_out: torch.Tensor, ng_local: int) -> torch.Tensor:
+    """L2 norm over all tokens of each query group's attention output, in one fp32 reduction.
+
+    Args:
+        core_attn_out: ``[s, b, ng_local*r*d]`` the input of ``linear_proj``; group g owns the columns
+            ``[g*r*d, (g+1)*r*d)`` (megatron-core's head order is group-major).
+        ng_local: number of query groups held locally (a unit is a group; under MHA a head).
+
+    Returns:
+        ``[ng_local]`` float32.
+    """
+    width = core_attn_out.shape[-1]
+    if ng_local <= 0 or width % ng_local != 0:
+        raise ValueError(f"unit_norms_attn: last dim {width} is not a multiple of ng_local={ng_local}")
+    x = core_attn_out.reshape(-1, ng_local, width // ng_local)  # [s*b, ng_local, r*d]
+    return _norm(x, (0, 2))
+
+
 def unit_sq_norms_ffn(gate_preact: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm over all tokens of SiLU(gate pre-activation), per FFN channel.
 
@@ -55,31 +91,16 @@ def unit_sq_norms_ffn(gate_preact: torch.Tensor) -> torch.Tensor:
             before the product with the up branch).
 
     Returns:
-        ``[f_local]`` float32 statistic. Accumulated in fp32 because bf16 sums over thousands of tokens
-        lose the low-order differences the ranking depends on.
+        ``[f_local]`` float32 statistic.
     """
     return unit_sq_norms_silu(F.silu(gate_preact.float()))
 
 
 def unit_sq_norms_silu(gate_act: torch.Tensor) -> torch.Tensor:
     """:func:`unit_sq_norms_ffn` from the SiLU output itself (``[s, b, f_local]``, any float dtype)."""
-    g = gate_act.float().reshape(-1, gate_act.shape[-1])  # [s*b, f_local]
-    return torch.linalg.vecdot(g, g, dim=0)  # [f_local]
+    return unit_norms_silu(gate_act).square()
 
 
 def unit_sq_norms_attn(core_attn_out: torch.Tensor, ng_local: int) -> torch.Tensor:
-    """Squared L2 norm over all tokens of each query group's attention output.
-
-    Args:
-        core_attn_out: ``[s, b, ng_local*r*d]`` the input of ``linear_proj``; group g owns the columns
-            ``[g*r*d, (g+1)*r*d)`` (megatron-core's head order is group-major).
-        ng_local: number of query groups held locally (a unit is a group; under MHA a head).
-
-    Returns:
-        ``[ng_local]`` float32 statistic.
-    """
-    width = core_attn_out.shape[-1]
-    if ng_local <= 0 or width % ng_local != 0:
-        raise ValueError(f"unit_sq_norms_attn: last dim {width} is not a multiple of ng_local={ng_local}")
-    x = core_attn_out.float().reshape(-1, ng_local, width // ng_local)  # [s*b, ng_local, r*d]
-    return x.square().sum(dim=(0, 2))  # [ng_local]
+    """Squared :func:`unit_norms_attn`: the attention statistic, ``[ng_local]`` float32."""
+    return unit_norms_attn(core_attn_out, ng_local).square()

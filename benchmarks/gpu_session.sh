@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU checks in one call on a CUDA machine whose Python has torch but not megatron-core: install the
+# wheels carried in .whl/ (megatron-core, zstandard), then run the APEX overhead benchmark (bf16) at the
+# issue's config and at a ~1B-parameter config, and the GPU tests. Logs go to $OUT.
+#   usage: bash benchmarks/gpu_session.sh   (repository root; .whl/ filled by pip download, see RESULTS.md)
+#   SKIP_TESTS=1 skips the tests; BUDGET=seconds (default 420) skips sections that would not fit.
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+BUDGET=${BUDGET:-420}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/env.txt"
+python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
+
+bench() {  # name, time limit (also the least time left it starts with), arguments
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt $((limit * 2 / 3)) ]; then echo "== $name: skipped (${left}s of the budget left)"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name"
+    timeout "$limit" python3 benchmarks/bench_apex_overhead.py --precision bf16 --threads 4 --steps 12 --warmup 3 \
+        --rounds 2 "$@" > "$OUT/$name.log" 2>&1
+    echo "exit $? after ${SECONDS}s"; sed -n '/^device:/,$p' "$OUT/$name.log"; tail -2 "$OUT/$name.log"
+}
+
+bench small_bf16 100
+bench large_mbs4_bf16 150 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4
+if [ -z "${SKIP_TESTS:-}" ]; then
+    echo "== GPU tests"
+    timeout $((BUDGET - SECONDS > 60 ? BUDGET - SECONDS - 60 : 10)) python3 -m pytest -q -m gpu tests/test_gpu.py -s \
+        -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    echo "exit $? after ${SECONDS}s"; grep -E "passed|failed|Error|assert|relative loss" "$OUT/gpu_tests.log" | tail -12
+fi
+bench large_mbs1_bf16 120 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000
