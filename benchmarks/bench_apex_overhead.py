@@ -121,8 +121,9 @@ def child(args) -> None:
         inplace.InPlaceRunner.materialize = timed(inplace.InPlaceRunner.materialize, "w_eff")
         inplace.InPlaceRunner.restore = timed(inplace.InPlaceRunner.restore, "w_eff")
         # The per-micro-batch statistics computed in the scoring hooks.
-        engine.unit_norms_silu = timed(engine.unit_norms_silu, "hooks")
-        engine.unit_norms_attn = timed(engine.unit_norms_attn, "hooks")
+        engine.unit_sq_norms_ffn = timed(engine.unit_sq_norms_ffn, "hooks")  # fallback path (not used here)
+        engine.unit_sq_norms_silu = timed(engine.unit_sq_norms_silu, "hooks")
+        engine.unit_sq_norms_attn = timed(engine.unit_sq_norms_attn, "hooks")
 
         def timed_boundary(trainer, step):
             parts["scoring"] = parts.get("scoring", 0.0) + cb.stats_time  # reset by the boundary
@@ -176,7 +177,7 @@ def child(args) -> None:
             if getattr(start, "prof", None) is not None:
                 start.prof.__exit__(None, None, None)
                 os.makedirs(args.profile, exist_ok=True)
-                with open(os.path.join(args.profile, f"{args.child}.txt"), "w") as f:
+                with open(os.path.join(args.profile, f"{args.child}_{args.port}.txt"), "w") as f:  # one per round
                     for key in (["cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
                         f.write(f"# step {step}, sorted by {key}\n")
                         f.write(start.prof.key_averages().table(sort_by=key, row_limit=40) + "\n")

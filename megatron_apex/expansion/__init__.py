@@ -27,11 +27,11 @@ from .partition import (
     round_k_to_partitions,
     shard_positions,
 )
-from .scoring import rank_votes, unit_norms_attn, unit_norms_silu, unit_sq_norms_attn, unit_sq_norms_ffn
+from .scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn
 from .selection import k_from_ratio, progressive_k, rank_units, select_units, select_units_partial
 
 __all__ = [
-    "rank_votes", "unit_norms_silu", "unit_norms_attn", "unit_sq_norms_ffn", "unit_sq_norms_attn",
+    "rank_votes", "unit_sq_norms_ffn", "unit_sq_norms_attn",
     "k_from_ratio", "rank_units", "select_units", "select_units_partial", "progressive_k",
     "num_partitions", "round_k_to_partitions", "balance_permutation", "invert_permutation",
     "permute_units", "permute_fc1", "permute_layer_weights", "shard_positions",

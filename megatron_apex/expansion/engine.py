@@ -49,7 +49,7 @@ from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, num_partitions, pack_partitions, permute_fc1,
                                                permute_units, round_k_to_partitions, shard_positions)
-from megatron_apex.expansion.scoring import rank_votes, unit_norms_attn, unit_norms_silu
+from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu
 from megatron_apex.expansion.selection import k_from_ratio, progressive_k, select_units, select_units_partial
 from megatron_apex.expansion.state import ParamStates, reduce_votes, tp_gather, tp_shard
 from megatron_apex.training.optim import lr_at
@@ -197,7 +197,7 @@ class ApexCallback(Callback):
         def silu(x: torch.Tensor) -> torch.Tensor:
             y = F.silu(x)
             if self._recording():
-                self._stats[li]["ffn"].append(unit_norms_silu(y.detach()))
+                self._stats[li]["ffn"].append(unit_sq_norms_silu(y.detach()))
             return y
         return silu
 
@@ -206,7 +206,7 @@ class ApexCallback(Callback):
             if self._recording():
                 out = output[0] if isinstance(output, tuple) else output  # [s, b, 2*f_local] = [gate | up]
                 f_local = out.shape[-1] // 2
-                self._stats[li]["ffn"].append(unit_norms_silu(F.silu(out.detach()[..., :f_local].float())))
+                self._stats[li]["ffn"].append(unit_sq_norms_ffn(out.detach()[..., :f_local]))
         return hook
 
     def _attn_hook(self, li: int):
@@ -214,7 +214,7 @@ class ApexCallback(Callback):
 
         def hook(module, inputs):
             if self._recording():  # inputs[0]: core attention output [s, b, np_local * d]
-                self._stats[li]["attn"].append(unit_norms_attn(inputs[0].detach(), ng_local))
+                self._stats[li]["attn"].append(unit_sq_norms_attn(inputs[0].detach(), ng_local))
         return hook
 
     def on_train_start(self, trainer) -> None:
@@ -311,10 +311,8 @@ class ApexCallback(Callback):
         if not self.layers or not self._stats[0]["ffn"]:
             return
         n_layers, micro = len(self._stats), len(self._stats[0]["ffn"])
-        # [L*micro, n_a_loc + n_f_loc], layer-major: one stack per kind over every layer and micro-batch;
-        # the hooks recorded L2 norms, the statistic is their square
-        local = torch.cat([torch.stack([t for s in self._stats for t in s[kind]]) for kind in ("attn", "ffn")],
-                          dim=1).square()
+        # [L*micro, n_a_loc + n_f_loc], layer-major: one stack per kind over every layer and micro-batch
+        local = torch.cat([torch.stack([t for s in self._stats for t in s[kind]]) for kind in ("attn", "ffn")], dim=1)
         for s in self._stats:
             s["attn"].clear()
             s["ffn"].clear()

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rank_votes", "unit_norms_silu", "unit_norms_attn", "unit_sq_norms_ffn", "unit_sq_norms_silu",
-           "unit_sq_norms_attn"]
+__all__ = ["rank_votes", "unit_sq_norms_ffn", "unit_sq_norms_silu", "unit_sq_norms_attn"]
 
 
 def rank_votes(stats: torch.Tensor, k: int, check_nan: bool = True) -> torch.Tensor:
@@ -50,37 +49,18 @@ def rank_votes(stats: torch.Tensor, k: int, check_nan: bool = True) -> torch.Ten
     return votes
 
 
-def _norm(x: torch.Tensor, dim) -> torch.Tensor:
-    """float32 L2 norms over ``dim``, accumulated in at least fp32 (in float64 for float64 input)."""
-    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32)).float()
+def _sq_norms(x: torch.Tensor, dim) -> torch.Tensor:
+    """float32 sums of squares over ``dim``, accumulated in at least fp32.
 
-
-def unit_norms_silu(gate_act: torch.Tensor) -> torch.Tensor:
-    """L2 norm over all tokens of each FFN channel's SiLU output (``[s, b, f_local]``, any float dtype).
-
-    One reduction kernel that reads the activations once and accumulates in fp32 (bf16 sums over
-    thousands of tokens would lose the low-order differences the ranking depends on). The scoring
-    hooks record these norms; the engine squares a whole step's worth at once.
+    bf16 sums over thousands of tokens would lose the low-order differences the ranking depends on.
+    On a GPU: one reduction kernel that reads ``x`` once (``vector_norm`` with an fp32 accumulator)
+    and an in-place square; on a CPU, where that reduction is several times slower than a plain sum,
+    the squares summed in fp32.
     """
-    return _norm(gate_act.reshape(-1, gate_act.shape[-1]), 0)
-
-
-def unit_norms_attn(core_attn_out: torch.Tensor, ng_local: int) -> torch.Tensor:
-    """L2 norm over all tokens of each query group's attention output, in one fp32 reduction.
-
-    Args:
-        core_attn_out: ``[s, b, ng_local*r*d]`` the input of ``linear_proj``; group g owns the columns
-            ``[g*r*d, (g+1)*r*d)`` (megatron-core's head order is group-major).
-        ng_local: number of query groups held locally (a unit is a group; under MHA a head).
-
-    Returns:
-        ``[ng_local]`` float32.
-    """
-    width = core_attn_out.shape[-1]
-    if ng_local <= 0 or width % ng_local != 0:
-        raise ValueError(f"unit_norms_attn: last dim {width} is not a multiple of ng_local={ng_local}")
-    x = core_attn_out.reshape(-1, ng_local, width // ng_local)  # [s*b, ng_local, r*d]
-    return _norm(x, (0, 2))
+    if x.is_cuda:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return torch.linalg.vector_norm(x, dim=dim, dtype=acc).float().square_()
+    return x.float().square().sum(dim)
 
 
 def unit_sq_norms_ffn(gate_preact: torch.Tensor) -> torch.Tensor:
@@ -98,9 +78,21 @@ def unit_sq_norms_ffn(gate_preact: torch.Tensor) -> torch.Tensor:
 
 def unit_sq_norms_silu(gate_act: torch.Tensor) -> torch.Tensor:
     """:func:`unit_sq_norms_ffn` from the SiLU output itself (``[s, b, f_local]``, any float dtype)."""
-    return unit_norms_silu(gate_act).square()
+    return _sq_norms(gate_act.reshape(-1, gate_act.shape[-1]), 0)
 
 
 def unit_sq_norms_attn(core_attn_out: torch.Tensor, ng_local: int) -> torch.Tensor:
-    """Squared :func:`unit_norms_attn`: the attention statistic, ``[ng_local]`` float32."""
-    return unit_norms_attn(core_attn_out, ng_local).square()
+    """Squared L2 norm over all tokens of each query group's attention output.
+
+    Args:
+        core_attn_out: ``[s, b, ng_local*r*d]`` the input of ``linear_proj``; group g owns the columns
+            ``[g*r*d, (g+1)*r*d)`` (megatron-core's head order is group-major).
+        ng_local: number of query groups held locally (a unit is a group; under MHA a head).
+
+    Returns:
+        ``[ng_local]`` float32 statistic.
+    """
+    width = core_attn_out.shape[-1]
+    if ng_local <= 0 or width % ng_local != 0:
+        raise ValueError(f"unit_sq_norms_attn: last dim {width} is not a multiple of ng_local={ng_local}")
+    return _sq_norms(core_attn_out.reshape(-1, ng_local, width // ng_local), (0, 2))  # [s*b, ng_local, r*d]
