@@ -174,6 +174,7 @@ def child(args) -> None:
             steal[step] = steal_seconds(cpus) - start.s0
             faults[step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start.f0
             parts_at[step] = dict(parts, scoring=cb.stats_time) if apex else {}
+            gc_at[step] = (gc_clock["total"], gc_clock["full"])
             if getattr(start, "prof", None) is not None:
                 start.prof.__exit__(None, None, None)
                 os.makedirs(args.profile, exist_ok=True)
@@ -188,6 +189,19 @@ def child(args) -> None:
                     take_turn()  # let the partner's last step run alone before tearing down
 
     parts_at = {}  # per step: the APEX part timers after it (cumulative)
+    import gc
+
+    gc_clock = {"total": 0.0, "t0": 0.0, "full": 0}  # time in Python's cyclic garbage collector
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_clock["t0"] = time.perf_counter()
+        else:
+            gc_clock["total"] += time.perf_counter() - gc_clock["t0"]
+            gc_clock["full"] += info["generation"] == 2
+
+    gc.callbacks.append(on_gc)
+    gc_at = {}
     start = Start()
     trainer = Trainer(cfg, ctx, [start] + cbs + [End()]).setup()
     phases = {"fwd_bwd": [], "optimizer": []}  # per step, both variants (APEX work included where it runs)
@@ -215,7 +229,7 @@ def child(args) -> None:
            "max_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
            "max_gpu_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
-           "parts_at": parts_at,
+           "parts_at": parts_at, "gc_at": gc_at,
            "params": sum(p.numel() for p in trainer.model.parameters())}
     destroy_distributed()
     with open(args.out, "w") as f:
@@ -333,6 +347,11 @@ def main() -> None:
               f"{'MET' if verdict <= target else 'MISSED'}")
         flt = {v: statistics.median(res["faults"][str(s)] for res in runs[v] for s in steady) for v in runs}
         print(f"  median minor page faults per step: plain {flt['plain']:.0f}, APEX {flt['apex']:.0f}")
+    for v in runs:  # Python's garbage collector, per steady step
+        gct = [res["gc_at"][str(s)][0] - res["gc_at"][str(s - 1)][0] for res in runs[v] for s in steady]
+        full = sum(res["gc_at"][str(steady[-1])][1] - res["gc_at"][str(steady[0] - 1)][1] for res in runs[v])
+        print(f"  {v}: garbage collector {1000 * statistics.mean(gct):.1f} ms per step on average, "
+              f"{full} full collections in {len(gct)} steps")
     for key in ("fwd_bwd", "optimizer"):
         med = {v: statistics.median(x for res in runs[v] for x in res["phases"][key][args.warmup:b]) for v in runs}
         print(f"  median {key}: plain {med['plain']:.4f}s, APEX {med['apex']:.4f}s (APEX work inside: "
