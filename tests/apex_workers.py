@@ -294,3 +294,32 @@ def apex_train_worker_fc1_hook(config_path: str, overrides: list) -> dict:
     (SiLU recomputed) instead of from megatron-core's own SiLU."""
     engine._record_silu = lambda mlp, recorder: False
     return apex_train_worker(config_path, overrides)
+
+
+class PoisonAttention(Callback):
+    """NaN attention outputs in the first layer during ``step`` (as an overflow would)."""
+
+    def __init__(self, step: int):
+        self.step, self.handle = step, None
+
+    def on_step_start(self, trainer, step):
+        if step == self.step:
+            proj = trainer.model.module.decoder.layers[0].self_attention.linear_proj
+            self.handle = proj.register_forward_pre_hook(lambda m, args: (args[0] * float("nan"), *args[1:]))
+
+    def on_step_end(self, trainer, step, metrics):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def apex_poisoned_worker(config_path: str, overrides: list, step: int) -> dict:
+    """APEX training with NaN activations during one step; returns exit, losses and recorded votes."""
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import initialize_distributed
+    from megatron_apex.training.trainer import Trainer
+
+    cfg = load_config(config_path, overrides)
+    cbs = _callbacks(cfg) + [PoisonAttention(step)]
+    result = Trainer(cfg, initialize_distributed(cfg), cbs).setup().train()
+    return {"exit": result.exit_reason, "losses": result.losses, "record": _apex(cbs).record}

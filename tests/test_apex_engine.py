@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from apex_workers import (apex_train_worker, apex_train_worker_fc1_hook, function_preservation_worker,
-                          plain_state_worker, selected_mode_worker)
+from apex_workers import (apex_poisoned_worker, apex_train_worker, apex_train_worker_fc1_hook,
+                          function_preservation_worker, plain_state_worker, selected_mode_worker)
 from distributed_utils import run_distributed
 from helpers import tiny_overrides
 
@@ -196,3 +196,15 @@ def test_ffn_statistic_from_megatron_silu_equals_recomputed(tiny_data, tiny_conf
     assert any(v != 0 for row in own["record"][1]["votes"]["ffn"] for v in row)
     assert [b["votes"] for b in own["record"]] == [b["votes"] for b in hook["record"]]
     assert [b["layers"] for b in own["record"]] == [b["layers"] for b in hook["record"]]
+
+
+def test_skipped_step_casts_no_votes(tiny_data, tiny_config):
+    """With train.nan_policy=skip a step with NaN activations is dropped, and so are its votes: the
+    boundary selects on the other steps' (finite) statistics instead of failing on NaN."""
+    over = _over(tiny_data, **{"apex.boundaries": "[0, 4]", "train.train_steps": 6, "train.nan_policy": "skip",
+                               "apex.init_scoring_samples": 0})
+    (r,) = run_distributed(apex_poisoned_worker, 1, tiny_config, over, 2)
+    assert r["exit"] == "finished"
+    assert r["losses"][2] != r["losses"][2]  # NaN: the poisoned step really was non-finite
+    votes = r["record"][1]["votes"]  # the boundary at step 4 (stage 1: steps 0, 1, 3 vote)
+    assert any(v != 0 for row in votes["attn"] for v in row)

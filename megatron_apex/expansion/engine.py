@@ -285,7 +285,12 @@ class ApexCallback(Callback):
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         if self.recording:
-            self._accumulate_votes(trainer.ctx)
+            if metrics.get("skipped"):  # a non-finite step (train.nan_policy='skip') casts no votes
+                for s in self._stats:
+                    s["attn"].clear()
+                    s["ffn"].clear()
+            else:
+                self._accumulate_votes(trainer.ctx)
             self.recording = False
 
     def on_train_end(self, trainer) -> None:
