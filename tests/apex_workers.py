@@ -33,6 +33,7 @@ class RecordingApex(ApexCallback):
     def _boundary(self, trainer, step):
         self._cur_perms = {}
         votes = {kind: v.tolist() for kind, v in self.votes.items()}  # the votes this boundary selects on
+        vote_steps = self.vote_steps
         super()._boundary(trainer, step)
         rec = {}
         for e in self.layers:
@@ -41,7 +42,8 @@ class RecordingApex(ApexCallback):
                 sel = e.selection.get(kind)
                 rec[e.index][kind] = None if sel is None else {
                     k: sel[k].reshape(-1).tolist() for k in ("P", "N", "E", "p_pos", "n_pos")}
-        self.record.append({"step": step, "stage": self.stage, "layers": rec, "votes": votes})
+        self.record.append({"step": step, "stage": self.stage, "layers": rec, "votes": votes,
+                            "vote_steps": vote_steps})
         self.perms.append(self._cur_perms)
 
 
@@ -297,7 +299,8 @@ def apex_train_worker_fc1_hook(config_path: str, overrides: list) -> dict:
 
 
 class PoisonAttention(Callback):
-    """NaN attention outputs in the first layer during ``step`` (as an overflow would)."""
+    """NaN attention output in the first layer during ``step`` (as an overflow would): the statistics of
+    every later layer, and the loss, become NaN (the first layer's own statistic is taken before)."""
 
     def __init__(self, step: int):
         self.step, self.handle = step, None

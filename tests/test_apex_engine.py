@@ -206,5 +206,6 @@ def test_skipped_step_casts_no_votes(tiny_data, tiny_config):
     (r,) = run_distributed(apex_poisoned_worker, 1, tiny_config, over, 2)
     assert r["exit"] == "finished"
     assert r["losses"][2] != r["losses"][2]  # NaN: the poisoned step really was non-finite
-    votes = r["record"][1]["votes"]  # the boundary at step 4 (stage 1: steps 0, 1, 3 vote)
-    assert any(v != 0 for row in votes["attn"] for v in row)
+    rec = r["record"][1]  # the boundary at step 4: of stage 1's steps 0-3, only 0, 1 and 3 vote
+    assert rec["step"] == 4 and rec["vote_steps"] == 3
+    assert any(v != 0 for row in rec["votes"]["attn"] for v in row)

@@ -86,3 +86,84 @@ def test_restore_without_grads_leaves_main_grad():
         assert torch.equal(linears[kind].weight.data, weights[key])
         assert torch.equal(linears[kind].weight.main_grad, grads[key])
     assert all(p.grad is None for op in (attn, ffn) for p in op.parameters())
+
+
+class _FailingCapture:
+    """Stands in for ``torch.cuda.graph`` on the CPU: a capture that fails. The body runs (there is no
+    real capture here), so the context puts back every watched tensor on exit, which is what a failed
+    capture leaves on a GPU (nothing recorded ever ran), then raises."""
+
+    def __init__(self, watched):
+        self.watched = watched
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __enter__(self):
+        self.snapshot = [t().clone() if t() is not None else None for t in self.watched]
+
+    def __exit__(self, *exc):
+        for get, saved in zip(self.watched, self.snapshot):
+            if saved is not None:
+                get().copy_(saved)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize("failing", ["materialize", "restore"])
+def test_runner_falls_back_to_eager_when_capture_fails(monkeypatch, failing):
+    """A failed CUDA-graph capture (of materialize, or of the chain rule) leaves weights, main_grad and
+    the operator's gradients exactly as eager execution computes them, and the runner stays eager."""
+    import contextlib
+
+    from megatron_apex.expansion import inplace
+
+    def make():
+        attn, ffn, weights = _build(CONFIGS["gqa"], seed=6)
+        _pack(attn, CONFIGS["gqa"]["ng"])
+        _pack(ffn, CONFIGS["gqa"]["f"])
+        _perturb(attn, 3)
+        _perturb(ffn, 4)
+        grads = {k: torch.randn(w.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+                 for k, w in weights.items()}
+        linears = _linears(weights, grads)
+        return linears, [InPlaceLayer(linears, attn, ffn, CONFIGS["gqa"]["d"], 2)], [attn, ffn]
+
+    def run(runner, linears, layers, steps=3):
+        for _ in range(steps):
+            runner.materialize(layers)
+            runner.restore(layers, with_grads=True)
+        return ([linears[k].weight.data.clone() for k in KINDS], [linears[k].weight.main_grad.clone() for k in KINDS])
+
+    ref_lin, ref_layers, ref_ops = make()
+    ref = run(inplace.InPlaceRunner(use_graphs=False), ref_lin, ref_layers)
+
+    linears, layers, ops = make()
+    runner = inplace.InPlaceRunner(use_graphs=True)
+    params = [p for op in ops for p in op.parameters()]
+    watched = [lambda k=k: linears[k].weight.data for k in KINDS] + \
+              [lambda k=k: linears[k].weight.main_grad for k in KINDS] + [lambda p=p: p.grad for p in params]
+
+    class Graph:  # a successful capture of materialize (the rows are written by the body itself here)
+        def replay(self):
+            pass
+
+        def pool(self):
+            return None
+
+    fake = types.SimpleNamespace(wait_stream=lambda *a: None)
+    monkeypatch.setattr(inplace.InPlaceRunner, "_graphs_on", lambda self, layers: self.use_graphs)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    if failing == "materialize":
+        monkeypatch.setattr(torch.cuda, "graph", _FailingCapture(watched))
+    else:
+        captures = iter([lambda *a, **k: contextlib.nullcontext(), _FailingCapture(watched)])
+        monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: next(captures)(*a, **k))
+    got = run(runner, linears, layers)
+    assert not runner.use_graphs and runner._g_mat is None and runner.replays == 0
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert torch.equal(a, b)
+    for p, q in zip(params, [p for op in ref_ops for p in op.parameters()]):
+        assert torch.equal(p.grad, q.grad)

@@ -136,6 +136,7 @@ class ApexCallback(Callback):
         self.op_optimizer = None
         self._pending_load = None
         self.stats_time = 0.0
+        self.vote_steps = 0       # steps (and initial scoring passes) whose votes count at the next boundary
         # Once per step on the changed rows (inplace.py), unless the base weights have no gradient
         # buffer (selected mode) or megatron-core reduces gradients during the backward pass.
         self.inplace = self.a.mode == "all" and not cfg.parallel.overlap_grad_reduce
@@ -178,7 +179,7 @@ class ApexCallback(Callback):
         n_layers = len(self.layers)
         # Votes are counted where the statistics are (no device-to-host copy per step); the boundary
         # reduces them over DP there and moves them to the host for the selection.
-        dev = self.layers[0].linears["qkv"].weight.device if self.layers else torch.device("cpu")
+        dev = ctx.device
         self.votes = {k: torch.zeros(n_layers, n, dtype=torch.int64, device=dev) for k, n in self.n.items()}
         self.raw = {k: torch.zeros(n_layers, n, dtype=torch.float64, device=dev) for k, n in self.n.items()}
         self._stats = [{"attn": [], "ffn": []} for _ in range(n_layers)]
@@ -316,6 +317,9 @@ class ApexCallback(Callback):
         if not self.layers or not self._stats[0]["ffn"]:
             return
         n_layers, micro = len(self._stats), len(self._stats[0]["ffn"])
+        if any(len(s[kind]) != micro for s in self._stats for kind in s):
+            raise RuntimeError(f"APEX: uneven statistics in one step ({[{k: len(v) for k, v in s.items()} for s in self._stats]}"
+                               f" per local layer); every layer must record each unit kind once per micro-batch")
         # [L*micro, n_a_loc + n_f_loc], layer-major: one stack per kind over every layer and micro-batch
         local = torch.cat([torch.stack([t for s in self._stats for t in s[kind]]) for kind in ("attn", "ffn")], dim=1)
         for s in self._stats:
@@ -337,6 +341,7 @@ class ApexCallback(Callback):
             # NaN statistics reach raw (sums keep NaN); the boundary refuses them before selecting.
             self.votes[kind] += rank_votes(st, k, check_nan=False).view(n_layers, micro, n).sum(1)
             self.raw[kind] += st.view(n_layers, micro, n).sum(1).double()
+        self.vote_steps += 1
         self.stats_time += time.perf_counter() - t0
 
     def _initial_scoring(self, trainer) -> None:
@@ -363,17 +368,17 @@ class ApexCallback(Callback):
         ctx = trainer.ctx
         if self.stage == 0 and self.a.init_scoring_samples > 0:
             self._initial_scoring(trainer)
+        votes = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.votes.items()}
+        raw = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.raw.items()}
+        for kind, r in raw.items():  # before anything changes (skipped non-finite steps cast no votes)
+            if torch.isnan(r).any():
+                bad = sorted({self.layers[int(i)].index for i in torch.nonzero(torch.isnan(r))[:, 0]})
+                raise ValueError(f"APEX: the {kind} activation statistics of layers {bad} contain NaN since the "
+                                 f"last boundary; refusing to select at step {step}")
         op_norm = self._operator_norm()
         if self._runner is not None:
             self._runner.release()  # the stage's CUDA graphs and their buffers
         self._fuse(trainer)
-        votes = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.votes.items()}
-        raw = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.raw.items()}
-        for kind, r in raw.items():
-            if torch.isnan(r).any():
-                bad = sorted({int(i) for i in torch.nonzero(torch.isnan(r))[:, 0]})
-                raise ValueError(f"APEX: the {kind} activation statistics of local layers {bad} contain NaN "
-                                 f"since the last boundary (the model diverged?); refusing to select at step {step}")
         self.stage += 1
         summary = []
         for li, entry in enumerate(self.layers):
@@ -387,10 +392,11 @@ class ApexCallback(Callback):
         for kind in self.votes:
             self.votes[kind].zero_()
             self.raw[kind].zero_()
+        vote_steps, self.vote_steps = self.vote_steps, 0
         if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one line per pipeline stage
             logger.info("APEX stage %d/%d starts at step %d (boundary %.2fs; previous stage: operator |M| %.4g, "
-                        "scoring %.2fs): %s", self.stage, len(self.boundaries), step, time.perf_counter() - t0,
-                        op_norm, self.stats_time, "; ".join(summary))
+                        "votes of %d steps, scoring %.2fs): %s", self.stage, len(self.boundaries), step,
+                        time.perf_counter() - t0, op_norm, vote_steps, self.stats_time, "; ".join(summary))
             if self.a.mode == "selected":
                 logger.info("APEX selected mode: %.1f%% of parameters trainable", 100 * self.trainable_fraction(trainer))
         self.stats_time = 0.0
@@ -555,6 +561,7 @@ class ApexCallback(Callback):
         return {
             "votes": {k: v.to("cpu", copy=True) for k, v in self.votes.items()},
             "raw": {k: v.to("cpu", copy=True) for k, v in self.raw.items()},
+            "vote_steps": self.vote_steps,
             "excluded": {f"{li}:{kind}": v for (li, kind), v in self.excluded.items()},
             "layers": [{"index": e.index, "selection": e.selection,
                         "ops": {name: getattr(e, name).state_dict() for name in ("attn_op", "ffn_op", "deltas")
@@ -604,6 +611,7 @@ class ApexCallback(Callback):
         for kind in self.votes:
             self.votes[kind].copy_(state["votes"][kind])
             self.raw[kind].copy_(state["raw"][kind])
+        self.vote_steps = state.get("vote_steps", 0)
         self.excluded = {(int(k.split(":")[0]), k.split(":")[1]): v for k, v in state["excluded"].items()}
         for entry, saved in zip(self.layers, state["layers"]):
             entry.selection = saved["selection"]

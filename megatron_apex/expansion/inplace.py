@@ -278,7 +278,7 @@ class InPlaceRunner:
             self._reset()
 
     def _graphs_on(self, layers: list) -> bool:
-        return (self.use_graphs and torch.cuda.is_available() and bool(layers)
+        return (self.use_graphs and torch.cuda.is_available() and any(layer.groups for layer in layers)
                 and layers[0].linears["qkv"].weight.is_cuda)
 
     @staticmethod
@@ -290,7 +290,8 @@ class InPlaceRunner:
                                             type(exc).__name__, exc)
 
     def _fall_back(self, layers: list, exc: Exception) -> None:
-        """A failed materialize capture: nothing captured ran, so the weights are the originals."""
+        """A failed materialize capture: nothing captured ran, so the weights are the originals (the
+        rows the capture left in ``saved`` were never written and are dropped)."""
         self._warn(exc)
         self.use_graphs = False
         self._reset()
@@ -304,28 +305,32 @@ class InPlaceRunner:
         if not layers or layers[0].materialized:
             return
         if self._graphs_on(layers) and self._eager_steps >= 1:
-            try:
-                if self._g_mat is None:
-                    self._stream = torch.cuda.Stream()
-                    self._stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(self._stream):  # warm up on the capture stream (no net change)
-                        for layer in layers:
-                            layer.materialize()
-                        for layer in layers:
-                            layer.restore(with_grads=False)
-                    torch.cuda.current_stream().wait_stream(self._stream)
+            if self._g_mat is None:
+                self._stream = torch.cuda.Stream()
+                self._stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._stream):  # warm up on the capture stream: no net change
+                    for layer in layers:
+                        layer.materialize()
+                    for layer in layers:
+                        layer.restore(with_grads=False)
+                torch.cuda.current_stream().wait_stream(self._stream)
+                try:
                     g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, stream=self._stream, capture_error_mode="thread_local"):
-                        for layer in layers:
-                            layer.materialize()
+                    # The outer stream context puts the current stream back even if ending a failed
+                    # capture raises on the way out of the inner one.
+                    with torch.cuda.stream(self._stream):
+                        with torch.cuda.graph(g, stream=self._stream, capture_error_mode="thread_local"):
+                            for layer in layers:
+                                layer.materialize()
                     self._g_mat = g
-                    self._static = [grp.saved for layer in layers for grp in layer.groups]
+                    self._static = [grp.saved for layer in layers for grp in layer.groups]  # graph-owned
+                except RuntimeError as exc:
+                    self._fall_back(layers, exc)
+            if self._g_mat is not None:
                 self._g_mat.replay()
                 for layer in layers:
                     layer.materialized = True
                 return
-            except RuntimeError as exc:
-                self._fall_back(layers, exc)
         for layer in layers:
             layer.materialize()
 
@@ -342,11 +347,12 @@ class InPlaceRunner:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
                     g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=self._g_mat.pool(), stream=self._stream,
-                                          capture_error_mode="thread_local"):
-                        torch._foreach_zero_([p.grad for p in params])
-                        for layer in layers:
-                            layer.restore(with_grads=True, keep=True)
+                    with torch.cuda.stream(self._stream):  # see materialize
+                        with torch.cuda.graph(g, pool=self._g_mat.pool(), stream=self._stream,
+                                              capture_error_mode="thread_local"):
+                            torch._foreach_zero_([p.grad for p in params])
+                            for layer in layers:
+                                layer.restore(with_grads=True, keep=True)
                     self._g_res = g
                 self._g_res.replay()
                 self.replays += 1
