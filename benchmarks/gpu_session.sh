@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks in one call on a CUDA machine whose Python has torch but not megatron-core: install the
 # wheels carried in .whl/ (megatron-core, zstandard), then run the APEX overhead benchmark (bf16) at the
-# issue's config and at a ~1B-parameter config, and the GPU tests. Logs go to $OUT.
+# issue's config and at a ~1B-parameter config (with a kernel profile, and again without CUDA graphs if
+# the budget allows), and the GPU tests. Logs go to $OUT (8 files).
 #   usage: bash benchmarks/gpu_session.sh   (repository root; .whl/ filled by pip download, see RESULTS.md)
 #   SKIP_TESTS=1 skips the tests; BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
@@ -30,11 +31,14 @@ bench() {  # name, time limit (also the least time left it starts with), argumen
 }
 
 bench small_bf16 100
-bench large_mbs4_bf16 150 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4
+# The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
+bench large_mbs4_bf16 150 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4 \
+    --profile "$OUT/prof"
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== GPU tests"
     timeout $((BUDGET - SECONDS > 60 ? BUDGET - SECONDS - 60 : 10)) python3 -m pytest -q -m gpu tests/test_gpu.py -s \
         -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
     echo "exit $? after ${SECONDS}s"; grep -E "passed|failed|Error|assert|relative loss" "$OUT/gpu_tests.log" | tail -12
 fi
-bench large_mbs1_bf16 120 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000
+bench large_mbs4_eager_bf16 150 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4 \
+    --set apex.cuda_graphs=false
