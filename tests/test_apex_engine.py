@@ -3,10 +3,7 @@ operator insertion and fuse, a plain model after the final fuse, selected mode, 
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
 from apex_workers import (apex_poisoned_worker, apex_train_worker, apex_train_worker_fc1_hook,
                           function_preservation_worker, plain_state_worker, selected_mode_worker)

@@ -45,13 +45,13 @@ from megatron.core.tensor_parallel.random import is_checkpointing
 
 from megatron_apex.config import Config, ConfigError
 from megatron_apex.expansion.inplace import InPlaceLayer, InPlaceRunner
-from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion
+from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion, mean_monarch_norm
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, num_partitions, pack_partitions, permute_fc1,
                                                permute_units, round_k_to_partitions, shard_positions)
 from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu
 from megatron_apex.expansion.selection import k_from_ratio, progressive_k, select_units, select_units_partial
-from megatron_apex.expansion.state import ParamStates, reduce_votes, tp_gather, tp_shard
+from megatron_apex.expansion.state import ParamStates, reduce_and_clip_grads, reduce_votes, tp_gather, tp_shard
 from megatron_apex.training.optim import lr_at
 from megatron_apex.training.trainer import Callback
 
@@ -267,19 +267,7 @@ class ApexCallback(Callback):
         params = [p for p in self._op_params() if p.grad is not None]
         if skipped or not params:
             return
-        ctx = trainer.ctx
-        grads = [p.grad for p in params]
-        if ctx.dp_size > 1:  # one all-reduce for all operator gradients
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=ctx.dp_group)
-            flat /= ctx.dp_size
-            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
-        clip = self.cfg.optimizer.clip_grad
-        if clip > 0:  # clipped on the device: no host synchronisation
-            sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
-            if ctx.tp_size * ctx.pp_size > 1:
-                dist.all_reduce(sq, group=ctx.mp_group)
-            torch._foreach_mul_(grads, torch.clamp(clip / (sq.sqrt() + 1e-6), max=1.0).to(grads[0].dtype))
+        reduce_and_clip_grads([p.grad for p in params], trainer.ctx, self.cfg.optimizer.clip_grad)
         for group in self.op_optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, step) * group["lr_mult"]
         self.op_optimizer.step()
@@ -507,16 +495,7 @@ class ApexCallback(Callback):
 
     def _operator_norm(self) -> float:
         """Mean Frobenius norm of the dense M of this rank's operators (0 right after insertion)."""
-        from megatron_apex.expansion.monarch import monarch_to_dense
-
-        norms = []
-        for entry in self.layers:
-            for op in (entry.attn_op, entry.ffn_op):
-                for name in ("monarch_l", "v_monarch_l", "o_monarch_l"):
-                    if hasattr(op, name):
-                        lf, rf = getattr(op, name), getattr(op, name.replace("_l", "_r"))
-                        norms.append(monarch_to_dense(lf.detach(), rf.detach()).norm().item())
-        return sum(norms) / len(norms) if norms else 0.0
+        return mean_monarch_norm([op for e in self.layers for op in (e.attn_op, e.ffn_op) if op is not None])
 
     def trainable_fraction(self, trainer) -> float:
         """Share of all parameters being trained (model + operators), over the whole model."""

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .monarch import monarch_apply, monarch_init, monarch_num_params
+from .monarch import monarch_apply, monarch_init, monarch_num_params, monarch_to_dense
 from .partition import shard_positions
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ __all__ = [
     "attn_operator_num_params",
     "shard_expansion_state",
     "fuse_layer_weights",
+    "mean_monarch_norm",
 ]
 
 
@@ -467,3 +468,14 @@ def fuse_layer_weights(
         else:
             out[name] = w
     return out
+
+
+def mean_monarch_norm(ops: list) -> float:
+    """Mean Frobenius norm of the dense Monarch matrices M of ``ops`` (0 right after insertion, 0 for none)."""
+    norms = []
+    for op in ops:
+        for name in ("monarch_l", "v_monarch_l", "o_monarch_l"):
+            if hasattr(op, name):
+                lf, rf = getattr(op, name), getattr(op, name.replace("_l", "_r"))
+                norms.append(monarch_to_dense(lf.detach(), rf.detach()).norm().item())
+    return sum(norms) / len(norms) if norms else 0.0

@@ -143,3 +143,19 @@ def reduce_votes(votes: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(out, group=group)
     return out
+
+
+def reduce_and_clip_grads(grads: list, ctx, clip: float) -> None:
+    """The operators' gradients, in place: averaged over the data-parallel group (one all-reduce for
+    all of them), then scaled so their global norm (over TP and PP too) is at most ``clip`` (0: off).
+    Clipping happens on the device, without a host synchronisation."""
+    if ctx.dp_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=ctx.dp_group)
+        flat /= ctx.dp_size
+        torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    if clip > 0:
+        sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        if ctx.tp_size * ctx.pp_size > 1:
+            dist.all_reduce(sq, group=ctx.mp_group)
+        torch._foreach_mul_(grads, torch.clamp(clip / (sq.sqrt() + 1e-6), max=1.0).to(grads[0].dtype))
