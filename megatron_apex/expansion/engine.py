@@ -275,9 +275,7 @@ class ApexCallback(Callback):
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         if self.recording:
             if metrics.get("skipped"):  # a non-finite step (train.nan_policy='skip') casts no votes
-                for s in self._stats:
-                    s["attn"].clear()
-                    s["ffn"].clear()
+                self._clear_stats()
             else:
                 self._accumulate_votes(trainer.ctx)
             self.recording = False
@@ -310,9 +308,7 @@ class ApexCallback(Callback):
                                f" per local layer); every layer must record each unit kind once per micro-batch")
         # [L*micro, n_a_loc + n_f_loc], layer-major: one stack per kind over every layer and micro-batch
         local = torch.cat([torch.stack([t for s in self._stats for t in s[kind]]) for kind in ("attn", "ffn")], dim=1)
-        for s in self._stats:
-            s["attn"].clear()
-            s["ffn"].clear()
+        self._clear_stats()
         n_a_loc = self.n["attn"] // ctx.tp_size
         if ctx.tp_size > 1:
             parts = [torch.empty_like(local) for _ in range(ctx.tp_size)]
@@ -331,6 +327,11 @@ class ApexCallback(Callback):
             self.raw[kind] += st.view(n_layers, micro, n).sum(1).double()
         self.vote_steps += 1
         self.stats_time += time.perf_counter() - t0
+
+    def _clear_stats(self) -> None:
+        for s in self._stats:
+            s["attn"].clear()
+            s["ffn"].clear()
 
     def _initial_scoring(self, trainer) -> None:
         """No-grad passes over the first ``apex.init_scoring_samples`` training samples."""

@@ -23,11 +23,15 @@ overlapped gradient reduction; a test checks that both paths agree.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from megatron_apex.expansion.monarch import monarch_backward, monarch_forward, monarch_right
 from megatron_apex.expansion.operator import unit_rows
 from megatron_apex.expansion.partition import packed_positions
+
+logger = logging.getLogger(__name__)
 
 
 class _Segment:
@@ -263,7 +267,6 @@ class InPlaceRunner:
     def _reset(self) -> None:
         self._eager_steps = 0
         self._g_mat = self._g_res = None
-        self._static = None
         self._stream = None
 
     def release(self) -> None:
@@ -272,8 +275,9 @@ class InPlaceRunner:
         self._reset()
 
     def _check(self, layers: list) -> None:
-        # The key holds the layers themselves, so a new layer can never pass for a freed one.
-        if self._key is None or len(layers) != len(self._key) or any(a is not b for a, b in zip(layers, self._key)):
+        # The key holds the layers themselves (compared by identity), so a new layer can never pass for a
+        # freed one.
+        if self._key != layers:
             self._key = list(layers)  # new operators (a boundary, a restore): new graphs after one eager step
             self._reset()
 
@@ -283,9 +287,7 @@ class InPlaceRunner:
 
     @staticmethod
     def _warn(exc: Exception) -> None:
-        import logging
-
-        logging.getLogger(__name__).warning("APEX: CUDA graph capture of the operator failed (%s: %s); running "
+        logger.warning("APEX: CUDA graph capture of the operator failed (%s: %s); running "
                                             "it eagerly from now on (apex.cuda_graphs=false avoids the attempt)",
                                             type(exc).__name__, exc)
 
@@ -322,8 +324,7 @@ class InPlaceRunner:
                         with torch.cuda.graph(g, stream=self._stream, capture_error_mode="thread_local"):
                             for layer in layers:
                                 layer.materialize()
-                    self._g_mat = g
-                    self._static = [grp.saved for layer in layers for grp in layer.groups]  # graph-owned
+                    self._g_mat = g  # the groups' saved rows are now its buffers, kept (restore keep=True)
                 except RuntimeError as exc:
                     self._fall_back(layers, exc)
             if self._g_mat is not None:
