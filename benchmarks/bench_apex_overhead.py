@@ -147,6 +147,12 @@ def child(args) -> None:
 
         cb._boundary, cb.on_optimizer_step = timed_boundary, timed_opt
         engine._Layer.effective = timed_eff
+        # Diagnostics only (the figures are then not APEX's overhead): leave one part of APEX out.
+        if args.ablate == "scoring":  # no statistics and no ranking; the boundary selects from zero votes
+            cb._recording = lambda: False
+        elif args.ablate == "operator":  # W_eff never written in, no chain rule, no operator AdamW
+            inplace.InPlaceRunner.materialize = lambda self, layers: None
+            inplace.InPlaceRunner.restore = lambda self, layers, with_grads: None
 
     def take_turn():
         if not os.read(args.turn_in, 1):
@@ -181,7 +187,7 @@ def child(args) -> None:
                 with open(os.path.join(args.profile, f"{args.child}_{args.port}.txt"), "w") as f:  # one per round
                     for key in (["cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
                         f.write(f"# step {step}, sorted by {key}\n")
-                        f.write(start.prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+                        f.write(start.prof.key_averages().table(sort_by=key, row_limit=70) + "\n")
                 start.prof = None
             gc_at[step] = (gc_clock["total"], gc_clock["full"])  # after the profile dump, not counting it
             if step == args.steps - 1:
@@ -254,6 +260,7 @@ def run_pair(args, order: tuple, port: int) -> dict:
                   "partitions", "threads", "precision"):
             cmd += [f"--{k}", str(getattr(args, k))]
         cmd += [a for kv in args.set for a in ("--set", kv)] + (["--profile", args.profile] if args.profile else [])
+        cmd += ["--ablate", args.ablate] if args.ablate else []
         procs[variant] = subprocess.Popen(cmd, env=env, pass_fds=fds[variant], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True)
     os.write(b_to_a[1], b"t")  # order[0] holds the token first
@@ -292,6 +299,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for both variants (repeatable), e.g. apex.cuda_graphs=false")
     ap.add_argument("--profile", metavar="DIR", help="write a torch.profiler op table of step warmup-1 per variant")
+    ap.add_argument("--ablate", choices=["scoring", "operator"],
+                    help="diagnostic: run APEX without its scoring or without its operator (in-place path)")
     ap.add_argument("--child", choices=["plain", "apex"])
     ap.add_argument("--out")
     ap.add_argument("--port", type=int, default=29611)
@@ -339,7 +348,8 @@ def main() -> None:
     target = 1.01 if gpu else 1.03
     print(f"\ndevice: {device}; model: {runs['plain'][0]['params'] / 1e6:.1f}M parameters, {args.precision}; "
           f"{args.micro} micro-batches x {args.mbs} x {args.seq} tokens per step; {args.threads} threads; "
-          f"{args.rounds} rounds x {len(steady)} steady steps")
+          f"{args.rounds} rounds x {len(steady)} steady steps" + (f"; APEX without its {args.ablate} (diagnostic)"
+                                                                  if args.ablate else ""))
     verdict = paired if gpu else paired_c  # a GPU step's time is not the host's: no steal correction there
     print(f"median step wall time: plain {plain_t:.4f}s, APEX {apex_t:.4f}s -> ratio {apex_t / plain_t:.4f} "
           f"(paired median {paired:.4f})" + (f"; target <= {target}: {'MET' if verdict <= target else 'MISSED'}"

@@ -4,7 +4,9 @@
 # issue's config and at a ~1B-parameter config (with a kernel profile, and again without CUDA graphs if
 # the budget allows), and the GPU tests. Logs go to $OUT (8 files).
 #   usage: bash benchmarks/gpu_session.sh   (repository root; .whl/ filled by pip download, see RESULTS.md)
-#   SKIP_TESTS=1 skips the tests; BUDGET=seconds (default 420) skips sections that would not fit.
+#   SECTIONS (default "small large tests eager") picks and orders the sections; "diagnose" is the 953M
+#   configuration once more without APEX's scoring, then without its operator (bench --ablate).
+#   BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 BUDGET=${BUDGET:-420}
@@ -30,15 +32,25 @@ bench() {  # name, time limit (also the least time left it starts with), argumen
     echo "exit $? after ${SECONDS}s"; sed -n '/^device:/,$p' "$OUT/$name.log"; tail -2 "$OUT/$name.log"
 }
 
-bench small_bf16 100
-# The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
-bench large_mbs4_bf16 150 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4 \
-    --profile "$OUT/prof"
-if [ -z "${SKIP_TESTS:-}" ]; then
-    echo "== GPU tests"
-    timeout $((BUDGET - SECONDS > 60 ? BUDGET - SECONDS - 60 : 10)) python3 -m pytest -q -m gpu tests/test_gpu.py -s \
-        -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-    echo "exit $? after ${SECONDS}s"; grep -E "passed|failed|Error|assert|relative loss" "$OUT/gpu_tests.log" | tail -12
+LARGE="--hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4"
+for section in ${SECTIONS:-small large tests eager}; do
+    case $section in
+    small) bench small_bf16 100 ;;
+    # The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
+    large) bench large_mbs4_bf16 150 $LARGE --profile "$OUT/prof" ;;
+    eager) bench large_mbs4_eager_bf16 100 $LARGE --rounds 1 --set apex.cuda_graphs=false ;;
+    diagnose)
+        bench large_no_scoring_bf16 100 $LARGE --rounds 1 --ablate scoring
+        bench large_no_operator_bf16 100 $LARGE --rounds 1 --ablate operator ;;
+    tests)
+        echo "== GPU tests"
+        timeout $((BUDGET - SECONDS > 60 ? BUDGET - SECONDS - 30 : 10)) python3 -m pytest -q -m gpu tests/test_gpu.py \
+            -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+        echo "exit $? after ${SECONDS}s"; grep -E "passed|failed|Error|assert|relative loss" "$OUT/gpu_tests.log" | tail -12 ;;
+    *) echo "unknown section $section"; exit 2 ;;
+    esac
+done
+if [ -d "$OUT/prof" ]; then  # one file (the device tool returns at most 8)
+    for f in "$OUT"/prof/*.txt; do echo "######## $(basename "$f")"; cat "$f"; done > "$OUT/profiles.txt"
+    rm -r "$OUT/prof"
 fi
-bench large_mbs4_eager_bf16 150 --hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4 \
-    --set apex.cuda_graphs=false
