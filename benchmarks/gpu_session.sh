@@ -5,7 +5,8 @@
 # the budget allows), and the GPU tests. Logs go to $OUT (8 files).
 #   usage: bash benchmarks/gpu_session.sh   (repository root; .whl/ filled by pip download, see RESULTS.md)
 #   SECTIONS (default "small large tests eager") picks and orders the sections; "diagnose" is the 953M
-#   configuration once more without APEX's scoring, then without its operator (bench --ablate).
+#   configuration once more without APEX's scoring, then without its operator (bench --ablate);
+#   "operator" times the operator alone (bench_operator.py) at the 953M and the small shapes.
 #   BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -36,6 +37,11 @@ LARGE="--hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 
 for section in ${SECTIONS:-small large tests eager}; do
     case $section in
     small) bench small_bf16 100 ;;
+    operator)  # the operator alone (benchmarks/bench_operator.py), with a kernel table at the 953M shapes
+        echo "== operator"
+        { timeout 60 python3 benchmarks/bench_operator.py --hidden 2048 --ffn 5632 --heads 16 --layers 16 --dtype bf16 \
+            --profile; timeout 30 python3 benchmarks/bench_operator.py --dtype bf16; } > "$OUT/operator.log" 2>&1
+        echo "exit $? after ${SECONDS}s"; grep -E "^device|per step" "$OUT/operator.log" ;;
     # The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
     large) bench large_mbs4_bf16 150 $LARGE --profile "$OUT/prof" ;;
     eager) bench large_mbs4_eager_bf16 100 $LARGE --rounds 1 --set apex.cuda_graphs=false ;;

@@ -88,6 +88,63 @@ def test_restore_without_grads_leaves_main_grad():
     assert all(p.grad is None for op in (attn, ffn) for p in op.parameters())
 
 
+@pytest.mark.parametrize("batch_bytes", [None, 1], ids=["batched", "one-group-batches"])
+def test_runner_batches_layers_like_single_layers(monkeypatch, batch_bytes):
+    """The runner computes the groups of equal shape in several layers together (expansion/inplace
+    _Batch): weights, main_grad and operator gradients equal those of each layer on its own, for a
+    mix of layer shapes and of packed and scattered positions, batched or cut into single groups."""
+    from megatron_apex.expansion import inplace
+
+    if batch_bytes is not None:
+        monkeypatch.setattr(inplace, "BATCH_BYTES", batch_bytes)
+    specs = [("gqa", True, 1), ("mha", True, 2), ("gqa", True, 3), ("gqa", False, 4), ("gqa", True, 5)]
+
+    def make():
+        out = []
+        for name, packed, seed in specs:
+            cfg = CONFIGS[name]
+            attn, ffn, weights = _build(cfg, seed=seed)
+            if packed:
+                _pack(attn, cfg["ng"])
+                _pack(ffn, cfg["f"])
+            _perturb(attn, 20 + seed)
+            _perturb(ffn, 40 + seed)
+            gen = torch.Generator().manual_seed(60 + seed)
+            linears = _linears(weights, {k: torch.randn(w.shape, generator=gen, dtype=F64) for k, w in weights.items()})
+            out.append((linears, InPlaceLayer(linears, attn, ffn, cfg["d"], cfg["nh"] // cfg["ng"]), (attn, ffn)))
+        return out
+
+    def state(built):
+        return [t.clone() for lin, _, ops in built for t in
+                [lin[k].weight.data for k in KINDS] + [lin[k].weight.main_grad for k in KINDS]
+                + [p.grad for op in ops for p in op.parameters()]]
+
+    ref = make()
+    eff_ref = []
+    for _, layer, _ in ref:
+        layer.materialize()
+        eff_ref.append([layer.linears[k].weight.data.clone() for k in KINDS])
+        layer.restore(with_grads=True)
+    got = make()
+    runner = inplace.InPlaceRunner(use_graphs=False)
+    layers = [layer for _, layer, _ in got]
+    runner.materialize(layers)
+    # 14 groups: 3 per GQA layer (V, O, FFN), 2 for the MHA one (shared V/O, FFN); one batch per shape.
+    groups = [g for layer in layers for g in layer.groups]
+    sizes = [len(b.groups) for b in runner._batches]
+    assert len(groups) == sum(sizes) == 14
+    assert sizes == [1] * 14 if batch_bytes else (len(sizes) == len({g.key for g in groups}) and max(sizes) >= 3)
+    for layer, eff in zip(layers, eff_ref):
+        for kind, e in zip(KINDS, eff):
+            torch.testing.assert_close(layer.linears[kind].weight.data, e, rtol=1e-13, atol=1e-13)
+    runner.restore(layers, with_grads=True)
+    for a, b in zip(state(got), state(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    for (lin, _, _), (lin_ref, _, _) in zip(got, ref):
+        for k in KINDS:
+            assert torch.equal(lin[k].weight.data, lin_ref[k].weight.data)  # originals back, exactly
+
+
 class _FailingCapture:
     """Stands in for ``torch.cuda.graph`` on the CPU: a capture that fails. The body runs (there is no
     real capture here), so the context puts back every watched tensor on exit, which is what a failed

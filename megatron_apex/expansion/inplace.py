@@ -24,6 +24,7 @@ overlapped gradient reduction; a test checks that both paths agree.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
@@ -37,27 +38,25 @@ logger = logging.getLogger(__name__)
 class _Segment:
     """The P and N slices of one weight under one operator, read and written together.
 
-    ``p_idx``/``n_idx`` are ``[B, m]`` row (or column) indices; ``pn`` is their concatenation, so one
-    ``index_select`` reads, and one ``index_copy_`` writes, both sets as a ``[2, B, m, c]`` tensor
-    (``[0]`` = P, ``[1]`` = N). Columns of a row-type weight are transposed into rows.
+    ``p_idx``/``n_idx`` are ``[B, m]`` row (or column) indices; one ``index_select`` reads, and one
+    ``index_copy_`` writes, both sets as a ``[2, B, m, c]`` tensor (``[0]`` = P, ``[1]`` = N). Columns
+    of a row-type weight are transposed into rows.
     """
 
     def __init__(self, kind: str, dim: int, p_idx: torch.Tensor, n_idx: torch.Tensor, beta):
         self.kind, self.dim, self.beta = kind, dim, beta
         self.shape = (2, *p_idx.shape)  # [2, B, m]
-        self.pn = torch.cat([p_idx.reshape(-1), n_idx.reshape(-1)])
-        self.n = n_idx.reshape(-1)
+        self.idx = (p_idx.reshape(-1), n_idx.reshape(-1), torch.cat([p_idx.reshape(-1), n_idx.reshape(-1)]))
 
-    def read(self, t: torch.Tensor) -> torch.Tensor:
-        """P and N rows of ``t`` -> ``[2, B, m, c]`` (a fresh tensor)."""
-        x = t.index_select(self.dim, self.pn)
-        if self.dim == 1:
-            x = x.t()
-        return x.reshape(*self.shape, -1)
+    def read_into(self, t: torch.Tensor, out: torch.Tensor) -> None:
+        """P and N rows of ``t`` into ``out`` ``[2, B, m, c]`` (any strides and dtype)."""
+        x = t.index_select(self.dim, self.idx[2])
+        out.copy_((x.t() if self.dim == 1 else x).reshape(out.shape))
 
-    def write(self, t: torch.Tensor, x: torch.Tensor) -> None:
-        """``x`` ``[2, B, m, c]`` into the P and N rows of ``t``; ``[B, m, c]`` into the N rows only."""
-        idx = self.pn if x.dim() == 4 else self.n
+    def write(self, t: torch.Tensor, x: torch.Tensor, half: Optional[int] = None) -> None:
+        """``x`` ``[2, B, m, c]`` into the P and N rows of ``t``, or ``[B, m, c]`` into the P (``half``
+        0) or N (1) rows only."""
+        idx = self.idx[2 if half is None else half]
         x = x.reshape(idx.numel(), -1).to(t.dtype)
         t.index_copy_(self.dim, idx, x.t() if self.dim == 1 else x)
 
@@ -88,16 +87,13 @@ class _PackedSegment:
         units = t.narrow(1, self.start, self.n_units * self.unit).view(t.shape[0], self.b, -1, self.unit)
         return units[:, :, :2 * self.k, sl].unflatten(2, (2, self.k)).permute(2, 1, 3, 4, 0)
 
-    def read(self, t: torch.Tensor) -> torch.Tensor:
-        """A fresh ``[2, B, m, c]`` copy (never a view of ``t``, even where the slices are contiguous)."""
-        v = self._view(t).clone(memory_format=torch.contiguous_format)
-        return v.view(2, self.b, self.k * self.size, -1)
+    def read_into(self, t: torch.Tensor, out: torch.Tensor) -> None:
+        out.unflatten(-2, (self.k, self.size)).copy_(self._view(t))
 
-    def write(self, t: torch.Tensor, x: torch.Tensor) -> None:
+    def write(self, t: torch.Tensor, x: torch.Tensor, half: Optional[int] = None) -> None:
         v = self._view(t)
-        if x.dim() == 3:
-            v = v[1]
-        v.copy_(x.reshape(v.shape))
+        v = v if half is None else v[half]
+        v.copy_(x.unflatten(-2, (self.k, self.size)))
 
 
 def _packed(op, n_local: int) -> bool:
@@ -110,77 +106,157 @@ def _packed(op, n_local: int) -> bool:
 
 
 class _Group:
-    """Segments sharing one Monarch matrix and one alpha."""
+    """Segments of one layer's weights sharing one Monarch matrix and one alpha."""
 
-    def __init__(self, lf, rf, alpha, segments: list):
-        self.lf, self.rf, self.alpha, self.segments = lf, rf, alpha, segments
+    def __init__(self, linears: dict, lf, rf, alpha, segments: list):
+        self.linears, self.lf, self.rf, self.alpha, self.segments = linears, lf, rf, alpha, segments
         self.ct = torch.promote_types(rf.dtype, torch.float32)  # compute dtype: fp32 at least
-        self.widths = None
-        self.saved = None  # the original P and N rows of every segment, in the weight's own dtype
+        w = linears[segments[0].kind].weight
+        self.widths = [linears[s.kind].weight.shape[1 - s.dim] for s in segments]  # c of every segment
+        # Groups with equal keys (the same operator in layers of one shape) are computed together.
+        self.key = (tuple((type(s), s.kind, s.dim, s.beta is None) for s in segments), tuple(self.widths),
+                    tuple(lf.shape), tuple(rf.shape), tuple(alpha.shape), rf.dtype, w.dtype, w.device)
+
+    def work_bytes(self) -> int:
+        """Size of this group's P and N rows in the compute dtype (``[2, B, m, C]``)."""
+        return 2 * self.alpha.numel() * sum(self.widths) * self.ct.itemsize
+
+
+class _Batch:
+    """Groups of equal shape (one operator kind in several layers), computed together.
+
+    The P and N rows of all its groups are read into one ``[2, n, B, m, C]`` tensor (C: the
+    segments' widths side by side), so the arithmetic of a step is a fixed handful of kernels per
+    batch, whatever the number of layers; only the reads and writes of weight and ``main_grad`` rows
+    are per group and segment. ``saved`` keeps the original rows (in the weights' dtype) from
+    materialize to restore.
+    """
+
+    def __init__(self, groups: list):
+        self.groups = groups
+        g0 = groups[0]
+        self.ct, self.dtype = g0.ct, g0.linears[g0.segments[0].kind].weight.dtype
+        self.cols, c = [], 0
+        for w in g0.widths:
+            self.cols.append(slice(c, c + w))
+            c += w
+        self.betas = [j for j, s in enumerate(g0.segments) if s.beta is not None]
+        self.saved = None
+
+    def _stack(self, tensors: list) -> torch.Tensor:
+        return torch.stack(tensors).to(self.ct)
+
+    def _monarch(self):
+        """Stacked factors ``[n*B, ...]`` and alpha ``[n, B, m, 1]`` of all groups, in the compute dtype."""
+        lf = self._stack([g.lf for g in self.groups])
+        rf = self._stack([g.rf for g in self.groups])
+        alpha = self._stack([g.alpha for g in self.groups]).unsqueeze(-1)
+        return lf.flatten(0, 1), rf.flatten(0, 1), alpha
+
+    def _beta(self, j: int) -> torch.Tensor:
+        return self._stack([g.segments[j].beta for g in self.groups]).unsqueeze(-1)  # [n, B, m, 1]
+
+    def _rows(self, which) -> torch.Tensor:
+        """The P and N rows of every group: ``[2, n, B, m, C]``; ``which(linear)`` picks the tensor."""
+        g0 = self.groups[0]
+        b, m = g0.alpha.shape
+        t0 = which(g0.linears[g0.segments[0].kind])
+        out = torch.empty(2, len(self.groups), b, m, self.cols[-1].stop, dtype=t0.dtype, device=t0.device)
+        for i, g in enumerate(self.groups):
+            for s, cols in zip(g.segments, self.cols):
+                s.read_into(which(g.linears[s.kind]), out[:, i, ..., cols])
+        return out
 
     @torch.no_grad()
-    def materialize(self, linears) -> None:
-        raws = [s.read(linears[s.kind].weight.data) for s in self.segments]  # [2, B, m, c], kept to restore
-        xs = [x.to(self.ct) for x in raws]
-        self.widths = [x.shape[-1] for x in xs]
-        xp = torch.cat([x[0] for x in xs], dim=-1)  # [B, m, C]
-        mixed = monarch_forward(self.lf.to(self.ct), self.rf.to(self.ct), xp)[0].split(self.widths, dim=-1)
-        alpha = self.alpha.to(self.ct).unsqueeze(-1)
-        for s, x, mix in zip(self.segments, xs, mixed):
-            w = linears[s.kind].weight.data
-            if s.beta is None:
-                s.write(w, mix.addcmul_(alpha, x[1]))  # W_eff[N] = alpha * W[N] + M W[P]
-            else:
-                out = torch.empty_like(x)
-                torch.mul(s.beta.to(self.ct).unsqueeze(-1), x[0], out=out[0])  # W_eff[P] = beta * W[P]
-                torch.addcmul(mix, alpha, x[1], out=out[1])
-                s.write(w, out)
-        self.saved = raws
+    def materialize(self) -> None:
+        """W_eff[N] = alpha * W[N] + M W[P] and W_eff[P] = beta * W[P] into the weights."""
+        saved = self._rows(lambda lin: lin.weight.data)  # [2, n, B, m, C]
+        n, b, m, c = saved.shape[1:]
+        xp = saved[0].to(self.ct)  # [n, B, m, C]
+        lf, rf, alpha = self._monarch()
+        mixed = monarch_forward(lf, rf, xp.view(n * b, m, c))[0].view(n, b, m, c)
+        mixed.addcmul_(alpha, saved[1])
+        scaled = {j: xp[..., self.cols[j]] * self._beta(j) for j in self.betas}
+        for i, g in enumerate(self.groups):
+            for j, (s, cols) in enumerate(zip(g.segments, self.cols)):
+                w = g.linears[s.kind].weight.data
+                s.write(w, mixed[i, ..., cols], half=1)
+                if j in scaled:
+                    s.write(w, scaled[j][i], half=0)
+        self.saved = saved
 
     @torch.no_grad()
-    def restore(self, linears, with_grads: bool, keep: bool = False) -> None:
+    def restore(self, with_grads: bool, keep: bool = False) -> None:
         """Original rows back (bit for bit); ``keep`` leaves them referenced (CUDA graphs reuse them)."""
         if with_grads:
-            self._chain_rule(linears, self.saved)
-        for s, x in zip(self.segments, self.saved):
-            s.write(linears[s.kind].weight.data, x)
+            self._chain_rule()
+        for i, g in enumerate(self.groups):
+            for s, cols in zip(g.segments, self.cols):  # P rows changed only where beta scales them
+                w = g.linears[s.kind].weight.data
+                if s.beta is None:
+                    s.write(w, self.saved[1, i, ..., cols], half=1)
+                else:
+                    s.write(w, self.saved[:, i, ..., cols])
         if not keep:
             self.saved = None
 
-    def _chain_rule(self, linears, raws: list) -> None:
+    def _chain_rule(self) -> None:
         """dL/dW on the P and N rows of main_grad, and the operator's gradients, in closed form.
 
         With u = L (R x_P) (Monarch, see monarch.py) and g = dL/dW_eff: dL/dW[N] = alpha * g[N],
         dL/dW[P] = beta * g[P] + M^T g[N], dL/dalpha = sum(g[N] * W[N]), dL/dbeta = sum(g[P] * W[P]).
         The Monarch intermediate R x_P is recomputed (one small bmm) rather than kept through the step.
         """
-        xs = [x.to(self.ct) for x in raws]
-        xp = torch.cat([x[0] for x in xs], dim=-1)  # [B, m, C]
-        lf, rf = self.lf.to(self.ct), self.rf.to(self.ct)
-        gs = [s.read(linears[s.kind].weight.main_grad).to(self.ct) for s in self.segments]  # [2, B, m, c]
-        gn = torch.cat([g[1] for g in gs], dim=-1)  # [B, m, C] = dL/du
-        d_lf, d_rf, d_x = monarch_backward(lf, rf, xp, monarch_right(rf, xp), gn)
-        alpha = self.alpha.to(self.ct).unsqueeze(-1)
-        d_alpha = 0
-        for s, x, g, d_mix in zip(self.segments, xs, gs, d_x.split(self.widths, dim=-1)):
-            d_alpha = d_alpha + torch.linalg.vecdot(g[1], x[1])
-            if s.beta is not None:
-                _accumulate(s.beta, torch.linalg.vecdot(g[0], x[0]))
-                g[0].mul_(s.beta.to(self.ct).unsqueeze(-1))
-            g[0].add_(d_mix)  # dL/dW[P]
-            g[1].mul_(alpha)  # dL/dW[N]
-            s.write(linears[s.kind].weight.main_grad, g)
-        _accumulate(self.alpha, d_alpha)
-        _accumulate(self.lf, d_lf)
-        _accumulate(self.rf, d_rf)
+        x = self.saved.to(self.ct)  # [2, n, B, m, C]
+        grad = self._rows(lambda lin: lin.weight.main_grad).to(self.ct)  # dL/dW_eff rows
+        n, b, m, c = x.shape[1:]
+        lf, rf, alpha = self._monarch()
+        xp = x[0].view(n * b, m, c)
+        d_lf, d_rf, d_x = monarch_backward(lf, rf, xp, monarch_right(rf, xp), grad[1].view(n * b, m, c))
+        grads = [(lambda g: g.lf, d_lf.view(n, *self.groups[0].lf.shape)),
+                 (lambda g: g.rf, d_rf.view(n, *self.groups[0].rf.shape)),
+                 (lambda g: g.alpha, torch.linalg.vecdot(grad[1], x[1]))]
+        for j in self.betas:
+            cols = self.cols[j]
+            grads.append((lambda g, j=j: g.segments[j].beta, torch.linalg.vecdot(grad[0, ..., cols], x[0, ..., cols])))
+            grad[0, ..., cols] *= self._beta(j)
+        grad[0] += d_x.view(n, b, m, c)  # dL/dW[P]
+        grad[1] *= alpha  # dL/dW[N]
+        for i, g in enumerate(self.groups):
+            for s, cols in zip(g.segments, self.cols):
+                s.write(g.linears[s.kind].weight.main_grad, grad[:, i, ..., cols])
+        for param_of, d in grads:
+            _accumulate([param_of(g) for g in self.groups], d)
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Add into ``param.grad`` in place (a CUDA graph replays into the same buffer), or set it."""
-    if param.grad is None:
-        param.grad = grad.to(param.dtype)
-    else:
-        param.grad.add_(grad)
+def _accumulate(params: list, grads: torch.Tensor) -> None:
+    """Add ``grads[i]`` into ``params[i].grad`` in place (a CUDA graph replays into the same buffers),
+    or set it."""
+    if all(p.grad is not None for p in params):
+        torch._foreach_add_([p.grad for p in params], list(grads.to(params[0].grad.dtype).unbind(0)))
+        return
+    for p, g in zip(params, grads.unbind(0)):
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.add_(g)
+
+
+# A batch's P and N rows in the compute dtype are at most this large (unless one group alone is): its
+# temporaries (a few times this) stay small next to the model, while groups of small layers share kernels.
+BATCH_BYTES = 64 << 20
+
+
+def _batches(groups: list) -> list:
+    """Groups of equal keys, in order, cut into batches of at most BATCH_BYTES of rows."""
+    by_key = {}
+    for g in groups:
+        by_key.setdefault(g.key, []).append(g)
+    out = []
+    for same in by_key.values():
+        per = max(1, BATCH_BYTES // same[0].work_bytes())
+        out += [_Batch(same[i:i + per]) for i in range(0, len(same), per)]
+    return out
 
 
 class InPlaceLayer:
@@ -201,9 +277,9 @@ class InPlaceLayer:
                 v = _Segment("qkv", 0, v_rows(attn_op.p_pos), v_rows(attn_op.n_pos), attn_op.beta_v)
                 o = _Segment("proj", 1, o_cols(attn_op.p_pos), o_cols(attn_op.n_pos), None)
             if attn_op.shared:
-                self.groups.append(_Group(*attn_op._v_side(), [v, o]))
+                self.groups.append(_Group(linears, *attn_op._v_side(), [v, o]))
             else:
-                self.groups += [_Group(*attn_op._v_side(), [v]), _Group(*attn_op._o_side(), [o])]
+                self.groups += [_Group(linears, *attn_op._v_side(), [v]), _Group(linears, *attn_op._o_side(), [o])]
         if ffn_op is not None and ffn_op.active:
             f_local = linears["fc1"].weight.shape[0] // 2
             b, k = ffn_op.p_pos.shape
@@ -216,26 +292,23 @@ class InPlaceLayer:
                 segments = [_Segment("fc1", 0, p, n, ffn_op.beta_gate),
                             _Segment("fc1", 0, p + f_local, n + f_local, ffn_op.beta_up),
                             _Segment("fc2", 1, p, n, None)]
-            self.groups.append(_Group(ffn_op.monarch_l, ffn_op.monarch_r, ffn_op.alpha, segments))
+            self.groups.append(_Group(linears, ffn_op.monarch_l, ffn_op.monarch_r, ffn_op.alpha, segments))
         self.packed = all(isinstance(s, _PackedSegment) for g in self.groups for s in g.segments)
+        self.batches = [_Batch([g]) for g in self.groups]  # a layer on its own (the runner batches layers)
         self.materialized = False
 
     def materialize(self) -> None:
         """Write the W_eff rows into the weights (keeping the originals)."""
-        if self.materialized:
-            return
-        for group in self.groups:
-            group.materialize(self.linears)
-        self.materialized = True
+        if not self.materialized:
+            _run(self.batches, "materialize")
+            self.materialized = True
 
     def restore(self, with_grads: bool, keep: bool = False) -> None:
         """Put the original rows back; with ``with_grads``, turn main_grad's dL/dW_eff rows into dL/dW
         rows and accumulate the operator's gradients."""
-        if not self.materialized:
-            return
-        for group in self.groups:
-            group.restore(self.linears, with_grads, keep)
-        self.materialized = False
+        if self.materialized:
+            _run(self.batches, "restore", with_grads, keep)
+            self.materialized = False
 
     def operator_params(self) -> list:
         """The operator parameters this layer's chain rule writes gradients into."""
@@ -243,6 +316,11 @@ class InPlaceLayer:
         for g in self.groups:
             out += [g.lf, g.rf, g.alpha] + [s.beta for s in g.segments if s.beta is not None]
         return list({id(p): p for p in out}.values())
+
+
+def _run(batches: list, method: str, *args) -> None:
+    for batch in batches:
+        getattr(batch, method)(*args)
 
 
 class InPlaceRunner:
@@ -262,6 +340,7 @@ class InPlaceRunner:
         self.use_graphs = use_graphs
         self.replays = 0  # steps whose chain rule ran from the graph (for tests and benchmarks)
         self._key = None
+        self._batches = []
         self._reset()
 
     def _reset(self) -> None:
@@ -272,6 +351,7 @@ class InPlaceRunner:
     def release(self) -> None:
         """Drop the graphs and the buffers they own (at a boundary and at the final fuse)."""
         self._key = None
+        self._batches = []
         self._reset()
 
     def _check(self, layers: list) -> None:
@@ -279,6 +359,7 @@ class InPlaceRunner:
         # freed one.
         if self._key != layers:
             self._key = list(layers)  # new operators (a boundary, a restore): new graphs after one eager step
+            self._batches = _batches([g for layer in layers for g in layer.groups])
             self._reset()
 
     def _graphs_on(self, layers: list) -> bool:
@@ -291,16 +372,20 @@ class InPlaceRunner:
                                             "it eagerly from now on (apex.cuda_graphs=false avoids the attempt)",
                                             type(exc).__name__, exc)
 
+    @staticmethod
+    def _mark(layers: list, materialized: bool) -> None:
+        for layer in layers:
+            layer.materialized = materialized
+
     def _fall_back(self, layers: list, exc: Exception) -> None:
         """A failed materialize capture: nothing captured ran, so the weights are the originals (the
         rows the capture left in ``saved`` were never written and are dropped)."""
         self._warn(exc)
         self.use_graphs = False
         self._reset()
-        for layer in layers:
-            layer.materialized = False
-            for g in layer.groups:
-                g.saved = None
+        self._mark(layers, False)
+        for batch in self._batches:
+            batch.saved = None
 
     def materialize(self, layers: list) -> None:
         self._check(layers)
@@ -311,10 +396,8 @@ class InPlaceRunner:
                 self._stream = torch.cuda.Stream()
                 self._stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self._stream):  # warm up on the capture stream: no net change
-                    for layer in layers:
-                        layer.materialize()
-                    for layer in layers:
-                        layer.restore(with_grads=False)
+                    _run(self._batches, "materialize")
+                    _run(self._batches, "restore", False)
                 torch.cuda.current_stream().wait_stream(self._stream)
                 try:
                     g = torch.cuda.CUDAGraph()
@@ -322,18 +405,16 @@ class InPlaceRunner:
                     # capture raises on the way out of the inner one.
                     with torch.cuda.stream(self._stream):
                         with torch.cuda.graph(g, stream=self._stream, capture_error_mode="thread_local"):
-                            for layer in layers:
-                                layer.materialize()
-                    self._g_mat = g  # the groups' saved rows are now its buffers, kept (restore keep=True)
+                            _run(self._batches, "materialize")
+                    self._g_mat = g  # the batches' saved rows are now its buffers, kept (restore keep=True)
                 except RuntimeError as exc:
                     self._fall_back(layers, exc)
             if self._g_mat is not None:
                 self._g_mat.replay()
-                for layer in layers:
-                    layer.materialized = True
+                self._mark(layers, True)
                 return
-        for layer in layers:
-            layer.materialize()
+        _run(self._batches, "materialize")
+        self._mark(layers, True)
 
     def restore(self, layers: list, with_grads: bool) -> None:
         self._check(layers)
@@ -352,23 +433,19 @@ class InPlaceRunner:
                         with torch.cuda.graph(g, pool=self._g_mat.pool(), stream=self._stream,
                                               capture_error_mode="thread_local"):
                             torch._foreach_zero_([p.grad for p in params])
-                            for layer in layers:
-                                layer.restore(with_grads=True, keep=True)
+                            _run(self._batches, "restore", True, True)
                     self._g_res = g
                 self._g_res.replay()
                 self.replays += 1
-                for layer in layers:
-                    layer.materialized = False
+                self._mark(layers, False)
                 return
             except RuntimeError as exc:  # nothing captured ran: the rows are still W_eff, the saved rows intact
                 self._warn(exc)
                 self.use_graphs = graphed = False
-                for layer in layers:
-                    layer.materialized = True
         for p in params:
             p.grad = None
-        for layer in layers:
-            layer.restore(with_grads, keep=graphed)
+        _run(self._batches, "restore", with_grads, graphed)
+        self._mark(layers, False)
         if with_grads:
             self._eager_steps += 1
         if not self.use_graphs and self._g_mat is not None:
