@@ -8,6 +8,7 @@ Variants, each timed over ``--steps`` steps after ``--warmup``:
 * ``batched``: groups of equal shape in several layers computed together (the default);
 * ``batched+graphs`` (GPU only): the batched step captured once as two CUDA graphs and replayed (what
   training runs on a GPU).
+``--batch-mib`` tries other batch sizes than the library's.
 
 Stand-in linears (weight + fp32 ``main_grad``) replace the model, so no megatron-core is needed; the
 operators are real (``FFNExpansion``/``AttentionExpansion``, packed positions as after a boundary,
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--batch-mib", type=int, nargs="*", help="batch sizes to try (default: inplace.BATCH_BYTES)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -91,7 +93,11 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     layers = build(args, device)
     default_bytes = getattr(inplace, "BATCH_BYTES", 0)
-    variants = [("per-layer", 0, False), ("batched", default_bytes, False)] + ([("batched+graphs", default_bytes, True)] if cuda else [])
+    sizes = [m << 20 for m in args.batch_mib] if args.batch_mib else [default_bytes]
+    variants = [("per-layer", 0, False)]
+    for nbytes in sizes:
+        tag = f"batched({nbytes >> 20}MiB)"
+        variants += [(tag, nbytes, False)] + ([(tag + "+graphs", nbytes, True)] if cuda else [])
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; {args.layers} layers, hidden {args.hidden}, "
           f"ffn {args.ffn}, heads {args.heads}/{args.groups or args.heads} groups, {args.dtype} weights, ratio "
           f"{args.ratio}, {args.partitions} partitions")
@@ -104,7 +110,7 @@ def main() -> None:
         batches = len(getattr(runner, "_batches", []))
         runner.restore(layers, with_grads=False)
         runner.release()
-        print(f"  {name:15s} {1000 * t:8.2f} ms per step ({batches} batches; {base / t:.2f}x per-layer)")
+        print(f"  {name:26s} {1000 * t:8.2f} ms per step ({batches} batches; {base / t:.2f}x per-layer)")
     if args.profile:
         inplace.BATCH_BYTES = default_bytes
         runner = inplace.InPlaceRunner(use_graphs=False)

@@ -39,7 +39,7 @@ for section in ${SECTIONS:-small large tests eager}; do
     small) bench small_bf16 100 ;;
     operator)  # the operator alone (benchmarks/bench_operator.py), with a kernel table at the 953M shapes
         echo "== operator"
-        { timeout 60 python3 benchmarks/bench_operator.py --hidden 2048 --ffn 5632 --heads 16 --layers 16 --dtype bf16 \
+        { timeout 60 python3 benchmarks/bench_operator.py --hidden 2048 --ffn 5632 --heads 16 --layers 16 --dtype bf16 --batch-mib 64 256 \
             --profile; timeout 30 python3 benchmarks/bench_operator.py --dtype bf16; } > "$OUT/operator.log" 2>&1
         echo "exit $? after ${SECONDS}s"; grep -E "^device|per step" "$OUT/operator.log" ;;
     # The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
