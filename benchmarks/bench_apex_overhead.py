@@ -29,7 +29,7 @@ Measured, per variant and round (rounds alternate which variant steps first):
 * peak memory: ru_maxrss of the child process (resource.getrusage, includes the Python/torch/megatron
   baseline of both variants, so the ratio understates relative model-state growth);
 * APEX breakdown per step: the operator (in-place W_eff rows and the chain rule on main_grad,
-  expansion/inplace.py), the scoring hooks' statistics, ranking + TP gather (_accumulate_votes), and the
+  expansion/inplace.py), the scoring hooks' statistics, ranking + TP gather (_rank_step, queued in finalize_model_grads), and the
   operator optimizer step (on_optimizer_step).
 
 Targets: step-time ratio <= 1.03, boundary <= 1 step, peak RSS ratio <= 1.05.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_apex.expansion.monarch import (
-    monarch_apply, monarch_backward, monarch_forward, monarch_init, monarch_num_params, monarch_shape,
+    bmm_abt, monarch_apply, monarch_backward, monarch_forward, monarch_init, monarch_num_params, monarch_shape,
     monarch_to_dense,
 )
 
@@ -86,6 +86,35 @@ def test_closed_form_backward_matches_autograd(m):
     rf = rf.clone().requires_grad_()
     x = torch.randn(3, m, 7, generator=g, dtype=torch.float64).requires_grad_()
     grad = torch.randn(3, m, 7, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad(monarch_apply(lf, rf, x), (lf, rf, x), grad)
+    with torch.no_grad():
+        got = monarch_backward(lf, rf, x, monarch_forward(lf, rf, x)[1], grad)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+def test_bmm_abt_splits_equal_one_product(splits):
+    """bmm_abt cuts the K sum into batches (the GPU path of the factors' gradients): same product."""
+    g = torch.Generator().manual_seed(splits)
+    a = torch.randn(5, 4, 48, generator=g, dtype=torch.float64)
+    b = torch.randn(5, 3, 48, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(bmm_abt(a, b, splits), a @ b.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not a multiple"):
+        bmm_abt(a, b, 5)
+
+
+def test_closed_form_backward_with_split_products_matches_autograd(monkeypatch):
+    """monarch_backward with its factor gradients split over the columns (what runs on a GPU)."""
+    from megatron_apex.expansion import monarch
+
+    monkeypatch.setattr(monarch, "_splits", lambda x: 4)
+    g = torch.Generator().manual_seed(1)
+    lf, rf = monarch_init(2, 12, g, dtype=torch.float64)
+    lf = torch.randn(lf.shape, generator=g, dtype=torch.float64).requires_grad_()
+    rf = rf.clone().requires_grad_()
+    x = torch.randn(2, 12, 24, generator=g, dtype=torch.float64).requires_grad_()
+    grad = torch.randn(2, 12, 24, generator=g, dtype=torch.float64)
     ref = torch.autograd.grad(monarch_apply(lf, rf, x), (lf, rf, x), grad)
     with torch.no_grad():
         got = monarch_backward(lf, rf, x, monarch_forward(lf, rf, x)[1], grad)

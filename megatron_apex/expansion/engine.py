@@ -137,6 +137,7 @@ class ApexCallback(Callback):
         self._pending_load = None
         self.stats_time = 0.0
         self.vote_steps = 0       # steps (and initial scoring passes) whose votes count at the next boundary
+        self._ranked = None       # this step's votes, ranked in finalize_model_grads, added at on_step_end
         # Once per step on the changed rows (inplace.py), unless the base weights have no gradient
         # buffer (selected mode) or megatron-core reduces gradients during the backward pass.
         self.inplace = self.a.mode == "all" and not cfg.parallel.overlap_grad_reduce
@@ -220,14 +221,17 @@ class ApexCallback(Callback):
 
     def on_train_start(self, trainer) -> None:
         self.param_states = ParamStates(trainer.optimizer, trainer.ctx.dp_group)
-        if self.inplace:
-            finalize = trainer.tconfig.finalize_model_grads_func
+        finalize = trainer.tconfig.finalize_model_grads_func
 
-            def finalize_with_operator_grads(*args, **kwargs):
-                self._restore_weights(with_grads=True)  # before megatron-core reduces main_grad
-                return finalize(*args, **kwargs)
+        def finalize_with_apex(*args, **kwargs):
+            # Every micro-batch's statistics are in: rank them now, while the device still works on the
+            # backward, rather than after the step's host synchronisation (committed at on_step_end).
+            if self.recording:
+                self._ranked = self._rank_step(trainer.ctx)
+            self._restore_weights(with_grads=True)  # before megatron-core reduces main_grad
+            return finalize(*args, **kwargs)
 
-            trainer.tconfig.finalize_model_grads_func = finalize_with_operator_grads
+        trainer.tconfig.finalize_model_grads_func = finalize_with_apex
         if self._pending_load is not None:
             self._restore(trainer, self._pending_load)
             self._pending_load = None
@@ -274,10 +278,11 @@ class ApexCallback(Callback):
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         if self.recording:
+            ranked, self._ranked = self._ranked, None
             if metrics.get("skipped"):  # a non-finite step (train.nan_policy='skip') casts no votes
                 self._clear_stats()
             else:
-                self._accumulate_votes(trainer.ctx)
+                self._commit_votes(ranked if ranked is not None else self._rank_step(trainer.ctx))
             self.recording = False
 
     def on_train_end(self, trainer) -> None:
@@ -297,11 +302,22 @@ class ApexCallback(Callback):
 
     # ------------------------------------------------------------------ scoring
     def _accumulate_votes(self, ctx) -> None:
-        """One TP all-gather for the step's statistics of all local layers, then rank votes (on the
-        statistics' device; no host synchronisation)."""
+        self._commit_votes(self._rank_step(ctx))
+
+    def _commit_votes(self, ranked) -> None:
+        if ranked is not None:
+            for kind, (votes, raw) in ranked.items():
+                self.votes[kind] += votes
+                self.raw[kind] += raw
+            self.vote_steps += 1
+
+    def _rank_step(self, ctx):
+        """The votes and statistic sums of the step's recorded statistics, ``{kind: (votes, raw)}`` (None
+        if nothing was recorded): one TP all-gather for all local layers, then rank votes on the
+        statistics' device (no host synchronisation). The statistics are consumed."""
         t0 = time.perf_counter()
         if not self.layers or not self._stats[0]["ffn"]:
-            return
+            return None
         n_layers, micro = len(self._stats), len(self._stats[0]["ffn"])
         if any(len(s[kind]) != micro for s in self._stats for kind in s):
             raise RuntimeError(f"APEX: uneven statistics in one step ({[{k: len(v) for k, v in s.items()} for s in self._stats]}"
@@ -317,16 +333,17 @@ class ApexCallback(Callback):
             parts = [local]
         stats = {"attn": torch.cat([p[..., :n_a_loc] for p in parts], dim=-1),
                  "ffn": torch.cat([p[..., n_a_loc:] for p in parts], dim=-1)}
+        ranked = {}
         for kind, st in stats.items():  # st: [L*micro, n]
             k = self.vote_k[kind]
             if k == 0:
                 continue
             n = st.shape[-1]
             # NaN statistics reach raw (sums keep NaN); the boundary refuses them before selecting.
-            self.votes[kind] += rank_votes(st, k, check_nan=False).view(n_layers, micro, n).sum(1)
-            self.raw[kind] += st.view(n_layers, micro, n).sum(1).double()
-        self.vote_steps += 1
+            ranked[kind] = (rank_votes(st, k, check_nan=False).view(n_layers, micro, n).sum(1),
+                            st.view(n_layers, micro, n).sum(1).double())
         self.stats_time += time.perf_counter() - t0
+        return ranked
 
     def _clear_stats(self) -> None:
         for s in self._stats:

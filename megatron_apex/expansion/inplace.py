@@ -15,8 +15,10 @@ linear_fc2) are handled as their transposed columns, where the same formula hold
 Weights sharing one (M, alpha) are expanded by one Monarch call on their concatenated columns. The
 engine packs the units at every boundary (P units first, N units next, in every partition), so the P
 and N rows are strided blocks of each weight; other positions (set by hand, as in tests) go through
-index gathers and scatters, with the same results. The cost per step is a few passes over the P and N rows plus one small Monarch forward and backward
-per operator, whatever the number of micro-batches or tokens. The engine falls back to building
+index gathers and scatters, with the same results. Operators of equal shape in several layers (the
+same unit kind in every layer of a model) are computed together (:class:`_Batch`). The cost per step
+is a few passes over the P and N rows plus one small Monarch forward and backward per batch of
+layers, whatever the number of micro-batches or tokens. The engine falls back to building
 W_eff per call for the ``selected`` mode (frozen base weights have no gradient buffer) and with
 overlapped gradient reduction; a test checks that both paths agree.
 """
@@ -242,9 +244,11 @@ def _accumulate(params: list, grads: torch.Tensor) -> None:
             p.grad.add_(g)
 
 
-# A batch's P and N rows in the compute dtype are at most this large (unless one group alone is): its
-# temporaries (a few times this) stay small next to the model, while groups of small layers share kernels.
-BATCH_BYTES = 64 << 20
+# A batch's P and N rows in the compute dtype are at most this large (unless one group alone is): the
+# kernels get large enough to fill a GPU while the batch's temporaries (about 4x this, held by the
+# CUDA graphs' pool for a stage) stay small next to the model. The operator alone at 953M parameters
+# on an H100 (benchmarks/RESULTS.md): 16.6 ms per step with 64 MiB, 12.5 ms with 256 MiB.
+BATCH_BYTES = 128 << 20
 
 
 def _batches(groups: list) -> list:
@@ -324,10 +328,12 @@ def _run(batches: list, method: str, *args) -> None:
 
 
 class InPlaceRunner:
-    """Materialize / restore of all local layers, once per step; replayed from two CUDA graphs on a GPU.
+    """Materialize / restore of all local layers, once per step, in batches of layers of equal shape
+    (:func:`_batches`); replayed from two CUDA graphs on a GPU.
 
-    The per-step work is a few dozen small kernels per layer whose launch cost (host time) is the whole
-    cost of the operator on a GPU. It reads and writes only persistent tensors (weights, ``main_grad``,
+    The per-step work is a few hundred kernels (row copies per layer, arithmetic per batch) whose
+    launches would cost a GPU more host time than their work. It reads and writes only persistent
+    tensors (weights, ``main_grad``,
     operator parameters and their gradients, the saved rows), so after one eager step with a new set of
     operators the runner captures ``materialize`` and ``restore(with_grads=True)`` of every layer as two
     graphs (sharing one memory pool) and replays them in later steps: two launches per step. The saved

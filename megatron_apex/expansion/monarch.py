@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_forward", "monarch_right",
-           "monarch_backward", "monarch_to_dense", "monarch_init"]
+           "monarch_backward", "monarch_to_dense", "monarch_init", "bmm_abt"]
 
 
 def monarch_shape(m: int) -> Tuple[int, int]:
@@ -88,6 +88,34 @@ def monarch_forward(lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor) -> Tupl
     return u_t.view(nparts, bs, nb, c).transpose(1, 2).reshape(nparts, nb * bs, c), y_t
 
 
+def bmm_abt(a: torch.Tensor, b: torch.Tensor, splits: int = 1) -> torch.Tensor:
+    """``a @ b^T`` per batch (``a [N, p, K]``, ``b [N, r, K]`` -> ``[N, p, r]``), with the K sum cut into
+    ``splits`` chunks computed as separate batches and added.
+
+    The factors' gradients are such products: tiny outputs (nb x nb, bs x bs) over K = the rows' full
+    width (thousands), which a GPU GEMM spreads over only as many thread blocks as there are output
+    tiles; split, the same work runs on ``splits`` times as many (one copy of each operand to make the
+    chunks batches).
+    """
+    if splits <= 1:
+        return torch.bmm(a, b.transpose(1, 2))
+    n, p, k = a.shape
+    r = b.shape[1]
+    if k % splits:
+        raise ValueError(f"bmm_abt: K={k} is not a multiple of splits={splits}")
+    chunks = lambda t, rows: t.view(n, rows, splits, k // splits).transpose(1, 2).reshape(n * splits, rows, k // splits)  # noqa: E731
+    return torch.bmm(chunks(a, p), chunks(b, r).transpose(1, 2)).view(n, splits, p, r).sum(1)
+
+
+def _splits(x: torch.Tensor) -> int:
+    """K-splits for :func:`bmm_abt` on a GPU: chunks of at least 512 columns, at most 16 of them; on a
+    CPU (where a GEMM's threads are few and the copy is not free) none."""
+    k = x.shape[-1]
+    if not x.is_cuda:
+        return 1
+    return next((q for q in (16, 12, 8, 6, 4, 3, 2) if k % q == 0 and k // q >= 512), 1)
+
+
 def monarch_backward(
     lf: torch.Tensor, rf: torch.Tensor, x: torch.Tensor, y_t: torch.Tensor, grad: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,17 +128,19 @@ def monarch_backward(
     Returns:
         (dL/dlf, dL/drf, dL/dx), shaped like lf, rf, x. With U_j = L_j Y_j per column block j and
         Y_i = R_i X_i per row block i: dL_j = dU_j Y_j^T, dY_j = L_j^T dU_j, dR_i = dY_i X_i^T,
-        dX_i = R_i^T dY_i (four bmm, two block transposes).
+        dX_i = R_i^T dY_i (four bmm, two block transposes; the two factor gradients split over the
+        columns on a GPU, see :func:`bmm_abt`).
     """
     nparts, bs, nb, _ = lf.shape
     c = x.shape[-1]
     du_t = grad.reshape(nparts, nb, bs, c).transpose(1, 2).reshape(nparts * bs, nb, c)  # [B*bs, nb(i), c]
     y_t = y_t.view(nparts * bs, nb, c)
-    d_lf = torch.bmm(du_t, y_t.transpose(1, 2)).view(lf.shape)  # [B*bs, nb(i), nb(k)]
+    splits = _splits(x)
+    d_lf = bmm_abt(du_t, y_t, splits).view(lf.shape)  # [B*bs, nb(i), nb(k)]
     d_y_t = torch.bmm(lf.reshape(nparts * bs, nb, nb).transpose(1, 2), du_t)  # [B*bs, nb(k), c]
     d_y = d_y_t.view(nparts, bs, nb, c).transpose(1, 2).reshape(nparts * nb, bs, c)  # [B*nb, bs(p), c]
     xb = x.reshape(nparts * nb, bs, c)
-    d_rf = torch.bmm(d_y, xb.transpose(1, 2)).view(rf.shape)  # [B*nb, bs(p), bs(q)]
+    d_rf = bmm_abt(d_y, xb, splits).view(rf.shape)  # [B*nb, bs(p), bs(q)]
     d_x = torch.bmm(rf.reshape(nparts * nb, bs, bs).transpose(1, 2), d_y)  # [B*nb, bs(q), c]
     return d_lf, d_rf, d_x.view(x.shape)
 
