@@ -94,7 +94,7 @@ def child(args) -> None:
     from megatron_apex.training.run import build_callbacks
     from megatron_apex.training.trainer import Callback, Trainer
 
-    apex = args.child == "apex"
+    apex = args.child == "apex" and not args.control
     cuda = torch.cuda.is_available()
     # On a GPU the step's work is asynchronous: every clock read below is preceded by a synchronize.
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -260,7 +260,7 @@ def run_pair(args, order: tuple, port: int) -> dict:
                   "partitions", "threads", "precision"):
             cmd += [f"--{k}", str(getattr(args, k))]
         cmd += [a for kv in args.set for a in ("--set", kv)] + (["--profile", args.profile] if args.profile else [])
-        cmd += ["--ablate", args.ablate] if args.ablate else []
+        cmd += (["--ablate", args.ablate] if args.ablate else []) + (["--control"] if args.control else [])
         procs[variant] = subprocess.Popen(cmd, env=env, pass_fds=fds[variant], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True)
     os.write(b_to_a[1], b"t")  # order[0] holds the token first
@@ -301,6 +301,9 @@ def main() -> None:
     ap.add_argument("--profile", metavar="DIR", help="write a torch.profiler op table of step warmup-1 per variant")
     ap.add_argument("--ablate", choices=["scoring", "operator"],
                     help="diagnostic: run APEX without its scoring or without its operator (in-place path)")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A control: the 'apex' process runs the plain model too (measures the two processes' "
+                         "own difference)")
     ap.add_argument("--child", choices=["plain", "apex"])
     ap.add_argument("--out")
     ap.add_argument("--port", type=int, default=29611)
@@ -324,7 +327,7 @@ def main() -> None:
             runs[v].append(res)
             print(f"round {r} {v:5s}: wall " + " ".join(f"{res['step_times'][str(s)]:.3f}" for s in steady)
                   + " | less steal " + " ".join(f"{res['step_own'][str(s)]:.3f}" for s in steady)
-                  + (f" | boundary@{b} {res['boundary'][str(b)]:.3f}s" if v == "apex" else "")
+                  + (f" | boundary@{b} {res['boundary'][str(b)]:.3f}s" if v == "apex" and not args.control else "")
                   + f" | maxrss {res['maxrss_kb'] / 1024:.0f} MiB", flush=True)
 
     def summary(key):
@@ -334,12 +337,16 @@ def main() -> None:
                                    for a, p in zip(runs["apex"], runs["plain"]) for s in steady)
         return med["plain"], med["apex"], paired
 
+    per_round = [statistics.median(a["step_own"][str(s)] for s in steady) / statistics.median(p["step_own"][str(s)] for s in steady)
+                 for a, p in zip(runs["apex"], runs["plain"])]
     plain_t, apex_t, paired = summary("step_times")
     plain_c, apex_c, paired_c = summary("step_own")
-    bnd = statistics.median(res["boundary"][str(b)] for res in runs["apex"])
+    bnd = statistics.median(res["boundary"].get(str(b), 0.0) for res in runs["apex"])
     rss_p = statistics.median(res["maxrss_kb"] for res in runs["plain"])
     rss_a = statistics.median(res["maxrss_kb"] for res in runs["apex"])
     def part(key):  # median over the steady steps of one APEX part's time in that step
+        if args.control:
+            return 0.0
         return statistics.median(res["parts_at"][str(s)][key] - res["parts_at"][str(s - 1)][key]
                                  for res in runs["apex"] for s in steady)
     weff, opopt, hooks, score = part("w_eff"), part("op_opt"), part("hooks"), part("scoring")
@@ -349,7 +356,8 @@ def main() -> None:
     print(f"\ndevice: {device}; model: {runs['plain'][0]['params'] / 1e6:.1f}M parameters, {args.precision}; "
           f"{args.micro} micro-batches x {args.mbs} x {args.seq} tokens per step; {args.threads} threads; "
           f"{args.rounds} rounds x {len(steady)} steady steps" + (f"; APEX without its {args.ablate} (diagnostic)"
-                                                                  if args.ablate else ""))
+                                                                  if args.ablate else "")
+          + ("; CONTROL: both processes plain (the 'APEX' figures are a second plain process)" if args.control else ""))
     verdict = paired if gpu else paired_c  # a GPU step's time is not the host's: no steal correction there
     print(f"median step wall time: plain {plain_t:.4f}s, APEX {apex_t:.4f}s -> ratio {apex_t / plain_t:.4f} "
           f"(paired median {paired:.4f})" + (f"; target <= {target}: {'MET' if verdict <= target else 'MISSED'}"
@@ -360,6 +368,8 @@ def main() -> None:
               f"{'MET' if verdict <= target else 'MISSED'}")
         flt = {v: statistics.median(res["faults"][str(s)] for res in runs[v] for s in steady) for v in runs}
         print(f"  median minor page faults per step: plain {flt['plain']:.0f}, APEX {flt['apex']:.0f}")
+    print("  per round (fresh processes), ratio of median steps: " + " ".join(f"{r:.3f}" for r in per_round)
+          + (f"; median {statistics.median(per_round):.4f}" if len(per_round) > 2 else ""))
     for v in runs:  # Python's garbage collector, per steady step
         gct = [res["gc_at"][str(s)][0] - res["gc_at"][str(s - 1)][0] for res in runs[v] for s in steady]
         full = sum(res["gc_at"][str(steady[-1])][1] - res["gc_at"][str(steady[0] - 1)][1] for res in runs[v])
