@@ -166,6 +166,10 @@ def child(args) -> None:
                 os.write(args.turn_out, b"t")
             take_turn()
             sync()
+            if cuda:  # per-step peaks (the whole run's peak is the largest of them and of what came before)
+                for key, fn in (("alloc", torch.cuda.max_memory_allocated), ("reserved", torch.cuda.max_memory_reserved)):
+                    gpu_mem[key] = max(gpu_mem[key], fn())
+                torch.cuda.reset_peak_memory_stats()
             if args.profile and step == args.warmup - 1:  # the step before the timed ones (on a GPU the
                 # operator's graphs are captured in step 1 and replayed from step 2: use --warmup 3 there)
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -180,6 +184,8 @@ def child(args) -> None:
             times[step] = time.perf_counter() - start.t0
             steal[step] = steal_seconds(cpus) - start.s0
             faults[step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start.f0
+            if cuda:
+                gpu_step_peak[step] = torch.cuda.max_memory_allocated()
             parts_at[step] = dict(parts, scoring=cb.stats_time) if apex else {}
             if getattr(start, "prof", None) is not None:
                 start.prof.__exit__(None, None, None)
@@ -196,6 +202,8 @@ def child(args) -> None:
                     take_turn()  # let the partner's last step run alone before tearing down
 
     parts_at = {}  # per step: the APEX part timers after it (cumulative)
+    gpu_mem = {"alloc": 0, "reserved": 0}  # whole-run GPU peaks (steps reset the allocator's peak counters)
+    gpu_step_peak = {}  # per step: peak allocated GPU memory within it (a boundary counts in its step)
     import gc
 
     gc_clock = {"total": 0.0, "t0": 0.0, "full": 0}  # time in Python's cyclic garbage collector
@@ -226,6 +234,9 @@ def child(args) -> None:
     trainer._run_microbatches = timed_phase(trainer._run_microbatches, "fwd_bwd")
     trainer.optimizer.step = timed_phase(trainer.optimizer.step, "optimizer")
     trainer.train()
+    if cuda:  # the final fuse and the save come after the last step
+        gpu_mem["alloc"] = max(gpu_mem["alloc"], torch.cuda.max_memory_allocated())
+        gpu_mem["reserved"] = max(gpu_mem["reserved"], torch.cuda.max_memory_reserved())
     scoring = parts.get("scoring", 0.0)
     step_times = {s: t - boundary.get(s, 0.0) for s, t in times.items()}
     # The step's own time: wall time less the time the hypervisor ran other guests on our cores.
@@ -233,8 +244,7 @@ def child(args) -> None:
     out = {"variant": args.child, "phases": phases, "faults": faults, "step_times": step_times, "step_own": step_own, "boundary": boundary, "parts": parts,
            "scoring_last_stage": scoring, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            "device": torch.cuda.get_device_name() if cuda else "cpu",
-           "max_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
-           "max_gpu_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
+           "max_gpu_bytes": gpu_mem["alloc"], "max_gpu_reserved": gpu_mem["reserved"], "gpu_step_peak": gpu_step_peak,
            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
            "parts_at": parts_at, "gc_at": gc_at,
            "params": sum(p.numel() for p in trainer.model.parameters())}
@@ -392,6 +402,12 @@ def main() -> None:
         res_a = statistics.median(res["max_gpu_reserved"] for res in runs["apex"])
         print(f"peak GPU memory reserved (max_memory_reserved, includes the operator's CUDA graph pool): "
               f"ratio {res_a / res_p:.4f}")
+        for v in runs:  # where the peak is: a stage's steps, the boundary's step, or the run's start/end
+            steady_peak = statistics.median(r["gpu_step_peak"][str(s)] for r in runs[v] for s in steady)
+            b_peak = statistics.median(r["gpu_step_peak"][str(b)] for r in runs[v])
+            print(f"  {v}: peak allocated in a steady step {steady_peak / 2**30:.3f} GiB, in the boundary's step "
+                  f"{b_peak / 2**30:.3f} GiB, in the whole run "
+                  + ", ".join(f"{r['max_gpu_bytes'] / 2**30:.3f}" for r in runs[v]) + " GiB")
         for v in runs:
             print(f"  {v}: max_memory_reserved " + ", ".join(f"{r['max_gpu_reserved'] / 2**30:.2f}" for r in runs[v])
                   + " GiB; allocator retries " + ", ".join(str(r["alloc_retries"]) for r in runs[v]))

@@ -6,7 +6,8 @@
 #   usage: bash benchmarks/gpu_session.sh   (repository root; .whl/ filled by pip download, see RESULTS.md)
 #   SECTIONS (default "small large tests eager") picks and orders the sections; "diagnose" is the 953M
 #   configuration once more without APEX's scoring, then without its operator (bench --ablate);
-#   "operator" times the operator alone (bench_operator.py) at the 953M and the small shapes.
+#   "operator" times the operator alone (bench_operator.py) at the 953M and the small shapes;
+#   "large16" is the 953M configuration at 16 micro-batches per step.
 #   BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -45,6 +46,8 @@ for section in ${SECTIONS:-small large tests eager}; do
     # The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
     large) bench large_mbs4_bf16 150 $LARGE --profile "$OUT/prof" ;;
     eager) bench large_mbs4_eager_bf16 100 $LARGE --rounds 1 --set apex.cuda_graphs=false ;;
+    large16)  # the same model at 131,072 tokens per step (16 micro-batches of 4 x 2048)
+        bench large_micro16_bf16 200 $LARGE --micro 16 --steps 10 ;;
     diagnose)
         bench large_no_scoring_bf16 100 $LARGE --rounds 1 --ablate scoring
         bench large_no_operator_bf16 100 $LARGE --rounds 1 --ablate operator ;;
