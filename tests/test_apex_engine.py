@@ -206,3 +206,26 @@ def test_skipped_step_casts_no_votes(tiny_data, tiny_config):
     rec = r["record"][1]  # the boundary at step 4: of stage 1's steps 0-3, only 0, 1 and 3 vote
     assert rec["step"] == 4 and rec["vote_steps"] == 3
     assert any(v != 0 for row in rec["votes"]["attn"] for v in row)
+
+
+def test_finalize_wrapper_installed_once(tiny_data, tiny_config):
+    """The step's votes are ranked in the wrapped finalize_model_grads; a second on_train_start (training
+    started again on the same trainer) must not wrap it twice, which would rank an empty step over them."""
+    import types
+
+    from megatron_apex.config import load_config
+    from megatron_apex.expansion.engine import ApexCallback
+
+    cb = ApexCallback(load_config(tiny_config, _over(tiny_data)))
+    calls = []
+    trainer = types.SimpleNamespace(optimizer=object(), ctx=types.SimpleNamespace(dp_group=None),
+                                    tconfig=types.SimpleNamespace(finalize_model_grads_func=lambda *a: calls.append(a)))
+    ranked = iter([{"ffn": "votes"}, None])
+    cb._rank_step = lambda ctx: next(ranked)
+    cb.on_train_start(trainer)
+    wrapped = trainer.tconfig.finalize_model_grads_func
+    cb.on_train_start(trainer)
+    assert trainer.tconfig.finalize_model_grads_func is wrapped
+    cb.recording = True
+    wrapped("model")
+    assert calls == [("model",)] and cb._ranked == {"ffn": "votes"}

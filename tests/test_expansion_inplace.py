@@ -224,3 +224,32 @@ def test_runner_falls_back_to_eager_when_capture_fails(monkeypatch, failing):
         assert torch.equal(a, b)
     for p, q in zip(params, [p for op in ref_ops for p in op.parameters()]):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_group_weights_of_different_dtypes_refused():
+    """The saved rows of an operator's weights share one buffer: a mix of dtypes is refused by name."""
+    attn, ffn, weights = _build(CONFIGS["mha"], seed=2)
+    grads = {k: torch.zeros_like(w) for k, w in weights.items()}
+    linears = _linears(weights, grads)
+    linears["proj"].weight.data = linears["proj"].weight.data.float()  # qkv float64, proj float32
+    with pytest.raises(ValueError, match=r"\['qkv', 'proj'\].*different dtypes"):
+        InPlaceLayer(linears, attn, ffn, CONFIGS["mha"]["d"], 1)
+
+
+def test_layer_materialized_by_runner_restores_only_through_it():
+    """A runner keeps the original rows of the layers it materialized; restoring one of them on its own
+    is refused with the reason, and the runner's restore puts the weights back."""
+    from megatron_apex.expansion import inplace
+
+    attn, ffn, weights = _build(CONFIGS["gqa"], seed=5)
+    _perturb(attn, 1)
+    _perturb(ffn, 2)
+    linears = _linears(weights, {k: torch.zeros_like(w) for k, w in weights.items()})
+    layer = InPlaceLayer(linears, attn, ffn, CONFIGS["gqa"]["d"], 2)
+    runner = inplace.InPlaceRunner(use_graphs=False)
+    runner.materialize([layer])
+    with pytest.raises(RuntimeError, match="restore it through the runner"):
+        layer.restore(with_grads=False)
+    runner.restore([layer], with_grads=False)
+    for kind, key in KINDS.items():
+        assert torch.equal(linears[kind].weight.data, weights[key])

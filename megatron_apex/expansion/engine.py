@@ -231,7 +231,9 @@ class ApexCallback(Callback):
             self._restore_weights(with_grads=True)  # before megatron-core reduces main_grad
             return finalize(*args, **kwargs)
 
-        trainer.tconfig.finalize_model_grads_func = finalize_with_apex
+        if getattr(finalize, "apex_callback", None) is not self:  # once, even if training starts again
+            finalize_with_apex.apex_callback = self
+            trainer.tconfig.finalize_model_grads_func = finalize_with_apex
         if self._pending_load is not None:
             self._restore(trainer, self._pending_load)
             self._pending_load = None

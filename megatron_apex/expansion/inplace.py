@@ -114,6 +114,10 @@ class _Group:
         self.linears, self.lf, self.rf, self.alpha, self.segments = linears, lf, rf, alpha, segments
         self.ct = torch.promote_types(rf.dtype, torch.float32)  # compute dtype: fp32 at least
         w = linears[segments[0].kind].weight
+        dtypes = {linears[s.kind].weight.dtype for s in segments}
+        if len(dtypes) > 1:  # the saved rows share one buffer, which must hold every segment exactly
+            raise ValueError(f"APEX operator: the weights {[s.kind for s in segments]} sharing one operator have "
+                             f"different dtypes {sorted(map(str, dtypes))}")
         self.widths = [linears[s.kind].weight.shape[1 - s.dim] for s in segments]  # c of every segment
         # Groups with equal keys (the same operator in layers of one shape) are computed together.
         self.key = (tuple((type(s), s.kind, s.dim, s.beta is None) for s in segments), tuple(self.widths),
@@ -137,7 +141,7 @@ class _Batch:
     def __init__(self, groups: list):
         self.groups = groups
         g0 = groups[0]
-        self.ct, self.dtype = g0.ct, g0.linears[g0.segments[0].kind].weight.dtype
+        self.ct = g0.ct
         self.cols, c = [], 0
         for w in g0.widths:
             self.cols.append(slice(c, c + w))
@@ -311,6 +315,9 @@ class InPlaceLayer:
         """Put the original rows back; with ``with_grads``, turn main_grad's dL/dW_eff rows into dL/dW
         rows and accumulate the operator's gradients."""
         if self.materialized:
+            if any(batch.saved is None for batch in self.batches):
+                raise RuntimeError("InPlaceLayer.restore: this layer was materialized by an InPlaceRunner, "
+                                   "which holds the original rows; restore it through the runner")
             _run(self.batches, "restore", with_grads, keep)
             self.materialized = False
 
