@@ -303,9 +303,6 @@ class ApexCallback(Callback):
             logger.info("APEX: final fuse done in %.2fs; the model is a plain LLaMA again", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ scoring
-    def _accumulate_votes(self, ctx) -> None:
-        self._commit_votes(self._rank_step(ctx))
-
     def _commit_votes(self, ranked) -> None:
         if ranked is not None:
             for kind, (votes, raw) in ranked.items():
@@ -367,7 +364,7 @@ class ApexCallback(Callback):
             for _ in range(steps):
                 self.recording = True
                 trainer._run_microbatches(it, forward_only=True)
-                self._accumulate_votes(ctx)
+                self._commit_votes(self._rank_step(ctx))
         self.recording = False
 
     # ------------------------------------------------------------------ stage boundary

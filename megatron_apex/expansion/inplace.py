@@ -47,7 +47,6 @@ class _Segment:
 
     def __init__(self, kind: str, dim: int, p_idx: torch.Tensor, n_idx: torch.Tensor, beta):
         self.kind, self.dim, self.beta = kind, dim, beta
-        self.shape = (2, *p_idx.shape)  # [2, B, m]
         self.idx = (p_idx.reshape(-1), n_idx.reshape(-1), torch.cat([p_idx.reshape(-1), n_idx.reshape(-1)]))
 
     def read_into(self, t: torch.Tensor, out: torch.Tensor) -> None:
