@@ -40,8 +40,9 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
 
     Weights/grads/optimizer: bf16 weights (2 B) + fp32 grads (4 B) + fp32 main weights and Adam
     moments (12 B, divided by DP under the distributed optimizer); fp32 runs hold 4 + 4 + 8 B.
-    Activations: ~34 * s * b * h bytes per layer and micro-batch (bf16, SDPA/flash attention, no
-    recomputation; Korthikanti et al. 2022), divided by TP, times the micro-batches the 1F1B
+    Activations per layer and micro-batch (bf16, SDPA/flash attention, no recomputation; Korthikanti
+    et al. 2022): s * b * h * (10 + 24 / TP) bytes, or 34 * s * b * h / TP bytes with sequence
+    parallelism (which also splits the norms' and residuals' 10 * s * b * h); times the micro-batches the 1F1B
     schedule keeps in flight on the first stage (min(PP, micro-batches)); the logits add
     s * b * V/TP * 6 bytes on the last stage.
     """
@@ -59,9 +60,10 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
         opt_b /= dp
     s, b, h = cfg.data.seq_length, t.micro_batch_size, m.hidden_size
     in_flight = min(pp, cfg.num_micro_batches(world_size))
-    per_layer_act = 34 * s * b * h / tp * (2 if bf16 else 4) / 2
+    per_token = 34 / tp if p.sequence_parallel else 10 + 24 / tp
+    per_layer_act = per_token * s * b * h * (2 if bf16 else 4) / 2
     if t.recompute_activations:
-        per_layer_act = 2 * s * b * h * (2 if bf16 else 4)
+        per_layer_act = 2 * s * b * h * (2 if bf16 else 4) / (tp if p.sequence_parallel else 1)  # layer inputs
     act = per_layer_act * layers * in_flight + s * b * padded_vocab / tp * 6
     gib = 1024 ** 3
     return {"parameters_per_gpu": stage_params, "weights_gib": stage_params * weight_b / gib,

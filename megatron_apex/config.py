@@ -73,7 +73,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = doc(1, "Tensor-parallel degree (TP).")
     pipeline_model_parallel_size: int = doc(1, "Pipeline-parallel degree (PP).")
     context_parallel_size: int = doc(1, "Context-parallel degree (CP); needs Transformer Engine on GPU.")
-    sequence_parallel: bool = doc(False, "Megatron sequence parallelism (needs TP > 1 and Transformer Engine).")
+    sequence_parallel: bool = doc(False, "Megatron sequence parallelism: activations outside attention and MLP split along the sequence over the TP group (needs TP > 1).")
     use_distributed_optimizer: bool = doc(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = doc(False, "Overlap the data-parallel gradient reduction with backward (GPU).")
     backend: Literal["auto", "nccl", "gloo"] = doc("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
@@ -253,6 +253,9 @@ class Config:
                "data.seq_length", d.seq_length, f"must be divisible by 2*context_parallel_size")
         _check(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", True,
                "needs parallel.tensor_model_parallel_size > 1")
+        _check(not p.sequence_parallel or d.seq_length % (tp * p.context_parallel_size) == 0, "data.seq_length",
+               d.seq_length, f"must be divisible by tensor_model_parallel_size x context_parallel_size="
+               f"{tp * p.context_parallel_size} under parallel.sequence_parallel")
         _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
                f"must be divisible by train.micro_batch_size={t.micro_batch_size}")
         if m.vocab_size is None:
@@ -279,8 +282,6 @@ class Config:
         if m.transformer_impl == "local":
             _check(p.context_parallel_size == 1, "parallel.context_parallel_size", p.context_parallel_size,
                    "needs model.transformer_impl='transformer_engine'")
-            _check(not p.sequence_parallel, "parallel.sequence_parallel", True,
-                   "needs model.transformer_impl='transformer_engine' (the local spec's norm has no sequence-parallel support)")
         if a.enabled:
             _check(0 < a.ratio <= 0.5, "apex.ratio", a.ratio, "must lie in (0, 0.5]")
             _check(a.partitions > 0 and a.partitions % tp == 0, "apex.partitions", a.partitions,

@@ -74,6 +74,11 @@ def test_base_config_is_valid():
     # APEX partitions not a multiple of TP
     (["apex.enabled=true", "apex.partitions=3", "parallel.tensor_model_parallel_size=2"], None,
      "apex.partitions=3", "tensor_model_parallel_size=2"),
+    # sequence parallelism needs TP > 1, and a sequence that splits evenly over the TP ranks
+    (["parallel.sequence_parallel=true"], None, "parallel.sequence_parallel=True", "tensor_model_parallel_size > 1"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=4", "model.num_attention_heads=8",
+      "model.num_query_groups=4", "model.hidden_size=128", "data.seq_length=510", "model.max_position_embeddings=512"],
+     None, "data.seq_length=510", "tensor_model_parallel_size x context_parallel_size=4"),
     # data: no mock and no path
     (["data.mock=false", "data.eod_id=0"], None, "data.data_path=[]", "data.mock=true"),
 ])

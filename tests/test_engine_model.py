@@ -151,6 +151,26 @@ def test_dry_run_prints_layout_parameters_and_memory(tiny_config):
     assert "distributed start" not in out + proc.stderr  # nothing was started
 
 
+def test_activation_estimate_follows_tp_and_sequence_parallel(tiny_config):
+    """Per layer and token, (10 + 24/TP) x h bytes in bf16, or 34/TP x h with sequence parallelism."""
+    from megatron_apex.cli import estimate_memory
+
+    base = [*MOCK, "train.precision=bf16", "train.global_batch_size=2", "train.micro_batch_size=1"]
+
+    def layer_acts(*extra, world=1):
+        cfg = load_config(tiny_config, [*base, *extra], world_size=world)
+        e = estimate_memory(cfg, world, 256)
+        logits = cfg.data.seq_length * 256 / cfg.parallel.tensor_model_parallel_size * 6
+        # bytes per layer, token (micro-batch 1) and hidden unit
+        return (e["activations_gib"] * 1024 ** 3 - logits) / (cfg.model.num_layers * cfg.data.seq_length
+                                                               * cfg.model.hidden_size)
+
+    assert layer_acts() == pytest.approx(34)
+    assert layer_acts("parallel.tensor_model_parallel_size=2", world=2) == pytest.approx(10 + 24 / 2)
+    assert layer_acts("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                      world=2) == pytest.approx(34 / 2)
+
+
 def test_dry_run_config_error_exits_2(tiny_config, capsys):
     from megatron_apex.cli import main
 

@@ -4,9 +4,10 @@ RMSNorm, RoPE (configurable theta, no interleaving: the same rotate-half convent
 Face), SwiGLU MLP, grouped-query attention, no biases, optional tied embeddings, vocabulary
 padded to a TP-friendly multiple. Two implementations behind one seam:
 
-* ``local``: megatron-core's pure-PyTorch modules (ColumnParallelLinear, RowParallelLinear,
-  WrappedTorchNorm); core attention through torch SDPA (``attention.SDPAttention``) unless the
-  unfused reference is asked for. Runs everywhere, including the CPU test suite.
+* ``local``: megatron-core's pure-PyTorch modules (ColumnParallelLinear, RowParallelLinear) with
+  ``norm.RMSNorm`` (torch's RMSNorm, usable under sequence parallelism); core attention through torch
+  SDPA (``attention.SDPAttention``) unless the unfused reference is asked for. Runs everywhere,
+  including the CPU test suite.
 * ``transformer_engine``: megatron-core's TE spec (fused norm+linear, TE attention), chosen only
   when asked for; imported lazily so nothing requires TE.
 """
@@ -22,8 +23,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_apex.config import Config
+from megatron_apex.model.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ def get_layer_spec(cfg: Config) -> ModuleSpec:
                                "installed (pip install 'megatron_apex[te]' on a CUDA machine)") from exc
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     if cfg.model.attention_backend == "sdpa":
         from megatron_apex.model.attention import SDPAttention
 
@@ -97,9 +101,13 @@ def get_layer_spec(cfg: Config) -> ModuleSpec:
 def build_model(cfg: Config, transformer_config: TransformerConfig, padded_vocab_size: int,
                 pre_process: bool, post_process: bool) -> GPTModel:
     """One pipeline stage's chunk of the model (megatron-core decides which layers it holds)."""
+    spec = get_layer_spec(cfg)
+    if cfg.model.transformer_impl == "local":  # the final norm too (megatron-core would pick its own)
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(transformer_config),
+                                          layer_norm=RMSNorm)
     model = GPTModel(
         config=transformer_config,
-        transformer_layer_spec=get_layer_spec(cfg),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size,
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pre_process,
