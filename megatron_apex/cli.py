@@ -91,7 +91,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     tokens = t.train_steps * t.global_batch_size * cfg.data.seq_length
     lines = [
         f"layout: world={world_size} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
-        f"x CP {p.context_parallel_size} x DP {dp}",
+        f"x CP {p.context_parallel_size} x DP {dp}" + (" (sequence parallel)" if p.sequence_parallel else ""),
         f"batch: micro {t.micro_batch_size} x {cfg.num_micro_batches(world_size)} micro-batches x DP {dp} "
         f"= global {t.global_batch_size} sequences of {cfg.data.seq_length} tokens",
         f"run: {t.train_steps} steps = {tokens / 1e9:.3f}B tokens",

@@ -22,7 +22,7 @@ RECIPES = {
         "run: 9537 steps = 10.000B tokens",
         "APEX: mode all, ratio 0.125, stage boundaries [0, 3179, 6358]"]),
     "llama2_7b_apex_cpt/config.yaml": (32, [], [
-        "layout: world=32 = TP 2 x PP 2 x CP 1 x DP 8",
+        "layout: world=32 = TP 2 x PP 2 x CP 1 x DP 8 (sequence parallel)",
         "batch: micro 1 x 32 micro-batches x DP 8 = global 256 sequences of 4096 tokens",
         "run: 19074 steps = 20.001B tokens"]),
 }
