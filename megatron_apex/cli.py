@@ -42,9 +42,9 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
     moments (12 B, divided by DP under the distributed optimizer); fp32 runs hold 4 + 4 + 8 B.
     Activations per layer and micro-batch (bf16, SDPA/flash attention, no recomputation; Korthikanti
     et al. 2022): s * b * h * (10 + 24 / TP) bytes, or 34 * s * b * h / TP bytes with sequence
-    parallelism (which also splits the norms' and residuals' 10 * s * b * h); times the micro-batches the 1F1B
-    schedule keeps in flight on the first stage (min(PP, micro-batches)); the logits add
-    s * b * V/TP * 6 bytes on the last stage.
+    parallelism (which also splits the norms' and residuals' 10 * s * b * h), s being the tokens a rank
+    holds (the sequence / CP); times the micro-batches the 1F1B schedule keeps in flight on the first
+    stage (min(PP, micro-batches)); the logits add s * b * V/TP * 6 bytes on the last stage.
     """
     from megatron_apex.model.llama import count_parameters
 
@@ -58,7 +58,7 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
     weight_b, grad_b, opt_b = (2, 4, 12) if bf16 else (4, 4, 8)
     if p.use_distributed_optimizer:
         opt_b /= dp
-    s, b, h = cfg.data.seq_length, t.micro_batch_size, m.hidden_size
+    s, b, h = cfg.data.seq_length // p.context_parallel_size, t.micro_batch_size, m.hidden_size  # tokens per rank
     in_flight = min(pp, cfg.num_micro_batches(world_size))
     per_token = 34 / tp if p.sequence_parallel else 10 + 24 / tp
     per_layer_act = per_token * s * b * h * (2 if bf16 else 4) / 2

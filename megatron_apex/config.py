@@ -72,7 +72,7 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = doc(1, "Tensor-parallel degree (TP).")
     pipeline_model_parallel_size: int = doc(1, "Pipeline-parallel degree (PP).")
-    context_parallel_size: int = doc(1, "Context-parallel degree (CP); needs Transformer Engine on GPU.")
+    context_parallel_size: int = doc(1, "Context-parallel degree (CP): every sequence split over CP ranks, keys and values all-gathered in attention.")
     sequence_parallel: bool = doc(False, "Megatron sequence parallelism: activations outside attention and MLP split along the sequence over the TP group (needs TP > 1).")
     use_distributed_optimizer: bool = doc(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = doc(False, "Overlap the data-parallel gradient reduction with backward (GPU).")
@@ -249,8 +249,9 @@ class Config:
                f"must be divisible by parallel.pipeline_model_parallel_size={pp}")
         _check(d.seq_length <= m.max_position_embeddings, "data.seq_length", d.seq_length,
                f"exceeds model.max_position_embeddings={m.max_position_embeddings}")
-        _check(d.seq_length % p.context_parallel_size == 0 or p.context_parallel_size == 1,
-               "data.seq_length", d.seq_length, f"must be divisible by 2*context_parallel_size")
+        _check(d.seq_length % (2 * p.context_parallel_size) == 0 or p.context_parallel_size == 1,
+               "data.seq_length", d.seq_length, f"must be divisible by 2 x parallel.context_parallel_size="
+               f"{2 * p.context_parallel_size} (every CP rank holds two of 2 x CP equal chunks)")
         _check(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", True,
                "needs parallel.tensor_model_parallel_size > 1")
         _check(not p.sequence_parallel or d.seq_length % (tp * p.context_parallel_size) == 0, "data.seq_length",
@@ -279,9 +280,9 @@ class Config:
         _check(t.eval_interval >= 0 and t.eval_steps >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
         if self.checkpoint.keep_last is not None:
             _check(self.checkpoint.keep_last > 0, "checkpoint.keep_last", self.checkpoint.keep_last, "must be positive")
-        if m.transformer_impl == "local":
-            _check(p.context_parallel_size == 1, "parallel.context_parallel_size", p.context_parallel_size,
-                   "needs model.transformer_impl='transformer_engine'")
+        if m.transformer_impl == "local" and p.context_parallel_size > 1:
+            _check(m.attention_backend == "sdpa", "parallel.context_parallel_size", p.context_parallel_size,
+                   "needs model.attention_backend='sdpa' (or model.transformer_impl='transformer_engine')")
         if a.enabled:
             _check(0 < a.ratio <= 0.5, "apex.ratio", a.ratio, "must lie in (0, 0.5]")
             _check(a.partitions > 0 and a.partitions % tp == 0, "apex.partitions", a.partitions,

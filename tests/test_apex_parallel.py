@@ -1,4 +1,4 @@
-"""APEX under tensor (with and without sequence parallelism), pipeline and data parallelism (CPU, gloo, fp32): the layout does not change the
+"""APEX under tensor (with and without sequence parallelism), context, pipeline and data parallelism (CPU, gloo, fp32): the layout does not change the
 mathematics (same selections at every boundary, same loss curve), and resuming mid-stage continues
 exactly where an uninterrupted run would be."""
 
@@ -24,6 +24,7 @@ SHAPES = {
 LAYOUTS = {
     "gqa": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2}),
             ("tp2sp", 2, {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True}),
+            ("cp2", 2, {"parallel.context_parallel_size": 2}),
             ("pp2", 2, {"parallel.pipeline_model_parallel_size": 2}),
             ("dp2", 2, {}),
             ("tp2dp2", 4, {"parallel.tensor_model_parallel_size": 2})],

@@ -152,7 +152,8 @@ def test_dry_run_prints_layout_parameters_and_memory(tiny_config):
 
 
 def test_activation_estimate_follows_tp_and_sequence_parallel(tiny_config):
-    """Per layer and token, (10 + 24/TP) x h bytes in bf16, or 34/TP x h with sequence parallelism."""
+    """Per layer and token a rank holds, (10 + 24/TP) x h bytes in bf16, or 34/TP x h with sequence
+    parallelism; CP halves (at CP=2) the tokens a rank holds."""
     from megatron_apex.cli import estimate_memory
 
     base = [*MOCK, "train.precision=bf16", "train.global_batch_size=2", "train.micro_batch_size=1"]
@@ -160,7 +161,8 @@ def test_activation_estimate_follows_tp_and_sequence_parallel(tiny_config):
     def layer_acts(*extra, world=1):
         cfg = load_config(tiny_config, [*base, *extra], world_size=world)
         e = estimate_memory(cfg, world, 256)
-        logits = cfg.data.seq_length * 256 / cfg.parallel.tensor_model_parallel_size * 6
+        p = cfg.parallel
+        logits = cfg.data.seq_length // p.context_parallel_size * 256 / p.tensor_model_parallel_size * 6
         # bytes per layer, token (micro-batch 1) and hidden unit
         return (e["activations_gib"] * 1024 ** 3 - logits) / (cfg.model.num_layers * cfg.data.seq_length
                                                                * cfg.model.hidden_size)
@@ -169,6 +171,8 @@ def test_activation_estimate_follows_tp_and_sequence_parallel(tiny_config):
     assert layer_acts("parallel.tensor_model_parallel_size=2", world=2) == pytest.approx(10 + 24 / 2)
     assert layer_acts("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
                       world=2) == pytest.approx(34 / 2)
+    # context parallelism: each rank holds half of every sequence (the helper divides by the full length)
+    assert layer_acts("parallel.context_parallel_size=2", world=2) == pytest.approx(34 / 2)
 
 
 def test_dry_run_config_error_exits_2(tiny_config, capsys):

@@ -1,5 +1,5 @@
 """Every parallel layout trains the same model as one process: TP (with and without sequence parallelism),
-PP, DP, TPxPP, distributed optimizer.
+CP, PP, DP, TPxPP, distributed optimizer.
 
 Weights come from per-name generators and data from the global sample index, so every layout
 starts from the same weights and sees the same samples at every step; only the order of floating
@@ -29,6 +29,7 @@ TWO_PROCESS_LAYOUTS = {
     "TP2-GQA": TP2,
     "TP2-MHA": {**TP2, **MHA},
     "TP2-SP": {**TP2, "parallel.sequence_parallel": True},  # activations split along the sequence
+    "CP2": {"parallel.context_parallel_size": 2},  # every sequence split over two ranks
     "PP2": {"parallel.pipeline_model_parallel_size": 2},
     "DP2": {},
     "DP2-distopt": {"parallel.use_distributed_optimizer": "true"},  # DP=2, optimizer state sharded
@@ -75,7 +76,7 @@ def _logged(results: list) -> dict:
 
 
 @pytest.mark.parametrize("layout, variant", [
-    ("TP2-GQA", "gqa"), ("TP2-MHA", "mha"), ("TP2-SP", "gqa"), ("PP2", "gqa"), ("DP2", "gqa"), ("DP2-distopt", "gqa"),
+    ("TP2-GQA", "gqa"), ("TP2-MHA", "mha"), ("TP2-SP", "gqa"), ("CP2", "gqa"), ("PP2", "gqa"), ("DP2", "gqa"), ("DP2-distopt", "gqa"),
 ])
 def test_two_process_layout_matches_single_process(two_process, reference, layout, variant):
     assert _max_diff(_logged(two_process[layout]), reference[variant]) <= TOL

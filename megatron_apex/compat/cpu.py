@@ -62,6 +62,7 @@ def _redirect_device(fn):
     def wrapper(*args, **kwargs):
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)  # pinned (page-locked) host memory needs a CUDA device
         return fn(*args, **kwargs)
 
     return wrapper

@@ -324,6 +324,8 @@ class ApexCallback(Callback):
         # [L*micro, n_a_loc + n_f_loc], layer-major: one stack per kind over every layer and micro-batch
         local = torch.cat([torch.stack([t for s in self._stats for t in s[kind]]) for kind in ("attn", "ffn")], dim=1)
         self._clear_stats()
+        if ctx.cp_size > 1:  # each CP rank saw two chunks of every sequence: their squared norms add up
+            dist.all_reduce(local, group=ctx.cp_group)
         n_a_loc = self.n["attn"] // ctx.tp_size
         if ctx.tp_size > 1:
             parts = [torch.empty_like(local) for _ in range(ctx.tp_size)]
@@ -373,8 +375,8 @@ class ApexCallback(Callback):
         ctx = trainer.ctx
         if self.stage == 0 and self.a.init_scoring_samples > 0:
             self._initial_scoring(trainer)
-        votes = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.votes.items()}
-        raw = {k: reduce_votes(v, ctx.dp_group).cpu() for k, v in self.raw.items()}
+        votes = {k: reduce_votes(v, ctx.dp_only_group).cpu() for k, v in self.votes.items()}
+        raw = {k: reduce_votes(v, ctx.dp_only_group).cpu() for k, v in self.raw.items()}
         for kind, r in raw.items():  # before anything changes (skipped non-finite steps cast no votes)
             if torch.isnan(r).any():
                 bad = sorted({self.layers[int(i)].index for i in torch.nonzero(torch.isnan(r))[:, 0]})

@@ -146,13 +146,15 @@ def reduce_votes(votes: torch.Tensor, group) -> torch.Tensor:
 
 
 def reduce_and_clip_grads(grads: list, ctx, clip: float) -> None:
-    """The operators' gradients, in place: averaged over the data-parallel group (one all-reduce for
-    all of them), then scaled so their global norm (over TP and PP too) is at most ``clip`` (0: off).
-    Clipping happens on the device, without a host synchronisation."""
-    if ctx.dp_size > 1:
+    """The operators' gradients, in place: averaged over the data x context parallel group (one
+    all-reduce for all of them, as megatron-core averages the model's gradients; under CP each rank's
+    gradient is its chunks' part, scaled by CP in the loss), then scaled so their global norm (over TP
+    and PP too) is at most ``clip`` (0: off). Clipping happens on the device, without a host
+    synchronisation."""
+    if ctx.dp_size * ctx.cp_size > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=ctx.dp_group)
-        flat /= ctx.dp_size
+        flat /= ctx.dp_size * ctx.cp_size
         torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
     if clip > 0:
         sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()

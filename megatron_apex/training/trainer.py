@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_apex.config import Config
 from megatron_apex.data.datasets import build_datasets, build_loader, resolve_vocab
 from megatron_apex.distributed import ParallelContext
+from megatron_apex.model.attention import cp_slice
 from megatron_apex.model.init import initialize_weights
 from megatron_apex.model.llama import build_model, build_transformer_config, flops_per_token
 from megatron_apex.training import checkpoint as ckpt
@@ -94,9 +95,6 @@ class Trainer:
     """Builds model, optimizer and data from a config, then trains."""
 
     def __init__(self, cfg: Config, ctx: ParallelContext, callbacks: Optional[list] = None):
-        if ctx.cp_size > 1:
-            raise NotImplementedError("context parallelism: the training loop does not shard sequences "
-                                      "over CP ranks yet; use parallel.context_parallel_size=1")
         self.cfg, self.ctx = cfg, ctx
         self.callbacks = list(callbacks or [])
         self.step = 0
@@ -184,8 +182,12 @@ class Trainer:
         labels = batch["labels"].to(dev, non_blocking=True)
         position_ids = batch["position_ids"].to(dev, non_blocking=True)
         loss_mask = batch["loss_mask"].to(dev, non_blocking=True).float()
+        count = loss_mask.sum()  # the micro-batch's loss tokens, over the whole sequence
+        if self.ctx.cp_size > 1:  # this rank's two sequence chunks (model.attention.cp_chunk_positions)
+            tokens, labels, position_ids, loss_mask = (cp_slice(t, self.ctx.cp_rank, self.ctx.cp_size)
+                                                       for t in (tokens, labels, position_ids, loss_mask))
         output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token losses
-        return output, partial(_masked_mean_loss, loss_mask)
+        return output, partial(_masked_mean_loss, loss_mask, count)
 
     def _run_microbatches(self, data_iter, forward_only: bool) -> list:
         return self.forward_backward(
@@ -205,13 +207,15 @@ class Trainer:
     def _reduce(self, losses: list, stop: bool, grads_finite=None) -> tuple[float, bool, bool]:
         """(mean loss over all micro-batches of all DP ranks, non-finite loss or grads?, stop requested?)."""
         ctx = self.ctx
-        counts = ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0
+        # Under CP each rank's micro-batch loss is its chunks' share of the micro-batch mean: summed
+        # over the CP ranks, counted once.
+        counts = ctx.is_last_stage and ctx.tp_rank == 0
         vals = torch.stack([x["lm loss"].float() for x in losses]) if counts and losses else None
         t = torch.zeros(5, dtype=torch.float64, device=ctx.device)
         if vals is not None:
             finite = torch.isfinite(vals).all()
             t[0] = vals.sum().double() if finite else 0.0
-            t[1] = len(losses)
+            t[1] = len(losses) if ctx.cp_rank == 0 else 0
             t[2] = 0.0 if finite else 1.0
         if grads_finite is not None:
             t[3] = (~grads_finite).double()
@@ -352,10 +356,16 @@ class Trainer:
                                     extra_common=common, extra_sharded=self._sharded_extra())
 
 
-def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Mean token loss of a micro-batch (megatron-core's schedule divides by the micro-batch count)."""
+def _masked_mean_loss(loss_mask: torch.Tensor, count: torch.Tensor, output: torch.Tensor):
+    """Mean token loss of a micro-batch (megatron-core's schedule divides by the micro-batch count).
+
+    ``count`` is the micro-batch's number of loss tokens over the whole sequence; under context
+    parallelism ``output`` and ``loss_mask`` cover this rank's chunks only, so the result is their
+    share of the mean (megatron-core's schedule multiplies it by the CP size for the backward pass,
+    and the gradient average over data x context parallel ranks restores the mean's gradient).
+    """
     losses = output.float().view(-1)
     mask = loss_mask.view(-1)
-    loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+    loss = (losses * mask).sum() / count.clamp(min=1)
     # clone: the schedule divides the returned loss in place by the number of micro-batches.
     return loss, {"lm loss": loss.detach().clone()}
