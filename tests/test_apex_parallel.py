@@ -78,15 +78,17 @@ def test_layout_invariance(references, tiny_data, tiny_config, shape, name, worl
 RESUME = {**APEX, **SHAPES["gqa"], "apex.boundaries": "[0, 4]", "train.train_steps": 7, "apex.lr_scale": 20.0}
 
 
-def test_resume_mid_stage_is_exact(tiny_data, tiny_config, tmp_path):
-    full = tiny_overrides(tiny_data, **{**RESUME, "checkpoint.save": str(tmp_path / "full")})
-    cut = tiny_overrides(tiny_data, **{**RESUME, "checkpoint.save": str(tmp_path / "cut")})
-    (a,) = run_distributed(apex_train_worker, 1, tiny_config, full)
+@pytest.mark.parametrize("world,layout", [(1, {}), (2, {"parallel.context_parallel_size": 2})],
+                         ids=["one-process", "cp2"])
+def test_resume_mid_stage_is_exact(tiny_data, tiny_config, tmp_path, world, layout):
+    full = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "full")})
+    cut = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "cut")})
+    a = run_distributed(apex_train_worker, world, tiny_config, full)[0]  # every rank logs the same losses
     # Same command twice: the first stops cleanly after step 1 (checkpoint at step 2, inside stage 1,
     # with two steps of votes for the boundary at step 4), the second resumes from that checkpoint.
-    (b1,) = run_distributed(apex_train_worker, 1, tiny_config, cut, 1)
+    b1 = run_distributed(apex_train_worker, world, tiny_config, cut, 1)[0]
     assert b1["exit"] == "stopped" and b1["step"] == 2
-    (b2,) = run_distributed(apex_train_worker, 1, tiny_config, cut)
+    b2 = run_distributed(apex_train_worker, world, tiny_config, cut)[0]
     assert b2["first_step"] == 2 and b2["exit"] == "finished"
     for step in range(2):
         assert b1["losses"][step] == a["losses"][step]

@@ -157,18 +157,22 @@ def test_weights_only_checkpoint_finetunes_but_does_not_resume(tiny_config, tiny
     assert sorted(result.losses) == list(range(STEPS))  # a fresh schedule from step 0
 
 
-def test_tp2_checkpoint_loads_at_tp1(tiny_config, tiny_data, tmp_path):
-    root = str(tmp_path / "tp2")
+@pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2},
+                                    {"parallel.context_parallel_size": 2}], ids=["tp2", "cp2"])
+def test_two_rank_checkpoint_loads_in_one_process(tiny_config, tiny_data, tmp_path, layout):
+    """Saved by TP=2 (sharded weights) or CP=2 (replicated weights, split sequences), loaded at TP=CP=1;
+    the two-rank run's validation loss is also the one-process loss of the same weights."""
+    root = str(tmp_path / "ckpt")
     eval_steps = {"train.eval_steps": 2, "train.train_steps": 3}
-    results = run_distributed(train_and_evaluate, 2, tiny_config, _overrides(
-        tiny_data, root, **{"parallel.tensor_model_parallel_size": 2, **eval_steps}))
+    results = run_distributed(train_and_evaluate, 2, tiny_config, _overrides(tiny_data, root, **layout, **eval_steps))
     tp2_eval = results[0]["eval"]
     assert results[1]["eval"] == tp2_eval
-    assert ckpt.read_common(ckpt.iter_dir(root, 3))["layout"]["tp"] == 2
+    saved = ckpt.read_common(ckpt.iter_dir(root, 3))["layout"]
+    assert (saved["tp"], saved["cp"]) == ((2, 1) if "parallel.tensor_model_parallel_size" in layout else (1, 2))
 
     loaded = trainer_in_process(tiny_config, _overrides(tiny_data, **{"checkpoint.load": root, **eval_steps}))
     assert loaded.step == 3
-    # Same weights, summed in a different order over TP shards: fp32 rounding only.
+    # Same weights, summed in a different order over shards or chunks: fp32 rounding only.
     assert abs(loaded.evaluate() - tp2_eval) <= 1e-5
     fresh = trainer_in_process(tiny_config, _overrides(tiny_data, **eval_steps))
     assert abs(fresh.evaluate() - tp2_eval) > 1e-2  # the comparison is not vacuous

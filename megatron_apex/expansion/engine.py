@@ -591,7 +591,7 @@ class ApexCallback(Callback):
             return {}  # nothing saved, or a finished run resumed under another layout (nothing needed)
         ctx = trainer.ctx
         return {STATE_KEY: ShardedObject(STATE_KEY, self._rank_state(), (ctx.pp_size, ctx.tp_size, ctx.dp_size),
-                                         (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=0)}
+                                         (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=ctx.cp_rank)}
 
     def load_state(self, trainer, common: dict) -> None:
         saved = common.get("apex")

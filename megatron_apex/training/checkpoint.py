@@ -118,7 +118,7 @@ def build_state_dict(model, optimizer, ctx: ParallelContext, is_loading: bool, w
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
     if with_rng:
         sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (ctx.pp_size, ctx.tp_size),
-                                        (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
+                                        (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank * ctx.cp_size + ctx.cp_rank)
     if extra_sharded:
         sd.update(extra_sharded)
     return sd
