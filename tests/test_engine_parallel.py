@@ -82,7 +82,11 @@ def test_two_process_layout_matches_single_process(two_process, reference, layou
     assert _max_diff(_logged(two_process[layout]), reference[variant]) <= TOL
 
 
-def test_tp2_x_pp2_matches_single_process(tiny_config, tiny_data, reference):
-    layout = {**TP2, "parallel.pipeline_model_parallel_size": 2}
-    results = run_distributed(train_many, 4, tiny_config, [tiny_overrides(tiny_data, **layout)])
-    assert _max_diff(_logged([r[0] for r in results]), reference["gqa"]) <= TOL
+def test_four_process_layouts_match_single_process(tiny_config, tiny_data, reference):
+    """TPxPP, and TPxCP with sequence parallelism (the sequence split over CP, then over TP), from one
+    set of four processes."""
+    layouts = {"TP2xPP2": {**TP2, "parallel.pipeline_model_parallel_size": 2},
+               "TP2xCP2-SP": {**TP2, "parallel.context_parallel_size": 2, "parallel.sequence_parallel": True}}
+    results = run_distributed(train_many, 4, tiny_config, [tiny_overrides(tiny_data, **o) for o in layouts.values()])
+    for i, name in enumerate(layouts):
+        assert _max_diff(_logged([r[i] for r in results]), reference["gqa"]) <= TOL, name
