@@ -179,7 +179,14 @@ class ApexConfig:
     attn_tuned_ratio: float = doc(0.5625, "selected mode: share of attention units trained (P+N+E).")
     ffn_tuned_ratio: float = doc(0.465, "selected mode: share of FFN channels trained (P+N+E).")
     progressive: bool = doc(False, "Halve k at every stage and keep former N units out of later selections.")
+    statistic: Literal["rank", "norm", "ema"] = doc(
+        "rank", "Advantage score: 'rank' = per micro-batch top-k +1 / bottom-k -1 votes (ties by summed norm); "
+        "'norm' = summed activation L2 norms; 'ema' = moving average over steps of each step's summed norms.")
+    ema_decay: float = doc(0.99, "statistic 'ema': decay d per step, score = d * score + (1 - d) * step sum; in (0, 1).")
     partitions: int = doc(8, "Operator blocks per layer (a multiple of the TP degree); fixed so every layout computes the same.")
+    monarch_blocks: int = doc(
+        0, "Monarch block count nb of each operator matrix (m x m): 0 = the divisor of m closest to sqrt(m) (as "
+        "released), n > 0 = the divisor of m closest to n (m varies by operator and stage).")
     lr_scale: float = doc(1.0, "Learning-rate multiplier of the operator parameters.")
     operator_weight_decay: float = doc(0.0, "Weight decay of the operator parameters.")
     cuda_graphs: bool = doc(True, "On GPUs, replay the per-step operator work (mode all) from two CUDA graphs.")
@@ -289,6 +296,8 @@ class Config:
                    f"must be a positive multiple of parallel.tensor_model_parallel_size={tp}")
             _check(a.lr_scale > 0, "apex.lr_scale", a.lr_scale, "must be positive")
             _check(a.init_scoring_samples >= 0, "apex.init_scoring_samples", a.init_scoring_samples, "must be >= 0")
+            _check(0 < a.ema_decay < 1, "apex.ema_decay", a.ema_decay, "must lie in (0, 1)")
+            _check(a.monarch_blocks >= 0, "apex.monarch_blocks", a.monarch_blocks, "must be >= 0 (0: closest to sqrt(m))")
             if a.boundaries:
                 b = list(a.boundaries)
                 _check(all(isinstance(x, int) for x in b) and b == sorted(set(b)), "apex.boundaries", b,

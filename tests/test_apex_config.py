@@ -27,6 +27,10 @@ def _cfg(tiny_config, tiny_data, world=1, **extra):
     ({"apex.partitions": 3, "parallel.tensor_model_parallel_size": 2}, "apex.partitions"),
     ({"apex.lr_scale": 0.0}, "apex.lr_scale"),
     ({"apex.init_scoring_samples": -1}, "apex.init_scoring_samples"),
+    ({"apex.ema_decay": 1.0}, "apex.ema_decay"),
+    ({"apex.ema_decay": -0.5}, "apex.ema_decay"),
+    ({"apex.monarch_blocks": -1}, "apex.monarch_blocks"),
+    ({"apex.statistic": "mean"}, "apex.statistic"),
     ({"apex.mode": "selected", "apex.ratio": 0.25, "apex.ffn_tuned_ratio": 0.4}, "apex.ffn_tuned_ratio"),
     ({"apex.mode": "selected", "apex.attn_tuned_ratio": 1.5}, "apex.attn_tuned_ratio"),
 ])
@@ -43,6 +47,10 @@ def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
     cfg = _cfg(tiny_config, tiny_data, **{"apex.boundaries": "[0, 2, 5]"})
     assert cfg.apex_boundaries == [0, 2, 5]
     _cfg(tiny_config, tiny_data, 2, **{"apex.partitions": 4, "parallel.tensor_model_parallel_size": 2})
+    cfg = _cfg(tiny_config, tiny_data)
+    assert (cfg.apex.statistic, cfg.apex.ema_decay, cfg.apex.monarch_blocks) == ("rank", 0.99, 0)
+    cfg = _cfg(tiny_config, tiny_data, **{"apex.statistic": "ema", "apex.ema_decay": 0.5, "apex.monarch_blocks": 3})
+    assert (cfg.apex.statistic, cfg.apex.ema_decay, cfg.apex.monarch_blocks) == ("ema", 0.5, 3)
     # Disabled APEX is not validated (its defaults may not fit a tiny run).
     from helpers import tiny_overrides
 

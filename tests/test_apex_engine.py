@@ -229,3 +229,145 @@ def test_finalize_wrapper_installed_once(tiny_data, tiny_config):
     cb.recording = True
     wrapped("model")
     assert calls == [("model",)] and cb._ranked == {"ffn": "votes"}
+
+
+# ---------------------------------------------------------------------- apex.statistic
+def _scoring_callback(tiny_config, tiny_data, statistic, **extra):
+    """An ApexCallback on a stand-in model of one layer (8 attention units, k = 2 of them in 2 partitions),
+    whose statistics the test records by hand, as the hooks would; returns (callback, ctx)."""
+    import types
+
+    import torch
+
+    from megatron_apex.config import load_config
+    from megatron_apex.expansion.engine import ApexCallback
+
+    cb = ApexCallback(load_config(tiny_config, _over(tiny_data, **{"apex.statistic": statistic, **extra})))
+    ns, lin = types.SimpleNamespace, lambda: torch.nn.Linear(1, 1)
+    layer = ns(layer_number=1, self_attention=ns(linear_qkv=lin(), linear_proj=lin()),
+               mlp=ns(linear_fc1=lin(), linear_fc2=lin(), config=ns(use_te_activation_func=True)))
+    ctx = ns(tp_size=1, cp_size=1, device=torch.device("cpu"))
+    cb.on_model_built(ns(ctx=ctx), ns(decoder=ns(layers=[layer])))
+    assert cb.n["attn"] == 8 and cb._k("attn") == (2, 1)
+    return cb, ctx
+
+
+def _feed_step(cb, ctx, attn_norms):
+    """One step: the attention units' L2 norms per micro-batch (the hooks record squared norms; the FFN
+    channels all tie), then what the step's end does with them."""
+    import torch
+
+    for norms in attn_norms:
+        cb._stats[0]["attn"].append(torch.tensor(norms, dtype=torch.float32).square())
+        cb._stats[0]["ffn"].append(torch.ones(cb.n["ffn"]))
+    cb._commit_votes(cb._rank_step(ctx))
+
+
+def _select_attn(cb):
+    """(P, N) the boundary would select for the layer's attention units from the accumulated scores."""
+    entry = cb.layers[0]
+    cb._select(entry, 0, "attn", cb.votes["attn"][0], cb.raw["attn"][0])
+    return entry.selection["attn"]["P"].tolist(), entry.selection["attn"]["N"].tolist()
+
+
+def test_rank_statistic_breaks_vote_ties_by_summed_norm(tiny_config, tiny_data):
+    """Units 0 and 1 both get one -1 vote; unit 0's norms sum to less (5.9 < 6.2) although its squared
+    norms sum to more (34.81 > 19.24): the tie-break is the accumulated (not squared) norm."""
+    import torch
+
+    cb, ctx = _scoring_callback(tiny_config, tiny_data, "rank")
+    _feed_step(cb, ctx, [[0, 3, 1, 4, 5, 6, 10, 11], [5.9, 3.2, 1, 4, 5, 6, 10, 11]])
+    assert cb.votes["attn"][0].tolist() == [-1, -1, -2, 0, 0, 0, 2, 2]
+    expected = torch.tensor([5.9, 6.2, 2, 8, 10, 12, 20, 22], dtype=torch.float64)
+    torch.testing.assert_close(cb.raw["attn"][0], expected, rtol=1e-6, atol=1e-6)
+    assert _select_attn(cb) == ([6, 7], [0, 2])
+
+
+# Three micro-batches of one step where votes and summed norms disagree: unit 0 and unit 1 are each the
+# largest once by far (sums 50.3 and 50.5) but the smallest in the other micro-batches.
+VOTES_VS_NORMS = [[50, 0.1, 2, 3, 4, 5, 6, 7], [0.1, 50, 2, 3, 4, 5, 6, 7], [0.2, 0.4, 2, 3, 4, 5, 6, 7]]
+
+
+def test_norm_statistic_selects_by_summed_norm(tiny_config, tiny_data):
+    import torch
+
+    rank, ctx = _scoring_callback(tiny_config, tiny_data, "rank")
+    _feed_step(rank, ctx, VOTES_VS_NORMS)
+    assert rank.votes["attn"][0].tolist() == [-1, -1, -2, 0, 0, 0, 1, 3]
+    assert _select_attn(rank) == ([6, 7], [0, 2])
+    norm, ctx = _scoring_callback(tiny_config, tiny_data, "norm")
+    _feed_step(norm, ctx, VOTES_VS_NORMS)
+    assert not norm.votes["attn"].any() and not norm.votes["ffn"].any()  # no voting at all
+    sums = torch.tensor(VOTES_VS_NORMS, dtype=torch.float64).sum(0)  # [50.3, 50.5, 6, 9, 12, 15, 18, 21]
+    torch.testing.assert_close(norm.raw["attn"][0], sums, rtol=1e-6, atol=1e-6)
+    assert _select_attn(norm) == ([0, 1], [2, 3])
+
+
+# Two steps (step sums of the norms, each over two equal micro-batches): unit 0 is strong in the first
+# step, unit 1 in the second; units 5 and 6 are weak overall but grow, unit 7 fades.
+EMA_STEPS = [[10, 0, 3, 3, 3, 0, 0.5, 4], [0, 8, 6, 3, 3, 2.4, 2, 0.2]]
+
+
+def test_ema_statistic_weights_later_steps(tiny_config, tiny_data):
+    import torch
+
+    norm, ctx = _scoring_callback(tiny_config, tiny_data, "norm")
+    ema, ctx = _scoring_callback(tiny_config, tiny_data, "ema", **{"apex.ema_decay": 0.5})
+    for step in EMA_STEPS:
+        for cb in (norm, ema):
+            _feed_step(cb, ctx, [[x / 2 for x in step]] * 2)
+    s1, s2 = (torch.tensor(s, dtype=torch.float64) for s in EMA_STEPS)
+    torch.testing.assert_close(norm.raw["attn"][0], s1 + s2, rtol=1e-6, atol=1e-6)
+    # raw = d * raw + (1 - d) * step sum from 0: 0.25 s1 + 0.5 s2 = [2.5, 4, 3.75, 2.25, 2.25, 1.2, 1.125, 1.1]
+    torch.testing.assert_close(ema.raw["attn"][0], 0.25 * s1 + 0.5 * s2, rtol=1e-6, atol=1e-6)
+    assert not ema.votes["attn"].any() and ema.vote_steps == 2
+    assert _select_attn(norm) == ([0, 2], [5, 6])  # sums: 10, 9 best; 2.4, 2.5 worst
+    assert _select_attn(ema) == ([1, 2], [6, 7])   # recent steps count more
+
+
+def test_statistic_change_refused_when_resuming_mid_stage(tiny_config, tiny_data):
+    """The accumulated scores of a mid-stage checkpoint mean something else under another statistic;
+    checkpoints saved before the option existed were ranked by votes."""
+    import types
+
+    from megatron_apex.config import ConfigError
+
+    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
+    layout = {"tp": 1, "pp": 1, "dp": 1, "cp": 1}
+    old = {"step": 2, "layout": layout, "apex": {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 4]}}
+    norm, _ = _scoring_callback(tiny_config, tiny_data, "norm")
+    with pytest.raises(ConfigError) as err:
+        norm.load_state(trainer, old)
+    assert "apex.statistic='norm'" in str(err.value) and "apex.statistic='rank'" in str(err.value)
+    rank, _ = _scoring_callback(tiny_config, tiny_data, "rank")
+    rank.load_state(trainer, old)  # no name saved: 'rank'
+    assert rank.stage == 1
+    saved_ema = {**old, "apex": {**old["apex"], "statistic": "ema"}}
+    with pytest.raises(ConfigError, match="apex.statistic='ema'"):
+        rank.load_state(trainer, saved_ema)
+    # In the last stage (no boundary left to select at) the scores are not used: any statistic resumes.
+    norm.load_state(trainer, {**old, "step": 5, "apex": {**old["apex"], "stage": 2}})
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_statistic_or_monarch_blocks(tiny_data, tiny_config, tmp_path):
+    """A mid-stage checkpoint resumed with another apex.statistic, or with an apex.monarch_blocks that
+    gives the operators other shapes, stops with a message naming the option (no size-mismatch trace)."""
+    from apex_workers import apex_train_worker as worker
+
+    over = _over(tiny_data, **{"apex.boundaries": "[0, 4]", "train.train_steps": 6,
+                               "checkpoint.save": str(tmp_path / "cut")})
+    (cut,) = run_distributed(worker, 1, tiny_config, over, 1)
+    assert cut["exit"] == "stopped" and cut["step"] == 2  # inside stage 1, operators in the checkpoint
+    with pytest.raises(RuntimeError) as err:
+        run_distributed(worker, 1, tiny_config, over + ["apex.statistic=norm"])
+    msg = str(err.value)
+    assert "apex.statistic='norm'" in msg and "apex.statistic='rank'" in msg, msg[-3000:]
+    # FFN: m = k_per = 16 units, nb 4 by default, 2 with apex.monarch_blocks=2.
+    with pytest.raises(RuntimeError) as err:
+        run_distributed(worker, 1, tiny_config, over + ["apex.monarch_blocks=2"])
+    msg = str(err.value)
+    assert "apex.monarch_blocks=2" in msg and "saved with apex.monarch_blocks=0" in msg, msg[-3000:]
+    assert "size mismatch" not in msg
+    (resumed,) = run_distributed(worker, 1, tiny_config, over)  # unchanged settings resume
+    assert resumed["first_step"] == 2 and resumed["exit"] == "finished"

@@ -74,6 +74,25 @@ def test_layout_invariance(references, tiny_data, tiny_config, shape, name, worl
         assert moved, "no boundary permuted units: cross-rank expansion was not exercised"
 
 
+def test_ema_statistic_and_monarch_blocks_dp2_match_tp1(tiny_data, tiny_config):
+    """apex.statistic=ema selects by a moving average over steps, which DP=2 gets by summing the two
+    ranks' averages at the boundary: the same units as TP=1, and the same losses (here with a
+    non-default Monarch block count too)."""
+    over = tiny_overrides(tiny_data, **{**APEX, **SHAPES["gqa"], "apex.statistic": "ema", "apex.ema_decay": 0.6,
+                                        "apex.monarch_blocks": 2})
+    (ref,) = run_distributed(apex_train_worker, 1, tiny_config, over)
+    results = run_distributed(apex_train_worker, 2, tiny_config, over)
+    assert [b["step"] for b in ref["record"]] == [0, 2, 4]
+    assert all(v == 0 for b in ref["record"] for rows in b["votes"].values() for row in rows for v in row)
+    merged = merge_records(results)
+    assert _pn(merged) == _pn(merge_records([ref]))
+    assert all(sel is not None for b in merged for layer in b["layers"].values() for sel in layer.values())
+    for res in results:
+        assert res["finished"] and sorted(res["losses"]) == sorted(ref["losses"])
+        for step, loss in ref["losses"].items():
+            assert abs(res["losses"][step] - loss) < LOSS_TOL, (step, res["losses"][step], loss)
+
+
 # ---------------------------------------------------------------------- resume mid-stage
 RESUME = {**APEX, **SHAPES["gqa"], "apex.boundaries": "[0, 4]", "train.train_steps": 7, "apex.lr_scale": 20.0}
 

@@ -68,12 +68,37 @@ def test_apex_report_heatmap(apex_checkpoint, tmp_path):
     assert len(data["votes"]["ffn"][0]) == 128
     # Votes of two steps (plus none from scoring: it was used at boundary 0) are nonzero.
     assert any(v != 0 for row in data["votes"]["ffn"] for v in row)
+    assert data["statistic"] == "rank" and len(data["raw"]["ffn"][0]) == 128
+    assert all(x > 0 for row in data["raw"]["ffn"] for x in row)  # summed norms (the vote tie-break)
     # The selections are those the run made at its first boundary.
     first = run["record"][0]["layers"]
     for li in range(4):
         for kind in ("attn", "ffn"):
             assert data["selection"][str(li)][kind]["P"] == first[li][kind]["P"]
             assert data["selection"][str(li)][kind]["n_pos"] == first[li][kind]["n_pos"]
+
+
+def test_apex_report_scores_follow_the_statistic(tmp_path):
+    """'norm'/'ema' runs do not vote (their saved votes are zero): the report shows the raw score they select
+    by, labelled; data without a statistic (checkpoints saved before the option) shows votes."""
+    from megatron_apex.analysis.apex_report import render, scores
+    from megatron_apex.analysis.checkpoint_io import is_png
+
+    g = torch.Generator().manual_seed(0)
+    raw = {"attn": torch.rand(2, 8, generator=g, dtype=torch.float64) + 1,
+           "ffn": torch.rand(2, 16, generator=g, dtype=torch.float64) + 1}
+    votes = {k: torch.zeros(v.shape, dtype=torch.int64) for k, v in raw.items()}
+    sel = {"attn": {"p_pos": torch.tensor([[0], [4]]), "n_pos": torch.tensor([[1], [5]])}, "ffn": None}
+    data = {"votes": votes, "raw": raw, "selection": {0: sel, 1: sel}, "statistic": "norm", "step": 2, "stage": 1,
+            "finished": False, "boundaries": [0, 3]}
+    matrix, label = scores(data, "ffn")
+    assert matrix is raw["ffn"] and label == "summed norm"
+    assert scores({**data, "statistic": "ema"}, "attn")[1] == "EMA of norm"
+    old = {k: v for k, v in data.items() if k != "statistic"}
+    assert scores(old, "attn")[0] is votes["attn"] and scores(old, "attn")[1] == "votes"
+    for d, name in ((data, "norm.png"), (old, "old.png")):
+        render(d, str(tmp_path / name))
+        assert is_png(str(tmp_path / name))
 
 
 def test_apex_report_rejects_plain_checkpoint(tmp_path):

@@ -71,6 +71,10 @@ def test_base_config_is_valid():
      "apex.boundaries=[0, 50, 100]", "train.train_steps=100"),
     (["apex.enabled=true", "apex.boundaries=[0, 60, 30]"], None, "apex.boundaries=[0, 60, 30]",
      "strictly increasing"),
+    # APEX moving-average decay outside (0, 1), negative Monarch block count
+    (["apex.enabled=true", "apex.ema_decay=1"], None, "apex.ema_decay=1.0", "(0, 1)"),
+    (["apex.enabled=true", "apex.ema_decay=0"], None, "apex.ema_decay=0.0", "(0, 1)"),
+    (["apex.enabled=true", "apex.monarch_blocks=-2"], None, "apex.monarch_blocks=-2", ">= 0"),
     # APEX partitions not a multiple of TP
     (["apex.enabled=true", "apex.partitions=3", "parallel.tensor_model_parallel_size=2"], None,
      "apex.partitions=3", "tensor_model_parallel_size=2"),
@@ -126,6 +130,7 @@ def test_unknown_key_in_section_lists_known_fields():
     ("data.data_path={a: 1}", "data.data_path={'a': 1}: expected a list"),
     ("train.precision=fp8", "train.precision='fp8': must be one of 'auto', 'fp32', 'bf16'"),
     ("model.transformer_impl=te", "model.transformer_impl='te': must be one of 'local', 'transformer_engine'"),
+    ("apex.statistic=votes", "apex.statistic='votes': must be one of 'rank', 'norm', 'ema'"),
     ("model=3", "model: expected a mapping, got 3"),
 ])
 def test_bad_types_and_choices(override, expected):

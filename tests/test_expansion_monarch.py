@@ -21,9 +21,43 @@ def test_monarch_shape_rule(m):
     assert nb * bs == m and nb == _closest_divisor(m)
 
 
-def _random_factors(nparts, m, seed):
+@pytest.mark.parametrize("m", list(range(1, 40)) + [768, 2064])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 5, 8, 1000])
+def test_monarch_shape_with_block_count(m, blocks):
+    """apex.monarch_blocks = n > 0: nb = the divisor of m closest to n, ties to the smaller."""
+    nb, bs = monarch_shape(m, blocks)
+    divs = [x for x in range(1, m + 1) if m % x == 0]
+    assert nb * bs == m and nb == min(divs, key=lambda x: (abs(x - blocks), x))
+    assert monarch_num_params(m, blocks) == m * (nb + bs)
+
+
+def test_monarch_shape_block_count_examples_and_default():
+    assert monarch_shape(16, 3) == (2, 8)     # 2 and 4 are equally close to 3: the smaller
+    assert monarch_shape(12, 5) == (4, 3)     # 4 and 6 tie: 4
+    assert monarch_shape(12, 6) == (6, 2)     # a divisor itself
+    assert monarch_shape(7, 3) == (1, 7)      # a prime: 1 is closer than 7
+    assert monarch_shape(16, 1000) == (16, 1)
+    for m in range(1, 200):  # 0 keeps the released rule (closest to sqrt(m))
+        assert monarch_shape(m, 0) == monarch_shape(m)
+        assert monarch_num_params(m, 0) == monarch_num_params(m)
+    with pytest.raises(ValueError, match="blocks >= 0"):
+        monarch_shape(12, -1)
+
+
+def test_init_with_block_count():
+    lf, rf = monarch_init(3, 12, torch.Generator().manual_seed(0), torch.float64, blocks=6)
+    assert lf.shape == (3, 2, 6, 6) and rf.shape == (3, 6, 2, 2)
+    assert torch.count_nonzero(lf) == 0 and rf.abs().max() <= 1 / math.sqrt(2)
+    # The default block count spelled out draws exactly what the default draws.
+    nb = monarch_shape(12)[0]
+    a = monarch_init(3, 12, torch.Generator().manual_seed(1), torch.float64)
+    b = monarch_init(3, 12, torch.Generator().manual_seed(1), torch.float64, blocks=nb)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _random_factors(nparts, m, seed, blocks=0):
     g = torch.Generator().manual_seed(seed)
-    nb, bs = monarch_shape(m)
+    nb, bs = monarch_shape(m, blocks)
     lf = torch.randn(nparts, bs, nb, nb, generator=g, dtype=torch.float64)
     rf = torch.randn(nparts, nb, bs, bs, generator=g, dtype=torch.float64)
     return lf, rf
@@ -55,6 +89,16 @@ def test_apply_matches_dense(m):
     torch.testing.assert_close(dense, _dense_by_steps(lf, rf), rtol=1e-12, atol=1e-12)
     eye = torch.eye(m, dtype=torch.float64).expand(3, m, m)
     torch.testing.assert_close(monarch_apply(lf, rf, eye), dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m,blocks", [(12, 6), (12, 1), (16, 8), (30, 2), (30, 3)])
+def test_apply_matches_dense_with_block_count(m, blocks):
+    lf, rf = _random_factors(2, m, seed=m + blocks, blocks=blocks)
+    assert lf.shape[2] == monarch_shape(m, blocks)[0] != monarch_shape(m)[0]  # really another layout
+    x = torch.randn(2, m, 4, dtype=torch.float64)
+    dense = monarch_to_dense(lf, rf)
+    torch.testing.assert_close(monarch_apply(lf, rf, x), dense @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dense, _dense_by_steps(lf, rf), rtol=1e-12, atol=1e-12)
 
 
 def test_init_is_zero_and_param_count():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from megatron_apex.expansion.monarch import monarch_to_dense
+from megatron_apex.expansion.monarch import monarch_shape, monarch_to_dense
 from megatron_apex.expansion.operator import (
     AttentionExpansion, FFNExpansion, attn_operator_num_params, ffn_operator_num_params, fuse_layer_weights,
     shard_expansion_state,
@@ -46,15 +46,15 @@ CONFIGS = {
 }
 
 
-def _build(cfg, seed=0, dtype=F64):
+def _build(cfg, seed=0, dtype=F64, blocks=0):
     h, nh, ng, d, f = cfg["h"], cfg["nh"], cfg["ng"], cfg["d"], cfg["f"]
     r = nh // ng
     b_a, b_f = num_partitions(ng, cfg["b_cfg"]), num_partitions(f, cfg["b_cfg"])
     pa, na = _positions(ng, b_a, cfg["k_attn"], seed)
     pf, nf = _positions(f, b_f, cfg["k_ffn"], seed + 1)
     gen = torch.Generator().manual_seed(seed)
-    attn = AttentionExpansion(b_a, pa.shape[1], d, r, dtype=dtype, generator=gen)
-    ffn = FFNExpansion(b_f, pf.shape[1], dtype=dtype, generator=gen)
+    attn = AttentionExpansion(b_a, pa.shape[1], d, r, dtype=dtype, generator=gen, monarch_blocks=blocks)
+    ffn = FFNExpansion(b_f, pf.shape[1], dtype=dtype, generator=gen, monarch_blocks=blocks)
     attn.set_positions(pa, na)
     ffn.set_positions(pf, nf)
     weights = {
@@ -161,6 +161,56 @@ def test_perturbed_operator_matches_dense_reference(name):
     r = nh // ng
     qk = fused["linear_qkv.weight"].view(ng, (r + 2) * d, -1)[:, :(r + 1) * d]
     assert torch.equal(qk, weights["linear_qkv.weight"].view(ng, (r + 2) * d, -1)[:, :(r + 1) * d])
+
+
+def _monarchs(attn, ffn):
+    """{side: (m, monarch_l)} of a layer's operators."""
+    out = {"ffn": (ffn.alpha.shape[1], ffn.monarch_l)}
+    if attn.shared:
+        out["attn"] = (attn.alpha.shape[1], attn.monarch_l)
+    else:
+        out["attn v"] = (attn.v_alpha.shape[1], attn.v_monarch_l)
+        out["attn o"] = (attn.o_alpha.shape[1], attn.o_monarch_l)
+    return out
+
+
+# (config, apex.monarch_blocks): each changes nb of at least one Monarch matrix from the sqrt(m) rule
+@pytest.mark.parametrize("name,blocks", [("mha", 3), ("gqa", 4), ("gqa4", 1)])
+def test_monarch_blocks_operator_matches_dense_reference(name, blocks):
+    """Operators with a non-default Monarch block count: factor shapes follow monarch_shape(m, blocks) on
+    every side (V and O separately under GQA), a fresh operator preserves the function exactly, and a
+    trained one fuses to the dense reference."""
+    cfg = CONFIGS[name]
+    attn, ffn, weights = _build(cfg, seed=7, blocks=blocks)
+    default = _monarchs(*_build(cfg, seed=7)[:2])
+    changed = False
+    for side, (m, lf) in _monarchs(attn, ffn).items():
+        nb, bs = monarch_shape(m, blocks)
+        assert tuple(lf.shape[1:]) == (bs, nb, nb), side
+        changed |= tuple(lf.shape) != tuple(default[side][1].shape)
+    assert changed
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert count(attn) == attn_operator_num_params(attn.num_partitions_local, attn.k_per, attn.d, attn.r, blocks)
+    assert count(ffn) == ffn_operator_num_params(ffn.num_partitions_local, ffn.k_per, blocks)
+    for key, w_eff in _effective(attn, ffn, weights).items():
+        assert torch.equal(w_eff, weights[key]), key
+    _perturb(attn, 1)
+    _perturb(ffn, 2)
+    ref = _reference(cfg, attn, ffn, weights)
+    fused = fuse_layer_weights(weights, ffn, attn)
+    for key in ref:
+        torch.testing.assert_close(fused[key], ref[key], rtol=1e-12, atol=1e-12)
+        assert not torch.equal(fused[key], weights[key]), key
+    # A reset keeps the factor shapes and is TP-layout independent as with the default block count.
+    shapes = {n: tuple(p.shape) for n, p in ffn.named_parameters()}
+    ffn.reset_parameters(torch.Generator().manual_seed(5))
+    assert {n: tuple(p.shape) for n, p in ffn.named_parameters()} == shapes
+    assert torch.count_nonzero(monarch_to_dense(ffn.monarch_l, ffn.monarch_r)) == 0
+    b = ffn.num_partitions_local
+    if b % 2 == 0:
+        half = FFNExpansion(b // 2, ffn.k_per, dtype=F64, monarch_blocks=blocks)
+        half.reset_parameters(torch.Generator().manual_seed(5), tp_rank=1, tp_size=2)
+        assert torch.equal(half.monarch_r, ffn.monarch_r[b // 2:])
 
 
 def test_parameter_names_and_counts():

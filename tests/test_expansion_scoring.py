@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu
+from megatron_apex.expansion.scoring import (
+    accumulate_scores, rank_votes, step_scores, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu,
+)
 from megatron_apex.expansion.selection import (
     k_from_ratio, progressive_k, rank_units, select_units, select_units_partial,
 )
@@ -130,3 +132,36 @@ def test_progressive_k_and_ratio():
     assert k_from_ratio(0.1875, 32) == 6 and k_from_ratio(0.125, 11008) == 1376
     with pytest.raises(ValueError):
         k_from_ratio(0.6, 10)
+
+
+def test_step_scores_per_statistic():
+    """rank: votes of every micro-batch summed; all statistics: the sum of the non-squared norms."""
+    sq = torch.rand(3, 4, 10, generator=torch.Generator().manual_seed(0))  # [L, micro, n] squared norms
+    votes, sums = step_scores(sq, 2, "rank")
+    assert torch.equal(votes, rank_votes(sq.reshape(12, 10), 2).view(3, 4, 10).sum(1))
+    assert sums.dtype == torch.float64
+    torch.testing.assert_close(sums, sq.double().sqrt().sum(1), rtol=0, atol=0)
+    for statistic in ("norm", "ema"):
+        v, s = step_scores(sq, 2, statistic)
+        assert v is None and torch.equal(s, sums)  # no vote sort
+    with pytest.raises(ValueError, match="unknown statistic"):
+        step_scores(sq, 2, "mean")
+
+
+def test_accumulate_scores_ema_is_linear_over_ranks():
+    """raw = d raw + (1 - d) step_sum; two data-parallel ranks' EMAs add up to the EMA of the summed
+    step sums (what the boundary's reduction relies on), while 'norm' just sums."""
+    g = torch.Generator().manual_seed(1)
+    steps = [[torch.rand(2, 5, generator=g, dtype=torch.float64) for _ in range(2)] for _ in range(4)]  # [step][rank]
+    per_rank = [torch.zeros(2, 5, dtype=torch.float64) for _ in range(2)]
+    joint, plain = torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64)
+    expected = torch.zeros(2, 5, dtype=torch.float64)
+    for s in steps:
+        for acc, x in zip(per_rank, s):
+            accumulate_scores(acc, x, "ema", 0.8)
+        accumulate_scores(joint, s[0] + s[1], "ema", 0.8)
+        accumulate_scores(plain, s[0] + s[1], "norm")
+        expected = 0.8 * expected + 0.2 * (s[0] + s[1])
+    torch.testing.assert_close(per_rank[0] + per_rank[1], joint, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(joint, expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(plain, sum(s[0] + s[1] for s in steps), rtol=1e-14, atol=1e-14)

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Heat map of the APEX votes and P/N selections stored in a checkpoint saved during APEX training.
+"""Heat map of the APEX scores and P/N selections stored in a checkpoint saved during APEX training.
 
   python tools/apex_report.py --checkpoint ckpts/run1 --output heatmap.png [--json votes.json]
 
 --checkpoint: a checkpoint root (latest iteration) or an iter_* directory. One panel for attention
 units, one for FFN channels; layers x units, this stage's vote counts (summed over data-parallel
-ranks) as color, P marked with filled and N with open triangles. Exit codes: 0 ok, 2 bad input.
+ranks) as color, or the raw score (summed norms, or their moving average) for a run with
+apex.statistic 'norm' or 'ema'; P marked with filled and N with open triangles. Exit codes: 0 ok,
+2 bad input.
 """
 
 import argparse
@@ -21,7 +23,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--output", required=True, help="PNG file to write")
-    ap.add_argument("--json", help="also write votes and selections as JSON")
+    ap.add_argument("--json", help="also write scores (votes, raw) and selections as JSON")
     ap.add_argument("--title")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
     print(f"wrote {args.output} (step {data['step']}, stage {data['stage']}, layout {data['layout']})")
     if args.json:
         out = {"step": data["step"], "stage": data["stage"], "finished": data["finished"],
-               "votes": {k: v.tolist() for k, v in data["votes"].items()},
+               "statistic": data["statistic"], "votes": {k: v.tolist() for k, v in data["votes"].items()},
+               "raw": {k: v.tolist() for k, v in data["raw"].items()},
                "selection": {str(li): {k: {"P": marks(sel, k, "P"), "N": marks(sel, k, "N"),
                                             "p_pos": marks(sel, k, "p_pos"), "n_pos": marks(sel, k, "n_pos")}
                                        for k in data["votes"]} for li, sel in data["selection"].items()}}

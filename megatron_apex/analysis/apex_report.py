@@ -1,8 +1,10 @@
 """Heat map of the APEX advantage scores and selections stored in a checkpoint saved mid-APEX.
 
 One panel per unit kind (attention units = query groups, FFN channels): layers on the y axis, units
-on the x axis, this stage's vote counts as color (summed over data-parallel ranks). The units of the
-current stage's P (advantageous) and N (disadvantageous) sets are marked. Both the votes and the
+on the x axis, this stage's scores as color (summed over data-parallel ranks): the vote counts, or,
+for a run with ``apex.statistic`` 'norm' or 'ema' (which do not vote), the summed activation norms or
+their moving average. The units of the current stage's P (advantageous) and N (disadvantageous) sets
+are marked. Both the votes and the
 marks are in the layer's *current* unit order (after the stage's balancing permutation), which is
 the order the votes are being collected in: P/N are drawn at ``p_pos``/``n_pos``.
 """
@@ -16,6 +18,7 @@ import torch
 from megatron_apex.analysis.checkpoint_io import global_votes, load_apex_states
 
 KINDS = (("attn", "attention units (query groups)"), ("ffn", "FFN channels"))
+SCORE_LABELS = {"rank": "votes", "norm": "summed norm", "ema": "EMA of norm"}
 
 
 def report_data(checkpoint: str) -> dict:
@@ -23,8 +26,16 @@ def report_data(checkpoint: str) -> dict:
     common, states = load_apex_states(checkpoint)
     data = global_votes(common, states)
     data.update({"step": common["step"], "stage": common["apex"]["stage"], "finished": common["apex"]["finished"],
-                 "boundaries": common["apex"]["boundaries"], "layout": common["layout"]})
+                 "boundaries": common["apex"]["boundaries"], "layout": common["layout"],
+                 "statistic": common["apex"].get("statistic", "rank")})  # saved before the option: votes
     return data
+
+
+def scores(data: dict, kind: str):
+    """(``[L, n]`` scores the selection ranks by, their label): votes, or the raw score without votes."""
+    statistic = data.get("statistic", "rank")
+    matrix = data["votes"][kind] if statistic == "rank" else data["raw"][kind]
+    return matrix, SCORE_LABELS.get(statistic, statistic)
 
 
 def marks(selection: dict, kind: str, key: str) -> list:
@@ -47,20 +58,24 @@ def render(data: dict, output: str, title: Optional[str] = None) -> str:
     fig, axes = plt.subplots(1, len(kinds), figsize=(sum(widths) + 2, 1.5 + 0.45 * n_layers), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, (kind, label) in zip(axes[0], kinds):
-        votes = data["votes"][kind].float().numpy()
-        lim = max(1.0, float(abs(votes).max()))
-        im = ax.imshow(votes, aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
+        matrix, what = scores(data, kind)
+        matrix = matrix.float().numpy()
+        if data.get("statistic", "rank") == "rank":  # signed counts around 0
+            lim = max(1.0, float(abs(matrix).max()))
+            im = ax.imshow(matrix, aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
+        else:  # non-negative norms
+            im = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
         for li in range(n_layers):
             sel = data["selection"].get(li, {})
             p, n = marks(sel, kind, "p_pos"), marks(sel, kind, "n_pos")
             ax.scatter(p, [li] * len(p), marker="^", s=18, c="black", label="P" if li == 0 else None)
             ax.scatter(n, [li] * len(n), marker="v", s=18, facecolors="none", edgecolors="black",
                        label="N" if li == 0 else None)
-        ax.set_title(f"{label}: votes, P (▲) / N (▽)", fontsize=9)
+        ax.set_title(f"{label}: {what}, P (▲) / N (▽)", fontsize=9)
         ax.set_xlabel("unit (current order)")
         ax.set_ylabel("layer")
         ax.set_yticks(range(n_layers))
-        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label(what, fontsize=8)
     state = "finished" if data["finished"] else f"stage {data['stage']}/{len(data['boundaries'])}"
     fig.suptitle(title or f"APEX scores at step {data['step']} ({state}, boundaries {data['boundaries']})",
                  fontsize=10)

@@ -20,8 +20,10 @@ Design (apex-method.md section 5):
   recomputes SiLU is the fallback), attention per query group of the core-attention output (a
   pre-hook on linear_proj). The re-run forward of activation recomputation is not recorded. At the end of a step the step's
   statistics of all local layers are gathered over the TP group in *one* all-gather, ranked (top-K
-  +1, bottom-K -1) and added to local vote counts, identical on all TP ranks. Votes are summed over
-  the data-parallel group once, at the stage boundary.
+  +1, bottom-K -1) and added to local vote counts, identical on all TP ranks; the norms are summed
+  (``apex.statistic`` 'rank' and 'norm') or averaged over steps ('ema') as the raw score, which 'norm'
+  and 'ema' select by without voting. Votes and raw scores are summed over the data-parallel group
+  once, at the stage boundary.
 * **Cross-rank expansion by permutation.** At a boundary the finished operator is fused into the
   master weights, P and N are selected per layer from the reduced votes, and one global
   function-preserving permutation per layer (partition.balance_permutation) gives every one of the
@@ -45,11 +47,13 @@ from megatron.core.tensor_parallel.random import is_checkpointing
 
 from megatron_apex.config import Config, ConfigError
 from megatron_apex.expansion.inplace import InPlaceLayer, InPlaceRunner
-from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion, mean_monarch_norm
+from megatron_apex.expansion.operator import (AttentionExpansion, FFNExpansion, mean_monarch_norm, monarch_summary,
+                                              state_shape_mismatches)
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, num_partitions, pack_partitions, permute_fc1,
                                                permute_units, round_k_to_partitions, shard_positions)
-from megatron_apex.expansion.scoring import rank_votes, unit_sq_norms_attn, unit_sq_norms_ffn, unit_sq_norms_silu
+from megatron_apex.expansion.scoring import (accumulate_scores, step_scores, unit_sq_norms_attn, unit_sq_norms_ffn,
+                                             unit_sq_norms_silu)
 from megatron_apex.expansion.selection import k_from_ratio, progressive_k, select_units, select_units_partial
 from megatron_apex.expansion.state import ParamStates, reduce_and_clip_grads, reduce_votes, tp_gather, tp_shard
 from megatron_apex.training.optim import lr_at
@@ -305,15 +309,17 @@ class ApexCallback(Callback):
     # ------------------------------------------------------------------ scoring
     def _commit_votes(self, ranked) -> None:
         if ranked is not None:
-            for kind, (votes, raw) in ranked.items():
-                self.votes[kind] += votes
-                self.raw[kind] += raw
+            for kind, (votes, sums) in ranked.items():
+                if votes is not None:  # apex.statistic 'rank'
+                    self.votes[kind] += votes
+                accumulate_scores(self.raw[kind], sums, self.a.statistic, self.a.ema_decay)
             self.vote_steps += 1
 
     def _rank_step(self, ctx):
-        """The votes and statistic sums of the step's recorded statistics, ``{kind: (votes, raw)}`` (None
-        if nothing was recorded): one TP all-gather for all local layers, then rank votes on the
-        statistics' device (no host synchronisation). The statistics are consumed."""
+        """The votes (None unless apex.statistic is 'rank') and norm sums of the step's recorded statistics,
+        ``{kind: (votes, sums)}`` (None if nothing was recorded): one TP all-gather for all local layers,
+        then scoring.step_scores on the statistics' device (no host synchronisation). The statistics are
+        consumed."""
         t0 = time.perf_counter()
         if not self.layers or not self._stats[0]["ffn"]:
             return None
@@ -339,10 +345,8 @@ class ApexCallback(Callback):
             k = self.vote_k[kind]
             if k == 0:
                 continue
-            n = st.shape[-1]
             # NaN statistics reach raw (sums keep NaN); the boundary refuses them before selecting.
-            ranked[kind] = (rank_votes(st, k, check_nan=False).view(n_layers, micro, n).sum(1),
-                            st.view(n_layers, micro, n).sum(1).double())
+            ranked[kind] = step_scores(st.view(n_layers, micro, st.shape[-1]), k, self.a.statistic)
         self.stats_time += time.perf_counter() - t0
         return ranked
 
@@ -402,8 +406,11 @@ class ApexCallback(Callback):
         vote_steps, self.vote_steps = self.vote_steps, 0
         if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one line per pipeline stage
             logger.info("APEX stage %d/%d starts at step %d (boundary %.2fs; previous stage: operator |M| %.4g, "
-                        "votes of %d steps, scoring %.2fs): %s", self.stage, len(self.boundaries), step,
-                        time.perf_counter() - t0, op_norm, vote_steps, self.stats_time, "; ".join(summary))
+                        "%s scores of %d steps, scoring %.2fs; new Monarch nb x bs: %s): %s", self.stage,
+                        len(self.boundaries), step, time.perf_counter() - t0, op_norm, self.a.statistic,
+                        vote_steps, self.stats_time,
+                        monarch_summary(self.layers[0].attn_op, self.layers[0].ffn_op) if self.layers else "-",
+                        "; ".join(summary))
             if self.a.mode == "selected":
                 logger.info("APEX selected mode: %.1f%% of parameters trainable", 100 * self.trainable_fraction(trainer))
         self.stats_time = 0.0
@@ -470,9 +477,10 @@ class ApexCallback(Callback):
             b_local = self.parts[kind] // ctx.tp_size
             k_per = sel["p_pos"].shape[1]
             if kind == "attn":
-                op = AttentionExpansion(b_local, k_per, self.d, self.r, device=dev)
+                op = AttentionExpansion(b_local, k_per, self.d, self.r, device=dev,
+                                        monarch_blocks=self.a.monarch_blocks)
             else:
-                op = FFNExpansion(b_local, k_per, device=dev)
+                op = FFNExpansion(b_local, k_per, device=dev, monarch_blocks=self.a.monarch_blocks)
             op.reset_parameters(gen, ctx.tp_rank, ctx.tp_size)
             p_loc, n_loc = shard_positions(sel["p_pos"], sel["n_pos"], ctx.tp_rank, ctx.tp_size, self.n[kind])
             op.set_positions(p_loc.to(dev), n_loc.to(dev))
@@ -553,13 +561,14 @@ class ApexCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def common_state(self, trainer) -> dict:
         return {"apex": {"version": 1, "stage": self.stage, "finished": self.finished,
-                         "boundaries": list(self.boundaries)}}
+                         "boundaries": list(self.boundaries), "statistic": self.a.statistic}}
 
     def _rank_state(self) -> dict:
         return {
             "votes": {k: v.to("cpu", copy=True) for k, v in self.votes.items()},
             "raw": {k: v.to("cpu", copy=True) for k, v in self.raw.items()},
             "vote_steps": self.vote_steps,
+            "monarch_blocks": self.a.monarch_blocks,
             "excluded": {f"{li}:{kind}": v for (li, kind), v in self.excluded.items()},
             "layers": [{"index": e.index, "selection": e.selection,
                         "ops": {name: getattr(e, name).state_dict() for name in ("attn_op", "ffn_op", "deltas")
@@ -601,6 +610,12 @@ class ApexCallback(Callback):
                 self.stage = sum(1 for b in self.boundaries if b < common["step"])
             return
         self._same_layout(trainer, common)  # raises mid-stage under another layout
+        stat = saved.get("statistic", "rank")  # saved before apex.statistic existed: votes
+        if stat != self.a.statistic and not saved["finished"] and saved["stage"] < len(saved["boundaries"]):
+            raise ConfigError(f"apex.statistic={self.a.statistic!r}: this checkpoint was saved in the middle of "
+                              f"an APEX stage with apex.statistic={stat!r}, whose accumulated scores mean something "
+                              f"else; resume with apex.statistic={stat!r}, or from a checkpoint after the last "
+                              "boundary")
         self.stage, self.finished = saved["stage"], saved["finished"]
         self._pending_load = common.get(STATE_KEY)
 
@@ -617,6 +632,12 @@ class ApexCallback(Callback):
                 continue
             self._build_operators(ctx, entry)
             for name, sd in saved["ops"].items():
+                bad = state_shape_mismatches(getattr(entry, name), sd)
+                if bad:
+                    raise ConfigError(f"apex.monarch_blocks={self.a.monarch_blocks}: the operators of this mid-stage "
+                                      f"checkpoint (saved with apex.monarch_blocks={state.get('monarch_blocks', 0)}) "
+                                      f"have other shapes (layer {entry.index} {name}: {'; '.join(bad)}); resume "
+                                      "with the apex.monarch_blocks it was saved with")
                 getattr(entry, name).load_state_dict(sd)
         if not self.finished:
             self._build_op_optimizer(trainer)

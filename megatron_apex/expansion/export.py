@@ -50,11 +50,12 @@ def _join(states: list, axis_of=lambda name: 0) -> dict:
     return {k: torch.cat([s[k] for s in states], dim=axis_of(k)) for k in keys}
 
 
-def _global_operator(kind: str, selection: dict, shards: list, d: int, r: int):
+def _global_operator(kind: str, selection: dict, shards: list, d: int, r: int, blocks: int = 0):
     if selection is None or not shards:
         return None
     b, k_per = selection["p_pos"].shape
-    op = AttentionExpansion(b, k_per, d, r) if kind == "attn" else FFNExpansion(b, k_per)
+    op = AttentionExpansion(b, k_per, d, r, monarch_blocks=blocks) if kind == "attn" else \
+        FFNExpansion(b, k_per, monarch_blocks=blocks)
     op.load_state_dict({**_join(shards), "p_pos": selection["p_pos"], "n_pos": selection["n_pos"]})
     return op
 
@@ -79,7 +80,7 @@ def fuse_global_weights(weights: dict, cfg, rank_states: dict, prefix: str = "de
         ops = {}
         for kind in ("attn", "ffn"):
             states = [s["ops"][f"{kind}_op"] for s in shards if f"{kind}_op" in s["ops"]]
-            ops[kind] = _global_operator(kind, selection.get(kind), states, d, r)
+            ops[kind] = _global_operator(kind, selection.get(kind), states, d, r, cfg.apex.monarch_blocks)
         deltas = _global_deltas(shards, selection, m.hidden_size, d, r)
         if not any(ops.values()) and deltas is None:
             continue

@@ -25,10 +25,17 @@ __all__ = ["monarch_shape", "monarch_num_params", "monarch_apply", "monarch_forw
            "monarch_backward", "monarch_to_dense", "monarch_init", "bmm_abt"]
 
 
-def monarch_shape(m: int) -> Tuple[int, int]:
-    """(nb, bs): nb = the divisor of m closest to sqrt(m) (ties -> the smaller), bs = m // nb."""
+def monarch_shape(m: int, blocks: int = 0) -> Tuple[int, int]:
+    """(nb, bs) with nb * bs = m: nb = the divisor of m closest to sqrt(m) (``blocks`` = 0, the released
+    rule) or closest to ``blocks`` (``apex.monarch_blocks`` > 0); ties -> the smaller; bs = m // nb."""
     if m <= 0:
         raise ValueError(f"monarch_shape needs m > 0, got {m}")
+    if blocks < 0:
+        raise ValueError(f"monarch_shape needs blocks >= 0, got {blocks}")
+    if blocks:
+        small = [x for x in range(1, math.isqrt(m) + 1) if m % x == 0]
+        best = min(small + [m // x for x in small], key=lambda x: (abs(x - blocks), x))
+        return best, m // best
     # The closest divisor is either the largest divisor <= sqrt(m) or its co-divisor m // a; they are
     # equidistant only when equal, so the tie rule never changes the result (kept for the record).
     a = math.isqrt(m)
@@ -40,9 +47,9 @@ def monarch_shape(m: int) -> Tuple[int, int]:
     return best, m // best
 
 
-def monarch_num_params(m: int) -> int:
+def monarch_num_params(m: int, blocks: int = 0) -> int:
     """Parameters of one m x m Monarch matrix: R has nb*bs*bs = m*bs, L has bs*nb*nb = m*nb."""
-    nb, bs = monarch_shape(m)
+    nb, bs = monarch_shape(m, blocks)
     return m * (bs + nb)
 
 
@@ -158,14 +165,15 @@ def monarch_init(
     generator: Optional[torch.Generator] = None,
     dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
+    blocks: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Factors of a zero Monarch matrix: L = 0, R ~ U(-1/sqrt(bs), 1/sqrt(bs)) (kaiming-uniform, a=sqrt(5)).
 
     M = L.R = 0, so inserting the operator does not change the function; R random gives L a non-zero
     gradient from the first step. The random draw is made on CPU in float64 and then cast, so it is the
-    same on every device and dtype given the same generator state.
+    same on every device and dtype given the same generator state. ``blocks``: see :func:`monarch_shape`.
     """
-    nb, bs = monarch_shape(m)
+    nb, bs = monarch_shape(m, blocks)
     bound = 1.0 / math.sqrt(bs)
     rf = torch.rand(num_parts, nb, bs, bs, generator=generator, dtype=torch.float64)  # [B, nb, bs, bs]
     rf = ((rf * 2 - 1) * bound).to(dtype=dtype, device=device)

@@ -42,6 +42,8 @@ __all__ = [
     "shard_expansion_state",
     "fuse_layer_weights",
     "mean_monarch_norm",
+    "monarch_summary",
+    "state_shape_mismatches",
 ]
 
 
@@ -174,21 +176,21 @@ def expand_rows(
     return _ReplaceSlices.apply(w, 1, torch.cat([p_idx, n_idx]), n_idx, new_cols, lf, rf, alpha)
 
 
-def ffn_operator_num_params(num_parts: int, k_per: int) -> int:
+def ffn_operator_num_params(num_parts: int, k_per: int, blocks: int = 0) -> int:
     """FFN operator parameters: B Monarch matrices of m = k_per, alpha, beta_gate, beta_up."""
     if k_per == 0:
         return 0
-    return num_parts * (monarch_num_params(k_per) + 3 * k_per)
+    return num_parts * (monarch_num_params(k_per, blocks) + 3 * k_per)
 
 
-def attn_operator_num_params(num_parts: int, k_per: int, d: int, r: int) -> int:
+def attn_operator_num_params(num_parts: int, k_per: int, d: int, r: int, blocks: int = 0) -> int:
     """Attention operator parameters: shared (M, alpha) under MHA, separate V and O sides under GQA."""
     if k_per == 0:
         return 0
     m_v, m_o = k_per * d, k_per * r * d
     if r == 1:
-        return num_parts * (monarch_num_params(m_v) + 2 * m_v)
-    return num_parts * (monarch_num_params(m_v) + 2 * m_v + monarch_num_params(m_o) + m_o)
+        return num_parts * (monarch_num_params(m_v, blocks) + 2 * m_v)
+    return num_parts * (monarch_num_params(m_v, blocks) + 2 * m_v + monarch_num_params(m_o, blocks) + m_o)
 
 
 def _refresh_after_load(module: "_ExpansionBase", _incompatible_keys) -> None:
@@ -260,14 +262,15 @@ class FFNExpansion(_ExpansionBase):
     Parameters (leading dim = local partitions B_local, m = k_per):
     ``monarch_l`` [B, bs, nb, nb], ``monarch_r`` [B, nb, bs, bs], ``alpha``, ``beta_gate``, ``beta_up`` [B, m].
     With k_per == 0 the module holds no parameters and every effective_* returns its input.
+    ``monarch_blocks``: nb = the divisor of m closest to it (0: closest to sqrt(m); see monarch_shape).
     """
 
     def __init__(self, num_partitions_local: int, k_per: int, dtype: torch.dtype = torch.float32, device=None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, monarch_blocks: int = 0):
         super().__init__(num_partitions_local, k_per, device)
         if self.active:
             b, m = num_partitions_local, k_per
-            lf, rf = monarch_init(b, m, None, dtype, device)
+            lf, rf = monarch_init(b, m, None, dtype, device, monarch_blocks)
             self.monarch_l = nn.Parameter(lf)
             self.monarch_r = nn.Parameter(rf)
             self.alpha = nn.Parameter(torch.ones(b, m, dtype=dtype, device=device))
@@ -280,12 +283,14 @@ class FFNExpansion(_ExpansionBase):
         """Fresh zero-M operator (L = 0, R random, alpha = beta = 1).
 
         R is drawn for all ``B_local * tp_size`` partitions of the layer and the rank's slice kept, so with
-        the same generator state every TP layout gets the same operator as TP=1.
+        the same generator state every TP layout gets the same operator as TP=1. The factors keep their
+        shapes (nb = the current block count).
         """
         if not self.active:
             return
         b = self.num_partitions_local
-        lf, rf = monarch_init(b * tp_size, self.k_per, generator, self.monarch_r.dtype, self.monarch_r.device)
+        lf, rf = monarch_init(b * tp_size, self.k_per, generator, self.monarch_r.dtype, self.monarch_r.device,
+                              self.monarch_l.shape[-1])
         self.monarch_l.copy_(lf[tp_rank * b:(tp_rank + 1) * b])
         self.monarch_r.copy_(rf[tp_rank * b:(tp_rank + 1) * b])
         for p in (self.alpha, self.beta_gate, self.beta_up):
@@ -330,10 +335,11 @@ class AttentionExpansion(_ExpansionBase):
     ``monarch_l``, ``monarch_r``, ``alpha``; ``beta_v`` scales the P rows of V.
     GQA (r > 1): separate ``v_monarch_l``, ``v_monarch_r``, ``v_alpha`` and ``o_monarch_l``,
     ``o_monarch_r``, ``o_alpha``; plus ``beta_v``. Q and K rows are never touched by the operator.
+    ``monarch_blocks`` as in :class:`FFNExpansion`, for each side's own m.
     """
 
     def __init__(self, num_partitions_local: int, k_per: int, d: int, r: int, dtype: torch.dtype = torch.float32,
-                 device=None, generator: Optional[torch.Generator] = None):
+                 device=None, generator: Optional[torch.Generator] = None, monarch_blocks: int = 0):
         super().__init__(num_partitions_local, k_per, device)
         if d <= 0 or r <= 0:
             raise ValueError(f"AttentionExpansion needs d > 0 and r > 0, got d={d}, r={r}")
@@ -343,12 +349,12 @@ class AttentionExpansion(_ExpansionBase):
             b, m_v, m_o = num_partitions_local, k_per * d, k_per * r * d
             ones = lambda m: nn.Parameter(torch.ones(b, m, dtype=dtype, device=device))  # noqa: E731
             if self.shared:
-                lf, rf = monarch_init(b, m_v, None, dtype, device)
+                lf, rf = monarch_init(b, m_v, None, dtype, device, monarch_blocks)
                 self.monarch_l, self.monarch_r, self.alpha = nn.Parameter(lf), nn.Parameter(rf), ones(m_v)
             else:
-                lf, rf = monarch_init(b, m_v, None, dtype, device)
+                lf, rf = monarch_init(b, m_v, None, dtype, device, monarch_blocks)
                 self.v_monarch_l, self.v_monarch_r, self.v_alpha = nn.Parameter(lf), nn.Parameter(rf), ones(m_v)
-                lf, rf = monarch_init(b, m_o, None, dtype, device)
+                lf, rf = monarch_init(b, m_o, None, dtype, device, monarch_blocks)
                 self.o_monarch_l, self.o_monarch_r, self.o_alpha = nn.Parameter(lf), nn.Parameter(rf), ones(m_o)
             self.beta_v = ones(m_v)
             self.reset_parameters(generator)
@@ -367,7 +373,7 @@ class AttentionExpansion(_ExpansionBase):
     def reset_parameters(self, generator: Optional[torch.Generator] = None, tp_rank: int = 0, tp_size: int = 1) -> None:
         """Fresh zero-M operator; TP-layout independent draws as in :meth:`FFNExpansion.reset_parameters`.
 
-        Under GQA the V side's R is drawn before the O side's.
+        Under GQA the V side's R is drawn before the O side's. The factors keep their shapes.
         """
         if not self.active:
             return
@@ -376,7 +382,7 @@ class AttentionExpansion(_ExpansionBase):
         sides = [self._v_side()] if self.shared else [self._v_side(), self._o_side()]
         for lf_p, rf_p, alpha in sides:
             m = alpha.shape[1]
-            lf, rf = monarch_init(b * tp_size, m, generator, rf_p.dtype, rf_p.device)
+            lf, rf = monarch_init(b * tp_size, m, generator, rf_p.dtype, rf_p.device, lf_p.shape[-1])
             lf_p.copy_(lf[sl])
             rf_p.copy_(rf[sl])
             alpha.fill_(1.0)
@@ -479,3 +485,21 @@ def mean_monarch_norm(ops: list) -> float:
                 lf, rf = getattr(op, name), getattr(op, name.replace("_l", "_r"))
                 norms.append(monarch_to_dense(lf.detach(), rf.detach()).norm().item())
     return sum(norms) / len(norms) if norms else 0.0
+
+
+def monarch_summary(attn_op: Optional[AttentionExpansion], ffn_op: Optional[FFNExpansion]) -> str:
+    """'nb x bs' of every Monarch matrix of a layer's operators, e.g. 'attn v 2x4 o 2x8, ffn 4x4' (for logs)."""
+    parts = []
+    for kind, op in (("attn", attn_op), ("ffn", ffn_op)):
+        sides = [(side, getattr(op, f"{side}monarch_l", None)) for side in ("", "v_", "o_")] if op is not None else []
+        shapes = [f"{side[:1] + ' ' if side else ''}{lf.shape[-1]}x{lf.shape[1]}" for side, lf in sides if lf is not None]
+        if shapes:
+            parts.append(f"{kind} {' '.join(shapes)}")
+    return ", ".join(parts) or "-"
+
+
+def state_shape_mismatches(module: nn.Module, state: Dict[str, torch.Tensor]) -> list:
+    """'name: saved (..) vs built (..)' for every tensor of ``state`` whose shape differs from ``module``'s."""
+    own = module.state_dict()
+    return [f"{k}: saved {tuple(v.shape)} vs built {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)]

@@ -1,8 +1,11 @@
 """APEX advantage scoring: per-unit activation statistics and rank votes.
 
 The paper scores a unit not by the magnitude of its activations but by how often it ranks among the
-top-K (+1) or bottom-K (-1) units of its layer in a micro-batch (apex-method.md, section 1). Only the
-ordering of the statistic matters, so squared L2 norms are used (no square root).
+top-K (+1) or bottom-K (-1) units of its layer in a micro-batch (apex-method.md, section 1). The hooks
+record squared L2 norms (the ranking needs only their order); :func:`step_scores` turns a step's into
+votes and into the sum of the (non-squared) norms, the raw score. ``apex.statistic`` chooses what the
+selection ranks by: ``rank`` (votes, ties by the summed norms), ``norm`` (the summed norms alone) or
+``ema`` (an exponential moving average over steps of each step's summed norms, :func:`accumulate_scores`).
 
 Everything here is a pure function of tensors. Under tensor parallelism the statistics are computed on
 the local shard (``unit_sq_norms_*`` only see local units); the engine gathers them across the TP group
@@ -13,7 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rank_votes", "unit_sq_norms_ffn", "unit_sq_norms_silu", "unit_sq_norms_attn"]
+__all__ = ["rank_votes", "step_scores", "accumulate_scores", "unit_sq_norms_ffn", "unit_sq_norms_silu",
+           "unit_sq_norms_attn"]
+
+STATISTICS = ("rank", "norm", "ema")
 
 
 def rank_votes(stats: torch.Tensor, k: int, check_nan: bool = True) -> torch.Tensor:
@@ -47,6 +53,42 @@ def rank_votes(stats: torch.Tensor, k: int, check_nan: bool = True) -> torch.Ten
     votes.scatter_(1, order[:, :k], -ones)
     votes.scatter_(1, order[:, n - k:], ones)
     return votes
+
+
+def step_scores(sq_norms: torch.Tensor, k: int, statistic: str = "rank"):
+    """One step's scores from its recorded statistics.
+
+    Args:
+        sq_norms: ``[L, micro, n]`` squared norms per (layer, micro-batch, unit), whole layers.
+        k: units voted up and down per micro-batch (``statistic='rank'`` only).
+        statistic: one of ``STATISTICS``; only ``rank`` votes (the sort is skipped otherwise).
+
+    Returns:
+        ``(votes, sums)``: ``[L, n]`` int64 votes summed over the micro-batches (None unless ``rank``)
+        and ``[L, n]`` float64 sums over the micro-batches of the units' L2 norms. All on the device of
+        ``sq_norms``, without a host synchronisation (NaN passes through to the sums).
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; one of {STATISTICS}")
+    n_layers, micro, n = sq_norms.shape
+    sums = sq_norms.double().sqrt().sum(1)
+    if statistic != "rank":
+        return None, sums
+    return rank_votes(sq_norms.reshape(n_layers * micro, n), k, check_nan=False).view(n_layers, micro, n).sum(1), sums
+
+
+def accumulate_scores(raw: torch.Tensor, step_sum: torch.Tensor, statistic: str = "rank", decay: float = 0.99) -> None:
+    """Add a step's summed norms to the accumulated raw score, in place.
+
+    ``rank``/``norm``: a plain sum. ``ema``: ``raw = decay * raw + (1 - decay) * step_sum``, a moving
+    average over steps. Both are linear in the step sums, so with data-parallel ranks stepping in
+    lockstep the sum of their accumulators is the accumulator of the summed step sums: reducing over
+    DP at the boundary gives the same scores in every layout.
+    """
+    if statistic == "ema":
+        raw.mul_(decay).add_(step_sum, alpha=1.0 - decay)
+    else:
+        raw.add_(step_sum)
 
 
 def _sq_norms(x: torch.Tensor, dim) -> torch.Tensor:
