@@ -83,15 +83,15 @@ def test_base_config_is_valid():
     (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=4", "model.num_attention_heads=8",
       "model.num_query_groups=4", "model.hidden_size=128", "data.seq_length=510", "model.max_position_embeddings=512"],
      None, "data.seq_length=510", "tensor_model_parallel_size x context_parallel_size=4"),
-    # data: no mock and no path
-    (["data.mock=false", "data.eod_id=0"], None, "data.data_path=[]", "data.mock=true"),
-])
-def test_validation_error_names_field_and_value(overrides, world_size, field_value, words):
     # context parallelism: every rank holds two of 2 x CP equal chunks; the unfused attention has no CP path
     (["parallel.context_parallel_size=2", "data.seq_length=126", "model.max_position_embeddings=128"], None,
      "data.seq_length=126", "2 x parallel.context_parallel_size=4"),
     (["parallel.context_parallel_size=2", "model.attention_backend=unfused"], None,
      "parallel.context_parallel_size=2", "model.attention_backend='sdpa'"),
+    # data: no mock and no path
+    (["data.mock=false", "data.eod_id=0"], None, "data.data_path=[]", "data.mock=true"),
+])
+def test_validation_error_names_field_and_value(overrides, world_size, field_value, words):
     message = _error(*overrides, world_size=world_size)
     assert message.startswith(field_value + ":"), message
     assert words in message, message
