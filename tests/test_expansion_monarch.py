@@ -21,14 +21,14 @@ def test_monarch_shape_rule(m):
     assert nb * bs == m and nb == _closest_divisor(m)
 
 
-@pytest.mark.parametrize("m", list(range(1, 40)) + [768, 2064])
-@pytest.mark.parametrize("blocks", [1, 2, 3, 5, 8, 1000])
-def test_monarch_shape_with_block_count(m, blocks):
+def test_monarch_shape_with_block_count():
     """apex.monarch_blocks = n > 0: nb = the divisor of m closest to n, ties to the smaller."""
-    nb, bs = monarch_shape(m, blocks)
-    divs = [x for x in range(1, m + 1) if m % x == 0]
-    assert nb * bs == m and nb == min(divs, key=lambda x: (abs(x - blocks), x))
-    assert monarch_num_params(m, blocks) == m * (nb + bs)
+    for m in list(range(1, 40)) + [768, 2064]:
+        divs = [x for x in range(1, m + 1) if m % x == 0]
+        for blocks in (1, 2, 3, 5, 8, 1000):
+            nb, bs = monarch_shape(m, blocks)
+            assert nb * bs == m and nb == min(divs, key=lambda x: (abs(x - blocks), x)), (m, blocks)
+            assert monarch_num_params(m, blocks) == m * (nb + bs)
 
 
 def test_monarch_shape_block_count_examples_and_default():
