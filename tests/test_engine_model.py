@@ -265,3 +265,20 @@ def test_nan_gradient_with_finite_loss_is_skipped_without_update(world1, tiny_co
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics.get("skipped") is True
     assert all(torch.equal(after[n], poison.before[n]) for n in after), "a skipped step changed the weights"
     assert result.exit_reason == "finished"
+
+
+def test_cp_chunks_are_megatron_load_balanced_layout():
+    """CP rank r holds chunks r and 2 CP - 1 - r of 2 CP equal chunks (what megatron-core's rotary
+    embedding assumes); the ranks together hold every position once."""
+    from megatron_apex.model.attention import cp_chunk_positions, cp_slice
+
+    assert cp_chunk_positions(8, 0, 2).tolist() == [0, 1, 6, 7]
+    assert cp_chunk_positions(8, 1, 2).tolist() == [2, 3, 4, 5]
+    for cp in (1, 2, 3, 4):
+        seq = 2 * cp * 5
+        held = torch.cat([cp_chunk_positions(seq, r, cp) for r in range(cp)])
+        assert sorted(held.tolist()) == list(range(seq))
+    tokens = torch.arange(16).view(2, 8)  # [b, s]
+    assert cp_slice(tokens, 1, 2).tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]]
+    with pytest.raises(ValueError, match="2 x context_parallel_size=4"):
+        cp_chunk_positions(10, 0, 2)

@@ -8,10 +8,12 @@ Subclassing keeps megatron-core's constructor checks, per-partition sizes and st
 **Context parallelism** (``parallel.context_parallel_size`` > 1), which megatron-core's local
 attention refuses: every CP rank holds two of the sequence's ``2 x CP`` chunks (chunks ``r`` and
 ``2 CP - 1 - r``, megatron-core's load-balanced layout, which its rotary embedding slices the same
-way). Keys and values are all-gathered over the CP group (their gradients reduce-scattered back),
-and the local queries attend to every key at a global position not after their own. This is the
-all-gather form of CP (Transformer Engine's ``cp_comm_type="all_gather"``): per layer and
-micro-batch it moves ``(CP - 1) / CP`` of the K and V activations, small under GQA.
+way). Keys and values are all-gathered over the CP group (their gradients reduce-scattered back)
+and put in sequence order; the queries of local chunk ``g`` then attend to the keys of chunks
+``0..g`` with the causal diagonal aligned to the lower right (``causal_lower_right``), so no
+explicit mask is built, no score of a later chunk is computed, and SDPA may use its flash kernels.
+This is the all-gather form of CP (Transformer Engine's ``cp_comm_type="all_gather"``): per layer
+and micro-batch it moves ``(CP - 1) / CP`` of the K and V activations, small under GQA.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from torch.nn.attention.bias import causal_lower_right
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -61,14 +64,15 @@ class SDPAttention(DotProductAttention):
                                       "use model.transformer_impl='transformer_engine'")
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal and attention_mask is None
-        mask = None if causal else _as_sdpa_mask(attention_mask)
         if self.cp_group is not None:
             if not causal:
                 raise NotImplementedError("SDPAttention under context parallelism supports causal attention only")
-            key, value, mask = self._gather_cp(query, key, value)
-            causal = False
-        # [s, b, n, d] -> [b, n, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            return self._forward_cp(query, key, value)
+        return self._attend(query, key, value, None if causal else _as_sdpa_mask(attention_mask), causal)
+
+    def _attend(self, query, key, value, mask, causal: bool):
+        """``[s, b, n, d]`` query/key/value -> ``[sq, b, np*d]``."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:
             # [b, ng, sk, d] -> [b, np, sk, d]; query head j attends with kv head j // groups.
@@ -77,22 +81,25 @@ class SDPAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                              scale=self.softmax_scale)
-        # [b, np, sq, d] -> [sq, b, np*d]
-        ctx = ctx.permute(2, 0, 1, 3).contiguous()
+        ctx = ctx.permute(2, 0, 1, 3).contiguous()  # [b, np, sq, d] -> [sq, b, np, d]
         return ctx.view(ctx.size(0), ctx.size(1), self.hidden_size_per_partition)
 
-    def _gather_cp(self, query, key, value):
-        """Keys and values of the whole sequence (in CP-rank order) and the causal mask of the local
-        queries against them (True = may attend)."""
+    def _forward_cp(self, query, key, value):
+        """Local chunks ``r`` and ``2 CP - 1 - r`` against the all-gathered keys and values."""
         group = self.cp_group
         cp_size, cp_rank = group.size(), group.rank()
-        s_local = query.shape[0]
-        seq = s_local * cp_size
+        c = query.shape[0] // 2  # tokens per chunk
         kv = gather_from_sequence_parallel_region(torch.cat([key, value], dim=-1), True, group=group)
+        # Rank r holds chunks (r, 2 CP - 1 - r): chunk g is half (g >= CP) of rank min(g, 2 CP - 1 - g).
+        order = [2 * g if g < cp_size else 2 * (2 * cp_size - 1 - g) + 1 for g in range(2 * cp_size)]
+        kv = kv.view(2 * cp_size, c, *kv.shape[1:])[order].flatten(0, 1)  # sequence order
         key, value = kv.split([key.shape[-1], value.shape[-1]], dim=-1)
-        q_pos = cp_chunk_positions(seq, cp_rank, cp_size, query.device)
-        k_pos = torch.cat([cp_chunk_positions(seq, r, cp_size, query.device) for r in range(cp_size)])
-        return key, value, k_pos[None, :] <= q_pos[:, None]  # [s_local, seq]
+        outs = []
+        for half, g in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
+            end = (g + 1) * c  # chunk g sees keys [0, end), its own chunk causally
+            outs.append(self._attend(query[half * c:(half + 1) * c], key[:end], value[:end],
+                                     causal_lower_right(c, end), False))
+        return torch.cat(outs)
 
 
 def _as_sdpa_mask(mask):
