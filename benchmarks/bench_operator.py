@@ -8,7 +8,9 @@ Variants, each timed over ``--steps`` steps after ``--warmup``:
 * ``batched``: groups of equal shape in several layers computed together (the default);
 * ``batched+graphs`` (GPU only): the batched step captured once as two CUDA graphs and replayed (what
   training runs on a GPU).
-``--batch-mib`` tries other batch sizes than the library's.
+``--batch-mib`` tries other batch sizes than the library's. On a CPU the process keeps freed blocks
+for reuse as training does (compat.host_memory); ``--fresh-pages`` measures glibc's default instead,
+which unmaps them and faults their pages in again every step (page faults per step are printed).
 
 Stand-in linears (weight + fp32 ``main_grad``) replace the model, so no megatron-core is needed; the
 operators are real (``FFNExpansion``/``AttentionExpansion``, packed positions as after a boundary,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 import types
@@ -29,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_apex.compat.host_memory import keep_freed_memory  # noqa: E402
 from megatron_apex.expansion import inplace  # noqa: E402
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion  # noqa: E402
 from megatron_apex.expansion.partition import packed_positions  # noqa: E402
@@ -59,15 +63,20 @@ def build(args, device):
     return layers
 
 
-def time_variant(layers, runner, steps, warmup, sync) -> float:
+def _page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_variant(layers, runner, steps, warmup, sync) -> tuple:
+    """(seconds, minor page faults of this process) per step."""
     for i in range(warmup + steps):
         if i == warmup:
             sync()
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), _page_faults()
         runner.materialize(layers)
         runner.restore(layers, with_grads=True)
     sync()
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (_page_faults() - f0) / steps
 
 
 def main() -> None:
@@ -85,12 +94,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--batch-mib", type=int, nargs="*", help="batch sizes to try (default: inplace.BATCH_BYTES)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--fresh-pages", action="store_true",
+                    help="CPU: leave glibc's malloc as it is (freed blocks unmapped, re-faulted every step)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if not cuda and not args.fresh_pages:  # as training on a CPU runs (distributed.initialize_distributed)
+        keep_freed_memory()
     layers = build(args, device)
     default_bytes = getattr(inplace, "BATCH_BYTES", 0)
     sizes = [m << 20 for m in args.batch_mib] if args.batch_mib else [default_bytes]
@@ -105,16 +118,17 @@ def main() -> None:
     for name, nbytes, graphs in variants:
         inplace.BATCH_BYTES = nbytes
         runner = inplace.InPlaceRunner(use_graphs=graphs)
-        t = time_variant(layers, runner, args.steps, args.warmup, sync)
+        t, faults = time_variant(layers, runner, args.steps, args.warmup, sync)
         base = base or t
         batches = len(getattr(runner, "_batches", []))
         runner.restore(layers, with_grads=False)
         runner.release()
-        print(f"  {name:26s} {1000 * t:8.2f} ms per step ({batches} batches; {base / t:.2f}x per-layer)")
+        print(f"  {name:26s} {1000 * t:8.2f} ms per step ({batches} batches; {base / t:.2f}x per-layer; "
+              f"{faults:.0f} page faults per step)")
     if args.profile:
         inplace.BATCH_BYTES = default_bytes
         runner = inplace.InPlaceRunner(use_graphs=False)
-        time_variant(layers, runner, 1, 1, sync)
+        time_variant(layers, runner, 1, 1, sync)  # warm-up
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=acts) as prof:
             runner.materialize(layers)

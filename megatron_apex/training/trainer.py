@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_apex.compat.host_memory import keep_freed_memory
 from megatron_apex.config import Config
 from megatron_apex.data.datasets import build_datasets, build_loader, resolve_vocab
 from megatron_apex.distributed import ParallelContext
@@ -103,6 +104,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
         cfg, ctx = self.cfg, self.ctx
+        if ctx.device.type == "cpu":  # every step frees and re-allocates the same tensors: keep their pages
+            keep_freed_memory()
         self.vocab_size, self.eod_id = resolve_vocab(cfg)
         self.padded_vocab = cfg.padded_vocab_size(self.vocab_size)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
