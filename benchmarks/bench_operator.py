@@ -102,7 +102,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if not cuda and not args.fresh_pages:  # as training on a CPU runs (distributed.initialize_distributed)
+    if not cuda and not args.fresh_pages:  # as training on a CPU runs (Trainer.setup)
         keep_freed_memory()
     layers = build(args, device)
     default_bytes = getattr(inplace, "BATCH_BYTES", 0)

@@ -44,7 +44,9 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
     et al. 2022): s * b * h * (10 + 24 / TP) bytes, or 34 * s * b * h / TP bytes with sequence
     parallelism (which also splits the norms' and residuals' 10 * s * b * h), s being the tokens a rank
     holds (the sequence / CP); times the micro-batches the 1F1B schedule keeps in flight on the first
-    stage (min(PP, micro-batches)); the logits add s * b * V/TP * 6 bytes on the last stage.
+    stage (min(PP, micro-batches)). With full recomputation only each layer's input is kept (s * b * h
+    x 2 bytes, / TP under SP), plus one layer's activations while it is recomputed. The logits add
+    s * b * V/TP * 6 bytes on the last stage.
     """
     from megatron_apex.model.llama import count_parameters
 
@@ -61,10 +63,13 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
     s, b, h = cfg.data.seq_length // p.context_parallel_size, t.micro_batch_size, m.hidden_size  # tokens per rank
     in_flight = min(pp, cfg.num_micro_batches(world_size))
     per_token = 34 / tp if p.sequence_parallel else 10 + 24 / tp
-    per_layer_act = per_token * s * b * h * (2 if bf16 else 4) / 2
-    if t.recompute_activations:
-        per_layer_act = 2 * s * b * h * (2 if bf16 else 4) / (tp if p.sequence_parallel else 1)  # layer inputs
-    act = per_layer_act * layers * in_flight + s * b * padded_vocab / tp * 6
+    full_layer = per_token * s * b * h * (2 if bf16 else 4) / 2
+    if t.recompute_activations:  # each layer's input is kept; one layer's activations while it is recomputed
+        kept = s * b * h * (2 if bf16 else 4) / (tp if p.sequence_parallel else 1)
+        act = kept * layers * in_flight + full_layer
+    else:
+        act = full_layer * layers * in_flight
+    act += s * b * padded_vocab / tp * 6
     gib = 1024 ** 3
     return {"parameters_per_gpu": stage_params, "weights_gib": stage_params * weight_b / gib,
             "grads_gib": stage_params * grad_b / gib, "optimizer_gib": stage_params * opt_b / gib,

@@ -72,7 +72,7 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = doc(1, "Tensor-parallel degree (TP).")
     pipeline_model_parallel_size: int = doc(1, "Pipeline-parallel degree (PP).")
-    context_parallel_size: int = doc(1, "Context-parallel degree (CP): every sequence split over CP ranks, keys and values all-gathered in attention.")
+    context_parallel_size: int = doc(1, "Context-parallel degree (CP): every sequence split over CP ranks; the local spec all-gathers keys and values in attention, Transformer Engine uses its own CP communication.")
     sequence_parallel: bool = doc(False, "Megatron sequence parallelism: activations outside attention and MLP split along the sequence over the TP group (needs TP > 1).")
     use_distributed_optimizer: bool = doc(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = doc(False, "Overlap the data-parallel gradient reduction with backward (GPU).")

@@ -173,6 +173,9 @@ def test_activation_estimate_follows_tp_and_sequence_parallel(tiny_config):
                       world=2) == pytest.approx(34 / 2)
     # context parallelism: each rank holds half of every sequence (the helper divides by the full length)
     assert layer_acts("parallel.context_parallel_size=2", world=2) == pytest.approx(34 / 2)
+    # full recomputation: every layer's input (2 bytes per value) and one layer recomputed at a time
+    layers = load_config(tiny_config, base).model.num_layers
+    assert layer_acts("train.recompute_activations=true") == pytest.approx(2 + 34 / layers)
 
 
 def test_dry_run_config_error_exits_2(tiny_config, capsys):

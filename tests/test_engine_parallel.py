@@ -4,8 +4,9 @@ CP, PP, DP, TPxPP, distributed optimizer.
 Weights come from per-name generators and data from the global sample index, so every layout
 starts from the same weights and sees the same samples at every step; only the order of floating
 point reductions differs. Tolerance: 1e-5 absolute on losses of ~5.5 in fp32 (measured differences
-are below 3e-7; a wrong gradient reduction, a shard mix-up or a skipped micro-batch moves the
-losses by 1e-3 or more within a few steps).
+are below 5e-7). Measured effects of defects within the 6 steps: the norms' gradients left unsummed
+over TP under sequence parallelism, 3.8e-5; a one-position causal-mask leak under CP, 2.3e-2; a loss
+scaled by 2, 5.7e-3; shard mix-ups and skipped micro-batches move the losses by 1e-3 or more.
 
 Process starts dominate the cost on a small machine, so the two-process layouts share one pair of
 processes (megatron-core's parallel state is rebuilt between runs) and the reference trains in

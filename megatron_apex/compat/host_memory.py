@@ -8,7 +8,8 @@ benchmark model (``benchmarks/bench_operator.py``, two threads): 12-14k minor pa
 and 84-94 ms, against none and 55-68 ms with the blocks kept; the plain training step has 3.5k.
 Raising both thresholds keeps such blocks in the heap for the next step, as tcmalloc or jemalloc
 (the allocators recommended for PyTorch on CPUs) would. Allocations above ``MMAP_THRESHOLD`` still
-get their own mapping, and at most ``TRIM_THRESHOLD`` of free heap is kept. The trainer applies it
+get their own mapping, and the heap's free top is returned to the kernel beyond ``TRIM_THRESHOLD``
+(free blocks below the top stay, as with any malloc heap). The trainer applies it
 on CPU runs; the converter does not (its peak memory is a measured target). GPU runs are untouched:
 their large tensors live in CUDA's caching allocator.
 """
@@ -41,7 +42,13 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # no libc to load, or one without mallopt (musl)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _APPLIED = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    # Older glibc refuses an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2 on 64-bit): fall back to it.
+    mmap = next((t for t in (MMAP_THRESHOLD, 32 << 20) if mallopt(M_MMAP_THRESHOLD, t) == 1), None)
+    trim = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    _APPLIED = mmap is not None and trim
     if _APPLIED:
-        logger.debug("host memory: glibc keeps freed blocks below %d MiB for reuse", MMAP_THRESHOLD >> 20)
+        logger.debug("host memory: glibc keeps freed blocks below %d MiB for reuse", mmap >> 20)
+    else:
+        logger.info("host memory: glibc refused mallopt (mmap threshold set: %s, trim threshold set: %s); "
+                    "CPU steps may fault their temporaries in again every step", mmap is not None, trim)
     return _APPLIED

@@ -611,6 +611,9 @@ class ApexCallback(Callback):
             return
         self._same_layout(trainer, common)  # raises mid-stage under another layout
         stat = saved.get("statistic", "rank")  # saved before apex.statistic existed: votes
+        if "statistic" not in saved and not saved["finished"] and saved["stage"] < len(saved["boundaries"]):
+            logger.warning("APEX: this mid-stage checkpoint predates apex.statistic: its tie-break sums are of "
+                           "squared norms and now continue with norms (this only affects units with equal votes)")
         if stat != self.a.statistic and not saved["finished"] and saved["stage"] < len(saved["boundaries"]):
             raise ConfigError(f"apex.statistic={self.a.statistic!r}: this checkpoint was saved in the middle of "
                               f"an APEX stage with apex.statistic={stat!r}, whose accumulated scores mean something "
