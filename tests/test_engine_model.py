@@ -270,18 +270,24 @@ def test_nan_gradient_with_finite_loss_is_skipped_without_update(world1, tiny_co
     assert result.exit_reason == "finished"
 
 
-def test_cp_chunks_are_megatron_load_balanced_layout():
-    """CP rank r holds chunks r and 2 CP - 1 - r of 2 CP equal chunks (what megatron-core's rotary
-    embedding assumes); the ranks together hold every position once."""
-    from megatron_apex.model.attention import cp_chunk_positions, cp_slice
+def test_cp_batch_slices_and_attention_chunk_order_agree(monkeypatch):
+    """megatron-core's get_batch_on_this_cp_rank (the trainer's CP slicing) gives rank r chunks r and
+    2 CP - 1 - r of 2 CP equal chunks (what its rotary embedding assumes); the attention's
+    cp_sequence_order puts the ranks' all-gathered chunks back in sequence order, every position once.
+    (A sequence that does not split into 2 CP chunks is refused by the config, see test_config.)"""
+    import megatron.core.utils as mcore_utils
 
-    assert cp_chunk_positions(8, 0, 2).tolist() == [0, 1, 6, 7]
-    assert cp_chunk_positions(8, 1, 2).tolist() == [2, 3, 4, 5]
+    from megatron_apex.model.attention import cp_sequence_order
+
+    def held(tokens, rank, cp):
+        monkeypatch.setattr(mcore_utils, "get_pg_size", lambda group: cp)
+        monkeypatch.setattr(mcore_utils, "get_pg_rank", lambda group: rank)
+        return mcore_utils.get_batch_on_this_cp_rank({"tokens": tokens.clone()}, object())["tokens"]
+
+    assert held(torch.arange(8).view(1, 8), 0, 2).tolist() == [[0, 1, 6, 7]]
+    assert held(torch.arange(8).view(1, 8), 1, 2).tolist() == [[2, 3, 4, 5]]
     for cp in (1, 2, 3, 4):
         seq = 2 * cp * 5
-        held = torch.cat([cp_chunk_positions(seq, r, cp) for r in range(cp)])
-        assert sorted(held.tolist()) == list(range(seq))
-    tokens = torch.arange(16).view(2, 8)  # [b, s]
-    assert cp_slice(tokens, 1, 2).tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]]
-    with pytest.raises(ValueError, match="2 x context_parallel_size=4"):
-        cp_chunk_positions(10, 0, 2)
+        gathered = torch.cat([held(torch.arange(seq).view(1, seq), r, cp)[0] for r in range(cp)])  # rank order
+        assert gathered.view(2 * cp, 5)[cp_sequence_order(cp)].reshape(-1).tolist() == list(range(seq))
+    assert held(torch.arange(16).view(2, 8), 1, 2).tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]]

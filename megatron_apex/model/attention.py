@@ -29,19 +29,11 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 
-def cp_chunk_positions(seq_len: int, cp_rank: int, cp_size: int, device=None) -> torch.Tensor:
-    """Global positions of the tokens a CP rank holds: chunks ``cp_rank`` and ``2 cp_size - 1 - cp_rank``
-    of ``2 cp_size`` equal chunks, in that order (``[seq_len // cp_size]``)."""
-    c = seq_len // (2 * cp_size)
-    if c * 2 * cp_size != seq_len:
-        raise ValueError(f"sequence length {seq_len} is not divisible by 2 x context_parallel_size={2 * cp_size}")
-    chunks = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=device)
-    return (chunks[:, None] * c + torch.arange(c, device=device)).reshape(-1)
-
-
-def cp_slice(t: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1) -> torch.Tensor:
-    """The part of ``t`` (sequence along ``dim``) a CP rank holds (see :func:`cp_chunk_positions`)."""
-    return t.index_select(dim, cp_chunk_positions(t.shape[dim], cp_rank, cp_size, t.device))
+def cp_sequence_order(cp_size: int) -> list:
+    """Where each of the ``2 CP`` sequence chunks lies in the CP ranks' all-gathered halves: rank ``r``
+    holds chunks ``r`` and ``2 CP - 1 - r`` (megatron-core's ``get_batch_on_this_cp_rank``), so chunk
+    ``g`` is half ``g >= CP`` of rank ``min(g, 2 CP - 1 - g)``."""
+    return [2 * g if g < cp_size else 2 * (2 * cp_size - 1 - g) + 1 for g in range(2 * cp_size)]
 
 
 class SDPAttention(DotProductAttention):
@@ -90,9 +82,7 @@ class SDPAttention(DotProductAttention):
         cp_size, cp_rank = group.size(), group.rank()
         c = query.shape[0] // 2  # tokens per chunk
         kv = gather_from_sequence_parallel_region(torch.cat([key, value], dim=-1), True, group=group)
-        # Rank r holds chunks (r, 2 CP - 1 - r): chunk g is half (g >= CP) of rank min(g, 2 CP - 1 - g).
-        order = [2 * g if g < cp_size else 2 * (2 * cp_size - 1 - g) + 1 for g in range(2 * cp_size)]
-        kv = kv.view(2 * cp_size, c, *kv.shape[1:])[order].flatten(0, 1)  # sequence order
+        kv = kv.view(2 * cp_size, c, *kv.shape[1:])[cp_sequence_order(cp_size)].flatten(0, 1)  # sequence order
         key, value = kv.split([key.shape[-1], value.shape[-1]], dim=-1)
         outs = []
         for half, g in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):

@@ -18,12 +18,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_apex.compat.host_memory import keep_freed_memory
 from megatron_apex.config import Config
 from megatron_apex.data.datasets import build_datasets, build_loader, resolve_vocab
 from megatron_apex.distributed import ParallelContext
-from megatron_apex.model.attention import cp_slice
 from megatron_apex.model.init import initialize_weights
 from megatron_apex.model.llama import build_model, build_transformer_config, flops_per_token
 from megatron_apex.training import checkpoint as ckpt
@@ -186,9 +186,10 @@ class Trainer:
         position_ids = batch["position_ids"].to(dev, non_blocking=True)
         loss_mask = batch["loss_mask"].to(dev, non_blocking=True).float()
         count = loss_mask.sum()  # the micro-batch's loss tokens, over the whole sequence
-        if self.ctx.cp_size > 1:  # this rank's two sequence chunks (model.attention.cp_chunk_positions)
-            tokens, labels, position_ids, loss_mask = (cp_slice(t, self.ctx.cp_rank, self.ctx.cp_size)
-                                                       for t in (tokens, labels, position_ids, loss_mask))
+        if self.ctx.cp_size > 1:  # this rank's two sequence chunks, as megatron-core's rotary embedding expects
+            tokens, labels, position_ids, loss_mask = get_batch_on_this_cp_rank(
+                {"tokens": tokens, "labels": labels, "position_ids": position_ids, "loss_mask": loss_mask},
+                self.ctx.cp_group).values()
         output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token losses
         return output, partial(_masked_mean_loss, loss_mask, count)
 
