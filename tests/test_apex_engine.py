@@ -349,6 +349,26 @@ def test_statistic_change_refused_when_resuming_mid_stage(tiny_config, tiny_data
     norm.load_state(trainer, {**old, "step": 5, "apex": {**old["apex"], "stage": 2}})
 
 
+def test_ema_decay_change_warned_when_resuming_mid_stage(tiny_config, tiny_data, caplog):
+    """Another apex.ema_decay continues the saved moving averages with other weights: allowed (like a
+    changed learning rate), but said, since the run then differs from an uninterrupted one."""
+    import logging
+    import types
+
+    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
+    ema, _ = _scoring_callback(tiny_config, tiny_data, "ema")  # apex.ema_decay 0.99 (the default)
+    saved = {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 4], "statistic": "ema"}
+    common = {"step": 2, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1}, "apex": saved}
+    with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
+        ema.load_state(trainer, {**common, "apex": {**saved, "ema_decay": ema.a.ema_decay}})
+        assert "ema_decay" not in caplog.text
+        ema.load_state(trainer, {**common, "apex": {**saved, "ema_decay": 0.5}})
+    assert "apex.ema_decay=0.99" in caplog.text and "taken with 0.5" in caplog.text
+    assert ema.stage == 1
+    # The saved value is in the common state a checkpoint writes.
+    assert ema.common_state(trainer)["apex"]["ema_decay"] == ema.a.ema_decay
+
+
 @pytest.mark.slow
 def test_resume_refuses_changed_statistic_or_monarch_blocks(tiny_data, tiny_config, tmp_path):
     """A mid-stage checkpoint resumed with another apex.statistic, or with an apex.monarch_blocks that

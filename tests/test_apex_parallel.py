@@ -102,24 +102,27 @@ RESUME = {**APEX, **SHAPES["gqa"], "apex.boundaries": "[0, 4]", "train.train_ste
 def test_resume_mid_stage_is_exact(tiny_data, tiny_config, tmp_path, world, layout):
     full = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "full")})
     cut = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "cut")})
-    a = run_distributed(apex_train_worker, world, tiny_config, full)[0]  # every rank logs the same losses
+    full_runs = run_distributed(apex_train_worker, world, tiny_config, full)
     # Same command twice: the first stops cleanly after step 1 (checkpoint at step 2, inside stage 1,
     # with two steps of votes for the boundary at step 4), the second resumes from that checkpoint.
-    b1 = run_distributed(apex_train_worker, world, tiny_config, cut, 1)[0]
-    assert b1["exit"] == "stopped" and b1["step"] == 2
-    b2 = run_distributed(apex_train_worker, world, tiny_config, cut)[0]
-    assert b2["first_step"] == 2 and b2["exit"] == "finished"
-    for step in range(2):
-        assert b1["losses"][step] == a["losses"][step]
-    for step in range(2, 7):
-        assert b2["losses"][step] == a["losses"][step], (step, b2["losses"][step], a["losses"][step])
-    # The next boundary (step 4, from votes partly gathered before the interruption) selects the same.
-    assert _pn(merge_records([b2])) == _pn(merge_records([a]))[1:]
-    # The operator and its optimizer were restored, not re-initialised.
-    stop, start = b1["stop_state"], b2["start_state"]
-    assert stop["op_norm"] > 1e-3 and start["op_norm"] == stop["op_norm"]
-    assert start["op_params"] == stop["op_params"]
-    assert start["opt_steps"] == stop["opt_steps"] == [2]
+    cut_runs = run_distributed(apex_train_worker, world, tiny_config, cut, 1)
+    resumed = run_distributed(apex_train_worker, world, tiny_config, cut)
+    assert len(full_runs) == len(cut_runs) == len(resumed) == world
+    # Every rank: under CP each rank restores its own votes, operator shards and optimizer state.
+    for rank, (a, b1, b2) in enumerate(zip(full_runs, cut_runs, resumed)):
+        assert b1["exit"] == "stopped" and b1["step"] == 2, rank
+        assert b2["first_step"] == 2 and b2["exit"] == "finished", rank
+        for step in range(2):
+            assert b1["losses"][step] == a["losses"][step], (rank, step)
+        for step in range(2, 7):
+            assert b2["losses"][step] == a["losses"][step], (rank, step, b2["losses"][step], a["losses"][step])
+        # The next boundary (step 4, from votes partly gathered before the interruption) selects the same.
+        assert _pn(merge_records([b2])) == _pn(merge_records([a]))[1:], rank
+        # The operator and its optimizer were restored, not re-initialised.
+        stop, start = b1["stop_state"], b2["start_state"]
+        assert stop["op_norm"] > 1e-3 and start["op_norm"] == stop["op_norm"], rank
+        assert start["op_params"] == stop["op_params"], rank
+        assert start["opt_steps"] == stop["opt_steps"] == [2], rank
 
 
 def test_resume_mid_stage_other_layout_refused(tiny_data, tiny_config, tmp_path):

@@ -64,6 +64,11 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "apex_state"
 
 
+def _mid_stage(saved: dict) -> bool:
+    """Whether a checkpoint's APEX state (``common["apex"]``) was saved with a boundary still to come."""
+    return not saved["finished"] and saved["stage"] < len(saved["boundaries"])
+
+
 class _Layer:
     """One local transformer layer: its linears, global index, and this stage's operators."""
 
@@ -561,7 +566,8 @@ class ApexCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def common_state(self, trainer) -> dict:
         return {"apex": {"version": 1, "stage": self.stage, "finished": self.finished,
-                         "boundaries": list(self.boundaries), "statistic": self.a.statistic}}
+                         "boundaries": list(self.boundaries), "statistic": self.a.statistic,
+                         "ema_decay": self.a.ema_decay}}
 
     def _rank_state(self) -> dict:
         return {
@@ -610,17 +616,28 @@ class ApexCallback(Callback):
                 self.stage = sum(1 for b in self.boundaries if b < common["step"])
             return
         self._same_layout(trainer, common)  # raises mid-stage under another layout
+        if _mid_stage(saved):
+            self._check_scores_continue(saved)
+        self.stage, self.finished = saved["stage"], saved["finished"]
+        self._pending_load = common.get(STATE_KEY)
+
+    def _check_scores_continue(self, saved: dict) -> None:
+        """A mid-stage checkpoint's accumulated scores continue under this run's statistic: refuses
+        another statistic, warns where the scores were accumulated differently from how they go on."""
         stat = saved.get("statistic", "rank")  # saved before apex.statistic existed: votes
-        if "statistic" not in saved and not saved["finished"] and saved["stage"] < len(saved["boundaries"]):
-            logger.warning("APEX: this mid-stage checkpoint predates apex.statistic: its tie-break sums are of "
-                           "squared norms and now continue with norms (this only affects units with equal votes)")
-        if stat != self.a.statistic and not saved["finished"] and saved["stage"] < len(saved["boundaries"]):
+        if stat != self.a.statistic:
             raise ConfigError(f"apex.statistic={self.a.statistic!r}: this checkpoint was saved in the middle of "
                               f"an APEX stage with apex.statistic={stat!r}, whose accumulated scores mean something "
                               f"else; resume with apex.statistic={stat!r}, or from a checkpoint after the last "
                               "boundary")
-        self.stage, self.finished = saved["stage"], saved["finished"]
-        self._pending_load = common.get(STATE_KEY)
+        if "statistic" not in saved:
+            logger.warning("APEX: this mid-stage checkpoint predates apex.statistic: its tie-break sums are of "
+                           "squared norms and now continue with norms (this only affects units with equal votes)")
+        decay = saved.get("ema_decay")
+        if stat == "ema" and decay is not None and decay != self.a.ema_decay:
+            logger.warning(f"APEX: apex.ema_decay={self.a.ema_decay} but this mid-stage checkpoint's moving "
+                           f"averages were taken with {decay}: the steps before it keep their old weights, the "
+                           "run does not continue exactly as an uninterrupted one would")
 
     def _restore(self, trainer, state: dict) -> None:
         ctx = trainer.ctx

@@ -32,18 +32,9 @@ def monarch_shape(m: int, blocks: int = 0) -> Tuple[int, int]:
         raise ValueError(f"monarch_shape needs m > 0, got {m}")
     if blocks < 0:
         raise ValueError(f"monarch_shape needs blocks >= 0, got {blocks}")
-    if blocks:
-        small = [x for x in range(1, math.isqrt(m) + 1) if m % x == 0]
-        best = min(small + [m // x for x in small], key=lambda x: (abs(x - blocks), x))
-        return best, m // best
-    # The closest divisor is either the largest divisor <= sqrt(m) or its co-divisor m // a; they are
-    # equidistant only when equal, so the tie rule never changes the result (kept for the record).
-    a = math.isqrt(m)
-    while m % a:
-        a -= 1
-    b = m // a
-    root = math.sqrt(m)
-    best = a if root - a <= b - root else b
+    target = blocks if blocks else math.sqrt(m)
+    small = [x for x in range(1, math.isqrt(m) + 1) if m % x == 0]
+    best = min(small + [m // x for x in small], key=lambda x: (abs(x - target), x))
     return best, m // best
 
 
