@@ -27,7 +27,11 @@ Measured, per variant and round (rounds alternate which variant steps first):
   weights + Adam moments, fresh operators), timed around ApexCallback._boundary, excluded from the
   step time of that step;
 * peak memory: ru_maxrss of the child process (resource.getrusage, includes the Python/torch/megatron
-  baseline of both variants, so the ratio understates relative model-state growth);
+  baseline of both variants, so the ratio understates relative model-state growth); the bytes of live
+  tensors, per phase of the step (forward-backward, optimizer, the operator's two halves, the
+  boundary, the final fuse; ``memory_phases.py``): on a GPU always (the allocator's peak counter), on
+  the CPU with ``--memory-phases`` (counted by a dispatch mode, which slows every operator: use such a
+  run for memory only);
 * APEX breakdown per step: the operator (in-place W_eff rows and the chain rule on main_grad,
   expansion/inplace.py), the scoring hooks' statistics, ranking + TP gather (_rank_step, queued in finalize_model_grads), and the
   operator optimizer step (on_optimizer_step).
@@ -93,6 +97,7 @@ def child(args) -> None:
     from megatron_apex.expansion import engine
     from megatron_apex.training.run import build_callbacks
     from megatron_apex.training.trainer import Callback, Trainer
+    from memory_phases import PhasePeaks
 
     apex = args.child == "apex" and not args.control
     cuda = torch.cuda.is_available()
@@ -166,10 +171,10 @@ def child(args) -> None:
                 os.write(args.turn_out, b"t")
             take_turn()
             sync()
-            if cuda:  # per-step peaks (the whole run's peak is the largest of them and of what came before)
-                for key, fn in (("alloc", torch.cuda.max_memory_allocated), ("reserved", torch.cuda.max_memory_reserved)):
-                    gpu_mem[key] = max(gpu_mem[key], fn())
-                torch.cuda.reset_peak_memory_stats()
+            if mem is not None:
+                if step == 0:
+                    mem.enter("other (between the phases below)")
+                mem.take()  # the step's own peak starts here (a boundary counts in its step)
             if args.profile and step == args.warmup - 1:  # the step before the timed ones (on a GPU the
                 # operator's graphs are captured in step 1 and replayed from step 2: use --warmup 3 there)
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -184,8 +189,8 @@ def child(args) -> None:
             times[step] = time.perf_counter() - start.t0
             steal[step] = steal_seconds(cpus) - start.s0
             faults[step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start.f0
-            if cuda:
-                gpu_step_peak[step] = torch.cuda.max_memory_allocated()
+            if mem is not None:
+                step_peak[step] = mem.take()
             parts_at[step] = dict(parts, scoring=cb.stats_time) if apex else {}
             if getattr(start, "prof", None) is not None:
                 start.prof.__exit__(None, None, None)
@@ -197,13 +202,17 @@ def child(args) -> None:
                 start.prof = None
             gc_at[step] = (gc_clock["total"], gc_clock["full"])  # after the profile dump, not counting it
             if step == args.steps - 1:
+                if mem is not None:
+                    mem.enter("after the last step (final fuse)")
                 os.write(args.turn_out, b"t")
                 if args.first:
                     take_turn()  # let the partner's last step run alone before tearing down
 
     parts_at = {}  # per step: the APEX part timers after it (cumulative)
-    gpu_mem = {"alloc": 0, "reserved": 0}  # whole-run GPU peaks (steps reset the allocator's peak counters)
-    gpu_step_peak = {}  # per step: peak allocated GPU memory within it (a boundary counts in its step)
+    # Peak tensor memory per phase and per step: always on a GPU (the allocator counts), on the CPU with
+    # --memory-phases (every operator then goes through Python: the step times are not APEX's overhead).
+    mem = PhasePeaks(cuda) if cuda or args.memory_phases else None
+    step_peak = {}  # per step: peak tensor memory within it (a boundary counts in its step)
     import gc
 
     gc_clock = {"total": 0.0, "t0": 0.0, "full": 0}  # time in Python's cyclic garbage collector
@@ -218,6 +227,8 @@ def child(args) -> None:
     gc.callbacks.append(on_gc)
     gc_at = {}
     start = Start()
+    if mem is not None:
+        mem.start()  # before the model is built: on the CPU only what is allocated after this counts
     trainer = Trainer(cfg, ctx, [start] + cbs + [End()]).setup()
     phases = {"fwd_bwd": [], "optimizer": []}  # per step, both variants (APEX work included where it runs)
 
@@ -233,10 +244,16 @@ def child(args) -> None:
 
     trainer._run_microbatches = timed_phase(trainer._run_microbatches, "fwd_bwd")
     trainer.optimizer.step = timed_phase(trainer.optimizer.step, "optimizer")
+    if mem is not None:
+        mem.wrap(trainer, "_run_microbatches", "forward-backward")
+        mem.wrap(trainer.optimizer, "step", "optimizer step")
+        if apex:
+            mem.wrap(inplace.InPlaceRunner, "materialize", "APEX: W_eff rows in")
+            mem.wrap(inplace.InPlaceRunner, "restore", "APEX: chain rule, rows back")
+            mem.wrap(cb, "_boundary", "APEX: stage boundary")
     trainer.train()
-    if cuda:  # the final fuse and the save come after the last step
-        gpu_mem["alloc"] = max(gpu_mem["alloc"], torch.cuda.max_memory_allocated())
-        gpu_mem["reserved"] = max(gpu_mem["reserved"], torch.cuda.max_memory_reserved())
+    if mem is not None:
+        mem.stop()  # the final fuse and the save come after the last step
     scoring = parts.get("scoring", 0.0)
     step_times = {s: t - boundary.get(s, 0.0) for s, t in times.items()}
     # The step's own time: wall time less the time the hypervisor ran other guests on our cores.
@@ -244,7 +261,8 @@ def child(args) -> None:
     out = {"variant": args.child, "phases": phases, "faults": faults, "step_times": step_times, "step_own": step_own, "boundary": boundary, "parts": parts,
            "scoring_last_stage": scoring, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            "device": torch.cuda.get_device_name() if cuda else "cpu",
-           "max_gpu_bytes": gpu_mem["alloc"], "max_gpu_reserved": gpu_mem["reserved"], "gpu_step_peak": gpu_step_peak,
+           "max_gpu_bytes": mem.peak if cuda else 0, "max_gpu_reserved": mem.reserved if cuda else 0,
+           "step_peak": step_peak, "memory_phases": mem.peaks if mem is not None else {},
            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
            "parts_at": parts_at, "gc_at": gc_at,
            "params": sum(p.numel() for p in trainer.model.parameters())}
@@ -271,6 +289,7 @@ def run_pair(args, order: tuple, port: int) -> dict:
             cmd += [f"--{k}", str(getattr(args, k))]
         cmd += [a for kv in args.set for a in ("--set", kv)] + (["--profile", args.profile] if args.profile else [])
         cmd += (["--ablate", args.ablate] if args.ablate else []) + (["--control"] if args.control else [])
+        cmd += ["--memory-phases"] if args.memory_phases else []
         procs[variant] = subprocess.Popen(cmd, env=env, pass_fds=fds[variant], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True)
     os.write(b_to_a[1], b"t")  # order[0] holds the token first
@@ -287,6 +306,23 @@ def run_pair(args, order: tuple, port: int) -> dict:
             results[variant] = json.load(f)
         os.unlink(outs[variant])
     return results
+
+
+def print_memory_phases(runs: dict, steady: list, b: int, what: str) -> None:
+    """Peak tensor memory per variant: where in the step it is reached, and per step kind."""
+    med = {v: lambda key, v=v: statistics.median(r["memory_phases"].get(key, 0) for r in runs[v]) for v in runs}
+    peak = {v: statistics.median(max(r["memory_phases"].values()) for r in runs[v]) for v in runs}
+    print(f"peak {what}: plain {peak['plain'] / 2**20:.1f} MiB, APEX {peak['apex'] / 2**20:.1f} MiB -> ratio "
+          f"{peak['apex'] / peak['plain']:.4f}; by phase (the peak reached while it ran, MiB; APEX - plain):")
+    phases = list(dict.fromkeys(k for v in runs for r in runs[v] for k in r["memory_phases"]))
+    for key in phases:
+        p, a = med["plain"](key), med["apex"](key)
+        print(f"  {key:40s} plain {p / 2**20:9.1f}  APEX {a / 2**20:9.1f}" + (f"  ({(a - p) / 2**20:+.1f})" if p else ""))
+    for v in runs:
+        steady_peak = statistics.median(r["step_peak"][str(s)] for r in runs[v] for s in steady)
+        b_peak = statistics.median(r["step_peak"][str(b)] for r in runs[v])
+        print(f"  {v}: peak in a steady step {steady_peak / 2**20:.1f} MiB, in the boundary's step (step {b}) "
+              f"{b_peak / 2**20:.1f} MiB")
 
 
 def main() -> None:
@@ -309,6 +345,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for both variants (repeatable), e.g. apex.cuda_graphs=false")
     ap.add_argument("--profile", metavar="DIR", help="write a torch.profiler op table of step warmup-1 per variant")
+    ap.add_argument("--memory-phases", action="store_true",
+                    help="CPU: count tensor memory by phase (every operator then runs through Python, so the "
+                         "step times are not APEX's overhead); on a GPU the allocator's counts are always printed")
     ap.add_argument("--ablate", choices=["scoring", "operator"],
                     help="diagnostic: run APEX without its scoring or without its operator (in-place path)")
     ap.add_argument("--control", action="store_true",
@@ -402,15 +441,11 @@ def main() -> None:
         res_a = statistics.median(res["max_gpu_reserved"] for res in runs["apex"])
         print(f"peak GPU memory reserved (max_memory_reserved, includes the operator's CUDA graph pool): "
               f"ratio {res_a / res_p:.4f}")
-        for v in runs:  # where the peak is: a stage's steps, the boundary's step, or the run's start/end
-            steady_peak = statistics.median(r["gpu_step_peak"][str(s)] for r in runs[v] for s in steady)
-            b_peak = statistics.median(r["gpu_step_peak"][str(b)] for r in runs[v])
-            print(f"  {v}: peak allocated in a steady step {steady_peak / 2**30:.3f} GiB, in the boundary's step "
-                  f"{b_peak / 2**30:.3f} GiB, in the whole run "
-                  + ", ".join(f"{r['max_gpu_bytes'] / 2**30:.3f}" for r in runs[v]) + " GiB")
         for v in runs:
             print(f"  {v}: max_memory_reserved " + ", ".join(f"{r['max_gpu_reserved'] / 2**30:.2f}" for r in runs[v])
                   + " GiB; allocator retries " + ", ".join(str(r["alloc_retries"]) for r in runs[v]))
+    if runs["plain"][0]["memory_phases"]:
+        print_memory_phases(runs, steady, b, "allocated GPU memory" if gpu else "CPU tensor memory (--memory-phases)")
     print(f"APEX {'host ' if gpu else ''}time per step: operator (W_eff rows in, chain rule out) {1000 * weff:.1f} ms, "
           f"scoring hooks {1000 * hooks:.1f} ms, ranking + gather {1000 * score:.1f} ms, operator AdamW + grad "
           f"all-reduce {1000 * opopt:.1f} ms (= {100 * (weff + hooks + score + opopt) / plain_t:.2f}% of a plain step)"

@@ -1,0 +1,83 @@
+"""The CPU tensor-memory count of benchmarks/memory_phases.py: what it counts and what it does not."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from memory_phases import LiveBytes, PhasePeaks  # noqa: E402
+
+MIB = 1 << 20
+
+
+def test_live_bytes_counts_new_storages_until_freed():
+    before = torch.zeros(MIB // 4)
+    with LiveBytes() as lb:
+        before.add_(1)  # storages from before the mode, changed in place or viewed, add nothing
+        before.view(4, -1).t()[:8].unsqueeze(0)
+        assert lb.live == 0 and lb.peak == 0
+        a = torch.empty(MIB // 4)  # 1 MiB of fp32
+        assert lb.live == MIB
+        v = a.view(2, -1)[0]  # a view: no new memory
+        a.add_(1)  # in place: none either
+        torch.add(a, 1, out=a)
+        assert lb.live == MIB
+        b = a * 2
+        assert lb.live == 2 * MIB and lb.peak == 2 * MIB
+        del a
+        assert lb.live == 2 * MIB  # the view keeps a's storage alive
+        del v
+        assert lb.live == MIB
+        c = torch.empty(MIB // 8)  # 0.5 MiB
+        assert lb.live == MIB + MIB // 2 and lb.peak == 2 * MIB
+        lb.reset_peak()
+        assert lb.peak == lb.live
+        del b, c
+    assert lb.live == 0
+
+
+def test_live_bytes_sees_the_backward_pass():
+    lin = torch.nn.Linear(256, 256)  # built outside: its weights are not counted
+    x = torch.randn(1024, 256, requires_grad=True)
+    with LiveBytes() as lb:
+        y = torch.relu(lin(x)).sum()
+        forward = lb.live
+        assert forward >= 1024 * 256 * 4  # at least the saved linear output
+        y.backward()
+        # x.grad (1 MiB) and the weight's gradient (256 KiB) stay; the graph's saved tensors are gone.
+        del y
+        assert lb.live >= x.numel() * 4 + lin.weight.numel() * 4
+        assert lb.peak > lb.live
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_phase_peaks_credit_the_innermost_phase():
+    peaks = PhasePeaks(cuda=False)
+    peaks.start()
+    keep = torch.empty(MIB // 4)  # 1 MiB alive throughout
+
+    class Work:
+        def temporary(self):  # 4 MiB, freed before returning
+            t = torch.empty(MIB)
+            return float(t.numel())
+
+        def outer(self):
+            self.temporary()
+            return torch.empty(MIB // 2)  # 2 MiB, returned
+
+    w = Work()
+    peaks.wrap(w, "temporary", "temp")
+    peaks.wrap(w, "outer", "outer")
+    assert peaks.take() == MIB
+    kept = w.outer()
+    assert peaks.peaks["temp"] == 5 * MIB  # keep + the temporary
+    assert peaks.peaks["outer"] == 3 * MIB  # keep + the returned tensor; the temporary counts for "temp"
+    assert peaks.take() == 5 * MIB  # everything since the last take
+    assert peaks.take() == 3 * MIB  # what is alive now
+    del kept, keep
+    peaks.stop()
+    assert peaks.peak == 5 * MIB and peaks.peaks["setup"] == 3 * MIB
