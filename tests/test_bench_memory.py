@@ -81,3 +81,38 @@ def test_phase_peaks_credit_the_innermost_phase():
     del kept, keep
     peaks.stop()
     assert peaks.peak == 5 * MIB and peaks.peaks["setup"] == 3 * MIB
+
+
+def test_phase_peaks_on_a_gpu_read_and_reset_the_allocator_counters(monkeypatch):
+    """On a GPU the allocator's peak counter is read at every phase change and reset (a stand-in
+    allocator here: CI has no GPU)."""
+
+    class Allocator:
+        allocated = peak = reserved = 0
+
+        def alloc(self, n):
+            self.allocated += n
+            self.peak = max(self.peak, self.allocated)
+            self.reserved = max(self.reserved, self.allocated)
+
+        def reset(self):
+            self.peak = self.allocated
+
+    gpu = Allocator()
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: gpu.peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: gpu.reserved)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", gpu.reset)
+    peaks = PhasePeaks(cuda=True)
+    peaks.start()
+    gpu.alloc(100)
+    peaks.enter("step")
+    gpu.alloc(50)
+    peaks.enter("chain rule")
+    gpu.alloc(30)
+    gpu.alloc(-30)
+    peaks.exit()
+    gpu.alloc(-50)
+    assert peaks.take() == 180
+    peaks.stop()
+    assert peaks.peaks == {"setup": 100, "step": 150, "chain rule": 180}
+    assert peaks.peak == 180 and peaks.reserved == 180
