@@ -1,10 +1,12 @@
-"""The CPU tensor-memory count of benchmarks/memory_phases.py: what it counts and what it does not."""
+"""The CPU tensor-memory count of benchmarks/memory_phases.py (what it counts and what it does not), and
+the APEX overhead benchmark that reports it, end to end on a tiny model."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -116,3 +118,34 @@ def test_phase_peaks_on_a_gpu_read_and_reset_the_allocator_counters(monkeypatch)
     peaks.stop()
     assert peaks.peaks == {"setup": 100, "step": 150, "chain rule": 180}
     assert peaks.peak == 180 and peaks.reserved == 180
+
+
+@pytest.mark.slow
+def test_apex_overhead_benchmark_reports_memory_by_phase():
+    """The benchmark end to end on a tiny model (both variants, one round, --memory-phases): every phase
+    is reported, APEX's only in the APEX run, and APEX's peak includes the rows it keeps (so it is not
+    below plain's)."""
+    import re
+    import subprocess
+
+    from distributed_utils import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "bench_apex_overhead.py"), "--hidden", "64", "--layers",
+           "2", "--heads", "4", "--ffn", "128", "--seq", "64", "--vocab", "256", "--steps", "4", "--warmup", "1",
+           "--rounds", "1", "--memory-phases", "--port", str(free_port())]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    m = re.search(r"peak CPU tensor memory \(--memory-phases\): plain ([\d.]+) MiB, APEX ([\d.]+) MiB -> ratio ([\d.]+)",
+                  text)
+    assert m, text
+    assert float(m.group(3)) >= 1.0
+    rows = dict(re.findall(r"^  (\S.*?)\s+plain\s+([\d.]+)\s+APEX", text, re.M))
+    for phase in ("setup", "other (between the phases below)", "forward-backward", "optimizer step",
+                  "after the last step (final fuse)", "APEX: W_eff rows in", "APEX: chain rule, rows back",
+                  "APEX: stage boundary"):
+        assert phase in rows, (phase, text)
+    assert all(float(rows[p]) == 0 for p in rows if p.startswith("APEX:"))  # plain runs no APEX phase
+    assert float(rows["forward-backward"]) > 0
+    assert "stage boundary:" in text and "peak in a steady step" in text
