@@ -28,10 +28,10 @@ Measured, per variant and round (rounds alternate which variant steps first):
   step time of that step;
 * peak memory: ru_maxrss of the child process (resource.getrusage, includes the Python/torch/megatron
   baseline of both variants, so the ratio understates relative model-state growth); the bytes of live
-  tensors, per phase of the step (forward-backward, optimizer, the operator's two halves, the
-  boundary, the final fuse; ``memory_phases.py``): on a GPU always (the allocator's peak counter), on
-  the CPU with ``--memory-phases`` (counted by a dispatch mode, which slows every operator: use such a
-  run for memory only);
+  tensors per step (on a GPU, from the allocator's peak counter) and, with ``--memory-phases``, per
+  phase of the step (forward-backward, optimizer, the operator's two halves, the boundary, the final
+  fuse; ``memory_phases.py``). On the CPU that count is a dispatch mode, which slows every operator,
+  and on a GPU it reads the allocator's counters a few times per step: use such a run for memory;
 * APEX breakdown per step: the operator (in-place W_eff rows and the chain rule on main_grad,
   expansion/inplace.py), the scoring hooks' statistics, ranking + TP gather (_rank_step, queued in finalize_model_grads), and the
   operator optimizer step (on_optimizer_step).
@@ -209,8 +209,8 @@ def child(args) -> None:
                     take_turn()  # let the partner's last step run alone before tearing down
 
     parts_at = {}  # per step: the APEX part timers after it (cumulative)
-    # Peak tensor memory per phase and per step: always on a GPU (the allocator counts), on the CPU with
-    # --memory-phases (every operator then goes through Python: the step times are not APEX's overhead).
+    # Peak tensor memory per step: always on a GPU (the allocator counts); per phase with --memory-phases
+    # (on the CPU every operator then goes through Python: the step times are not APEX's overhead).
     mem = PhasePeaks(cuda) if cuda or args.memory_phases else None
     step_peak = {}  # per step: peak tensor memory within it (a boundary counts in its step)
     import gc
@@ -244,7 +244,7 @@ def child(args) -> None:
 
     trainer._run_microbatches = timed_phase(trainer._run_microbatches, "fwd_bwd")
     trainer.optimizer.step = timed_phase(trainer.optimizer.step, "optimizer")
-    if mem is not None:
+    if args.memory_phases:
         mem.wrap(trainer, "_run_microbatches", "forward-backward")
         mem.wrap(trainer.optimizer, "step", "optimizer step")
         if apex:
@@ -308,13 +308,14 @@ def run_pair(args, order: tuple, port: int) -> dict:
     return results
 
 
-def print_memory_phases(runs: dict, steady: list, b: int, what: str) -> None:
-    """Peak tensor memory per variant: where in the step it is reached, and per step kind."""
+def print_memory(runs: dict, steady: list, b: int, what: str, by_phase: bool) -> None:
+    """Peak tensor memory per variant: per step kind and (``by_phase``) where in the step it is reached."""
     med = {v: lambda key, v=v: statistics.median(r["memory_phases"].get(key, 0) for r in runs[v]) for v in runs}
     peak = {v: statistics.median(max(r["memory_phases"].values()) for r in runs[v]) for v in runs}
     print(f"peak {what}: plain {peak['plain'] / 2**20:.1f} MiB, APEX {peak['apex'] / 2**20:.1f} MiB -> ratio "
-          f"{peak['apex'] / peak['plain']:.4f}; by phase (the peak reached while it ran, MiB; APEX - plain):")
-    phases = list(dict.fromkeys(k for v in runs for r in runs[v] for k in r["memory_phases"]))
+          f"{peak['apex'] / peak['plain']:.4f}" + ("; by phase (the peak reached while it ran, MiB; APEX - plain):"
+                                                    if by_phase else ""))
+    phases = list(dict.fromkeys(k for v in runs for r in runs[v] for k in r["memory_phases"])) if by_phase else []
     for key in phases:
         p, a = med["plain"](key), med["apex"](key)
         print(f"  {key:40s} plain {p / 2**20:9.1f}  APEX {a / 2**20:9.1f}" + (f"  ({(a - p) / 2**20:+.1f})" if p else ""))
@@ -346,8 +347,9 @@ def main() -> None:
                     help="extra config override for both variants (repeatable), e.g. apex.cuda_graphs=false")
     ap.add_argument("--profile", metavar="DIR", help="write a torch.profiler op table of step warmup-1 per variant")
     ap.add_argument("--memory-phases", action="store_true",
-                    help="CPU: count tensor memory by phase (every operator then runs through Python, so the "
-                         "step times are not APEX's overhead); on a GPU the allocator's counts are always printed")
+                    help="count tensor memory by phase of the step (on the CPU every operator then runs through "
+                         "Python, so the step times are not APEX's overhead; on a GPU the allocator's counters are "
+                         "read a few times per step); a GPU's per-step peaks are printed without it too")
     ap.add_argument("--ablate", choices=["scoring", "operator"],
                     help="diagnostic: run APEX without its scoring or without its operator (in-place path)")
     ap.add_argument("--control", action="store_true",
@@ -445,7 +447,8 @@ def main() -> None:
             print(f"  {v}: max_memory_reserved " + ", ".join(f"{r['max_gpu_reserved'] / 2**30:.2f}" for r in runs[v])
                   + " GiB; allocator retries " + ", ".join(str(r["alloc_retries"]) for r in runs[v]))
     if runs["plain"][0]["memory_phases"]:
-        print_memory_phases(runs, steady, b, "allocated GPU memory" if gpu else "CPU tensor memory (--memory-phases)")
+        print_memory(runs, steady, b, "allocated GPU memory" if gpu else "CPU tensor memory (--memory-phases)",
+                     args.memory_phases)
     print(f"APEX {'host ' if gpu else ''}time per step: operator (W_eff rows in, chain rule out) {1000 * weff:.1f} ms, "
           f"scoring hooks {1000 * hooks:.1f} ms, ranking + gather {1000 * score:.1f} ms, operator AdamW + grad "
           f"all-reduce {1000 * opopt:.1f} ms (= {100 * (weff + hooks + score + opopt) / plain_t:.2f}% of a plain step)"

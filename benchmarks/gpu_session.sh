@@ -37,7 +37,7 @@ bench() {  # name, time limit (also the least time left it starts with), argumen
 LARGE="--hidden 2048 --layers 16 --heads 16 --ffn 5632 --seq 2048 --vocab 32000 --mbs 4"
 for section in ${SECTIONS:-small large tests eager}; do
     case $section in
-    small) bench small_bf16 100 ;;
+    small) bench small_bf16 100 --memory-phases ;;  # host-bound and noisy in time: read it for memory
     operator)  # the operator alone (benchmarks/bench_operator.py), with a kernel table at the 953M shapes
         echo "== operator"
         { timeout 60 python3 benchmarks/bench_operator.py --hidden 2048 --ffn 5632 --heads 16 --layers 16 --dtype bf16 --batch-mib 64 256 \

@@ -635,9 +635,9 @@ class ApexCallback(Callback):
                            "squared norms and now continue with norms (this only affects units with equal votes)")
         decay = saved.get("ema_decay")
         if stat == "ema" and decay is not None and decay != self.a.ema_decay:
-            logger.warning(f"APEX: apex.ema_decay={self.a.ema_decay} but this mid-stage checkpoint's moving "
-                           f"averages were taken with {decay}: the steps before it keep their old weights, the "
-                           "run does not continue exactly as an uninterrupted one would")
+            logger.warning(f"APEX: apex.ema_decay={self.a.ema_decay}, but this mid-stage checkpoint's moving "
+                           f"averages were taken with {decay}: they continue with the new decay, so the run does "
+                           "not continue exactly as an uninterrupted one would")
 
     def _restore(self, trainer, state: dict) -> None:
         ctx = trainer.ctx
