@@ -26,7 +26,9 @@ class LiveBytes(TorchDispatchMode):
 
     An output sharing its storage with an input (in-place operators, ``out=``, views) adds nothing.
     Storages created before the mode was entered are not counted: enter it before the model is
-    built to count everything. Every operator goes through Python here, so steps run slower.
+    built to count everything. Not counted either: memory allocated without an operator (a library's
+    own buffers, e.g. gloo's), and a storage's later in-place resize (it keeps the size it was created
+    with). Every operator goes through Python here, so steps run slower.
     """
 
     def __init__(self):
