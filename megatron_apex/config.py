@@ -183,6 +183,9 @@ class ApexConfig:
         "rank", "Advantage score: 'rank' = per micro-batch top-k +1 / bottom-k -1 votes (ties by summed norm); "
         "'norm' = summed activation L2 norms; 'ema' = moving average over steps of each step's summed norms.")
     ema_decay: float = doc(0.99, "statistic 'ema': decay d per step, score = d * score + (1 - d) * step sum; in (0, 1).")
+    score_interval: int = doc(
+        1, "Take the statistics in every n-th training step of a stage, counted from its start (1 = every "
+        "step, the method as specified); n > 1 divides the scoring cost and the number of votes by about n.")
     partitions: int = doc(8, "Operator blocks per layer (a multiple of the TP degree); fixed so every layout computes the same.")
     monarch_blocks: int = doc(
         0, "Monarch block count nb of each operator matrix (m x m): 0 = the divisor of m closest to sqrt(m) (as "
@@ -297,6 +300,7 @@ class Config:
             _check(a.lr_scale > 0, "apex.lr_scale", a.lr_scale, "must be positive")
             _check(a.init_scoring_samples >= 0, "apex.init_scoring_samples", a.init_scoring_samples, "must be >= 0")
             _check(0 < a.ema_decay < 1, "apex.ema_decay", a.ema_decay, "must lie in (0, 1)")
+            _check(a.score_interval >= 1, "apex.score_interval", a.score_interval, "must be >= 1")
             _check(a.monarch_blocks >= 0, "apex.monarch_blocks", a.monarch_blocks, "must be >= 0 (0: closest to sqrt(m))")
             if a.boundaries:
                 b = list(a.boundaries)

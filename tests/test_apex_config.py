@@ -29,6 +29,7 @@ def _cfg(tiny_config, tiny_data, world=1, **extra):
     ({"apex.init_scoring_samples": -1}, "apex.init_scoring_samples"),
     ({"apex.ema_decay": 1.0}, "apex.ema_decay"),
     ({"apex.ema_decay": -0.5}, "apex.ema_decay"),
+    ({"apex.score_interval": 0}, "apex.score_interval"),
     ({"apex.monarch_blocks": -1}, "apex.monarch_blocks"),
     ({"apex.statistic": "mean"}, "apex.statistic"),
     ({"apex.mode": "selected", "apex.ratio": 0.25, "apex.ffn_tuned_ratio": 0.4}, "apex.ffn_tuned_ratio"),

@@ -183,6 +183,28 @@ def test_activation_recompute_counts_each_micro_batch_once(tiny_data, tiny_confi
 
 
 @pytest.mark.slow
+def test_score_interval_takes_statistics_every_nth_step_of_a_stage(tiny_data, tiny_config):
+    """apex.score_interval=n: only steps n apart from a stage's start vote. With n = 4 a stage of four steps
+    votes in its first step alone: the votes equal those of a one-step stage at the same step (scoring does
+    not change training, so both runs are the same up to there); with n = 2 the stages [0, 3) and [3, 7)
+    vote in steps 0, 2 and 3, 5."""
+    (one,) = run_distributed(apex_train_worker, 1, tiny_config,
+                             _over(tiny_data, **{"apex.boundaries": "[0, 1, 4]", "train.train_steps": 5}))
+    (every4,) = run_distributed(apex_train_worker, 1, tiny_config,
+                                _over(tiny_data, **{"apex.boundaries": "[0, 4]", "train.train_steps": 5,
+                                                    "apex.score_interval": 4}))
+    assert [b["step"] for b in one["record"]] == [0, 1, 4] and [b["step"] for b in every4["record"]] == [0, 4]
+    assert one["record"][1]["vote_steps"] == every4["record"][1]["vote_steps"] == 1
+    assert any(v != 0 for rows in every4["record"][1]["votes"].values() for row in rows for v in row)
+    assert every4["record"][1]["votes"] == one["record"][1]["votes"]
+    (every2,) = run_distributed(apex_train_worker, 1, tiny_config,
+                                _over(tiny_data, **{"apex.boundaries": "[0, 3, 7]", "train.train_steps": 8,
+                                                    "apex.score_interval": 2}))
+    assert [(b["step"], b["vote_steps"]) for b in every2["record"][1:]] == [(3, 2), (7, 2)]
+    assert every2["finished"]
+
+
+@pytest.mark.slow
 def test_ffn_statistic_from_megatron_silu_equals_recomputed(tiny_data, tiny_config):
     """The FFN statistic recorded from the SiLU megatron-core computes equals the fallback that
     recomputes SiLU from linear_fc1's output: identical votes and selections."""

@@ -74,6 +74,7 @@ def test_base_config_is_valid():
     # APEX moving-average decay outside (0, 1), negative Monarch block count
     (["apex.enabled=true", "apex.ema_decay=1"], None, "apex.ema_decay=1.0", "(0, 1)"),
     (["apex.enabled=true", "apex.ema_decay=0"], None, "apex.ema_decay=0.0", "(0, 1)"),
+    (["apex.enabled=true", "apex.score_interval=0"], None, "apex.score_interval=0", ">= 1"),
     (["apex.enabled=true", "apex.monarch_blocks=-2"], None, "apex.monarch_blocks=-2", ">= 0"),
     # APEX partitions not a multiple of TP
     (["apex.enabled=true", "apex.partitions=3", "parallel.tensor_model_parallel_size=2"], None,

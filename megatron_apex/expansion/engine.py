@@ -252,7 +252,9 @@ class ApexCallback(Callback):
             return
         while self.stage < len(self.boundaries) and step >= self.boundaries[self.stage]:
             self._boundary(trainer, step)
-        self.recording = self.stage < len(self.boundaries)  # votes are needed for a later boundary
+        # Votes are needed for a later boundary; taken every apex.score_interval steps from the stage's start.
+        since = step - (self.boundaries[self.stage - 1] if self.stage > 0 else 0)
+        self.recording = self.stage < len(self.boundaries) and since % self.a.score_interval == 0
         if not self.inplace:  # the in-place path writes the operators' gradients itself (InPlaceRunner)
             for entry in self.layers:
                 for op in entry.operators():
