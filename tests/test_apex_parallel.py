@@ -30,7 +30,8 @@ LAYOUTS = {
             ("tp2dp2", 4, {"parallel.tensor_model_parallel_size": 2})],
     "mha": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2}),
             ("pp2", 2, {"parallel.pipeline_model_parallel_size": 2}),
-            ("dp2-distopt", 2, {"parallel.use_distributed_optimizer": True})],
+            ("dp2-distopt", 2, {"parallel.use_distributed_optimizer": True}),
+            ("tp2dp2", 4, {"parallel.tensor_model_parallel_size": 2})],
 }
 
 
