@@ -182,7 +182,7 @@ class ApexConfig:
     statistic: Literal["rank", "norm", "ema"] = doc(
         "rank", "Advantage score: 'rank' = per micro-batch top-k +1 / bottom-k -1 votes (ties by summed norm); "
         "'norm' = summed activation L2 norms; 'ema' = moving average over steps of each step's summed norms.")
-    ema_decay: float = doc(0.99, "statistic 'ema': decay d per step, score = d * score + (1 - d) * step sum; in (0, 1).")
+    ema_decay: float = doc(0.99, "statistic 'ema': decay d per scored step, score = d * score + (1 - d) * step sum; in (0, 1).")
     score_interval: int = doc(
         1, "Take the statistics in every n-th training step of a stage, counted from its start (1 = every "
         "step, the method as specified); n > 1 divides the scoring cost and the number of votes by about n.")
