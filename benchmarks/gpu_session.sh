@@ -7,7 +7,8 @@
 #   SECTIONS (default "small large tests eager") picks and orders the sections; "diagnose" is the 953M
 #   configuration once more without APEX's scoring, then without its operator (bench --ablate);
 #   "operator" times the operator alone (bench_operator.py) at the 953M and the small shapes;
-#   "large16" is the 953M configuration at 16 micro-batches per step.
+#   "large16" is the 953M configuration at 16 micro-batches per step; "interval" the 953M configuration
+#   with apex.score_interval=4.
 #   BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -46,6 +47,8 @@ for section in ${SECTIONS:-small large tests eager}; do
     # The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
     large) bench large_mbs4_bf16 150 $LARGE --profile "$OUT/prof" ;;
     eager) bench large_mbs4_eager_bf16 100 $LARGE --rounds 1 --set apex.cuda_graphs=false ;;
+    interval)  # the 953M configuration scoring every 4th step (read the mean step-time ratio)
+        bench large_interval4_bf16 150 $LARGE --set apex.score_interval=4 ;;
     large16)  # the same model at 131,072 tokens per step (16 micro-batches of 4 x 2048)
         bench large_micro16_bf16 200 $LARGE --micro 16 --steps 10 ;;
     diagnose)
