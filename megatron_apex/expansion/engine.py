@@ -23,7 +23,8 @@ Design (apex-method.md section 5):
   +1, bottom-K -1) and added to local vote counts, identical on all TP ranks; the norms are summed
   (``apex.statistic`` 'rank' and 'norm') or averaged over steps ('ema') as the raw score, which 'norm'
   and 'ema' select by without voting. Votes and raw scores are summed over the data-parallel group
-  once, at the stage boundary.
+  once, at the stage boundary. With ``apex.score_interval`` = n only every n-th step of a stage
+  (counted from its start, so on every rank alike) records and ranks.
 * **Cross-rank expansion by permutation.** At a boundary the finished operator is fused into the
   master weights, P and N are selected per layer from the reduced votes, and one global
   function-preserving permutation per layer (partition.balance_permutation) gives every one of the
