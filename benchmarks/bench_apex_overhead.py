@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -309,16 +310,21 @@ def run_pair(args, order: tuple, port: int) -> dict:
     return results
 
 
-def print_memory(runs: dict, steady: list, b: int, what: str, by_phase: bool) -> None:
-    """Peak tensor memory per variant: per step kind and (``by_phase``) where in the step it is reached."""
-    med = {v: lambda key, v=v: statistics.median(r["memory_phases"].get(key, 0) for r in runs[v]) for v in runs}
-    peak = {v: statistics.median(max(r["memory_phases"].values()) for r in runs[v]) for v in runs}
-    print(f"peak {what}: plain {peak['plain'] / 2**20:.1f} MiB, APEX {peak['apex'] / 2**20:.1f} MiB -> ratio "
-          f"{peak['apex'] / peak['plain']:.4f}" + ("; by phase (the peak reached while it ran, MiB; APEX - plain):"
-                                                    if by_phase else ""))
+def print_memory(runs: dict, steady: list, b: int, what: Optional[str], by_phase: bool) -> None:
+    """Peak tensor memory per variant: per step kind and (``by_phase``) where in the step it is reached.
+    ``what`` names the whole run's peak for a ratio line; None where it is printed already (GPU)."""
+    def med(v, key):
+        return statistics.median(r["memory_phases"].get(key, 0) for r in runs[v])
+
+    if what is not None:
+        peak = {v: statistics.median(max(r["memory_phases"].values()) for r in runs[v]) for v in runs}
+        print(f"peak {what}: plain {peak['plain'] / 2**20:.1f} MiB, APEX {peak['apex'] / 2**20:.1f} MiB -> ratio "
+              f"{peak['apex'] / peak['plain']:.4f}")
+    if by_phase:
+        print("  by phase (the peak reached while it ran, MiB; APEX - plain):")
     phases = list(dict.fromkeys(k for v in runs for r in runs[v] for k in r["memory_phases"])) if by_phase else []
     for key in phases:
-        p, a = med["plain"](key), med["apex"](key)
+        p, a = med("plain", key), med("apex", key)
         print(f"  {key:40s} plain {p / 2**20:9.1f}  APEX {a / 2**20:9.1f}" + (f"  ({(a - p) / 2**20:+.1f})" if p else ""))
     for v in runs:
         steady_peak = statistics.median(r["step_peak"][str(s)] for r in runs[v] for s in steady)
@@ -460,8 +466,8 @@ def main() -> None:
             print(f"  {v}: max_memory_reserved " + ", ".join(f"{r['max_gpu_reserved'] / 2**30:.2f}" for r in runs[v])
                   + " GiB; allocator retries " + ", ".join(str(r["alloc_retries"]) for r in runs[v]))
     if runs["plain"][0]["memory_phases"]:
-        print_memory(runs, steady, b, "allocated GPU memory" if gpu else "CPU tensor memory (--memory-phases)",
-                     args.memory_phases)
+        # On a GPU the whole run's peak is the max_memory_allocated line above.
+        print_memory(runs, steady, b, None if gpu else "CPU tensor memory (--memory-phases)", args.memory_phases)
     print(f"APEX {'host ' if gpu else ''}time per step{' (means: apex.score_interval > 1)' if sparse else ''}: operator (W_eff rows in, chain rule out) {1000 * weff:.1f} ms, "
           f"scoring hooks {1000 * hooks:.1f} ms, ranking + gather {1000 * score:.1f} ms, operator AdamW + grad "
           f"all-reduce {1000 * opopt:.1f} ms (= {100 * (weff + hooks + score + opopt) / plain_t:.2f}% of a plain step)"
