@@ -107,7 +107,12 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"{mem['activations_gib']:.2f}",
     ]
     if cfg.apex.enabled:
-        lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {cfg.apex_boundaries}")
+        names = {"attn": "attention units", "ffn": "FFN channels"}
+        units = ", ".join(f"{names[kind]} k={k} of {n} in {b} partitions" if k else
+                          f"{names[kind]} none of {n} (not expanded)"
+                          for kind, (n, k, b) in cfg.apex_geometry.items())
+        lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {cfg.apex_boundaries}; "
+                     f"per layer: {units}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,31 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or inconsistent with another."""
 
 
+def unit_share(frac: float, n_units: int) -> int:
+    """floor(frac * n_units), robust to binary rounding (0.1875 * 32 is exactly 6, not 5)."""
+    return int(math.floor(frac * n_units + 1e-9))
+
+
+def apex_partitions(n_units: int, partitions: int, k: int = 0) -> int:
+    """B = gcd(``apex.partitions``, n_units, k): the operator's partitions of a layer's units of one kind.
+
+    B divides the units and the k selected units (k = 0 leaves k out), so every partition holds k/B P
+    and k/B N units and no selected unit is lost to rounding. B does not depend on the TP degree, which
+    must divide it (every partition lives on one rank). 32 heads, k = 4, partitions 8: B = 4.
+    """
+    if n_units <= 0 or partitions <= 0 or k < 0:
+        raise ValueError(f"apex_partitions needs positive n_units and partitions and k >= 0, got "
+                         f"{n_units}, {partitions}, {k}")
+    return math.gcd(partitions, n_units, k)
+
+
+def apex_units(ratio: float, n_units: int, partitions: int) -> tuple[int, int]:
+    """(k, B) of one unit kind at the first stage: k = floor(ratio * n_units) P (and N) units per layer,
+    over B = :func:`apex_partitions` partitions."""
+    k = unit_share(ratio, n_units)
+    return k, apex_partitions(n_units, partitions, k)
+
+
 def doc(default: Any, help: str, factory: bool = False):
     """Declare a field with its default and its documentation."""
     if factory:
@@ -186,7 +211,9 @@ class ApexConfig:
     score_interval: int = doc(
         1, "Take the statistics in every n-th training step of a stage, counted from its start (1 = every "
         "step, the method as specified); n > 1 divides the scoring cost and the number of votes by about n.")
-    partitions: int = doc(8, "Operator blocks per layer (a multiple of the TP degree); fixed so every layout computes the same.")
+    partitions: int = doc(
+        8, "Operator blocks per layer, a multiple of the TP degree: each unit kind uses B = gcd(partitions, "
+        "units, k) blocks, which the TP degree must divide; fixed so every layout computes the same.")
     monarch_blocks: int = doc(
         0, "Monarch block count nb of each operator matrix (m x m): 0 = the divisor of m closest to sqrt(m) (as "
         "released), n > 0 = the divisor of m closest to n (m varies by operator and stage).")
@@ -297,6 +324,21 @@ class Config:
             _check(0 < a.ratio <= 0.5, "apex.ratio", a.ratio, "must lie in (0, 0.5]")
             _check(a.partitions > 0 and a.partitions % tp == 0, "apex.partitions", a.partitions,
                    f"must be a positive multiple of parallel.tensor_model_parallel_size={tp}")
+            geometry = self.apex_geometry
+            names = {"attn": "attention units (query groups)", "ffn": "FFN channels"}
+            _check(any(k for _, k, _ in geometry.values()), "apex.ratio", a.ratio,
+                   "selects no unit: floor(ratio x units) is 0 for the "
+                   + " and the ".join(f"{n} {names[kind]}" for kind, (n, _, _) in geometry.items()))
+            for kind, (n, k, b) in geometry.items():
+                if k and b % tp:
+                    k_fit = -(-k // tp) * tp  # the next k that TP divides (n, partitions are multiples of TP)
+                    hint = f"a ratio giving k a multiple of {tp} (apex.ratio={k_fit / n:g} gives {k_fit}) or " \
+                        if 2 * k_fit <= n else ""
+                    raise ConfigError(
+                        f"apex.ratio={a.ratio}: the k={k} {names[kind]} selected per layer (of {n}) split into "
+                        f"B={b} operator partitions (gcd of apex.partitions={a.partitions}, {n} and {k}), which "
+                        f"parallel.tensor_model_parallel_size={tp} does not divide (every partition lives on one "
+                        f"rank); use {hint}a smaller tensor-parallel degree")
             _check(a.lr_scale > 0, "apex.lr_scale", a.lr_scale, "must be positive")
             _check(a.init_scoring_samples >= 0, "apex.init_scoring_samples", a.init_scoring_samples, "must be >= 0")
             _check(0 < a.ema_decay < 1, "apex.ema_decay", a.ema_decay, "must lie in (0, 1)")
@@ -331,6 +373,14 @@ class Config:
             return list(self.apex.boundaries)
         n = self.apex.stages
         return [round(i * self.train.train_steps / n) for i in range(n)]
+
+    @property
+    def apex_geometry(self) -> dict:
+        """Per unit kind ('attn': query groups, 'ffn': channels): (units per layer n, k, partitions B) of
+        the first stage (:func:`apex_units`; progressive stages round their halved k down to multiples of B)."""
+        a = self.apex
+        return {kind: (n, *apex_units(a.ratio, n, a.partitions))
+                for kind, n in (("attn", self.model.query_groups), ("ffn", self.model.ffn_hidden_size))}
 
 
 def _check(ok: bool, name: str, value: Any, problem: str) -> None:

@@ -3,6 +3,8 @@ operator insertion and fuse, a plain model after the final fuse, selected mode, 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from apex_workers import (apex_poisoned_worker, apex_train_worker, apex_train_worker_fc1_hook,
@@ -268,7 +270,7 @@ def _scoring_callback(tiny_config, tiny_data, statistic, **extra):
     ns, lin = types.SimpleNamespace, lambda: torch.nn.Linear(1, 1)
     layer = ns(layer_number=1, self_attention=ns(linear_qkv=lin(), linear_proj=lin()),
                mlp=ns(linear_fc1=lin(), linear_fc2=lin(), config=ns(use_te_activation_func=True)))
-    ctx = ns(tp_size=1, cp_size=1, device=torch.device("cpu"))
+    ctx = ns(rank=0, tp_size=1, cp_size=1, device=torch.device("cpu"))
     cb.on_model_built(ns(ctx=ctx), ns(decoder=ns(layers=[layer])))
     assert cb.n["attn"] == 8 and cb._k("attn") == (2, 1)
     return cb, ctx
@@ -356,7 +358,7 @@ def test_statistic_change_refused_when_resuming_mid_stage(tiny_config, tiny_data
 
     trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
     layout = {"tp": 1, "pp": 1, "dp": 1, "cp": 1}
-    old = {"step": 2, "layout": layout, "apex": {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 4]}}
+    old = {"step": 2, "layout": layout, "apex": {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 2, 4]}}
     norm, _ = _scoring_callback(tiny_config, tiny_data, "norm")
     with pytest.raises(ConfigError) as err:
         norm.load_state(trainer, old)
@@ -368,7 +370,7 @@ def test_statistic_change_refused_when_resuming_mid_stage(tiny_config, tiny_data
     with pytest.raises(ConfigError, match="apex.statistic='ema'"):
         rank.load_state(trainer, saved_ema)
     # In the last stage (no boundary left to select at) the scores are not used: any statistic resumes.
-    norm.load_state(trainer, {**old, "step": 5, "apex": {**old["apex"], "stage": 2}})
+    norm.load_state(trainer, {**old, "step": 5, "apex": {**old["apex"], "stage": 3}})
 
 
 def test_ema_decay_change_warned_when_resuming_mid_stage(tiny_config, tiny_data, caplog):
@@ -379,7 +381,7 @@ def test_ema_decay_change_warned_when_resuming_mid_stage(tiny_config, tiny_data,
 
     trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
     ema, _ = _scoring_callback(tiny_config, tiny_data, "ema")  # apex.ema_decay 0.99 (the default)
-    saved = {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 4], "statistic": "ema"}
+    saved = {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 2, 4], "statistic": "ema"}
     common = {"step": 2, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1}, "apex": saved}
     with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
         ema.load_state(trainer, {**common, "apex": {**saved, "ema_decay": ema.a.ema_decay}})
@@ -389,6 +391,41 @@ def test_ema_decay_change_warned_when_resuming_mid_stage(tiny_config, tiny_data,
     assert ema.stage == 1
     # The saved value is in the common state a checkpoint writes.
     assert ema.common_state(trainer)["apex"]["ema_decay"] == ema.a.ema_decay
+
+
+def test_resume_before_final_fuse_refuses_changed_selection_settings(tiny_config, tiny_data, caplog):
+    """A checkpoint saved before the final fuse holds selections and operators built from apex.mode,
+    ratio, partitions and progressive, and a stage counter of the schedule: another value of any of them
+    is refused by name; boundaries still to come may move (with a warning); a fused run resumes freely."""
+    import logging
+    import types
+
+    from megatron_apex.config import ConfigError
+
+    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
+    cb, _ = _scoring_callback(tiny_config, tiny_data, "rank")  # boundaries [0, 2, 4]
+    common = {"step": 3, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1}, **cb.common_state(trainer)}
+    common["apex"].update(stage=2)
+    cb.load_state(trainer, common)  # the same settings resume
+    assert cb.stage == 2
+    for key, saved_value in (("mode", "selected"), ("ratio", 0.125), ("partitions", 4), ("progressive", True)):
+        changed = {**common, "apex": {**common["apex"], key: saved_value}}
+        with pytest.raises(ConfigError, match=f"apex.{key}=.*saved .*with apex.{key}={saved_value!r}"):
+            cb.load_state(trainer, changed)
+        cb.load_state(trainer, {**changed, "apex": {**changed["apex"], "finished": True}})  # fused: no matter
+    assert common["apex"]["geometry"]["attn"] == [8, 2, 2]  # 8 query groups, k = 2, 2 partitions
+    geometry = {**common["apex"]["geometry"], "attn": [8, 2, 1]}  # saved by a version with another rule
+    with pytest.raises(ConfigError, match="per kind"):
+        cb.load_state(trainer, {**common, "apex": {**common["apex"], "geometry": geometry}})
+    # An applied boundary moved, or the next one before the resume step: refused with the saved list.
+    for saved_boundaries in ([0, 1, 4], [1, 2, 4]):
+        with pytest.raises(ConfigError, match=r"pass apex.boundaries=" + re.escape(str(saved_boundaries))):
+            cb.load_state(trainer, {**common, "apex": {**common["apex"], "boundaries": saved_boundaries}})
+    with pytest.raises(ConfigError, match="cannot come before step 5"):  # boundary 4 would be in the past
+        cb.load_state(trainer, {**common, "step": 5})
+    with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
+        cb.load_state(trainer, {**common, "apex": {**common["apex"], "boundaries": [0, 2, 5]}})
+    assert "boundaries still to come change from [5] to [4]" in caplog.text
 
 
 @pytest.mark.slow

@@ -115,6 +115,10 @@ def test_selected_mode_fraction_llama2_7b():
     shape = dict(h=4096, f=11008, nh=32, ng=32, d=128, L=32, vocab=32000, tied=False)
     frac = selected_mode_trainable_fraction(**shape, k_frac=0.1875, attn_tuned_frac=0.5625, ffn_tuned_frac=0.465)
     assert 0.50 <= frac <= 0.54
+    # The default apex.partitions=8 keeps every selected unit (k = 6 heads in gcd(8, 32, 6) = 2 partitions).
+    frac8 = selected_mode_trainable_fraction(**shape, k_frac=0.1875, attn_tuned_frac=0.5625, ffn_tuned_frac=0.465,
+                                             b_cfg=8)
+    assert 0.50 <= frac8 <= 0.54 and abs(frac8 - frac) < 1e-3
     total = _param_count_by_modules(**shape)
     assert abs(total - 6_738_415_616) == 0  # LLaMA-2-7B's published parameter count
     # cross-check the numerator with PartialDeltas / operators on a scaled-down layer

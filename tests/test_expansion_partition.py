@@ -196,3 +196,11 @@ def test_pack_partitions(seed):
         assert packed[b * size + 2 * k_per:(b + 1) * size].tolist() == rest
     assert set(packed[pp.reshape(-1)].tolist()) == set(p.tolist())
     assert set(packed[np_.reshape(-1)].tolist()) == set(n.tolist())
+
+
+def test_partitions_divide_k():
+    """With k given, B also divides k: no selected unit is dropped by rounding to whole partitions."""
+    assert num_partitions(32, 8, 4) == 4 and num_partitions(32, 8, 6) == 2 and num_partitions(32, 8, 8) == 8
+    assert num_partitions(11008, 8, 1376) == 8 and num_partitions(176, 8, 22) == 2 and num_partitions(32, 8, 0) == 8
+    for n, b_cfg, k in ((32, 8, 4), (176, 8, 22), (4, 8, 1)):
+        assert round_k_to_partitions(k, num_partitions(n, b_cfg, k)) == (k, k // num_partitions(n, b_cfg, k))

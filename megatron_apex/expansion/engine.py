@@ -51,11 +51,11 @@ from megatron_apex.expansion.inplace import InPlaceLayer, InPlaceRunner
 from megatron_apex.expansion.operator import (AttentionExpansion, FFNExpansion, mean_monarch_norm, monarch_summary,
                                               state_shape_mismatches)
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
-from megatron_apex.expansion.partition import (balance_permutation, num_partitions, pack_partitions, permute_fc1,
-                                               permute_units, round_k_to_partitions, shard_positions)
+from megatron_apex.expansion.partition import (balance_permutation, pack_partitions, permute_fc1, permute_units,
+                                               round_k_to_partitions, shard_positions)
 from megatron_apex.expansion.scoring import (accumulate_scores, step_scores, unit_sq_norms_attn, unit_sq_norms_ffn,
                                              unit_sq_norms_silu)
-from megatron_apex.expansion.selection import k_from_ratio, progressive_k, select_units, select_units_partial
+from megatron_apex.expansion.selection import progressive_k, select_units, select_units_partial
 from megatron_apex.expansion.state import ParamStates, reduce_and_clip_grads, reduce_votes, tp_gather, tp_shard
 from megatron_apex.training.optim import lr_at
 from megatron_apex.training.trainer import Callback
@@ -157,16 +157,26 @@ class ApexCallback(Callback):
     # ------------------------------------------------------------------ geometry
     def _geometry(self, ctx) -> None:
         m = self.cfg.model
-        self.n = {"attn": m.query_groups, "ffn": m.ffn_hidden_size}
-        self.parts = {k: num_partitions(n, self.a.partitions) for k, n in self.n.items()}
+        geometry = self.cfg.apex_geometry  # kind -> (n, k, B); the config checked that TP divides B
+        self.n = {kind: n for kind, (n, _, _) in geometry.items()}
+        self.vote_k = {kind: k for kind, (_, k, _) in geometry.items()}
+        self.parts = {kind: b for kind, (_, _, b) in geometry.items()}
         for kind, b in self.parts.items():
-            if b % ctx.tp_size:
-                raise ConfigError(
-                    f"apex.partitions={self.a.partitions}: gcd with the {self.n[kind]} {kind} units is {b}, "
-                    f"not a multiple of parallel.tensor_model_parallel_size={ctx.tp_size}")
-        self.vote_k = {k: k_from_ratio(self.a.ratio, n) for k, n in self.n.items()}
+            if self.vote_k[kind] and b % ctx.tp_size:  # a config built without validate()
+                raise ConfigError(f"APEX: {b} {kind} operator partitions are not a multiple of "
+                                  f"parallel.tensor_model_parallel_size={ctx.tp_size}")
         self.r = m.num_attention_heads // m.query_groups
         self.d = m.head_dim
+
+    def _log_geometry(self) -> None:
+        names = {"attn": "attention units", "ffn": "FFN channels"}
+        geometry = self.cfg.apex_geometry
+        logger.info("APEX per layer: %s", "; ".join(
+            f"{names[kind]}: k={k} of {n} in {b} partitions" for kind, (n, k, b) in geometry.items()))
+        for kind, (n, k, _) in geometry.items():
+            if k == 0:
+                logger.warning("APEX: apex.ratio=%s selects no %s (floor(%s x %d) = 0): they are not expanded; "
+                               "apex.ratio >= %.4g would select one", self.a.ratio, names[kind], self.a.ratio, n, 1 / n)
 
     def _k(self, kind: str) -> tuple[int, int]:
         """(k, k_per) of the current stage for a unit kind (rounded to whole partitions)."""
@@ -177,6 +187,8 @@ class ApexCallback(Callback):
     def on_model_built(self, trainer, model) -> None:
         ctx = trainer.ctx
         self._geometry(ctx)
+        if ctx.rank == 0:
+            self._log_geometry()
         decoder = getattr(model, "decoder", None)
         for li, layer in enumerate(getattr(decoder, "layers", [])):
             entry = _Layer(layer, layer.layer_number - 1)
@@ -570,7 +582,9 @@ class ApexCallback(Callback):
     def common_state(self, trainer) -> dict:
         return {"apex": {"version": 1, "stage": self.stage, "finished": self.finished,
                          "boundaries": list(self.boundaries), "statistic": self.a.statistic,
-                         "ema_decay": self.a.ema_decay}}
+                         "ema_decay": self.a.ema_decay, "mode": self.a.mode, "ratio": self.a.ratio,
+                         "partitions": self.a.partitions, "progressive": self.a.progressive,
+                         "geometry": {kind: list(g) for kind, g in self.cfg.apex_geometry.items()}}}
 
     def _rank_state(self) -> dict:
         return {
@@ -619,10 +633,37 @@ class ApexCallback(Callback):
                 self.stage = sum(1 for b in self.boundaries if b < common["step"])
             return
         self._same_layout(trainer, common)  # raises mid-stage under another layout
+        if not saved["finished"]:
+            self._check_run_continues(saved, common.get("step", 0))
         if _mid_stage(saved):
             self._check_scores_continue(saved)
         self.stage, self.finished = saved["stage"], saved["finished"]
         self._pending_load = common.get(STATE_KEY)
+
+    def _check_run_continues(self, saved: dict, step: int) -> None:
+        """A checkpoint saved before the final fuse continues under the same selections and operators:
+        refuses another mode, ratio, partitions or progressive flag, and a schedule that moves a boundary
+        already applied; warns where only boundaries still to come moved."""
+        where = (f"this checkpoint (step {step}) was saved during an APEX run, at stage {saved['stage']} of "
+                 f"{len(saved['boundaries'])} and before the final fuse")
+        after = "or resume from a checkpoint saved after the final fuse"
+        for key in ("mode", "ratio", "partitions", "progressive"):
+            old, new = saved.get(key, getattr(self.a, key)), getattr(self.a, key)  # absent: saved before checked
+            if old != new:
+                raise ConfigError(f"apex.{key}={new!r}: {where} with apex.{key}={old!r}, on which its selections and "
+                                  f"operators depend; resume with apex.{key}={old!r}, {after}")
+        geometry = {kind: list(g) for kind, g in self.cfg.apex_geometry.items()}
+        if saved.get("geometry", geometry) != geometry:
+            raise ConfigError(f"{where} with (units, k, partitions) per kind {saved['geometry']}, but this version "
+                              f"computes {geometry} from the same settings; {after}")
+        old_b, new_b, stage = list(saved["boundaries"]), list(self.boundaries), saved["stage"]
+        if new_b[:stage] != old_b[:stage] or (len(new_b) > stage and new_b[stage] < step):
+            raise ConfigError(f"apex.boundaries={new_b} (from apex.boundaries/apex.stages and train.train_steps): "
+                              f"{where} with the boundaries {old_b}; the {stage} already applied must stay and the "
+                              f"next cannot come before step {step}: pass apex.boundaries={old_b}, {after}")
+        if new_b != old_b:
+            logger.warning("APEX: the stage boundaries still to come change from %s to %s", old_b[stage:],
+                           new_b[stage:])
 
     def _check_scores_continue(self, saved: dict) -> None:
         """A mid-stage checkpoint's accumulated scores continue under this run's statistic: refuses
@@ -660,7 +701,8 @@ class ApexCallback(Callback):
                     raise ConfigError(f"apex.monarch_blocks={self.a.monarch_blocks}: the operators of this mid-stage "
                                       f"checkpoint (saved with apex.monarch_blocks={state.get('monarch_blocks', 0)}) "
                                       f"have other shapes (layer {entry.index} {name}: {'; '.join(bad)}); resume "
-                                      "with the apex.monarch_blocks it was saved with")
+                                      "with the APEX settings it was saved with (apex.monarch_blocks, apex.ratio, "
+                                      "apex.partitions)")
                 getattr(entry, name).load_state_dict(sd)
         if not self.finished:
             self._build_op_optimizer(trainer)

@@ -8,11 +8,12 @@ Zero deltas make the mode function-preserving at insertion, like the operator it
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
+
+from megatron_apex.config import apex_units, unit_share
 
 from .operator import AttentionExpansion, FFNExpansion, attn_operator_num_params, ffn_operator_num_params, unit_rows
 
@@ -136,10 +137,6 @@ class PartialDeltas(nn.Module):
         return self.effective_fc2(w, expansion).detach()
 
 
-def _count(frac: float, n: int) -> int:
-    return int(math.floor(frac * n + 1e-9))
-
-
 def selected_mode_trainable_fraction(
     h: int, f: int, nh: int, ng: int, d: int, L: int, vocab: int, tied: bool,
     k_frac: float, attn_tuned_frac: float, ffn_tuned_frac: float, b_cfg: int = 1,
@@ -148,7 +145,7 @@ def selected_mode_trainable_fraction(
 
     Numerator: deltas on the tuned units (floor(frac * units) query groups with all their Q/K/V rows and
     O columns; FFN channels with gate row, up row and down column), the operator parameters (k =
-    floor(k_frac * units), rounded down to a multiple of the partition count; b_cfg=1 is the paper's
+    floor(k_frac * units) in B = gcd(b_cfg, units, k) partitions; b_cfg=1 is the paper's
     unpartitioned operator), embeddings and output layer. Norms are frozen. Denominator: the plain
     model's parameter count (norms included; the transient operator parameters are not part of it).
     """
@@ -157,10 +154,10 @@ def selected_mode_trainable_fraction(
     ffn_layer = 3 * f * h
     emb = vocab * h * (1 if tied else 2)
     total = L * (attn_layer + ffn_layer + 2 * h) + h + emb
-    ua, uf = _count(attn_tuned_frac, ng), _count(ffn_tuned_frac, f)
+    ua, uf = unit_share(attn_tuned_frac, ng), unit_share(ffn_tuned_frac, f)
     deltas = ua * ((r + 2) * d * h + h * r * d) + uf * 3 * h
-    b_a, b_f = math.gcd(b_cfg, ng), math.gcd(b_cfg, f)
-    ka_per, kf_per = _count(k_frac, ng) // b_a, _count(k_frac, f) // b_f
+    (ka, b_a), (kf, b_f) = apex_units(k_frac, ng, b_cfg), apex_units(k_frac, f, b_cfg)
+    ka_per, kf_per = ka // b_a, kf // b_f
     op_ffn = ffn_operator_num_params(b_f, kf_per)
     op_attn = attn_operator_num_params(b_a, ka_per, d, r)
     trainable = L * (deltas + op_ffn + op_attn) + emb

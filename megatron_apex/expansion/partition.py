@@ -5,7 +5,7 @@ slice of units. Rather than exchanging rows of W[P] between ranks at every step 
 apex-method.md, section 5), we permute the units of the layer once per stage (a function-preserving
 reordering of FFN channels / query groups with all their rows and columns) so that each of B contiguous
 *partitions* holds exactly k_per P units and k_per N units. The operator M is block-diagonal over
-partitions, so every block lives on one rank, and B does not depend on the TP degree t (the engine
+partitions, so every block lives on one rank, and B does not depend on the TP degree t (the config
 checks t | B), so TP=1 computes exactly the same function.
 
 Conventions: ``perm[new_pos] = old_unit`` ("gather" form: new = old[perm]). Positions are global unit
@@ -13,10 +13,11 @@ positions within a layer; :func:`shard_positions` turns them into rank-local one
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from megatron_apex.config import apex_partitions
 
 __all__ = [
     "num_partitions",
@@ -32,11 +33,10 @@ __all__ = [
 ]
 
 
-def num_partitions(n_units: int, b_cfg: int = 8) -> int:
-    """B = gcd(b_cfg, n_units): the number of equal contiguous partitions of a layer's units."""
-    if n_units <= 0 or b_cfg <= 0:
-        raise ValueError(f"num_partitions needs positive n_units and b_cfg, got {n_units}, {b_cfg}")
-    return math.gcd(b_cfg, n_units)
+def num_partitions(n_units: int, b_cfg: int = 8, k: int = 0) -> int:
+    """B = gcd(b_cfg, n_units, k) (:func:`megatron_apex.config.apex_partitions`): every partition holds k/B
+    P and k/B N units."""
+    return apex_partitions(n_units, b_cfg, k)
 
 
 def round_k_to_partitions(k: int, num_parts: int) -> Tuple[int, int]:

@@ -13,10 +13,11 @@ ties inside one micro-batch the other way round, lower index = smaller; both are
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
+
+from megatron_apex.config import unit_share
 
 __all__ = ["rank_units", "select_units", "select_units_partial", "progressive_k", "k_from_ratio"]
 
@@ -25,7 +26,7 @@ def k_from_ratio(ratio: float, n_units: int) -> int:
     """k = floor(ratio * n_units), robust to binary rounding (0.1875 * 32 is exactly 6, not 5)."""
     if not 0.0 <= ratio <= 0.5:
         raise ValueError(f"expansion ratio must lie in [0, 0.5], got {ratio}")
-    return int(math.floor(ratio * n_units + 1e-9))
+    return unit_share(ratio, n_units)
 
 
 def rank_units(votes: torch.Tensor, raw: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
