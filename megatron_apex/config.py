@@ -198,6 +198,10 @@ class ApexConfig:
         "all", "'all': base weights and operator train (pre-training); 'selected': base frozen, deltas "
         "on selected units (instruction-tuning setting).")
     ratio: float = doc(0.125, "Expansion ratio k/n per layer and unit type, in (0, 0.5].")
+    attn_ratio: Optional[float] = doc(
+        None, "Ratio of the attention units (heads; query groups under GQA) alone, in [0, 0.5]: null = "
+        "apex.ratio, 0 = attention not expanded.")
+    ffn_ratio: Optional[float] = doc(None, "Ratio of the FFN channels alone, in [0, 0.5]: null = apex.ratio, 0 = not expanded.")
     stages: int = doc(3, "Number of expansion stages, evenly spaced over train.train_steps.")
     boundaries: list = doc(list, "Explicit stage start steps (overrides stages), e.g. [0, 300, 600].", factory=True)
     init_scoring_samples: int = doc(256, "Samples of the no-grad scoring pass before stage 1.")
@@ -220,6 +224,11 @@ class ApexConfig:
     lr_scale: float = doc(1.0, "Learning-rate multiplier of the operator parameters.")
     operator_weight_decay: float = doc(0.0, "Weight decay of the operator parameters.")
     cuda_graphs: bool = doc(True, "On GPUs, replay the per-step operator work (mode all) from two CUDA graphs.")
+
+    def kind_ratio(self, kind: str) -> float:
+        """The expansion ratio of one unit kind ('attn' or 'ffn')."""
+        own = self.attn_ratio if kind == "attn" else self.ffn_ratio
+        return self.ratio if own is None else own
 
 
 @dataclass
@@ -322,23 +331,27 @@ class Config:
                    "needs model.attention_backend='sdpa' (or model.transformer_impl='transformer_engine')")
         if a.enabled:
             _check(0 < a.ratio <= 0.5, "apex.ratio", a.ratio, "must lie in (0, 0.5]")
+            for kind in ("attn", "ffn"):
+                own = getattr(a, f"{kind}_ratio")
+                _check(own is None or 0 <= own <= 0.5, f"apex.{kind}_ratio", own, "must lie in [0, 0.5] (or null)")
             _check(a.partitions > 0 and a.partitions % tp == 0, "apex.partitions", a.partitions,
                    f"must be a positive multiple of parallel.tensor_model_parallel_size={tp}")
             geometry = self.apex_geometry
-            names = {"attn": "attention units (query groups)", "ffn": "FFN channels"}
+            names = {"attn": "attention units", "ffn": "FFN channels"}
             _check(any(k for _, k, _ in geometry.values()), "apex.ratio", a.ratio,
                    "selects no unit: floor(ratio x units) is 0 for the "
-                   + " and the ".join(f"{n} {names[kind]}" for kind, (n, _, _) in geometry.items()))
+                   + " and the ".join(f"{n} {names[kind]} (ratio {a.kind_ratio(kind)})"
+                                      for kind, (n, _, _) in geometry.items()))
             for kind, (n, k, b) in geometry.items():
                 if k and b % tp:
                     k_fit = -(-k // tp) * tp  # the next k that TP divides (n, partitions are multiples of TP)
-                    hint = f"a ratio giving k a multiple of {tp} (apex.ratio={k_fit / n:g} gives {k_fit}) or " \
-                        if 2 * k_fit <= n else ""
+                    fit = f"apex.{kind}_ratio={k_fit / n:g} (k={k_fit}), " if 2 * k_fit <= n else ""
                     raise ConfigError(
-                        f"apex.ratio={a.ratio}: the k={k} {names[kind]} selected per layer (of {n}) split into "
-                        f"B={b} operator partitions (gcd of apex.partitions={a.partitions}, {n} and {k}), which "
-                        f"parallel.tensor_model_parallel_size={tp} does not divide (every partition lives on one "
-                        f"rank); use {hint}a smaller tensor-parallel degree")
+                        f"apex.{kind}_ratio={a.kind_ratio(kind)}: the k={k} {names[kind]} selected per layer (of {n}) "
+                        f"split into B={b} operator partitions (gcd of apex.partitions={a.partitions}, {n} and {k}), "
+                        f"which parallel.tensor_model_parallel_size={tp} does not divide (every partition lives on "
+                        f"one rank); use {fit}apex.{kind}_ratio=0 (the {names[kind]} not expanded) or a smaller "
+                        "tensor-parallel degree")
             _check(a.lr_scale > 0, "apex.lr_scale", a.lr_scale, "must be positive")
             _check(a.init_scoring_samples >= 0, "apex.init_scoring_samples", a.init_scoring_samples, "must be >= 0")
             _check(0 < a.ema_decay < 1, "apex.ema_decay", a.ema_decay, "must lie in (0, 1)")
@@ -354,8 +367,10 @@ class Config:
                 _check(1 <= a.stages <= t.train_steps, "apex.stages", a.stages,
                        f"must lie in [1, train.train_steps={t.train_steps}]")
             if a.mode == "selected":
-                for name, v in (("apex.attn_tuned_ratio", a.attn_tuned_ratio), ("apex.ffn_tuned_ratio", a.ffn_tuned_ratio)):
-                    _check(2 * a.ratio <= v <= 1, name, v, f"must lie in [2*apex.ratio={2 * a.ratio}, 1]")
+                for kind in ("attn", "ffn"):
+                    name, v = f"apex.{kind}_tuned_ratio", getattr(a, f"{kind}_tuned_ratio")
+                    _check(2 * a.kind_ratio(kind) <= v <= 1, name, v,
+                           f"must lie in [2 x the {kind} ratio {a.kind_ratio(kind)}, 1]")
         if world_size is not None:
             model_parallel = tp * pp * p.context_parallel_size
             _check(world_size % model_parallel == 0, "parallel", f"TP={tp} x PP={pp} x CP={p.context_parallel_size}",
@@ -379,7 +394,7 @@ class Config:
         """Per unit kind ('attn': query groups, 'ffn': channels): (units per layer n, k, partitions B) of
         the first stage (:func:`apex_units`; progressive stages round their halved k down to multiples of B)."""
         a = self.apex
-        return {kind: (n, *apex_units(a.ratio, n, a.partitions))
+        return {kind: (n, *apex_units(a.kind_ratio(kind), n, a.partitions))
                 for kind, n in (("attn", self.model.query_groups), ("ffn", self.model.ffn_hidden_size))}
 
 

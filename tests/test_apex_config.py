@@ -64,18 +64,23 @@ def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
     before start, with a ratio that fits; a ratio that selects nothing at all is refused."""
     from megatron_apex.cli import dry_run
 
-    shape = {"model.num_attention_heads": 32, "model.num_query_groups": 32, "model.ffn_hidden_size": 352,
+    shape = {"model.num_attention_heads": 32, "model.num_query_groups": 32, "model.ffn_hidden_size": 384,
              "apex.ratio": 0.125, "apex.partitions": 8}
     cfg = _cfg(tiny_config, tiny_data, **shape)
-    assert cfg.apex_geometry == {"attn": (32, 4, 4), "ffn": (352, 44, 4)}
-    assert "attention units k=4 of 32 in 4 partitions, FFN channels k=44 of 352 in 4 partitions" in dry_run(cfg, 1)
+    assert cfg.apex_geometry == {"attn": (32, 4, 4), "ffn": (384, 48, 8)}
+    assert "attention units k=4 of 32 in 4 partitions, FFN channels k=48 of 384 in 8 partitions" in dry_run(cfg, 1)
     _cfg(tiny_config, tiny_data, 4, **shape, **{"parallel.tensor_model_parallel_size": 4})
     with pytest.raises(ConfigError) as err:
         _cfg(tiny_config, tiny_data, 8, **shape, **{"parallel.tensor_model_parallel_size": 8})
     msg = str(err.value)
     assert "k=4 attention units" in msg and "B=4" in msg and "tensor_model_parallel_size=8" in msg, msg
-    assert "apex.ratio=0.25 gives 8" in msg, msg
-    _cfg(tiny_config, tiny_data, 8, **{**shape, "apex.ratio": 0.25}, **{"parallel.tensor_model_parallel_size": 8})
+    assert "apex.attn_ratio=0.25 (k=8)" in msg and "apex.attn_ratio=0" in msg, msg
+    tp8 = {"parallel.tensor_model_parallel_size": 8}
+    _cfg(tiny_config, tiny_data, 8, **{**shape, "apex.attn_ratio": 0.25}, **tp8)  # the FFN keeps 0.125
+    cfg = _cfg(tiny_config, tiny_data, 8, **{**shape, "apex.attn_ratio": 0}, **tp8)  # the FFN alone
+    assert cfg.apex_geometry == {"attn": (32, 0, 8), "ffn": (384, 48, 8)}
+    with pytest.raises(ConfigError, match="apex.ffn_ratio=0.6"):
+        _cfg(tiny_config, tiny_data, **{"apex.ffn_ratio": 0.6})
     # GQA with 2 query groups: no group at ratio 0.125 (said in the dry run), the FFN still expands.
     cfg = _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.ratio": 0.125})
     assert cfg.apex_geometry["attn"][1] == 0 and "attention units none of 2 (not expanded)" in dry_run(cfg, 1)

@@ -430,8 +430,9 @@ def test_resume_before_final_fuse_refuses_changed_selection_settings(tiny_config
 
 @pytest.mark.slow
 def test_resume_refuses_changed_statistic_or_monarch_blocks(tiny_data, tiny_config, tmp_path):
-    """A mid-stage checkpoint resumed with another apex.statistic, or with an apex.monarch_blocks that
-    gives the operators other shapes, stops with a message naming the option (no size-mismatch trace)."""
+    """A mid-stage checkpoint resumed with another apex.statistic, with an apex.monarch_blocks that gives
+    the operators other shapes, or with other apex.partitions, stops with a message naming the option
+    (no size-mismatch trace)."""
     from apex_workers import apex_train_worker as worker
 
     over = _over(tiny_data, **{"apex.boundaries": "[0, 4]", "train.train_steps": 6,
@@ -448,5 +449,10 @@ def test_resume_refuses_changed_statistic_or_monarch_blocks(tiny_data, tiny_conf
     msg = str(err.value)
     assert "apex.monarch_blocks=2" in msg and "saved with apex.monarch_blocks=0" in msg, msg[-3000:]
     assert "size mismatch" not in msg
+    with pytest.raises(RuntimeError) as err:  # other partitions: other operators (refused before loading them)
+        run_distributed(worker, 1, tiny_config, over + ["apex.partitions=1"])
+    msg = str(err.value)
+    assert "apex.partitions=1" in msg and "apex.partitions=2" in msg and "positions must have shape" not in msg, \
+        msg[-3000:]
     (resumed,) = run_distributed(worker, 1, tiny_config, over)  # unchanged settings resume
     assert resumed["first_step"] == 2 and resumed["exit"] == "finished"

@@ -175,8 +175,10 @@ class ApexCallback(Callback):
             f"{names[kind]}: k={k} of {n} in {b} partitions" for kind, (n, k, b) in geometry.items()))
         for kind, (n, k, _) in geometry.items():
             if k == 0:
-                logger.warning("APEX: apex.ratio=%s selects no %s (floor(%s x %d) = 0): they are not expanded; "
-                               "apex.ratio >= %.4g would select one", self.a.ratio, names[kind], self.a.ratio, n, 1 / n)
+                ratio = self.a.kind_ratio(kind)
+                logger.warning("APEX: the %s ratio %s selects none of the %d %s (floor(%s x %d) = 0): they are not "
+                               "expanded; apex.%s_ratio >= %.4g would select one", kind, ratio, n, names[kind], ratio,
+                               n, kind, 1 / n)
 
     def _k(self, kind: str) -> tuple[int, int]:
         """(k, k_per) of the current stage for a unit kind (rounded to whole partitions)."""
@@ -583,6 +585,7 @@ class ApexCallback(Callback):
         return {"apex": {"version": 1, "stage": self.stage, "finished": self.finished,
                          "boundaries": list(self.boundaries), "statistic": self.a.statistic,
                          "ema_decay": self.a.ema_decay, "mode": self.a.mode, "ratio": self.a.ratio,
+                         "attn_ratio": self.a.attn_ratio, "ffn_ratio": self.a.ffn_ratio,
                          "partitions": self.a.partitions, "progressive": self.a.progressive,
                          "geometry": {kind: list(g) for kind, g in self.cfg.apex_geometry.items()}}}
 
@@ -642,12 +645,12 @@ class ApexCallback(Callback):
 
     def _check_run_continues(self, saved: dict, step: int) -> None:
         """A checkpoint saved before the final fuse continues under the same selections and operators:
-        refuses another mode, ratio, partitions or progressive flag, and a schedule that moves a boundary
+        refuses another mode, ratio (of either kind), partitions or progressive flag, and a schedule that moves a boundary
         already applied; warns where only boundaries still to come moved."""
         where = (f"this checkpoint (step {step}) was saved during an APEX run, at stage {saved['stage']} of "
                  f"{len(saved['boundaries'])} and before the final fuse")
         after = "or resume from a checkpoint saved after the final fuse"
-        for key in ("mode", "ratio", "partitions", "progressive"):
+        for key in ("mode", "ratio", "attn_ratio", "ffn_ratio", "partitions", "progressive"):
             old, new = saved.get(key, getattr(self.a, key)), getattr(self.a, key)  # absent: saved before checked
             if old != new:
                 raise ConfigError(f"apex.{key}={new!r}: {where} with apex.{key}={old!r}, on which its selections and "
