@@ -328,3 +328,60 @@ def test_merge_and_inspect(tmp_path, sp_model, megatron_reader):
     assert json.dumps(texts[0], ensure_ascii=False)[:-1] in result.stdout  # decoded first sample
     result = _run_cli("--inspect", tmp_path / "merged", "--tokenizer-model", sp_model)
     assert result.returncode == 0 and f"documents  {len(texts)}" in result.stdout
+
+
+# ---------------------------------------------------------------------- damaged datasets: inspect, merge
+def _damaged_copies(tmp_path, prefix):
+    """Copies of ``prefix`` damaged the ways a dataset gets damaged, with the words the error must hold."""
+    data = {ext: open(prefix + ext, "rb").read() for ext in (".bin", ".idx")}
+    cases = {
+        "truncbin": ({".bin": data[".bin"][: len(data[".bin"]) // 2]}, "{p}.bin: {size} bytes, but {p}.idx lists"),
+        "truncidx": ({".idx": data[".idx"][:100]}, "{p}.idx: 100 bytes, but its header"),
+        "dtype9": ({".idx": data[".idx"][:17] + b"\x09" + data[".idx"][18:]}, "{p}.idx: unknown dtype code 9"),
+        "longbin": ({".bin": data[".bin"] + b"\0\0"}, "{p}.bin: {size} bytes, but {p}.idx lists"),
+    }
+    out = {}
+    for name, (changed, words) in cases.items():
+        target = str(tmp_path / name)
+        for ext, content in {**data, **changed}.items():
+            open(target + ext, "wb").write(content)
+        out[target] = words.format(p=target, size=os.path.getsize(target + ".bin"))
+    return out
+
+
+def test_inspect_and_merge_refuse_damaged_datasets(tmp_path, sp_model):
+    from megatron_apex.data.indexed import IndexedDatasetError, merge_datasets
+    from megatron_apex.data.preprocess import inspect_dataset
+
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _corpus_texts(40)])
+    preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "good"), None, sp_model, progress="none")
+    good = str(tmp_path / "good_text_document")
+    damaged = _damaged_copies(tmp_path, good)
+    for prefix, words in damaged.items():
+        with pytest.raises(IndexedDatasetError) as info:
+            inspect_dataset(prefix)
+        assert words in str(info.value)
+        with pytest.raises(IndexedDatasetError) as info:
+            merge_datasets([good, prefix], str(tmp_path / "merged"))
+        assert words in str(info.value)
+        assert not any(n.startswith("merged") for n in os.listdir(tmp_path))  # nothing published
+    truncbin, dtype9 = str(tmp_path / "truncbin"), str(tmp_path / "dtype9")
+    for args, prefix in ([("--inspect", truncbin), truncbin], [("--inspect", dtype9), dtype9],
+                         [("--merge", good, truncbin, "--output-prefix", tmp_path / "merged"), truncbin]):
+        result = _run_cli(*args)
+        assert result.returncode == 2 and f"error: {damaged[prefix]}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert inspect_dataset(good)["documents"] == len(_corpus_texts(40))
+
+
+def test_inspect_merged_dataset_of_two_tokenizers(tmp_path, sp_model, hf_tokenizer):
+    # the merged sidecar records no tokenizer then; inspect must say so instead of failing
+    prefixes = []
+    for name, tok in (("s", sp_model), ("h", hf_tokenizer)):
+        _write_jsonl(tmp_path / f"{name}.jsonl", [{"text": t} for t in _corpus_texts(5)])
+        preprocess_jsonl([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), None, tok, progress="none")
+        prefixes.append(str(tmp_path / f"{name}_text_document"))
+    assert _run_cli("--merge", *prefixes, "--output-prefix", tmp_path / "m").returncode == 0
+    result = _run_cli("--inspect", tmp_path / "m")
+    assert result.returncode == 0 and "tokenizer  not recorded" in result.stdout, result.stderr
+

@@ -78,8 +78,9 @@ def main(argv=None) -> int:
             print(f"length     min {info['min_length']} / mean {info['mean_length']:.1f} / max {info['max_length']}")
             if info["sidecar"]:
                 side = info["sidecar"]
-                print(f"tokenizer  {side['tokenizer']['kind']} {side['tokenizer']['path']} "
-                      f"(vocab {side['tokenizer']['vocab_size']}, sha256 {side['tokenizer']['sha256'][:12]})")
+                tok = side.get("tokenizer")
+                print(f"tokenizer  {tok.get('kind')} {tok.get('path')} (vocab {tok.get('vocab_size')}, "
+                      f"sha256 {str(tok.get('sha256'))[:12]})" if isinstance(tok, dict) else "tokenizer  not recorded")
                 print(f"skipped    {json.dumps(side.get('skipped', {}), sort_keys=True)}")
             for sample in info["samples"]:
                 shown = json.dumps(sample["text"], ensure_ascii=False) if "text" in sample else sample["ids"]

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .indexed import IndexedDatasetReader, IndexedDatasetWriter, fsync_directory, optimal_dtype
+from .indexed import IndexedDatasetReader, IndexedDatasetWriter, fsync_directory, optimal_dtype, read_sidecar
 from .jsonl import InputError, expand_inputs, iter_blocks
 from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
@@ -441,13 +441,11 @@ def inspect_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None, num_samp
     exists; otherwise raw ids are shown.
     """
     reader = IndexedDatasetReader(prefix)
-    sidecar = None
-    if os.path.isfile(prefix + ".json"):
-        with open(prefix + ".json", encoding="utf-8") as handle:
-            sidecar = json.load(handle)
-    if tokenizer is None and sidecar and os.path.exists(sidecar.get("tokenizer", {}).get("path", "")):
+    sidecar = read_sidecar(prefix)
+    recorded = (sidecar or {}).get("tokenizer") or {}  # None after merging datasets of different tokenizers
+    if tokenizer is None and os.path.exists(recorded.get("path") or ""):
         try:
-            tokenizer = load_tokenizer(sidecar["tokenizer"]["kind"], sidecar["tokenizer"]["path"])
+            tokenizer = load_tokenizer(recorded.get("kind"), recorded["path"])
         except TokenizerError as exc:
             logger.warning("cannot load the sidecar's tokenizer: %s", exc)
     lengths = reader.sequence_lengths
