@@ -385,3 +385,39 @@ def test_inspect_merged_dataset_of_two_tokenizers(tmp_path, sp_model, hf_tokeniz
     result = _run_cli("--inspect", tmp_path / "m")
     assert result.returncode == 0 and "tokenizer  not recorded" in result.stdout, result.stderr
 
+# ---------------------------------------------------------------------- compressed inputs
+def test_truncated_or_fake_compressed_input_is_an_error_naming_the_file(tmp_path, sp_model):
+    import zstandard
+
+    payload = "".join(json.dumps({"text": t}) + "\n" for t in _corpus_texts(2000)).encode()
+    frames = zstandard.ZstdCompressor().compress(payload[:50000]) + zstandard.ZstdCompressor().compress(payload[50000:])
+    (tmp_path / "multi.jsonl.zst").write_bytes(frames)
+    (tmp_path / "trunc.jsonl.zst").write_bytes(frames[: len(frames) // 2])
+    (tmp_path / "trunc.jsonl.gz").write_bytes(gzip.compress(payload)[:5000])
+    (tmp_path / "fake.jsonl.gz").write_bytes(b'{"text": "not gzip"}\n')
+    (tmp_path / "fake.jsonl.zst").write_bytes(b'{"text": "not zstd"}\n')
+    result = _run_cli("--input", tmp_path / "multi.jsonl.zst", "--output-prefix", tmp_path / "ok", "--tokenizer-model",
+                      sp_model, "--block-size-mb", 0.01)
+    assert result.returncode == 0, result.stderr
+    assert _sidecar(str(tmp_path / "ok_text_document"))["documents"] == payload.count(b"\n")  # every frame read
+    for name, words in [("trunc.jsonl.zst", "truncated zstd input"), ("trunc.jsonl.gz", "cannot decompress"),
+                        ("fake.jsonl.gz", "not a gzip file"), ("fake.jsonl.zst", "cannot decompress")]:
+        result = _run_cli("--input", tmp_path / name, "--output-prefix", tmp_path / "o", "--tokenizer-model", sp_model)
+        assert result.returncode == 2, (name, result.stderr)
+        assert f"error: {tmp_path / name}: {words}" in result.stderr and "Traceback" not in result.stderr
+        assert not any(n.startswith("o_") for n in os.listdir(tmp_path))  # nothing published
+
+
+def test_same_file_given_twice_is_read_once(tmp_path, sp_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_jsonl(data / "a.jsonl", [{"text": t} for t in _corpus_texts(10)])
+    _write_jsonl(data / "b.jsonl", [{"text": "b"}])
+    os.symlink(data / "a.jsonl", tmp_path / "link.jsonl")
+    result = _run_cli("--input", data, data / "a.jsonl", tmp_path / "link.jsonl", "--output-prefix", tmp_path / "o",
+                      "--tokenizer-model", sp_model)
+    assert result.returncode == 0, result.stderr
+    assert _sidecar(str(tmp_path / "o_text_document"))["documents"] == len(_corpus_texts(10)) + 1
+    assert f"input {data / 'a.jsonl'} is the same file as {data / 'a.jsonl'}: reading it once" in result.stderr
+    assert f"input {tmp_path / 'link.jsonl'} is the same file as" in result.stderr
+

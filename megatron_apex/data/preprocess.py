@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .indexed import IndexedDatasetReader, IndexedDatasetWriter, fsync_directory, optimal_dtype, read_sidecar
-from .jsonl import InputError, expand_inputs, iter_blocks
+from .jsonl import BAD_REASONS, InputError, expand_inputs, field_text, iter_blocks, parse_line
 from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ __all__ = [
     "BAD_REASONS",
 ]
 
-# Reasons a (line, key) record is skipped. All but "duplicate" count towards max_bad_fraction.
-BAD_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_key", "non_string", "empty")
+# Reasons a (line, key) record is skipped: jsonl.BAD_REASONS, all of which count towards
+# max_bad_fraction, and "duplicate" (--dedup), which does not.
 _MAX_EXAMPLES = 20  # bad lines kept in the sidecar / logged at WARNING level
 _MAX_BLOCK_EXAMPLES = 20
 
@@ -136,36 +136,22 @@ def _process_block(task: tuple) -> dict:
     split = data.split(b"\n")
     if split and not split[-1]:
         split.pop()
-    loads = json.loads
     for offset, raw in enumerate(split):
         line_no = first_line + offset
         if not raw.strip():
             blank += 1
             continue
         records += 1
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            reject(line_no, "invalid_utf8", str(exc)[:120])
-            continue
-        try:
-            record = loads(line)
-        except ValueError as exc:
-            reject(line_no, "invalid_json", str(exc)[:120])
-            continue
-        if not isinstance(record, dict):
-            reject(line_no, "not_an_object", f"top-level {type(record).__name__}")
+        record, reason, detail = parse_line(raw)
+        if record is None:
+            reject(line_no, reason, detail)
             continue
         for key in keys:
-            value = record.get(key)
-            if value is None and key not in record:
-                reject(line_no, "missing_key", f"no key {key!r}", key)
-            elif not isinstance(value, str):
-                reject(line_no, "non_string", f"{key!r} is {type(value).__name__}", key)
-            elif not value or value.isspace():
-                reject(line_no, "empty", f"{key!r} is empty", key)
+            text, reason, detail = field_text(record, key)
+            if text is None:
+                reject(line_no, reason, detail, key)
             else:
-                texts[key].append(value)
+                texts[key].append(text)
                 lines[key].append(line_no)
 
     dtype = np.dtype(_STATE["dtype"])
@@ -312,9 +298,9 @@ def preprocess_jsonl(
     default). ``progress``: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
 
     Raises :class:`PreprocessError` before any work for missing inputs, an unloadable tokenizer or
-    an unwritable output location, and :class:`TooManyBadLinesError` (publishing nothing) when the
-    share of skipped records of some key exceeds ``max_bad_fraction``. Returns
-    ``{key: sidecar_dict}``.
+    an unwritable output location, and later (publishing nothing) for a corrupt or truncated
+    compressed input; :class:`TooManyBadLinesError` (publishing nothing) when the share of skipped
+    records of some key exceeds ``max_bad_fraction``. Returns ``{key: sidecar_dict}``.
     """
     json_keys = list(json_keys)
     if not json_keys or len(set(json_keys)) != len(json_keys):
@@ -425,11 +411,13 @@ def preprocess_jsonl(
             first["documents"], first["tokens"], elapsed, first["tokens"] / max(elapsed, 1e-9), first["skipped"],
         )
         return sidecars
-    except BaseException:
+    except BaseException as exc:
         bar.close()
         results.close()  # stops the worker pool
         for writer in writers.values():
             writer.abort()
+        if isinstance(exc, InputError):  # an input that cannot be decompressed to the end
+            raise PreprocessError(str(exc)) from exc
         raise
 
 
