@@ -421,3 +421,30 @@ def test_same_file_given_twice_is_read_once(tmp_path, sp_model):
     assert f"input {data / 'a.jsonl'} is the same file as {data / 'a.jsonl'}: reading it once" in result.stderr
     assert f"input {tmp_path / 'link.jsonl'} is the same file as" in result.stderr
 
+# ---------------------------------------------------------------------- token ids and the dataset dtype
+def _gap_tokenizer(directory):
+    """A word-level tokenizer.json with 3 entries but ids up to 69999 (a vocabulary with holes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"w0": 0, "</s>": 1, "w69999": 69999}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+    return str(directory / "tokenizer.json")
+
+
+def test_ids_beyond_uint16_are_never_wrapped(tmp_path, megatron_reader, monkeypatch):
+    import megatron_apex.data.preprocess as preprocess
+
+    path = _gap_tokenizer(tmp_path)
+    assert load_tokenizer(None, path).vocab_size == 70000  # the id space, not the 3 entries
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": "w0 w0"}, {"text": "w69999 w0"}])
+    side = preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "o"), None, path, progress="none")["text"]
+    assert side["dtype"] == "int32"
+    assert [d.tolist() for d in megatron_reader(str(tmp_path / "o_text_document"))] == [[0, 0], [69999, 0]]
+    # whatever dtype is chosen, an id it cannot hold is refused (file:line), never wrapped
+    monkeypatch.setattr(preprocess, "optimal_dtype", lambda vocab_size: np.dtype(np.uint16))
+    with pytest.raises(PreprocessError, match=r"in.jsonl:2: \[text\] token id 69999 does not fit the dataset dtype "
+                                              "uint16"):
+        preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "u"), None, path, progress="none")
+    assert not any(n.startswith("u_") for n in os.listdir(tmp_path))
+

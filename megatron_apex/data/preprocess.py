@@ -55,7 +55,8 @@ _MAX_BLOCK_EXAMPLES = 20
 
 
 class PreprocessError(RuntimeError):
-    """A problem detected before any work starts (inputs, tokenizer, output location)."""
+    """A problem with the inputs, the tokenizer or the output location (detected before any work
+    starts), or a token id that the dataset dtype cannot hold (nothing is published)."""
 
 
 class TooManyBadLinesError(RuntimeError):
@@ -180,7 +181,13 @@ def _process_block(task: tuple) -> dict:
             parts[0::2] = arrays
             parts[1::2] = [eod] * len(arrays)
             arrays = parts
-        tokens = np.concatenate(arrays, dtype=dtype, casting="unsafe") if arrays else np.zeros(0, dtype)
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        bad = np.flatnonzero((tokens < 0) | (tokens > np.iinfo(dtype).max)) if dtype.itemsize < 4 else ()
+        if len(bad):  # never wrap an id into the dtype: that would silently turn it into another token
+            doc = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+            return {"error": (kept_lines[doc], f"[{key}] token id {int(tokens[bad[0]])} does not fit the dataset "
+                              f"dtype {dtype} (tokenizer vocab_size {tokenizer.vocab_size}); no output was written")}
+        tokens = tokens.astype(dtype, copy=False)
         digests = None
         if _STATE["dedup"]:
             digests = b"".join(
@@ -299,8 +306,9 @@ def preprocess_jsonl(
 
     Raises :class:`PreprocessError` before any work for missing inputs, an unloadable tokenizer or
     an unwritable output location, and later (publishing nothing) for a corrupt or truncated
-    compressed input; :class:`TooManyBadLinesError` (publishing nothing) when the share of skipped
-    records of some key exceeds ``max_bad_fraction``. Returns ``{key: sidecar_dict}``.
+    compressed input or a token id the dataset dtype cannot hold; :class:`TooManyBadLinesError`
+    (publishing nothing) when the share of skipped records of some key exceeds
+    ``max_bad_fraction``. Returns ``{key: sidecar_dict}``.
     """
     json_keys = list(json_keys)
     if not json_keys or len(set(json_keys)) != len(json_keys):
@@ -336,6 +344,9 @@ def preprocess_jsonl(
     results = _run_blocks(files, config, tokenizer, workers, block_bytes)
     try:
         for block, result in results:
+            if "error" in result:
+                line_no, message = result["error"]
+                raise PreprocessError(f"{files[block.file_index]}:{line_no}: {message}")
             records += result["records"]
             blank += result["blank"]
             for file_index, line_no, key, reason, detail in result["examples"]:
