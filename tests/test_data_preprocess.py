@@ -385,6 +385,7 @@ def test_inspect_merged_dataset_of_two_tokenizers(tmp_path, sp_model, hf_tokeniz
     result = _run_cli("--inspect", tmp_path / "m")
     assert result.returncode == 0 and "tokenizer  not recorded" in result.stdout, result.stderr
 
+
 # ---------------------------------------------------------------------- compressed inputs
 def test_truncated_or_fake_compressed_input_is_an_error_naming_the_file(tmp_path, sp_model):
     import zstandard
@@ -421,6 +422,7 @@ def test_same_file_given_twice_is_read_once(tmp_path, sp_model):
     assert f"input {data / 'a.jsonl'} is the same file as {data / 'a.jsonl'}: reading it once" in result.stderr
     assert f"input {tmp_path / 'link.jsonl'} is the same file as" in result.stderr
 
+
 # ---------------------------------------------------------------------- token ids and the dataset dtype
 def _gap_tokenizer(directory):
     """A word-level tokenizer.json with 3 entries but ids up to 69999 (a vocabulary with holes)."""
@@ -448,3 +450,41 @@ def test_ids_beyond_uint16_are_never_wrapped(tmp_path, megatron_reader, monkeypa
         preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "u"), None, path, progress="none")
     assert not any(n.startswith("u_") for n in os.listdir(tmp_path))
 
+
+# ---------------------------------------------------------------------- arguments and signals
+@pytest.mark.parametrize("value", ["0", "-1", "0.0000001"])
+def test_block_size_must_be_positive(tmp_path, sp_model, value):
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    result = _run_cli("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-model",
+                      sp_model, "--block-size-mb", value)
+    assert result.returncode == 2 and f"--block-size-mb {float(value)}: must be > 0" in result.stderr, result.stderr
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, sp_model):
+    _write_jsonl(tmp_path / "old.jsonl", [{"text": "an earlier output"}])
+    assert _run_cli("--input", tmp_path / "old.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-model",
+                    sp_model).returncode == 0
+    before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path) if n.startswith("o_")}
+    line = (json.dumps({"text": " ".join(["some words to tokenize"] * 40)}) + "\n").encode()
+    (tmp_path / "big.jsonl").write_bytes(line * 30000)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, CLI, "--input", str(tmp_path / "big.jsonl"), "--output-prefix", str(tmp_path / "o"),
+         "--tokenizer-model", sp_model, "--log-interval", "1000", "--block-size-mb", "0.25", "--progress", "log",
+         "--workers", "2"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for text in proc.stderr:
+            if "processed" in text:
+                break
+        assert "processed" in text, "no progress line seen"
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert "terminated (SIGTERM); no output was published" in rest and "Traceback" not in rest
+    names = os.listdir(tmp_path)
+    assert not any(".tmp" in n for n in names), names  # temporaries removed
+    assert {n: open(tmp_path / n, "rb").read() for n in names if n.startswith("o_")} == before  # old output kept

@@ -153,6 +153,8 @@ class _Opened:
 
 def iter_blocks(files: list[str], block_bytes: int = 4 << 20) -> Iterator[Block]:
     """Yield :class:`Block` objects of roughly ``block_bytes`` each, cut at newlines."""
+    if block_bytes < 1:
+        raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
     for file_index, path in enumerate(files):
         opened = _Opened(path)
         try:

@@ -80,8 +80,10 @@ def _init_worker(config: dict, tokenizer: Optional[Tokenizer] = None) -> None:
     _STATE.update(config)
     if tokenizer is None:  # in a pool process
         # Ctrl-C is handled by the main process, which terminates the pool; without this every
-        # worker would print its own KeyboardInterrupt traceback.
+        # worker would print its own KeyboardInterrupt traceback. SIGTERM (sent by Pool.terminate)
+        # must end a worker at once, whatever handler the main process installed before the fork.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         options = {}
         if config["num_threads_one"]:
             # one process per core already: keep the backends single-threaded (no oversubscription)
