@@ -29,6 +29,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".js
 # Why a line (or one key of it) is unusable; "invalid_utf8" also covers texts with lone surrogates
 # (valid JSON escapes such as \ud800 that no tokenizer can encode).
 BAD_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_key", "non_string", "empty")
+_MAX_LOGGED = 20  # skipped lines logged one by one by iter_texts (all are counted)
 
 
 class InputError(ValueError):
@@ -207,25 +208,38 @@ def field_text(record: dict, key: str) -> tuple:
 
 
 def iter_texts(
-    inputs: Iterable[str], json_key: str = "text", max_docs: Optional[int] = None
+    inputs: Iterable[str], json_key: str = "text", max_docs: Optional[int] = None, skipped: Optional[dict] = None
 ) -> Iterator[str]:
-    """Stream the ``json_key`` strings of JSONL inputs, silently skipping unusable lines.
+    """Stream the ``json_key`` strings of JSONL inputs, skipping unusable lines.
 
-    Used where bad lines need no accounting (tokenizer training); preprocessing uses the
-    counting parser in :mod:`megatron_apex.data.preprocess` instead.
+    Every skipped line is counted by reason (:data:`BAD_REASONS`) in ``skipped`` when a dict is
+    given, and the first few are logged as ``file:line: reason (detail)``, as preprocessing does.
+    Texts that cannot be encoded as UTF-8 (lone surrogates) count as ``invalid_utf8``: no
+    tokenizer can take them. Blank lines are not counted.
     """
-    count = 0
-    for block in iter_blocks(expand_inputs(inputs)):
-        for line in block.data.split(b"\n"):
-            if not line.strip():
+    skipped = {} if skipped is None else skipped
+    files = expand_inputs(inputs)
+    count = logged = 0
+    for block in iter_blocks(files):
+        for offset, raw in enumerate(block.data.split(b"\n")):
+            if not raw.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError:
+            record, reason, detail = parse_line(raw)
+            if record is not None:
+                text, reason, detail = field_text(record, json_key)
+                if text is not None:
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        reason, detail = "invalid_utf8", str(exc)[:120]
+            if reason is not None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                if logged < _MAX_LOGGED:
+                    logged += 1
+                    logger.warning("skipped %s:%d: %s (%s)", files[block.file_index], block.first_line + offset,
+                                   reason, detail)
                 continue
-            text = record.get(json_key) if isinstance(record, dict) else None
-            if isinstance(text, str) and text:
-                yield text
-                count += 1
-                if max_docs is not None and count >= max_docs:
-                    return
+            yield text
+            count += 1
+            if max_docs is not None and count >= max_docs:
+                return
