@@ -50,9 +50,20 @@ def test_demo_corpus_deterministic_and_non_empty(demo_dir, tmp_path):
     assert 1_500_000 < size < 3_500_000  # cap respected (JSON escaping adds some)
 
 
-def test_demo_corpus_tiny_cap_keeps_valid_non_empty(tmp_path):
-    counts = build_demo_corpus(str(tmp_path), max_bytes=20_000)
+@pytest.mark.parametrize("max_bytes", [20_000, 300_000])
+def test_demo_corpus_tiny_cap_keeps_valid_non_empty_and_smaller(tmp_path, max_bytes):
+    counts = build_demo_corpus(str(tmp_path), max_bytes=max_bytes)
     assert counts["train"]["documents"] > 0 and counts["valid"]["documents"] > 0
+    assert counts["valid"]["bytes"] < counts["train"]["bytes"]
+
+
+@pytest.mark.parametrize("args, words", [(["--valid-percent", 0], "valid_percent=0.0: must lie in (0, 100)"),
+                                         (["--valid-percent", 150], "valid_percent=150.0: must lie in (0, 100)"),
+                                         (["--max-mb", 0], "max_bytes=0: must be positive")])
+def test_demo_corpus_arguments_checked(tmp_path, args, words):
+    result = _tool("make_demo_corpus.py", "--output-dir", tmp_path / "d", *args)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_train_tokenizer_cli_vocab_and_special_ids(demo_dir, tmp_path):
