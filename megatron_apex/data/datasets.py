@@ -6,6 +6,12 @@ step ``t`` the global indices ``[t*G, (t+1)*G)`` (G = global batch size), each d
 taking its contiguous share of every micro-batch slot. Resuming at ``consumed_samples`` or changing
 the data-parallel size therefore keeps the data position: every optimizer step sees the same
 samples whatever the layout.
+
+:func:`build_datasets` checks every dataset before megatron-core opens it, and raises
+:class:`~megatron_apex.config.ConfigError` naming the dataset and the reason: the ``.bin``/``.idx``
+pair must be consistent (:class:`~megatron_apex.data.indexed.IndexedDatasetReader`), the tokenizer
+its sidecar records must be the configured one (vocabulary size and end-of-document id; another
+tokenizer file with the same ones is a warning; datasets without a sidecar pass).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_apex.config import Config, ConfigError
+from megatron_apex.config import Config, ConfigError, parse_blend
+from megatron_apex.data.indexed import IndexedDatasetError, IndexedDatasetReader, read_sidecar
+from megatron_apex.data.tokenizers import TokenizerError, file_sha256, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +59,64 @@ class RandomTokensDataset(torch.utils.data.Dataset):
                 "loss_mask": torch.ones(self.seq_length), "position_ids": torch.arange(self.seq_length)}
 
 
-def _blend(paths: list) -> tuple:
-    from megatron.core.datasets.utils import get_blend_from_list
+class _DatasetChecks:
+    """The start-up checks of the datasets of one build (see the module doc)."""
 
-    prefixes = [str(p) for p in paths]
-    for p in prefixes[1::2] if len(prefixes) % 2 == 0 and _is_number(prefixes[0]) else prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(p + ext):
-                raise ConfigError(f"data.data_path: {p}{ext} does not exist (give prefixes without .bin/.idx)")
-    return get_blend_from_list(prefixes)
+    def __init__(self, cfg: Config, vocab_size: int, eod_id: int):
+        self.cfg, self.vocab_size, self.eod_id = cfg, vocab_size, eod_id
+        self.tokenizer = configured_tokenizer(cfg)
+        self._sha256 = None
 
+    def blend(self, field: str, paths: list) -> tuple:
+        """megatron-core's ``(prefixes, weights)`` of a data_path-style list, every dataset checked."""
+        prefixes, weights = parse_blend(field, paths)
+        for prefix in prefixes:
+            try:
+                reader = IndexedDatasetReader(prefix)
+            except IndexedDatasetError as exc:
+                raise ConfigError(f"{field}: {exc}") from None
+            logger.info("%s: %d documents, %d tokens (%s)", prefix, reader.document_count, reader.token_count,
+                        reader.dtype)
+            reader.close()
+            self._check_tokenizer(field, prefix)
+        return prefixes, weights
 
-def _is_number(x: str) -> bool:
-    try:
-        float(x)
-        return True
-    except ValueError:
-        return False
+    def _check_tokenizer(self, field: str, prefix: str) -> None:
+        recorded = (read_sidecar(prefix) or {}).get("tokenizer")
+        if not isinstance(recorded, dict):
+            logger.info("%s: no tokenizer recorded (no sidecar %s.json from tools/preprocess_data.py); its token ids "
+                        "are not checked", prefix, prefix)
+            return
+        tok = self.tokenizer
+        made = f"{field}: {prefix} was made with the tokenizer {recorded.get('path')!r}"
+        vocab, eod = recorded.get("vocab_size"), recorded.get("eod_id")
+        if tok is not None and vocab is not None and vocab != tok.vocab_size:
+            raise ConfigError(f"{made} (vocab_size {vocab}, per {prefix}.json), but data.tokenizer_model="
+                              f"{self.cfg.data.tokenizer_model!r} has vocab_size {tok.vocab_size}; preprocess the "
+                              "data with the configured tokenizer, or configure the one it was made with")
+        if isinstance(vocab, int) and vocab > self.vocab_size:
+            raise ConfigError(f"{made} (vocab_size {vocab}, per {prefix}.json), but model.vocab_size="
+                              f"{self.vocab_size} cannot hold its ids")
+        if eod is not None and eod != self.eod_id:
+            source = "data.tokenizer_model" if tok is not None else "data.eod_id"
+            raise ConfigError(f"{made} (eod_id {eod}, per {prefix}.json), but training uses eod_id {self.eod_id} "
+                              f"(from {source}); documents would not be separated")
+        sha = recorded.get("sha256")
+        if tok is not None and sha:
+            if self._sha256 is None:
+                self._sha256 = file_sha256(tok.path)
+            if sha != self._sha256:
+                logger.warning("%s: made with the tokenizer %s (sha256 %s...), not with data.tokenizer_model=%s "
+                               "(sha256 %s...): same vocabulary size and end-of-document id, but the ids may stand "
+                               "for other pieces", prefix, recorded.get("path"), sha[:12], tok.path, self._sha256[:12])
 
 
 def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int, valid_samples: int,
                    is_built_on_rank=lambda: True):
-    """(train, valid) datasets of at least the requested sizes (valid may be None)."""
+    """(train, valid) datasets of at least the requested sizes (valid may be None).
+
+    Every dataset is checked first (module doc).
+    """
     d = cfg.data
     if d.mock:
         train = RandomTokensDataset(train_samples, d.seq_length, vocab_size, cfg.train.seed)
@@ -82,10 +126,11 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    blend = _blend(d.data_path)
+    checks = _DatasetChecks(cfg, vocab_size, eod_id)
+    blend = checks.blend("data.data_path", d.data_path)
     kwargs = dict(blend=blend, split=d.split)
     if d.valid_data_path:
-        kwargs = dict(blend_per_split=[blend, _blend(d.valid_data_path), None])
+        kwargs = dict(blend_per_split=[blend, checks.blend("data.valid_data_path", d.valid_data_path), None])
     ds_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=d.seq_length,
@@ -137,19 +182,30 @@ def build_loader(dataset, cfg: Config, consumed_samples: int, total_samples: int
                                        persistent_workers=cfg.data.num_workers > 0)
 
 
+def configured_tokenizer(cfg: Config):
+    """The tokenizer of data.tokenizer_model, or None when there is none (data.tokenizer_type='none').
+    Raises :class:`ConfigError` (naming the field and the value) when it cannot be loaded."""
+    d = cfg.data
+    if d.tokenizer_type == "none" or not d.tokenizer_model:
+        return None
+    if not os.path.exists(d.tokenizer_model):
+        raise ConfigError(f"data.tokenizer_model={d.tokenizer_model!r}: no such file")
+    try:
+        return load_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    except TokenizerError as exc:
+        raise ConfigError(f"data.tokenizer_model={d.tokenizer_model!r} (data.tokenizer_type={d.tokenizer_type!r}): "
+                          f"{exc}") from None
+
+
 def resolve_vocab(cfg: Config) -> tuple[int, int]:
     """(vocab_size, eod_id) from the tokenizer, or from the config when there is none."""
     d = cfg.data
     if cfg.model.vocab_size is not None and (d.tokenizer_type == "none" or d.tokenizer_model is None):
         eod = d.eod_id if d.eod_id is not None else 0
         return cfg.model.vocab_size, eod
-    from megatron_apex.data.tokenizers import load_tokenizer
-
-    if not d.tokenizer_model:
+    tok = configured_tokenizer(cfg)
+    if tok is None:
         raise ConfigError("data.tokenizer_model is not set (or give model.vocab_size and data.eod_id)")
-    if not os.path.exists(d.tokenizer_model):
-        raise ConfigError(f"data.tokenizer_model={d.tokenizer_model!r}: no such file")
-    tok = load_tokenizer(d.tokenizer_type, d.tokenizer_model)
     vocab = cfg.model.vocab_size or tok.vocab_size
     if vocab < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size}")
@@ -163,4 +219,5 @@ def summarize_blend(cfg: Config) -> Optional[str]:
     return " + ".join(map(str, cfg.data.data_path))
 
 
-__all__ = ["build_datasets", "build_loader", "GlobalBatchSampler", "RandomTokensDataset", "resolve_vocab"]
+__all__ = ["build_datasets", "build_loader", "configured_tokenizer", "GlobalBatchSampler", "RandomTokensDataset",
+           "resolve_vocab"]
