@@ -93,8 +93,8 @@ class DataConfig:
         "data.split.", factory=True)
     split: str = doc(
         "969,30,1", "train,valid,test proportions of each data_path dataset (by documents); the train share must "
-        "be > 0, and the valid share too when train.eval_steps > 0. Ignored entirely when valid_data_path is set: "
-        "train then uses all of data_path.")
+        "be > 0, and the valid share too when train.eval_steps > 0. The test part is never read. Ignored "
+        "entirely when valid_data_path is set: train then uses all of data_path.")
     seq_length: int = doc(256, "Tokens per training sample.")
     tokenizer_type: Literal["auto", "sentencepiece", "huggingface", "none"] = doc(
         "auto", "Tokenizer kind; 'auto' tells it from data.tokenizer_model (a .model file: sentencepiece; a .json "

@@ -1,5 +1,5 @@
-"""Training-side datasets: the start-up checks of every dataset (.bin/.idx consistency, the
-tokenizer recorded in the sidecar).
+"""Training-side datasets: weighted blends, and the start-up checks of every dataset (.bin/.idx
+consistency, the tokenizer recorded in the sidecar, documents in every part read).
 
 Fast: tiny corpora tokenized with a word-level Hugging Face tokenizer (built, not trained) and
 datasets built in this process (one gloo rank), no training.
@@ -66,6 +66,47 @@ def _build(cfg, train_samples=16, valid_samples=0):
     vocab, eod = resolve_vocab(cfg)
     with single_process(cfg):
         return build_datasets(cfg, vocab, eod, train_samples, valid_samples)
+
+
+# ---------------------------------------------------------------------- finding 1: weighted blends
+@pytest.mark.parametrize("form", ["list", "comma"])
+@pytest.mark.parametrize("split, valid_samples", [("98,2,0", 0), ("50,50,0", 8), ("100,0,0", 0), ("969,30,1", 8)])
+def test_weighted_blend_builds(tiny_config, word_tok, blend_data, tmp_path, form, split, valid_samples):
+    a, b = blend_data
+    path = f"[0.3, {a}, 0.7, {b}]" if form == "list" else f"0.3,{a},0.7,{b}"
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path={path}", f"data.split={split}",
+                  f"train.eval_steps={1 if valid_samples else 0}")
+    train, valid = _build(cfg, 40, valid_samples)
+    assert type(train).__name__ == "BlendedDataset" and len(train) >= 40
+    assert train.weights == pytest.approx([0.3, 0.7])
+    shares = np.bincount(np.asarray(train.dataset_index[:40]), minlength=2) / 40
+    assert shares == pytest.approx([0.3, 0.7], abs=0.05)
+    assert train[0]["tokens"].shape == (32,)
+    if valid_samples:
+        assert len(valid) >= valid_samples and valid.weights == pytest.approx([0.3, 0.7])
+    else:
+        assert valid is None
+
+
+@pytest.mark.parametrize("valid_samples", [0, 8])
+def test_weighted_validation_blend_builds(tiny_config, word_tok, blend_data, tmp_path, valid_samples):
+    a, b = blend_data
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[2, {a}, 1, {b}]",
+                  f"data.valid_data_path=[1, {b}, 3, {a}]", f"train.eval_steps={1 if valid_samples else 0}")
+    train, valid = _build(cfg, 24, valid_samples)
+    assert len(train) >= 24 and train.weights == pytest.approx([2 / 3, 1 / 3])
+    assert (valid is None) if not valid_samples else (len(valid) >= valid_samples)
+
+
+def test_split_part_without_documents_is_refused(tiny_config, word_tok, blend_data, tmp_path):
+    # 40 documents and 1% for valid: no valid document; megatron-core would loop forever on it
+    a, b = blend_data
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{a}, {b}]", "data.split=99,1,0",
+                  "train.eval_steps=1")
+    with pytest.raises(ConfigError, match=rf"data.data_path: {a} has 40 documents, and data.split='99,1,0' "
+                                          "leaves none of them for valid"):
+        _build(cfg, 16, 8)
+    _build(cfg, 16, 0)  # without validation the valid part is not read (nor built)
 
 
 # ---------------------------------------------------------------------- finding 7: consistency at start-up

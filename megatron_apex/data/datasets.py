@@ -11,7 +11,8 @@ samples whatever the layout.
 :class:`~megatron_apex.config.ConfigError` naming the dataset and the reason: the ``.bin``/``.idx``
 pair must be consistent (:class:`~megatron_apex.data.indexed.IndexedDatasetReader`), the tokenizer
 its sidecar records must be the configured one (vocabulary size and end-of-document id; another
-tokenizer file with the same ones is a warning; datasets without a sidecar pass).
+tokenizer file with the same ones is a warning; datasets without a sidecar pass), and every part
+of the split that is read must hold documents.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from megatron_apex.data.indexed import IndexedDatasetError, IndexedDatasetReader
 from megatron_apex.data.tokenizers import TokenizerError, file_sha256, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+_SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -65,6 +68,7 @@ class _DatasetChecks:
     def __init__(self, cfg: Config, vocab_size: int, eod_id: int):
         self.cfg, self.vocab_size, self.eod_id = cfg, vocab_size, eod_id
         self.tokenizer = configured_tokenizer(cfg)
+        self.sequences: dict = {}  # prefix -> sequence (document) count
         self._sha256 = None
 
     def blend(self, field: str, paths: list) -> tuple:
@@ -75,6 +79,7 @@ class _DatasetChecks:
                 reader = IndexedDatasetReader(prefix)
             except IndexedDatasetError as exc:
                 raise ConfigError(f"{field}: {exc}") from None
+            self.sequences[prefix] = reader.sequence_count
             logger.info("%s: %d documents, %d tokens (%s)", prefix, reader.document_count, reader.token_count,
                         reader.dtype)
             reader.close()
@@ -110,12 +115,29 @@ class _DatasetChecks:
                                "(sha256 %s...): same vocabulary size and end-of-document id, but the ids may stand "
                                "for other pieces", prefix, recorded.get("path"), sha[:12], tok.path, self._sha256[:12])
 
+    def require_documents(self, field: str, prefixes: list, parts: dict, split: Optional[str] = None) -> None:
+        """Refuse a dataset with no documents in a part that is read: megatron-core would loop
+        forever looking for its tokens. ``parts``: split name -> (begin, end) fractions of the
+        dataset, from data.split when ``split`` is given."""
+        for prefix in prefixes:
+            n = self.sequences[prefix]
+            for name, (begin, end) in parts.items():
+                if int(round(end * n)) > int(round(begin * n)):  # megatron-core's rounding
+                    continue
+                if split is None:
+                    raise ConfigError(f"{field}: {prefix} holds no documents")
+                raise ConfigError(f"{field}: {prefix} has {n} documents, and data.split={split!r} leaves none of "
+                                  f"them for {name}: give {name} a larger share or use more data"
+                                  + (", or set data.valid_data_path" if name == "valid" else ""))
+
 
 def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int, valid_samples: int,
                    is_built_on_rank=lambda: True):
-    """(train, valid) datasets of at least the requested sizes (valid may be None).
+    """(train, valid) datasets of at least the requested sizes (valid is None when valid_samples is 0).
 
-    Every dataset is checked first (module doc).
+    Every dataset is checked first (module doc). Only the parts that are read are built: the test
+    part of data.split never is, the valid part only when ``valid_samples`` > 0. Unused splits get
+    size 0, not None: megatron-core refuses a size of None for a weighted blend.
     """
     d = cfg.data
     if d.mock:
@@ -128,9 +150,11 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
 
     checks = _DatasetChecks(cfg, vocab_size, eod_id)
     blend = checks.blend("data.data_path", d.data_path)
-    kwargs = dict(blend=blend, split=d.split)
     if d.valid_data_path:
-        kwargs = dict(blend_per_split=[blend, checks.blend("data.valid_data_path", d.valid_data_path), None])
+        valid_blend = checks.blend("data.valid_data_path", d.valid_data_path)
+        kwargs = dict(blend_per_split=[blend, valid_blend if valid_samples else None, None])
+    else:
+        kwargs = dict(blend=blend, split=d.split)
     ds_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=d.seq_length,
@@ -143,11 +167,21 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         mmap_bin_files=True,
         **kwargs,
     )
+    if d.valid_data_path:
+        checks.require_documents("data.data_path", blend[0], {"train": (0.0, 1.0)})
+        if valid_samples:
+            checks.require_documents("data.valid_data_path", valid_blend[0], {"valid": (0.0, 1.0)})
+    else:
+        # Index only the parts that are read (train; valid when asked for), so that an unread part can
+        # neither stall megatron-core (no documents) nor cost an index. The matrix is part of the cache
+        # key: switching validation on or off indexes the train part once more (in the same order).
+        ds_config.split_matrix = [part if name == "train" or (name == "valid" and valid_samples) else None
+                                  for name, part in zip(_SPLITS, ds_config.split_matrix)]
+        parts = {name: part for name, part in zip(_SPLITS, ds_config.split_matrix) if part is not None}
+        checks.require_documents("data.data_path", blend[0], parts, d.split)
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples or None, None], is_built_on_rank, ds_config).build()
-    if valid_samples == 0:
-        valid = None
-    return train, valid
+        GPTDataset, [train_samples, valid_samples, 0], is_built_on_rank, ds_config).build()
+    return train, (valid if valid_samples else None)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
