@@ -103,7 +103,10 @@ class DataConfig:
     tokenizer_model: Optional[str] = doc(None, "Path to a sentencepiece .model or a Hugging Face tokenizer.json.")
     eod_id: Optional[int] = doc(None, "End-of-document id when there is no tokenizer.")
     mock: bool = doc(False, "Use random tokens instead of files (smoke tests and benchmarks).")
-    data_cache_path: Optional[str] = doc(None, "Where GPTDataset index caches go (default: beside the data).")
+    data_cache_path: Optional[str] = doc(
+        None, "Directory for the GPTDataset sample/shuffle index caches, keyed by split, seed, sequence length "
+        "and each dataset's .idx contents. None: a directory named after each prefix, {prefix}/cache/, next to "
+        "its .bin (the data directory must then be writable).")
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     reset_position_ids: bool = doc(False, "Restart position ids at every end-of-document token.")
     eod_mask_loss: bool = doc(False, "Exclude end-of-document tokens from the loss.")

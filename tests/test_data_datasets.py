@@ -1,5 +1,5 @@
-"""Training-side datasets: weighted blends, and the start-up checks of every dataset (.bin/.idx
-consistency, the tokenizer recorded in the sidecar, documents in every part read).
+"""Training-side datasets: weighted blends, the index cache key, and the start-up checks of every
+dataset (.bin/.idx consistency, the tokenizer recorded in the sidecar, documents in every part read).
 
 Fast: tiny corpora tokenized with a word-level Hugging Face tokenizer (built, not trained) and
 datasets built in this process (one gloo rank), no training.
@@ -107,6 +107,31 @@ def test_split_part_without_documents_is_refused(tiny_config, word_tok, blend_da
                                           "leaves none of them for valid"):
         _build(cfg, 16, 8)
     _build(cfg, 16, 0)  # without validation the valid part is not read (nor built)
+
+
+# ---------------------------------------------------------------------- finding 2: index cache key
+@pytest.mark.parametrize("sizes", [(12, 45), (45, 12)])
+def test_rewritten_prefix_does_not_reuse_stale_indices(tiny_config, word_tok, tmp_path, sizes):
+    """Preprocess two corpora into one prefix; the second build must index the second corpus."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for seed, n_docs in enumerate(sizes):
+        prefix = _dataset(data, "c", word_tok, n_docs, seed=seed)
+        cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{prefix}]", "data.split=100,0,0",
+                      "train.eval_steps=0")
+        train, _ = _build(cfg, 64)
+        assert sorted(set(train.document_index.tolist())) == list(range(n_docs))
+        assert train[len(train) - 1]["tokens"].shape == (32,)  # the reverse direction used to IndexError
+    assert len(list((tmp_path / "cache").glob("*-description.txt"))) == 2  # one cache set per corpus
+
+
+def test_default_cache_directory_is_named_after_the_prefix(tiny_config, word_tok, tmp_path):
+    # what the data.data_cache_path reference says: {prefix}/cache/, next to the .bin
+    prefix = _dataset(tmp_path, "d", word_tok, 10)
+    cfg = load_config(tiny_config, [f"data.tokenizer_model={word_tok}", "data.seq_length=32",
+                                    f"data.data_path=[{prefix}]", "data.split=100,0,0", "train.eval_steps=0"])
+    _build(cfg, 8)
+    assert list((tmp_path / "d_text_document" / "cache").iterdir())
 
 
 # ---------------------------------------------------------------------- finding 7: consistency at start-up

@@ -12,20 +12,25 @@ samples whatever the layout.
 pair must be consistent (:class:`~megatron_apex.data.indexed.IndexedDatasetReader`), the tokenizer
 its sidecar records must be the configured one (vocabulary size and end-of-document id; another
 tokenizer file with the same ones is a warning; datasets without a sidecar pass), and every part
-of the split that is read must hold documents.
+of the split that is read must hold documents. Index caches are keyed by each dataset's ``.idx``
+contents (:class:`FingerprintedGPTDataset`), so re-preprocessing into the same prefix never reuses
+indices built for the old data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+from megatron.core.datasets.gpt_dataset import GPTDataset
 
 from megatron_apex.config import Config, ConfigError, parse_blend
-from megatron_apex.data.indexed import IndexedDatasetError, IndexedDatasetReader, read_sidecar
+from megatron_apex.data.indexed import IndexedDatasetError, IndexedDatasetReader, index_fingerprint, read_sidecar
 from megatron_apex.data.tokenizers import TokenizerError, file_sha256, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,27 @@ class _TokenInfo:
     @property
     def unique_identifiers(self) -> dict:  # part of the dataset cache description
         return {"vocab_size": self.vocab_size, "eod": self.eod}
+
+
+class FingerprintedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset whose index cache key also covers the dataset's contents.
+
+    megatron-core keys the cached document/sample/shuffle indices by the prefix path, the split,
+    the seed, the sequence length and the tokenizer, not by the data: after a new corpus is written
+    to the same prefix it would reuse the old indices (training silently on a subset, or failing
+    mid-run with an IndexError). The indices are a function of the sequence lengths in the ``.idx``,
+    so its digest (:func:`~megatron_apex.data.indexed.index_fingerprint`) completes the key.
+    """
+
+    def _build_document_sample_shuffle_indices(self):
+        if self.dataset_path is not None:
+            self.unique_identifiers["index_sha1"] = index_fingerprint(self.dataset_path)
+            # recomputed as megatron-core's MegatronDataset.__init__ does
+            self.unique_description = json.dumps(self.unique_identifiers, indent=4,
+                                                 default=lambda obj: obj.unique_identifiers)
+            self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
+                                                       usedforsecurity=False).hexdigest()
+        return super()._build_document_sample_shuffle_indices()
 
 
 class RandomTokensDataset(torch.utils.data.Dataset):
@@ -146,7 +172,7 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         return train, (valid if valid_samples else None)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     checks = _DatasetChecks(cfg, vocab_size, eod_id)
     blend = checks.blend("data.data_path", d.data_path)
@@ -180,7 +206,7 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         parts = {name: part for name, part in zip(_SPLITS, ds_config.split_matrix) if part is not None}
         checks.require_documents("data.data_path", blend[0], parts, d.split)
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], is_built_on_rank, ds_config).build()
+        FingerprintedGPTDataset, [train_samples, valid_samples, 0], is_built_on_rank, ds_config).build()
     return train, (valid if valid_samples else None)
 
 
@@ -253,5 +279,5 @@ def summarize_blend(cfg: Config) -> Optional[str]:
     return " + ".join(map(str, cfg.data.data_path))
 
 
-__all__ = ["build_datasets", "build_loader", "configured_tokenizer", "GlobalBatchSampler", "RandomTokensDataset",
-           "resolve_vocab"]
+__all__ = ["build_datasets", "build_loader", "configured_tokenizer", "FingerprintedGPTDataset", "GlobalBatchSampler",
+           "RandomTokensDataset", "resolve_vocab"]
