@@ -84,9 +84,9 @@ def dry_run(cfg: Config, world_size: int) -> str:
     cfg.validate(world_size)
     vocab = cfg.model.vocab_size
     if vocab is None and cfg.data.tokenizer_model and os.path.exists(cfg.data.tokenizer_model):
-        from megatron_apex.data.tokenizers import load_tokenizer
+        from megatron_apex.data.datasets import configured_tokenizer
 
-        vocab = load_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model).vocab_size
+        vocab = configured_tokenizer(cfg).vocab_size
     vocab = vocab or 32000
     padded = cfg.padded_vocab_size(vocab)
     counts = count_parameters(cfg, padded)
@@ -128,7 +128,11 @@ def train_main(args) -> int:
         return 2
     _setup_logging(cfg.logging.level, launch.rank)
     if args.dry_run:
-        print(dry_run(cfg, args.world_size or launch.world_size))
+        try:
+            print(dry_run(cfg, args.world_size or launch.world_size))
+        except ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
         return 0
     from megatron_apex.training.run import run_training
 

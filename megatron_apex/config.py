@@ -110,17 +110,28 @@ class DataConfig:
     """Training data: Megatron indexed datasets read through megatron-core's GPTDataset."""
 
     data_path: list = doc(
-        list, "Dataset prefixes (without .bin/.idx), optionally weighted: [0.7, pfxA, 0.3, pfxB].", factory=True)
+        list, "Dataset prefixes (without .bin/.idx), optionally weighted: [0.7, pfxA, 0.3, pfxB] (weights > 0, "
+        "relative). Every dataset is checked at start-up: .bin/.idx consistent, and its sidecar's tokenizer "
+        "(vocabulary size, end-of-document id) the configured one.", factory=True)
     valid_data_path: list = doc(
-        list, "Separate validation prefixes. Empty: validation comes from data.split.", factory=True)
-    split: str = doc("969,30,1", "train,valid,test proportions of data_path (ignored for valid when valid_data_path is set).")
+        list, "Separate validation prefixes, weighted or not like data_path. Empty: validation comes from "
+        "data.split.", factory=True)
+    split: str = doc(
+        "969,30,1", "train,valid,test proportions of each data_path dataset (by documents); the train share must "
+        "be > 0, and the valid share too when train.eval_steps > 0. The test part is never read. Ignored "
+        "entirely when valid_data_path is set: train then uses all of data_path.")
     seq_length: int = doc(256, "Tokens per training sample.")
-    tokenizer_type: Literal["sentencepiece", "huggingface", "none"] = doc(
-        "sentencepiece", "Tokenizer kind; 'none' needs model.vocab_size and data.eod_id (mock data, benchmarks).")
+    tokenizer_type: Literal["auto", "sentencepiece", "huggingface", "none"] = doc(
+        "auto", "Tokenizer kind; 'auto' tells it from data.tokenizer_model (a .model file: sentencepiece; a .json "
+        "file or a directory with tokenizer.json: huggingface), as tools/preprocess_data.py does; 'none' needs "
+        "model.vocab_size and data.eod_id (mock data, benchmarks).")
     tokenizer_model: Optional[str] = doc(None, "Path to a sentencepiece .model or a Hugging Face tokenizer.json.")
     eod_id: Optional[int] = doc(None, "End-of-document id when there is no tokenizer.")
     mock: bool = doc(False, "Use random tokens instead of files (smoke tests and benchmarks).")
-    data_cache_path: Optional[str] = doc(None, "Where GPTDataset index caches go (default: beside the data).")
+    data_cache_path: Optional[str] = doc(
+        None, "Directory for the GPTDataset sample/shuffle index caches, keyed by split, seed, sequence length "
+        "and each dataset's .idx contents. None: a directory named after each prefix, {prefix}/cache/, next to "
+        "its .bin (the data directory must then be writable).")
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     reset_position_ids: bool = doc(False, "Restart position ids at every end-of-document token.")
     eod_mask_loss: bool = doc(False, "Exclude end-of-document tokens from the loss.")
@@ -310,14 +321,17 @@ class Config:
                    "must be set when there is no tokenizer (data.tokenizer_model)")
         if d.tokenizer_type == "none" and not d.mock:
             _check(d.eod_id is not None, "data.eod_id", None, "must be set when data.tokenizer_type='none'")
+        shares = split_shares(d.split)
         if not d.mock:
             _check(len(d.data_path) > 0, "data.data_path", d.data_path, "is empty (or set data.mock=true)")
-            _check_blend("data.data_path", d.data_path)
+            parse_blend("data.data_path", d.data_path)
             if d.valid_data_path:
-                _check_blend("data.valid_data_path", d.valid_data_path)
-        split = d.split.split(",")
-        _check(len(split) == 3 and all(s.strip().replace(".", "", 1).isdigit() for s in split)
-               and sum(float(s) for s in split) > 0, "data.split", d.split, "must be three non-negative numbers 'a,b,c'")
+                parse_blend("data.valid_data_path", d.valid_data_path)
+            else:
+                _check(shares[0] > 0, "data.split", d.split, "gives training no share of data.data_path")
+                _check(shares[1] > 0 or t.eval_steps == 0, "data.split", d.split,
+                       f"gives validation no share, but train.eval_steps={t.eval_steps} asks for validation "
+                       "(give valid a share, set data.valid_data_path, or set train.eval_steps=0)")
         _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, f"must lie in [0, optimizer.lr={o.lr}]")
         _check(o.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", o.lr_warmup_steps, "must be >= 0")
         _check(o.clip_grad >= 0, "optimizer.clip_grad", o.clip_grad, "must be >= 0")
@@ -403,13 +417,42 @@ def _check(ok: bool, name: str, value: Any, problem: str) -> None:
         raise ConfigError(f"{name}={value!r}: {problem}")
 
 
-def _check_blend(name: str, blend: list) -> None:
-    if len(blend) > 1 and all(isinstance(x, (int, float)) for x in blend[0::2]):
-        _check(len(blend) % 2 == 0 and all(isinstance(x, str) for x in blend[1::2]), name, blend,
+def _number(x: Any) -> Optional[float]:
+    """x as a float if it is a number or a numeric string (the comma form gives strings), else None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        return None
+    try:
+        return float(x)
+    except ValueError:
+        return None
+
+
+def parse_blend(name: str, blend: list) -> tuple[list, Optional[list]]:
+    """megatron-core's blend ``(prefixes, weights or None)`` of a data_path-style list.
+
+    megatron-core's rule, in every syntax (``[0.7, a, 0.3, b]`` or ``0.7,a,0.3,b``): a list whose
+    first element is a number alternates weight, prefix; weights must be finite and > 0
+    (megatron-core refuses 0: leave such a dataset out). Raises :class:`ConfigError` naming the
+    field and the value.
+    """
+    if blend and _number(blend[0]) is not None:
+        prefixes, weights = blend[1::2], [_number(w) for w in blend[0::2]]
+        _check(len(blend) % 2 == 0 and all(isinstance(p, str) for p in prefixes), name, blend,
                "a weighted blend must alternate weight, prefix")
-        _check(all(w >= 0 for w in blend[0::2]) and sum(blend[0::2]) > 0, name, blend, "weights must be >= 0, not all 0")
-    else:
-        _check(all(isinstance(x, str) for x in blend), name, blend, "must list prefixes, or weight/prefix pairs")
+        bad = [w for w, v in zip(blend[0::2], weights) if v is None or not math.isfinite(v) or v <= 0]
+        _check(not bad, name, blend, f"weights must be positive numbers, got {', '.join(map(repr, bad))}"
+               + (" (leave a dataset out rather than weighting it 0)" if 0 in weights else ""))
+        return [p.strip() for p in prefixes], weights
+    _check(all(isinstance(x, str) for x in blend), name, blend, "must list prefixes, or weight/prefix pairs")
+    return [p.strip() for p in blend], None
+
+
+def split_shares(split: str) -> list[float]:
+    """The three train,valid,test shares of ``data.split`` (not normalised)."""
+    parts = [p.strip() for p in split.split(",")]
+    _check(len(parts) == 3 and all(p.replace(".", "", 1).isdigit() for p in parts) and sum(map(float, parts)) > 0,
+           "data.split", split, "must be three non-negative numbers 'train,valid,test', not all 0")
+    return [float(p) for p in parts]
 
 
 # ---------------------------------------------------------------------- loading

@@ -169,6 +169,53 @@ def test_weighted_blend_must_alternate():
     assert message.startswith("data.data_path=[0.5, 'a', 0.5]:") and "alternate" in message
 
 
+@pytest.mark.parametrize("path, expected", [
+    # megatron-core refuses a weight of 0 (an AssertionError at start-up): say so here
+    ("[0, a, 1, b]", "data.data_path=[0, 'a', 1, 'b']: weights must be positive numbers, got 0 (leave a dataset out"),
+    ("[-1, a, 2, b]", "data.data_path=[-1, 'a', 2, 'b']: weights must be positive numbers, got -1"),
+    ("[.nan, a, 1, b]", "data.data_path=[nan, 'a', 1, 'b']: weights must be positive numbers, got nan"),
+    # the comma form gives strings: the same rules
+    ("-1,a,2,b", "data.data_path=['-1', 'a', '2', 'b']: weights must be positive numbers, got '-1'"),
+    ("0.5,a,0,b", "data.data_path=['0.5', 'a', '0', 'b']: weights must be positive numbers, got '0'"),
+    ("0.5,a,x,b", "data.data_path=['0.5', 'a', 'x', 'b']: weights must be positive numbers, got 'x'"),
+    ("0.5,a,0.5", "data.data_path=['0.5', 'a', '0.5']: a weighted blend must alternate weight, prefix"),
+])
+def test_blend_weights_positive_numbers_in_every_syntax(path, expected):
+    message = _error("data.mock=false", "data.eod_id=0", f"data.data_path={path}")
+    assert message.startswith(expected), message
+    assert _error("data.mock=false", "data.eod_id=0", "data.data_path=[a]", f"data.valid_data_path={path}"
+                  ).startswith(expected.replace("data.data_path", "data.valid_data_path"))
+
+
+def test_blend_forms_parse_alike():
+    from megatron_apex.config import parse_blend
+
+    assert parse_blend("f", [0.3, "a", 0.7, "b"]) == parse_blend("f", ["0.3", "a", "0.7", "b"]) == (
+        ["a", "b"], [0.3, 0.7])
+    assert parse_blend("f", ["a", "b"]) == (["a", "b"], None)
+    _load("data.mock=false", "data.eod_id=0", "data.data_path=0.3,a,0.7,b")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.split=0,100,0"], "data.split='0,100,0': gives training no share of data.data_path"),
+    (["data.split=100,0,0", "train.eval_steps=2"],
+     "data.split='100,0,0': gives validation no share, but train.eval_steps=2 asks for validation"),
+    (["data.split=1e2,0,0"], "data.split='1e2,0,0': must be three non-negative numbers"),
+    (["data.split=90,10"], "data.split='90,10': must be three non-negative numbers"),
+])
+def test_split_needs_train_and_requested_valid_share(overrides, expected):
+    message = _error("data.mock=false", "data.eod_id=0", "data.data_path=[a]", *overrides)
+    assert message.startswith(expected), message
+
+
+def test_split_shares_that_are_legitimate():
+    data = ["data.mock=false", "data.eod_id=0", "data.data_path=[a]"]
+    _load(*data, "data.split=100,0,0", "train.eval_steps=0")  # no validation asked for
+    _load(*data, "data.split=100,0,0", "train.eval_steps=2", "data.valid_data_path=[v]")  # split unused for valid
+    _load(*data, "data.split=0,100,0", "data.valid_data_path=[v]")  # split ignored entirely
+    _load("data.split=0,1,0")  # mock data reads no split
+
+
 def test_yaml_and_toml_load_the_same(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model:\n  num_layers: 6\n  hidden_size: 96\n  num_attention_heads: 6\n"

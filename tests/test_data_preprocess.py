@@ -328,3 +328,163 @@ def test_merge_and_inspect(tmp_path, sp_model, megatron_reader):
     assert json.dumps(texts[0], ensure_ascii=False)[:-1] in result.stdout  # decoded first sample
     result = _run_cli("--inspect", tmp_path / "merged", "--tokenizer-model", sp_model)
     assert result.returncode == 0 and f"documents  {len(texts)}" in result.stdout
+
+
+# ---------------------------------------------------------------------- damaged datasets: inspect, merge
+def _damaged_copies(tmp_path, prefix):
+    """Copies of ``prefix`` damaged the ways a dataset gets damaged, with the words the error must hold."""
+    data = {ext: open(prefix + ext, "rb").read() for ext in (".bin", ".idx")}
+    cases = {
+        "truncbin": ({".bin": data[".bin"][: len(data[".bin"]) // 2]}, "{p}.bin: {size} bytes, but {p}.idx lists"),
+        "truncidx": ({".idx": data[".idx"][:100]}, "{p}.idx: 100 bytes, but its header"),
+        "dtype9": ({".idx": data[".idx"][:17] + b"\x09" + data[".idx"][18:]}, "{p}.idx: unknown dtype code 9"),
+        "longbin": ({".bin": data[".bin"] + b"\0\0"}, "{p}.bin: {size} bytes, but {p}.idx lists"),
+    }
+    out = {}
+    for name, (changed, words) in cases.items():
+        target = str(tmp_path / name)
+        for ext, content in {**data, **changed}.items():
+            open(target + ext, "wb").write(content)
+        out[target] = words.format(p=target, size=os.path.getsize(target + ".bin"))
+    return out
+
+
+def test_inspect_and_merge_refuse_damaged_datasets(tmp_path, sp_model):
+    from megatron_apex.data.indexed import IndexedDatasetError, merge_datasets
+    from megatron_apex.data.preprocess import inspect_dataset
+
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _corpus_texts(40)])
+    preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "good"), None, sp_model, progress="none")
+    good = str(tmp_path / "good_text_document")
+    damaged = _damaged_copies(tmp_path, good)
+    for prefix, words in damaged.items():
+        with pytest.raises(IndexedDatasetError) as info:
+            inspect_dataset(prefix)
+        assert words in str(info.value)
+        with pytest.raises(IndexedDatasetError) as info:
+            merge_datasets([good, prefix], str(tmp_path / "merged"))
+        assert words in str(info.value)
+        assert not any(n.startswith("merged") for n in os.listdir(tmp_path))  # nothing published
+    truncbin, dtype9 = str(tmp_path / "truncbin"), str(tmp_path / "dtype9")
+    for args, prefix in ([("--inspect", truncbin), truncbin], [("--inspect", dtype9), dtype9],
+                         [("--merge", good, truncbin, "--output-prefix", tmp_path / "merged"), truncbin]):
+        result = _run_cli(*args)
+        assert result.returncode == 2 and f"error: {damaged[prefix]}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert inspect_dataset(good)["documents"] == len(_corpus_texts(40))
+
+
+def test_inspect_merged_dataset_of_two_tokenizers(tmp_path, sp_model, hf_tokenizer):
+    # the merged sidecar records no tokenizer then; inspect must say so instead of failing
+    prefixes = []
+    for name, tok in (("s", sp_model), ("h", hf_tokenizer)):
+        _write_jsonl(tmp_path / f"{name}.jsonl", [{"text": t} for t in _corpus_texts(5)])
+        preprocess_jsonl([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), None, tok, progress="none")
+        prefixes.append(str(tmp_path / f"{name}_text_document"))
+    assert _run_cli("--merge", *prefixes, "--output-prefix", tmp_path / "m").returncode == 0
+    result = _run_cli("--inspect", tmp_path / "m")
+    assert result.returncode == 0 and "tokenizer  not recorded" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------------- compressed inputs
+def test_truncated_or_fake_compressed_input_is_an_error_naming_the_file(tmp_path, sp_model):
+    import zstandard
+
+    payload = "".join(json.dumps({"text": t}) + "\n" for t in _corpus_texts(2000)).encode()
+    frames = zstandard.ZstdCompressor().compress(payload[:50000]) + zstandard.ZstdCompressor().compress(payload[50000:])
+    (tmp_path / "multi.jsonl.zst").write_bytes(frames)
+    (tmp_path / "trunc.jsonl.zst").write_bytes(frames[: len(frames) // 2])
+    (tmp_path / "trunc.jsonl.gz").write_bytes(gzip.compress(payload)[:5000])
+    (tmp_path / "fake.jsonl.gz").write_bytes(b'{"text": "not gzip"}\n')
+    (tmp_path / "fake.jsonl.zst").write_bytes(b'{"text": "not zstd"}\n')
+    result = _run_cli("--input", tmp_path / "multi.jsonl.zst", "--output-prefix", tmp_path / "ok", "--tokenizer-model",
+                      sp_model, "--block-size-mb", 0.01)
+    assert result.returncode == 0, result.stderr
+    assert _sidecar(str(tmp_path / "ok_text_document"))["documents"] == payload.count(b"\n")  # every frame read
+    for name, words in [("trunc.jsonl.zst", "truncated zstd input"), ("trunc.jsonl.gz", "cannot decompress"),
+                        ("fake.jsonl.gz", "not a gzip file"), ("fake.jsonl.zst", "cannot decompress")]:
+        result = _run_cli("--input", tmp_path / name, "--output-prefix", tmp_path / "o", "--tokenizer-model", sp_model)
+        assert result.returncode == 2, (name, result.stderr)
+        assert f"error: {tmp_path / name}: {words}" in result.stderr and "Traceback" not in result.stderr
+        assert not any(n.startswith("o_") for n in os.listdir(tmp_path))  # nothing published
+
+
+def test_same_file_given_twice_is_read_once(tmp_path, sp_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_jsonl(data / "a.jsonl", [{"text": t} for t in _corpus_texts(10)])
+    _write_jsonl(data / "b.jsonl", [{"text": "b"}])
+    os.symlink(data / "a.jsonl", tmp_path / "link.jsonl")
+    result = _run_cli("--input", data, data / "a.jsonl", tmp_path / "link.jsonl", "--output-prefix", tmp_path / "o",
+                      "--tokenizer-model", sp_model)
+    assert result.returncode == 0, result.stderr
+    assert _sidecar(str(tmp_path / "o_text_document"))["documents"] == len(_corpus_texts(10)) + 1
+    assert f"input {data / 'a.jsonl'} is the same file as {data / 'a.jsonl'}: reading it once" in result.stderr
+    assert f"input {tmp_path / 'link.jsonl'} is the same file as" in result.stderr
+
+
+# ---------------------------------------------------------------------- token ids and the dataset dtype
+def _gap_tokenizer(directory):
+    """A word-level tokenizer.json with 3 entries but ids up to 69999 (a vocabulary with holes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"w0": 0, "</s>": 1, "w69999": 69999}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+    return str(directory / "tokenizer.json")
+
+
+def test_ids_beyond_uint16_are_never_wrapped(tmp_path, megatron_reader, monkeypatch):
+    import megatron_apex.data.preprocess as preprocess
+
+    path = _gap_tokenizer(tmp_path)
+    assert load_tokenizer(None, path).vocab_size == 70000  # the id space, not the 3 entries
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": "w0 w0"}, {"text": "w69999 w0"}])
+    side = preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "o"), None, path, progress="none")["text"]
+    assert side["dtype"] == "int32"
+    assert [d.tolist() for d in megatron_reader(str(tmp_path / "o_text_document"))] == [[0, 0], [69999, 0]]
+    # whatever dtype is chosen, an id it cannot hold is refused (file:line), never wrapped
+    monkeypatch.setattr(preprocess, "optimal_dtype", lambda vocab_size: np.dtype(np.uint16))
+    with pytest.raises(PreprocessError, match=r"in.jsonl:2: \[text\] token id 69999 does not fit the dataset dtype "
+                                              "uint16"):
+        preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "u"), None, path, progress="none")
+    assert not any(n.startswith("u_") for n in os.listdir(tmp_path))
+
+
+# ---------------------------------------------------------------------- arguments and signals
+@pytest.mark.parametrize("value", ["0", "-1", "0.0000001"])
+def test_block_size_must_be_positive(tmp_path, sp_model, value):
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    result = _run_cli("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-model",
+                      sp_model, "--block-size-mb", value)
+    assert result.returncode == 2 and f"--block-size-mb {float(value)}: must be > 0" in result.stderr, result.stderr
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, sp_model):
+    _write_jsonl(tmp_path / "old.jsonl", [{"text": "an earlier output"}])
+    assert _run_cli("--input", tmp_path / "old.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-model",
+                    sp_model).returncode == 0
+    before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path) if n.startswith("o_")}
+    line = (json.dumps({"text": " ".join(["some words to tokenize"] * 40)}) + "\n").encode()
+    (tmp_path / "big.jsonl").write_bytes(line * 30000)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, CLI, "--input", str(tmp_path / "big.jsonl"), "--output-prefix", str(tmp_path / "o"),
+         "--tokenizer-model", sp_model, "--log-interval", "1000", "--block-size-mb", "0.25", "--progress", "log",
+         "--workers", "2"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for text in proc.stderr:
+            if "processed" in text:
+                break
+        assert "processed" in text, "no progress line seen"
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert "terminated (SIGTERM); no output was published" in rest and "Traceback" not in rest
+    names = os.listdir(tmp_path)
+    assert not any(".tmp" in n for n in names), names  # temporaries removed
+    assert {n: open(tmp_path / n, "rb").read() for n in names if n.startswith("o_")} == before  # old output kept

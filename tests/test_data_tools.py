@@ -50,9 +50,20 @@ def test_demo_corpus_deterministic_and_non_empty(demo_dir, tmp_path):
     assert 1_500_000 < size < 3_500_000  # cap respected (JSON escaping adds some)
 
 
-def test_demo_corpus_tiny_cap_keeps_valid_non_empty(tmp_path):
-    counts = build_demo_corpus(str(tmp_path), max_bytes=20_000)
+@pytest.mark.parametrize("max_bytes", [20_000, 300_000])
+def test_demo_corpus_tiny_cap_keeps_valid_non_empty_and_smaller(tmp_path, max_bytes):
+    counts = build_demo_corpus(str(tmp_path), max_bytes=max_bytes)
     assert counts["train"]["documents"] > 0 and counts["valid"]["documents"] > 0
+    assert counts["valid"]["bytes"] < counts["train"]["bytes"]
+
+
+@pytest.mark.parametrize("args, words", [(["--valid-percent", 0], "valid_percent=0.0: must lie in (0, 100)"),
+                                         (["--valid-percent", 150], "valid_percent=150.0: must lie in (0, 100)"),
+                                         (["--max-mb", 0], "max_bytes=0: must be positive")])
+def test_demo_corpus_arguments_checked(tmp_path, args, words):
+    result = _tool("make_demo_corpus.py", "--output-dir", tmp_path / "d", *args)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_train_tokenizer_cli_vocab_and_special_ids(demo_dir, tmp_path):
@@ -66,6 +77,55 @@ def test_train_tokenizer_cli_vocab_and_special_ids(demo_dir, tmp_path):
     assert tok._sp.IdToPiece(3) == "<0x00>"  # byte_fallback pieces follow the specials
     text = "def f(x):\n\treturn {'ü': 42}  # 漢字\n"
     assert tok.decode(tok.encode(text)) == text  # byte fallback + identity normalization: lossless
+
+
+def test_train_tokenizer_skips_and_reports_unusable_lines(demo_dir, tmp_path):
+    lines = (demo_dir / "valid.jsonl").read_bytes().splitlines()[:40]
+    bad = [b'{"text": "one bad \\ud800 line"}', b"not json", b'{"body": "x"}', b"", b'{"text": 3}']
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines[:2] + bad + lines[2:]) + b"\n")
+    result = _tool("train_tokenizer.py", "--input", tmp_path / "in.jsonl", "--model-prefix", tmp_path / "tok",
+                   "--vocab-size", 600, "--soft-vocab-limit")
+    assert result.returncode == 0, result.stderr
+    for line, reason in [(3, "invalid_utf8"), (4, "invalid_json"), (5, "missing_key"), (7, "non_string")]:
+        assert f"skipped {tmp_path / 'in.jsonl'}:{line}: {reason}" in result.stderr
+    assert ("skipped 4 unusable input line(s) by reason: {'invalid_utf8': 1, 'invalid_json': 1, 'missing_key': 1, "
+            "'non_string': 1}") in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "tok.model", "tok.vocab"]  # published by rename
+
+
+@pytest.mark.parametrize("content, args, words", [
+    ('{"text": "hello"}\n', ["--json-key", "body"], "no usable 'body' text in [{}] (skipped lines by reason: "
+                                                    "{{'missing_key': 1}})"),
+    ("", [], "no usable 'text' text in [{}] (no non-blank lines)"),
+    ("plain text, not JSON\n", [], "no usable 'text' text in [{}] (skipped lines by reason: {{'invalid_json': 1}})"),
+])
+def test_train_tokenizer_without_usable_text_says_why(tmp_path, content, args, words):
+    (tmp_path / "in.jsonl").write_text(content)
+    result = _tool("train_tokenizer.py", "--input", tmp_path / "in.jsonl", "--model-prefix", tmp_path / "tok",
+                   "--vocab-size", 300, *args)
+    assert result.returncode == 2 and words.format(repr(str(tmp_path / "in.jsonl"))) in result.stderr, result.stderr
+    assert "sentencepiece training failed" not in result.stderr
+
+
+def test_train_tokenizer_cap_progress_and_soft_limit(demo_dir, tmp_path, caplog):
+    import logging
+
+    from megatron_apex.data.train_tokenizer import DEFAULT_MAX_SENTENCES, iter_training_sentences
+
+    assert DEFAULT_MAX_SENTENCES == 10_000_000  # a default cap: the trainer holds every sentence in memory
+    help_text = " ".join(_tool("train_tokenizer.py", "--help").stdout.split())
+    assert f"default {DEFAULT_MAX_SENTENCES:,}; 0: no cap" in help_text
+    with caplog.at_level(logging.INFO):
+        capped = list(iter_training_sentences([str(demo_dir / "valid.jsonl")], max_sentences=250, progress_every=100))
+        everything = list(iter_training_sentences([str(demo_dir / "valid.jsonl")], max_sentences=0))
+    assert len(capped) == 250 and len(everything) > 250
+    assert "read 100 sentences" in caplog.text and "read 200 sentences" in caplog.text
+    assert "reached max_sentences=250: the rest of the input is not used" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        path = train_sentencepiece([str(demo_dir / "valid.jsonl")], str(tmp_path / "soft"), 20000, max_sentences=500,
+                                   hard_vocab_limit=False)
+    pieces = load_tokenizer(None, path).vocab_size
+    assert pieces < 20000 and f"has a vocabulary of {pieces}, not the 20000 asked for" in caplog.text
 
 
 def test_train_sentencepiece_custom_ids_and_unigram(demo_dir, tmp_path):

@@ -8,14 +8,17 @@ Flags follow Megatron-LM's tools/preprocess_data.py where they overlap. Examples
   python tools/preprocess_data.py --merge out/a_text_document out/b_text_document --output-prefix out/ab
   python tools/preprocess_data.py --inspect out/corpus_text_document
 
-Exit codes: 0 ok, 2 bad arguments / inputs / tokenizer / output location (nothing was done),
-3 too many unusable lines (nothing was published), 130 interrupted.
+Exit codes: 0 ok, 2 bad arguments / inputs / tokenizer / output location, or a damaged input
+(nothing was published), 3 too many unusable lines (nothing was published), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM: slurm, timeout, docker stop); an interrupted run removes its
+temporary files and leaves existing outputs as they were.
 """
 
 import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,10 +65,19 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (temporaries removed, nothing published)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.inspect:
             tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
@@ -78,8 +90,9 @@ def main(argv=None) -> int:
             print(f"length     min {info['min_length']} / mean {info['mean_length']:.1f} / max {info['max_length']}")
             if info["sidecar"]:
                 side = info["sidecar"]
-                print(f"tokenizer  {side['tokenizer']['kind']} {side['tokenizer']['path']} "
-                      f"(vocab {side['tokenizer']['vocab_size']}, sha256 {side['tokenizer']['sha256'][:12]})")
+                tok = side.get("tokenizer")
+                print(f"tokenizer  {tok.get('kind')} {tok.get('path')} (vocab {tok.get('vocab_size')}, "
+                      f"sha256 {str(tok.get('sha256'))[:12]})" if isinstance(tok, dict) else "tokenizer  not recorded")
                 print(f"skipped    {json.dumps(side.get('skipped', {}), sort_keys=True)}")
             for sample in info["samples"]:
                 shown = json.dumps(sample["text"], ensure_ascii=False) if "text" in sample else sample["ids"]
@@ -94,20 +107,27 @@ def main(argv=None) -> int:
         if not args.input or not args.tokenizer_model:
             return _fail("--input and --tokenizer-model are required", 2)
         if args.workers < 1:
-            return _fail("--workers must be >= 1", 2)
+            return _fail(f"--workers {args.workers}: must be >= 1", 2)
+        block_bytes = int(args.block_size_mb * (1 << 20))
+        if block_bytes < 1:
+            return _fail(f"--block-size-mb {args.block_size_mb}: must be > 0 (it is the size of one work item)", 2)
         preprocess_jsonl(
             args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers, dedup=args.dedup,
             max_bad_fraction=args.max_bad_fraction, log_interval=args.log_interval,
-            progress="none" if args.quiet else args.progress, block_bytes=int(args.block_size_mb * (1 << 20)),
+            progress="none" if args.quiet else args.progress, block_bytes=block_bytes,
         )
         return 0
     except (PreprocessError, TokenizerError, FileNotFoundError, ValueError) as exc:
         return _fail(f"error: {exc}", 2)
     except TooManyBadLinesError as exc:
         return _fail(f"error: {exc}", 3)
-    except KeyboardInterrupt:
-        return _fail("interrupted; no output was published", 130)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        return _fail(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; no output was published",
+                     128 + signal.SIGTERM if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,36 @@ step ``t`` the global indices ``[t*G, (t+1)*G)`` (G = global batch size), each d
 taking its contiguous share of every micro-batch slot. Resuming at ``consumed_samples`` or changing
 the data-parallel size therefore keeps the data position: every optimizer step sees the same
 samples whatever the layout.
+
+:func:`build_datasets` checks every dataset before megatron-core opens it, and raises
+:class:`~megatron_apex.config.ConfigError` naming the dataset and the reason: the ``.bin``/``.idx``
+pair must be consistent (:class:`~megatron_apex.data.indexed.IndexedDatasetReader`), the tokenizer
+its sidecar records must be the configured one (vocabulary size and end-of-document id; another
+tokenizer file with the same ones is a warning; datasets without a sidecar pass), and every part
+of the split that is read must hold documents. Index caches are keyed by each dataset's ``.idx``
+contents (:class:`FingerprintedGPTDataset`), so re-preprocessing into the same prefix never reuses
+indices built for the old data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+from megatron.core.datasets.gpt_dataset import GPTDataset
 
-from megatron_apex.config import Config, ConfigError
+from megatron_apex.config import Config, ConfigError, parse_blend
+from megatron_apex.data.indexed import IndexedDatasetError, IndexedDatasetReader, index_fingerprint, read_sidecar
+from megatron_apex.data.tokenizers import TokenizerError, file_sha256, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+_SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -33,6 +49,27 @@ class _TokenInfo:
     @property
     def unique_identifiers(self) -> dict:  # part of the dataset cache description
         return {"vocab_size": self.vocab_size, "eod": self.eod}
+
+
+class FingerprintedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset whose index cache key also covers the dataset's contents.
+
+    megatron-core keys the cached document/sample/shuffle indices by the prefix path, the split,
+    the seed, the sequence length and the tokenizer, not by the data: after a new corpus is written
+    to the same prefix it would reuse the old indices (training silently on a subset, or failing
+    mid-run with an IndexError). The indices are a function of the sequence lengths in the ``.idx``,
+    so its digest (:func:`~megatron_apex.data.indexed.index_fingerprint`) completes the key.
+    """
+
+    def _build_document_sample_shuffle_indices(self):
+        if self.dataset_path is not None:
+            self.unique_identifiers["index_sha1"] = index_fingerprint(self.dataset_path)
+            # recomputed as megatron-core's MegatronDataset.__init__ does
+            self.unique_description = json.dumps(self.unique_identifiers, indent=4,
+                                                 default=lambda obj: obj.unique_identifiers)
+            self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
+                                                       usedforsecurity=False).hexdigest()
+        return super()._build_document_sample_shuffle_indices()
 
 
 class RandomTokensDataset(torch.utils.data.Dataset):
@@ -51,28 +88,83 @@ class RandomTokensDataset(torch.utils.data.Dataset):
                 "loss_mask": torch.ones(self.seq_length), "position_ids": torch.arange(self.seq_length)}
 
 
-def _blend(paths: list) -> tuple:
-    from megatron.core.datasets.utils import get_blend_from_list
+class _DatasetChecks:
+    """The start-up checks of the datasets of one build (see the module doc)."""
 
-    prefixes = [str(p) for p in paths]
-    for p in prefixes[1::2] if len(prefixes) % 2 == 0 and _is_number(prefixes[0]) else prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(p + ext):
-                raise ConfigError(f"data.data_path: {p}{ext} does not exist (give prefixes without .bin/.idx)")
-    return get_blend_from_list(prefixes)
+    def __init__(self, cfg: Config, vocab_size: int, eod_id: int):
+        self.cfg, self.vocab_size, self.eod_id = cfg, vocab_size, eod_id
+        self.tokenizer = configured_tokenizer(cfg)
+        self.sequences: dict = {}  # prefix -> sequence (document) count
+        self._sha256 = None
 
+    def blend(self, field: str, paths: list) -> tuple:
+        """megatron-core's ``(prefixes, weights)`` of a data_path-style list, every dataset checked."""
+        prefixes, weights = parse_blend(field, paths)
+        for prefix in prefixes:
+            try:
+                reader = IndexedDatasetReader(prefix)
+            except IndexedDatasetError as exc:
+                raise ConfigError(f"{field}: {exc}") from None
+            self.sequences[prefix] = reader.sequence_count
+            logger.info("%s: %d documents, %d tokens (%s)", prefix, reader.document_count, reader.token_count,
+                        reader.dtype)
+            reader.close()
+            self._check_tokenizer(field, prefix)
+        return prefixes, weights
 
-def _is_number(x: str) -> bool:
-    try:
-        float(x)
-        return True
-    except ValueError:
-        return False
+    def _check_tokenizer(self, field: str, prefix: str) -> None:
+        recorded = (read_sidecar(prefix) or {}).get("tokenizer")
+        if not isinstance(recorded, dict):
+            logger.info("%s: no tokenizer recorded (no sidecar %s.json from tools/preprocess_data.py); its token ids "
+                        "are not checked", prefix, prefix)
+            return
+        tok = self.tokenizer
+        made = f"{field}: {prefix} was made with the tokenizer {recorded.get('path')!r}"
+        vocab, eod = recorded.get("vocab_size"), recorded.get("eod_id")
+        if tok is not None and vocab is not None and vocab != tok.vocab_size:
+            raise ConfigError(f"{made} (vocab_size {vocab}, per {prefix}.json), but data.tokenizer_model="
+                              f"{self.cfg.data.tokenizer_model!r} has vocab_size {tok.vocab_size}; preprocess the "
+                              "data with the configured tokenizer, or configure the one it was made with")
+        if isinstance(vocab, int) and vocab > self.vocab_size:
+            raise ConfigError(f"{made} (vocab_size {vocab}, per {prefix}.json), but model.vocab_size="
+                              f"{self.vocab_size} cannot hold its ids")
+        if eod is not None and eod != self.eod_id:
+            source = "data.tokenizer_model" if tok is not None else "data.eod_id"
+            raise ConfigError(f"{made} (eod_id {eod}, per {prefix}.json), but training uses eod_id {self.eod_id} "
+                              f"(from {source}); documents would not be separated")
+        sha = recorded.get("sha256")
+        if tok is not None and sha:
+            if self._sha256 is None:
+                self._sha256 = file_sha256(tok.path)
+            if sha != self._sha256:
+                logger.warning("%s: made with the tokenizer %s (sha256 %s...), not with data.tokenizer_model=%s "
+                               "(sha256 %s...): same vocabulary size and end-of-document id, but the ids may stand "
+                               "for other pieces", prefix, recorded.get("path"), sha[:12], tok.path, self._sha256[:12])
+
+    def require_documents(self, field: str, prefixes: list, parts: dict, split: Optional[str] = None) -> None:
+        """Refuse a dataset with no documents in a part that is read: megatron-core would loop
+        forever looking for its tokens. ``parts``: split name -> (begin, end) fractions of the
+        dataset, from data.split when ``split`` is given."""
+        for prefix in prefixes:
+            n = self.sequences[prefix]
+            for name, (begin, end) in parts.items():
+                if int(round(end * n)) > int(round(begin * n)):  # megatron-core's rounding
+                    continue
+                if split is None:
+                    raise ConfigError(f"{field}: {prefix} holds no documents")
+                raise ConfigError(f"{field}: {prefix} has {n} documents, and data.split={split!r} leaves none of "
+                                  f"them for {name}: give {name} a larger share or use more data"
+                                  + (", or set data.valid_data_path" if name == "valid" else ""))
 
 
 def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int, valid_samples: int,
                    is_built_on_rank=lambda: True):
-    """(train, valid) datasets of at least the requested sizes (valid may be None)."""
+    """(train, valid) datasets of at least the requested sizes (valid is None when valid_samples is 0).
+
+    Every dataset is checked first (module doc). Only the parts that are read are built: the test
+    part of data.split never is, the valid part only when ``valid_samples`` > 0. Unused splits get
+    size 0, not None: megatron-core refuses a size of None for a weighted blend.
+    """
     d = cfg.data
     if d.mock:
         train = RandomTokensDataset(train_samples, d.seq_length, vocab_size, cfg.train.seed)
@@ -80,12 +172,15 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         return train, (valid if valid_samples else None)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    blend = _blend(d.data_path)
-    kwargs = dict(blend=blend, split=d.split)
+    checks = _DatasetChecks(cfg, vocab_size, eod_id)
+    blend = checks.blend("data.data_path", d.data_path)
     if d.valid_data_path:
-        kwargs = dict(blend_per_split=[blend, _blend(d.valid_data_path), None])
+        valid_blend = checks.blend("data.valid_data_path", d.valid_data_path)
+        kwargs = dict(blend_per_split=[blend, valid_blend if valid_samples else None, None])
+    else:
+        kwargs = dict(blend=blend, split=d.split)
     ds_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=d.seq_length,
@@ -98,11 +193,21 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         mmap_bin_files=True,
         **kwargs,
     )
+    if d.valid_data_path:
+        checks.require_documents("data.data_path", blend[0], {"train": (0.0, 1.0)})
+        if valid_samples:
+            checks.require_documents("data.valid_data_path", valid_blend[0], {"valid": (0.0, 1.0)})
+    else:
+        # Index only the parts that are read (train; valid when asked for), so that an unread part can
+        # neither stall megatron-core (no documents) nor cost an index. The matrix is part of the cache
+        # key: switching validation on or off indexes the train part once more (in the same order).
+        ds_config.split_matrix = [part if name == "train" or (name == "valid" and valid_samples) else None
+                                  for name, part in zip(_SPLITS, ds_config.split_matrix)]
+        parts = {name: part for name, part in zip(_SPLITS, ds_config.split_matrix) if part is not None}
+        checks.require_documents("data.data_path", blend[0], parts, d.split)
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples or None, None], is_built_on_rank, ds_config).build()
-    if valid_samples == 0:
-        valid = None
-    return train, valid
+        FingerprintedGPTDataset, [train_samples, valid_samples, 0], is_built_on_rank, ds_config).build()
+    return train, (valid if valid_samples else None)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -137,19 +242,30 @@ def build_loader(dataset, cfg: Config, consumed_samples: int, total_samples: int
                                        persistent_workers=cfg.data.num_workers > 0)
 
 
+def configured_tokenizer(cfg: Config):
+    """The tokenizer of data.tokenizer_model, or None when there is none (data.tokenizer_type='none').
+    Raises :class:`ConfigError` (naming the field and the value) when it cannot be loaded."""
+    d = cfg.data
+    if d.tokenizer_type == "none" or not d.tokenizer_model:
+        return None
+    if not os.path.exists(d.tokenizer_model):
+        raise ConfigError(f"data.tokenizer_model={d.tokenizer_model!r}: no such file")
+    try:
+        return load_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    except TokenizerError as exc:
+        raise ConfigError(f"data.tokenizer_model={d.tokenizer_model!r} (data.tokenizer_type={d.tokenizer_type!r}): "
+                          f"{exc}") from None
+
+
 def resolve_vocab(cfg: Config) -> tuple[int, int]:
     """(vocab_size, eod_id) from the tokenizer, or from the config when there is none."""
     d = cfg.data
     if cfg.model.vocab_size is not None and (d.tokenizer_type == "none" or d.tokenizer_model is None):
         eod = d.eod_id if d.eod_id is not None else 0
         return cfg.model.vocab_size, eod
-    from megatron_apex.data.tokenizers import load_tokenizer
-
-    if not d.tokenizer_model:
+    tok = configured_tokenizer(cfg)
+    if tok is None:
         raise ConfigError("data.tokenizer_model is not set (or give model.vocab_size and data.eod_id)")
-    if not os.path.exists(d.tokenizer_model):
-        raise ConfigError(f"data.tokenizer_model={d.tokenizer_model!r}: no such file")
-    tok = load_tokenizer(d.tokenizer_type, d.tokenizer_model)
     vocab = cfg.model.vocab_size or tok.vocab_size
     if vocab < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size}")
@@ -163,4 +279,5 @@ def summarize_blend(cfg: Config) -> Optional[str]:
     return " + ".join(map(str, cfg.data.data_path))
 
 
-__all__ = ["build_datasets", "build_loader", "GlobalBatchSampler", "RandomTokensDataset", "resolve_vocab"]
+__all__ = ["build_datasets", "build_loader", "configured_tokenizer", "FingerprintedGPTDataset", "GlobalBatchSampler",
+           "RandomTokensDataset", "resolve_vocab"]

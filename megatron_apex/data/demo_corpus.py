@@ -84,19 +84,34 @@ def build_demo_corpus(
 ) -> dict:
     """Write ``train.jsonl`` and ``valid.jsonl`` under ``output_dir``; returns counts.
 
-    Whole files go to one side of the split (chunks of a file never straddle it). If the hash
-    puts no file in ``valid`` (tiny caps), the last train file is moved there so neither is empty.
+    Whole files go to one side of the split (chunks of a file never straddle it). With tiny caps
+    the hash may put no file, or more text than train, into ``valid``; then the smallest file alone
+    becomes ``valid``, so that neither side is empty and ``valid`` is always the smaller part.
+    Raises ValueError for a ``valid_percent`` outside (0, 100), a cap <= 0, or too little source.
     """
-    os.makedirs(output_dir, exist_ok=True)
-    train, valid = [], []
+    if not 0 < valid_percent < 100:
+        raise ValueError(f"valid_percent={valid_percent}: must lie in (0, 100)")
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes={max_bytes}: must be positive")
+    by_file: dict = {}  # file -> its documents, in walk order
     for doc in iter_stdlib_documents(stdlib_dir, max_bytes):
-        (valid if _is_valid(doc["source"], valid_percent) else train).append(doc)
-    if not valid and train:
-        last_file = train[-1]["source"].split("#", 1)[0]
-        valid = [d for d in train if d["source"].split("#", 1)[0] == last_file]
-        train = [d for d in train if d["source"].split("#", 1)[0] != last_file]
-    if not train or not valid:
-        raise ValueError(f"not enough standard-library source under {stdlib_dir or sysconfig.get_paths()['stdlib']}")
+        by_file.setdefault(doc["source"].split("#", 1)[0], []).append(doc)
+    size = {f: sum(len(d["text"]) for d in docs) for f, docs in by_file.items()}
+    valid_files = {f for f in by_file if _is_valid(f, valid_percent)}
+
+    def valid_share(chosen):
+        return sum(size[f] for f in chosen), sum(size[f] for f in by_file if f not in chosen)
+
+    valid_bytes, train_bytes = valid_share(valid_files)
+    if not valid_files or valid_bytes >= train_bytes:
+        valid_files = {min(by_file, key=lambda f: size[f])} if by_file else set()
+        valid_bytes, train_bytes = valid_share(valid_files)
+    if not valid_files or valid_bytes >= train_bytes:
+        raise ValueError(f"not enough standard-library source under {stdlib_dir or sysconfig.get_paths()['stdlib']} "
+                         f"for a train/valid split within max_bytes={max_bytes}")
+    os.makedirs(output_dir, exist_ok=True)
+    train = [d for f, docs in by_file.items() if f not in valid_files for d in docs]
+    valid = [d for f, docs in by_file.items() if f in valid_files for d in docs]
     counts = {}
     for name, docs in (("train", train), ("valid", valid)):
         path = os.path.join(output_dir, f"{name}.jsonl")

@@ -19,7 +19,9 @@ writes everything under temporary names and publishes it with fsync + rename, ``
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +37,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "IndexedDatasetWriter",
     "IndexedDatasetReader",
+    "IndexedDatasetError",
+    "index_fingerprint",
+    "read_sidecar",
     "optimal_dtype",
     "merge_datasets",
     "fsync_directory",
@@ -43,6 +48,7 @@ __all__ = [
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
+_HEADER_BYTES = 34  # magic (9), version (8), dtype code (1), sequence count (8), document-index length (8)
 # megatron-core DType codes (indexed_dataset.DType); 6/7 are float64/float32 there.
 _DTYPE_TO_CODE = {
     np.dtype(np.uint8): 1,
@@ -56,6 +62,10 @@ _DTYPE_TO_CODE = {
 }
 _CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
 _COPY_ITEMS = 1 << 22  # elements per chunk when streaming index arrays
+
+
+class IndexedDatasetError(ValueError):
+    """A ``.bin``/``.idx`` pair is missing, damaged, or its two files do not belong together."""
 
 
 def optimal_dtype(vocab_size: Optional[int]) -> np.dtype:
@@ -259,7 +269,15 @@ class IndexedDatasetWriter:
 
 
 class IndexedDatasetReader:
-    """Minimal memory-mapped reader (no torch import) for merge, inspect and tests.
+    """Minimal memory-mapped reader (no torch import) for merge, inspect, training's start-up check
+    and tests.
+
+    Opening a dataset validates it (cheaply: no pass over the ``.bin``), so that a damaged or
+    mismatched pair is refused with the file and the reason instead of being copied, reported as
+    healthy or failing mid-training: the ``.idx`` header must be readable with a known dtype code,
+    the ``.idx`` length must be exactly what its header announces, its document boundaries must span
+    its sequences, and the ``.bin`` must hold exactly the tokens the index lists. Raises
+    :class:`IndexedDatasetError`.
 
     Training should use megatron-core's ``IndexedDataset``; this class exists so that the data tools
     stay fast to start and do not depend on torch.
@@ -269,27 +287,54 @@ class IndexedDatasetReader:
         self.prefix = prefix
         self.idx_path = prefix + ".idx"
         self.bin_path = prefix + ".bin"
-        if not (os.path.isfile(self.idx_path) and os.path.isfile(self.bin_path)):
-            raise FileNotFoundError(f"no indexed dataset at {prefix!r} (need {prefix}.bin and {prefix}.idx)")
+        missing = [p for p in (self.bin_path, self.idx_path) if not os.path.isfile(p)]
+        if missing:
+            raise IndexedDatasetError(f"no indexed dataset at {prefix!r}: {' and '.join(missing)} missing "
+                                      "(give the prefix, without .bin/.idx)")
+        idx_size = os.path.getsize(self.idx_path)
         with open(self.idx_path, "rb") as handle:
-            header = handle.read(34)
-        if len(header) < 34 or header[:9] != _MAGIC:
-            raise ValueError(f"{self.idx_path} is not a Megatron indexed dataset index")
+            header = handle.read(_HEADER_BYTES)
+        if len(header) < _HEADER_BYTES or header[:9] != _MAGIC:
+            raise IndexedDatasetError(f"{self.idx_path}: not a Megatron indexed dataset index (no MMIDIDX header)")
         (version,) = struct.unpack("<Q", header[9:17])
         if version != _VERSION:
-            raise ValueError(f"{self.idx_path}: unsupported index version {version}")
+            raise IndexedDatasetError(f"{self.idx_path}: unsupported index version {version}")
+        if header[17] not in _CODE_TO_DTYPE:
+            raise IndexedDatasetError(f"{self.idx_path}: unknown dtype code {header[17]} "
+                                      f"(known: {', '.join(f'{c}={d}' for c, d in sorted(_CODE_TO_DTYPE.items()))})")
         self.dtype = np.dtype(_CODE_TO_DTYPE[header[17]])
         (self.sequence_count,) = struct.unpack("<Q", header[18:26])
         (doc_idx_len,) = struct.unpack("<Q", header[26:34])
-        self.document_count = doc_idx_len - 1
         n = self.sequence_count
+        expected = _HEADER_BYTES + 12 * n + 8 * doc_idx_len  # lengths (int32), pointers and boundaries (int64)
+        if idx_size != expected or doc_idx_len < 1:
+            raise IndexedDatasetError(
+                f"{self.idx_path}: {idx_size} bytes, but its header ({n} sequences, {doc_idx_len} document "
+                f"boundaries) needs {expected}" + (" (truncated)" if idx_size < expected else ""))
+        self.document_count = doc_idx_len - 1
         self._idx = np.memmap(self.idx_path, mode="r", dtype=np.uint8)
-        self.sequence_lengths = np.frombuffer(self._idx, dtype=np.int32, count=n, offset=34)
-        self.sequence_pointers = np.frombuffer(self._idx, dtype=np.int64, count=n, offset=34 + 4 * n)
-        self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=doc_idx_len, offset=34 + 12 * n)
-        size = os.path.getsize(self.bin_path)
-        self._bin = np.memmap(self.bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, self.dtype)
+        self.sequence_lengths = np.frombuffer(self._idx, dtype=np.int32, count=n, offset=_HEADER_BYTES)
+        self.sequence_pointers = np.frombuffer(self._idx, dtype=np.int64, count=n, offset=_HEADER_BYTES + 4 * n)
+        self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=doc_idx_len,
+                                              offset=_HEADER_BYTES + 12 * n)
+        if self.document_indices[0] != 0 or self.document_indices[-1] != n:
+            raise IndexedDatasetError(
+                f"{self.idx_path}: its document boundaries run from {self.document_indices[0]} to "
+                f"{self.document_indices[-1]}, not over its {n} sequences")
         self.token_count = int(self.sequence_lengths.sum(dtype=np.int64))
+        itemsize = self.dtype.itemsize
+        size = os.path.getsize(self.bin_path)
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize if n else 0
+        listed = self.token_count * itemsize
+        if size != listed:
+            raise IndexedDatasetError(
+                f"{self.bin_path}: {size} bytes, but {self.idx_path} lists {self.token_count} {self.dtype} tokens "
+                f"= {listed} bytes" + (" (truncated)" if size < listed else "")
+                + "; the .bin and .idx do not belong together (re-create or re-copy the dataset)")
+        if end != size:
+            raise IndexedDatasetError(f"{self.idx_path}: its last sequence ends at byte {end} of {self.bin_path}, "
+                                      f"which has {size} (damaged sequence pointers)")
+        self._bin = np.memmap(self.bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, self.dtype)
 
     def __len__(self) -> int:
         return self.sequence_count
@@ -301,6 +346,47 @@ class IndexedDatasetReader:
     def close(self) -> None:
         self._idx = self._bin = None
         self.sequence_lengths = self.sequence_pointers = self.document_indices = None
+
+
+def read_sidecar(prefix: str) -> Optional[dict]:
+    """``{prefix}.json`` (written by preprocess and merge: counts, inputs, tokenizer identity), or
+    None when there is none; an unreadable one is logged and treated as absent."""
+    path = prefix + ".json"
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            sidecar = json.load(handle)
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable sidecar %s: %s", path, exc)
+        return None
+    if not isinstance(sidecar, dict):
+        logger.warning("ignoring sidecar %s: not a JSON object", path)
+        return None
+    return sidecar
+
+
+def index_fingerprint(prefix: str) -> str:
+    """sha1 of ``{prefix}.idx``: every sequence length and document boundary of the dataset.
+
+    GPTDataset's cached document/sample/shuffle indices are a function of exactly these (plus the
+    split, seed and sequence length already in megatron-core's cache key), so this digest is what
+    tells a rewritten dataset from the one the cache was built for. Reading the ``.idx`` costs about
+    20 bytes per document (a second for 50M documents) and never touches the ``.bin``; the result is
+    memoized per file size and modification time.
+    """
+    path = prefix + ".idx"
+    stat = os.stat(path)
+    return _file_sha1(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha1(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(16 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
@@ -318,13 +404,7 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
     dtype = readers[0].dtype
     for reader in readers:
         reader.close()
-    sidecars = []
-    for prefix in prefixes:
-        try:
-            with open(prefix + ".json", encoding="utf-8") as handle:
-                sidecars.append(json.load(handle))
-        except (OSError, ValueError):
-            sidecars.append(None)
+    sidecars = [read_sidecar(p) for p in prefixes]
     tokenizers = {json.dumps(s.get("tokenizer"), sort_keys=True) for s in sidecars if s}
     if len(tokenizers) > 1:
         logger.warning("merging datasets made with different tokenizers (per their sidecars)")

@@ -10,21 +10,30 @@ a bad line can be reported as ``file:line`` no matter which worker saw it.
 from __future__ import annotations
 
 import gzip
-import io
+import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JSONL_SUFFIXES", "InputError", "Block", "expand_inputs", "iter_blocks", "iter_texts"]
+__all__ = [
+    "JSONL_SUFFIXES", "BAD_REASONS", "InputError", "Block", "expand_inputs", "iter_blocks", "iter_texts",
+    "parse_line", "field_text",
+]
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".jsonl.zstd", ".ndjson")
 
+# Why a line (or one key of it) is unusable; "invalid_utf8" also covers texts with lone surrogates
+# (valid JSON escapes such as \ud800 that no tokenizer can encode).
+BAD_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_key", "non_string", "empty")
+_MAX_LOGGED = 20  # skipped lines logged one by one by iter_texts (all are counted)
+
 
 class InputError(ValueError):
-    """An input path is missing, unreadable or holds no JSONL files."""
+    """An input path is missing, unreadable, holds no JSONL files, or cannot be decompressed."""
 
 
 @dataclass
@@ -61,10 +70,56 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
             raise InputError(f"input {path!r} does not exist")
     if not files:
         raise InputError("no input files given")
+    unique, seen = [], {}
     for path in files:
         if not os.access(path, os.R_OK):
             raise InputError(f"input {path!r} is not readable")
-    return files
+        stat = os.stat(path)
+        first = seen.setdefault((stat.st_dev, stat.st_ino), path)  # same file (also via links) counts once
+        if first is path:
+            unique.append(path)
+        else:
+            logger.warning("input %s is the same file as %s: reading it once", path, first)
+    return unique
+
+
+class _ZstdStream:
+    """Decompressed bytes of a ``.zst`` file, frame after frame.
+
+    zstandard's ``stream_reader`` returns what it has when the file ends inside a frame, without
+    saying so, which would make a truncated download look like a shorter corpus; this reader
+    raises :class:`InputError` instead. ``read`` returns the output of at least one raw chunk
+    (possibly more than ``size`` bytes), b"" at the end.
+    """
+
+    def __init__(self, raw, path: str, chunk_bytes: int = 1 << 20):
+        import zstandard
+
+        self.raw, self.path, self.chunk_bytes = raw, path, chunk_bytes
+        self._new, self._error = zstandard.ZstdDecompressor().decompressobj, zstandard.ZstdError
+        self._obj, self._pending = None, b""
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            data = self._pending or self.raw.read(self.chunk_bytes)
+            self._pending = b""
+            if not data:
+                if self._obj is not None and not self._obj.eof:
+                    raise InputError(f"{self.path}: truncated zstd input (the file ends inside a compressed frame)")
+                return b""
+            if self._obj is None or self._obj.eof:  # a new frame (files may hold several)
+                self._obj = self._new()
+            try:
+                out = self._obj.decompress(data)
+            except self._error as exc:
+                raise InputError(f"{self.path}: cannot decompress ({exc}); the file is corrupt or not zstd") from exc
+            if self._obj.eof:
+                self._pending = self._obj.unused_data
+            if out:
+                return out
+
+    def close(self) -> None:
+        pass
 
 
 class _Opened:
@@ -77,11 +132,19 @@ class _Opened:
         if path.endswith(".gz") or magic[:2] == b"\x1f\x8b":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
         elif path.endswith((".zst", ".zstd")) or magic == b"\x28\xb5\x2f\xfd":
-            import zstandard
-
-            self.stream = zstandard.ZstdDecompressor().stream_reader(self.raw, read_size=1 << 20)
+            self.stream = _ZstdStream(self.raw, path)
         else:
             self.stream = self.raw
+
+    def read(self, size: int) -> bytes:
+        """Up to about ``size`` decompressed bytes; :class:`InputError` naming the file if the data
+        cannot be decompressed (corrupt, truncated, or not compressed at all)."""
+        try:
+            return self.stream.read(size)
+        except gzip.BadGzipFile as exc:
+            raise InputError(f"{self.raw.name}: not a gzip file ({exc})") from exc
+        except (EOFError, zlib.error) as exc:
+            raise InputError(f"{self.raw.name}: cannot decompress ({exc}); the file is corrupt or truncated") from exc
 
     def close(self) -> None:
         if self.stream is not self.raw:
@@ -91,13 +154,15 @@ class _Opened:
 
 def iter_blocks(files: list[str], block_bytes: int = 4 << 20) -> Iterator[Block]:
     """Yield :class:`Block` objects of roughly ``block_bytes`` each, cut at newlines."""
+    if block_bytes < 1:
+        raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
     for file_index, path in enumerate(files):
         opened = _Opened(path)
         try:
             line_no = 1
             pending = b""
             while True:
-                data = opened.stream.read(block_bytes)
+                data = opened.read(block_bytes)
                 if not data:
                     break
                 data = pending + data if pending else data
@@ -114,28 +179,67 @@ def iter_blocks(files: list[str], block_bytes: int = 4 << 20) -> Iterator[Block]
             opened.close()
 
 
+def parse_line(raw: bytes) -> tuple:
+    """``(record, None, None)`` for a line holding a JSON object, else ``(None, reason, detail)``
+    with a reason from :data:`BAD_REASONS`. Blank lines are the caller's business."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, "invalid_utf8", str(exc)[:120]
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        return None, "invalid_json", str(exc)[:120]
+    if not isinstance(record, dict):
+        return None, "not_an_object", f"top-level {type(record).__name__}"
+    return record, None, None
+
+
+def field_text(record: dict, key: str) -> tuple:
+    """``(text, None, None)`` for a non-blank string under ``key``, else ``(None, reason, detail)``."""
+    value = record.get(key)
+    if value is None and key not in record:
+        return None, "missing_key", f"no key {key!r}"
+    if not isinstance(value, str):
+        return None, "non_string", f"{key!r} is {type(value).__name__}"
+    if not value or value.isspace():
+        return None, "empty", f"{key!r} is empty"
+    return value, None, None
+
+
 def iter_texts(
-    inputs: Iterable[str], json_key: str = "text", max_docs: Optional[int] = None
+    inputs: Iterable[str], json_key: str = "text", max_docs: Optional[int] = None, skipped: Optional[dict] = None
 ) -> Iterator[str]:
-    """Stream the ``json_key`` strings of JSONL inputs, silently skipping unusable lines.
+    """Stream the ``json_key`` strings of JSONL inputs, skipping unusable lines.
 
-    Used where bad lines need no accounting (tokenizer training); preprocessing uses the
-    counting parser in :mod:`megatron_apex.data.preprocess` instead.
+    Every skipped line is counted by reason (:data:`BAD_REASONS`) in ``skipped`` when a dict is
+    given, and the first few are logged as ``file:line: reason (detail)``, as preprocessing does.
+    Texts that cannot be encoded as UTF-8 (lone surrogates) count as ``invalid_utf8``: no
+    tokenizer can take them. Blank lines are not counted.
     """
-    import json
-
-    count = 0
-    for block in iter_blocks(expand_inputs(inputs)):
-        for line in block.data.split(b"\n"):
-            if not line.strip():
+    skipped = {} if skipped is None else skipped
+    files = expand_inputs(inputs)
+    count = logged = 0
+    for block in iter_blocks(files):
+        for offset, raw in enumerate(block.data.split(b"\n")):
+            if not raw.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError:
+            record, reason, detail = parse_line(raw)
+            if record is not None:
+                text, reason, detail = field_text(record, json_key)
+                if text is not None:
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        reason, detail = "invalid_utf8", str(exc)[:120]
+            if reason is not None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                if logged < _MAX_LOGGED:
+                    logged += 1
+                    logger.warning("skipped %s:%d: %s (%s)", files[block.file_index], block.first_line + offset,
+                                   reason, detail)
                 continue
-            text = record.get(json_key) if isinstance(record, dict) else None
-            if isinstance(text, str) and text:
-                yield text
-                count += 1
-                if max_docs is not None and count >= max_docs:
-                    return
+            yield text
+            count += 1
+            if max_docs is not None and count >= max_docs:
+                return

@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .indexed import IndexedDatasetReader, IndexedDatasetWriter, fsync_directory, optimal_dtype
-from .jsonl import InputError, expand_inputs, iter_blocks
+from .indexed import IndexedDatasetReader, IndexedDatasetWriter, fsync_directory, optimal_dtype, read_sidecar
+from .jsonl import BAD_REASONS, InputError, expand_inputs, field_text, iter_blocks, parse_line
 from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,14 +48,15 @@ __all__ = [
     "BAD_REASONS",
 ]
 
-# Reasons a (line, key) record is skipped. All but "duplicate" count towards max_bad_fraction.
-BAD_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_key", "non_string", "empty")
+# Reasons a (line, key) record is skipped: jsonl.BAD_REASONS, all of which count towards
+# max_bad_fraction, and "duplicate" (--dedup), which does not.
 _MAX_EXAMPLES = 20  # bad lines kept in the sidecar / logged at WARNING level
 _MAX_BLOCK_EXAMPLES = 20
 
 
 class PreprocessError(RuntimeError):
-    """A problem detected before any work starts (inputs, tokenizer, output location)."""
+    """A problem with the inputs, the tokenizer or the output location (detected before any work
+    starts), or a token id that the dataset dtype cannot hold (nothing is published)."""
 
 
 class TooManyBadLinesError(RuntimeError):
@@ -79,8 +80,10 @@ def _init_worker(config: dict, tokenizer: Optional[Tokenizer] = None) -> None:
     _STATE.update(config)
     if tokenizer is None:  # in a pool process
         # Ctrl-C is handled by the main process, which terminates the pool; without this every
-        # worker would print its own KeyboardInterrupt traceback.
+        # worker would print its own KeyboardInterrupt traceback. SIGTERM (sent by Pool.terminate)
+        # must end a worker at once, whatever handler the main process installed before the fork.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         options = {}
         if config["num_threads_one"]:
             # one process per core already: keep the backends single-threaded (no oversubscription)
@@ -136,36 +139,22 @@ def _process_block(task: tuple) -> dict:
     split = data.split(b"\n")
     if split and not split[-1]:
         split.pop()
-    loads = json.loads
     for offset, raw in enumerate(split):
         line_no = first_line + offset
         if not raw.strip():
             blank += 1
             continue
         records += 1
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            reject(line_no, "invalid_utf8", str(exc)[:120])
-            continue
-        try:
-            record = loads(line)
-        except ValueError as exc:
-            reject(line_no, "invalid_json", str(exc)[:120])
-            continue
-        if not isinstance(record, dict):
-            reject(line_no, "not_an_object", f"top-level {type(record).__name__}")
+        record, reason, detail = parse_line(raw)
+        if record is None:
+            reject(line_no, reason, detail)
             continue
         for key in keys:
-            value = record.get(key)
-            if value is None and key not in record:
-                reject(line_no, "missing_key", f"no key {key!r}", key)
-            elif not isinstance(value, str):
-                reject(line_no, "non_string", f"{key!r} is {type(value).__name__}", key)
-            elif not value or value.isspace():
-                reject(line_no, "empty", f"{key!r} is empty", key)
+            text, reason, detail = field_text(record, key)
+            if text is None:
+                reject(line_no, reason, detail, key)
             else:
-                texts[key].append(value)
+                texts[key].append(text)
                 lines[key].append(line_no)
 
     dtype = np.dtype(_STATE["dtype"])
@@ -194,7 +183,13 @@ def _process_block(task: tuple) -> dict:
             parts[0::2] = arrays
             parts[1::2] = [eod] * len(arrays)
             arrays = parts
-        tokens = np.concatenate(arrays, dtype=dtype, casting="unsafe") if arrays else np.zeros(0, dtype)
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        bad = np.flatnonzero((tokens < 0) | (tokens > np.iinfo(dtype).max)) if dtype.itemsize < 4 else ()
+        if len(bad):  # never wrap an id into the dtype: that would silently turn it into another token
+            doc = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+            return {"error": (kept_lines[doc], f"[{key}] token id {int(tokens[bad[0]])} does not fit the dataset "
+                              f"dtype {dtype} (tokenizer vocab_size {tokenizer.vocab_size}); no output was written")}
+        tokens = tokens.astype(dtype, copy=False)
         digests = None
         if _STATE["dedup"]:
             digests = b"".join(
@@ -312,9 +307,10 @@ def preprocess_jsonl(
     default). ``progress``: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
 
     Raises :class:`PreprocessError` before any work for missing inputs, an unloadable tokenizer or
-    an unwritable output location, and :class:`TooManyBadLinesError` (publishing nothing) when the
-    share of skipped records of some key exceeds ``max_bad_fraction``. Returns
-    ``{key: sidecar_dict}``.
+    an unwritable output location, and later (publishing nothing) for a corrupt or truncated
+    compressed input or a token id the dataset dtype cannot hold; :class:`TooManyBadLinesError`
+    (publishing nothing) when the share of skipped records of some key exceeds
+    ``max_bad_fraction``. Returns ``{key: sidecar_dict}``.
     """
     json_keys = list(json_keys)
     if not json_keys or len(set(json_keys)) != len(json_keys):
@@ -350,6 +346,9 @@ def preprocess_jsonl(
     results = _run_blocks(files, config, tokenizer, workers, block_bytes)
     try:
         for block, result in results:
+            if "error" in result:
+                line_no, message = result["error"]
+                raise PreprocessError(f"{files[block.file_index]}:{line_no}: {message}")
             records += result["records"]
             blank += result["blank"]
             for file_index, line_no, key, reason, detail in result["examples"]:
@@ -425,11 +424,13 @@ def preprocess_jsonl(
             first["documents"], first["tokens"], elapsed, first["tokens"] / max(elapsed, 1e-9), first["skipped"],
         )
         return sidecars
-    except BaseException:
+    except BaseException as exc:
         bar.close()
         results.close()  # stops the worker pool
         for writer in writers.values():
             writer.abort()
+        if isinstance(exc, InputError):  # an input that cannot be decompressed to the end
+            raise PreprocessError(str(exc)) from exc
         raise
 
 
@@ -441,13 +442,11 @@ def inspect_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None, num_samp
     exists; otherwise raw ids are shown.
     """
     reader = IndexedDatasetReader(prefix)
-    sidecar = None
-    if os.path.isfile(prefix + ".json"):
-        with open(prefix + ".json", encoding="utf-8") as handle:
-            sidecar = json.load(handle)
-    if tokenizer is None and sidecar and os.path.exists(sidecar.get("tokenizer", {}).get("path", "")):
+    sidecar = read_sidecar(prefix)
+    recorded = (sidecar or {}).get("tokenizer") or {}  # None after merging datasets of different tokenizers
+    if tokenizer is None and os.path.exists(recorded.get("path") or ""):
         try:
-            tokenizer = load_tokenizer(sidecar["tokenizer"]["kind"], sidecar["tokenizer"]["path"])
+            tokenizer = load_tokenizer(recorded.get("kind"), recorded["path"])
         except TokenizerError as exc:
             logger.warning("cannot load the sidecar's tokenizer: %s", exc)
     lengths = reader.sequence_lengths

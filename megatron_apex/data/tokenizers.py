@@ -105,7 +105,7 @@ class Tokenizer:
 
     kind: str = ""
     path: str = ""
-    vocab_size: int = 0
+    vocab_size: int = 0  # size of the id space (largest id + 1): embedding rows and dataset dtype need this
     eod_id: int = -1
     bos_id: Optional[int] = None
     pad_id: Optional[int] = None
@@ -207,7 +207,10 @@ class HuggingFaceTokenizer(Tokenizer):
             self._tok = tokenizers.Tokenizer.from_file(self.path)
         except Exception as exc:  # the Rust side raises plain Exception on bad files
             raise TokenizerError(f"cannot load Hugging Face tokenizer {path!r}: {exc}") from exc
-        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        # Ids, not entries: a vocabulary with holes (say ids 0, 1 and 69999) has fewer entries than
+        # its largest id, and both the embedding and the dataset dtype must hold that id.
+        ids = self._tok.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(int(self._tok.get_vocab_size(with_added_tokens=True)), max(ids, default=-1) + 1)
         config = {}
         config_path = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
         if os.path.isfile(config_path):

@@ -6,7 +6,7 @@ import logging
 
 import yaml
 
-from megatron_apex.config import Config
+from megatron_apex.config import Config, ConfigError
 from megatron_apex.distributed import LaunchEnv, destroy_distributed, initialize_distributed
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
             where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
             logger.info("training %s at step %d%s", result.exit_reason, result.step, where)
         return result.exit_code
+    except ConfigError as exc:  # found at start-up (tokenizer, datasets): the user's to fix, no traceback
+        logger.error("configuration error: %s", exc)
+        return 2
     except TrainingError as exc:
         logger.error("%s", exc)
         return 1

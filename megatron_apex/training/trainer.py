@@ -107,6 +107,11 @@ class Trainer:
         if ctx.device.type == "cpu":  # every step frees and re-allocates the same tensors: keep their pages
             keep_freed_memory()
         self.vocab_size, self.eod_id = resolve_vocab(cfg)
+        # The datasets first: their start-up checks stop a run on bad data before any model is built or loaded.
+        t = cfg.train
+        total_train = t.train_steps * t.global_batch_size
+        total_valid = t.eval_steps * t.global_batch_size
+        self.train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, total_train, total_valid)
         self.padded_vocab = cfg.padded_vocab_size(self.vocab_size)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
         self.params_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -130,13 +135,7 @@ class Trainer:
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
         self._load()
-        t = cfg.train
         self.num_micro = cfg.num_micro_batches(ctx.world_size)
-        total_train = t.train_steps * t.global_batch_size
-        n_evals = (t.train_steps // t.eval_interval if t.eval_interval else 0) + 1
-        total_valid = t.eval_steps * t.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, total_train,
-                                                 total_valid * (1 if n_evals else 0))
         self.train_iter = iter(build_loader(self.train_ds, cfg, self.step * t.global_batch_size, total_train,
                                             ctx.dp_rank, ctx.dp_size))
         self.total_valid = total_valid
