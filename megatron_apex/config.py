@@ -146,13 +146,18 @@ class CheckpointConfig:
 
     save: Optional[str] = doc(None, "Checkpoint directory. None disables saving.")
     save_interval: int = doc(0, "Save every N steps (0: only at the end).")
-    load: Optional[str] = doc(None, "Resume from this directory; None means checkpoint.save (auto-resume).")
+    load: Optional[str] = doc(
+        None, "Resume from this checkpoint (a root with latest_checkpointed_iteration.txt, or an iter_* directory), "
+        "which must exist, until checkpoint.save holds a checkpoint: from then on the run resumes from "
+        "checkpoint.save (its newer state). None: resume from checkpoint.save when it has a checkpoint.")
     finetune_from: Optional[str] = doc(
         None, "Initialise weights only from this checkpoint (fresh optimizer, LR schedule and step 0); "
         "ignored when a checkpoint to resume from exists.")
     load_optimizer: bool = doc(True, "Restore optimizer state when resuming.")
     load_rng: bool = doc(True, "Restore RNG states when resuming.")
-    keep_last: Optional[int] = doc(None, "Delete all but the newest N checkpoints (None keeps all).")
+    keep_last: Optional[int] = doc(
+        None, "After each save, delete all but the newest N complete checkpoints up to the one just saved (None "
+        "keeps all); incomplete directories and steps newer than the one saved are left alone, with a warning.")
 
 
 @dataclass

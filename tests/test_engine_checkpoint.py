@@ -118,13 +118,15 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_config, tiny_data, tmp
         _train(tiny_config, overrides)
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
     assert ckpt.read_latest(str(tmp_path)) == 2, "the tracker must still name the last complete save"
-    assert _iters(str(tmp_path)) == [2, 4]  # the partial directory is still there
+    assert _iters(str(tmp_path)) == [2]  # the half-written save is not under an iter_* name
+    assert os.path.isdir(os.path.join(str(tmp_path), "saving.iter_0000004"))
 
     trainer, result = _train(tiny_config, overrides)
     assert result.losses == {k: uninterrupted["losses"][k] for k in range(2, STEPS)}
-    # The save of step 4 was redone over the leftover directory and is complete now.
+    # The save of step 4 was redone, complete now, and the leftover is gone.
     assert ckpt.read_common(ckpt.iter_dir(str(tmp_path), 4))["step"] == 4
     assert ckpt.read_latest(str(tmp_path)) == STEPS
+    assert not any(name.startswith("saving.") for name in os.listdir(tmp_path))
 
 
 def test_incompatible_checkpoint_is_refused(tiny_config, tiny_data, uninterrupted):
