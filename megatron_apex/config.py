@@ -133,8 +133,12 @@ class TrainConfig:
         "stop", "On a NaN/Inf loss or gradient: stop with an error, or skip the update.")
     max_skipped_steps: int = doc(10, "With nan_policy=skip, stop after this many skipped steps.")
     exit_after_minutes: Optional[float] = doc(
-        None, "Save a checkpoint and exit cleanly after this much wall time (before a job's time limit).")
-    exit_on_signal: bool = doc(True, "SIGTERM/SIGUSR1 make the trainer save a checkpoint and exit (code 75: resubmit to continue).")
+        None, "Save a checkpoint and exit cleanly (code 75) after this much wall time (before a job's time "
+        "limit); needs checkpoint.save.")
+    exit_on_signal: bool = doc(
+        True, "SIGTERM/SIGUSR1/SIGINT make the trainer stop after the current step, save a checkpoint and exit "
+        "(code 75: resubmit to continue); without checkpoint.save nothing is saved and the code is 128 + the "
+        "signal number. A second SIGINT (Ctrl-C) aborts at once without saving.")
     gpu_peak_tflops: Optional[float] = doc(
         None, "Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the device name up (H100/H200/A100).")
     recompute_activations: bool = doc(False, "Full activation recomputation of each layer (saves memory).")

@@ -1,6 +1,6 @@
 """Resuming and stopping: which checkpoint a run resumes from, the data position after a change of the
-global batch size, checkpoint.keep_last, saves that a crash cannot half-write, a stop during the last
-step.
+global batch size, checkpoint.keep_last, saves that a crash cannot half-write, stops during the last
+step or without a checkpoint directory, signals, and the one-line errors and exit codes of a run.
 
 Everything trains inside the pytest process (world size 1, one thread): a 2-layer model, a few steps
 per run, about a second each.
@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 
-from engine_workers import trainer_in_process
+from engine_workers import free_port, trainer_in_process
 from helpers import tiny_overrides
 from megatron_apex.training import checkpoint as ckpt
 from megatron_apex.training import trainer as trainer_module
@@ -250,3 +251,74 @@ def test_a_stop_during_the_last_step_finishes_the_run(tiny_config, tiny_data, tm
     assert (result.exit_reason, result.exit_code, result.step) == ("finished", 0, 2)
     assert ends.ended == 1 and sorted(result.valid) == [2]  # final callbacks and validation ran
     assert ckpt.read_common(ckpt.iter_dir(root, 2))["fused"] is True
+
+
+def test_a_stop_without_checkpoint_directory_is_not_exit_75(tiny_config, tiny_data):
+    result = _trainer(tiny_config, tiny_data, [StopAt(0)], **{"train.train_steps": 4}).train()
+    assert (result.exit_reason, result.step, result.checkpoint) == ("stopped", 1, None)
+    assert result.exit_code != 75
+
+
+class SendSignal(Callback):
+    def __init__(self, step, *signals):
+        self.step, self.signals = step, signals
+
+    def on_step_start(self, trainer, step):
+        if step == self.step:
+            for sig in self.signals:
+                os.kill(os.getpid(), sig)
+
+
+def _run(tiny_config, tiny_data, monkeypatch, caplog, *signals, **extra) -> int:
+    """run_training (the command line's path) in this process, with signals sent during step 0."""
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import LaunchEnv
+    from megatron_apex.training import run
+
+    build = run.build_callbacks
+    monkeypatch.setattr(run, "build_callbacks", lambda cfg: [*build(cfg), SendSignal(0, *signals)])
+    torch.set_num_threads(1)
+    cfg = load_config(tiny_config, _overrides(tiny_data, **{"train.train_steps": 4, **extra}), world_size=1)
+    with caplog.at_level(logging.INFO, TRAINER_LOG):
+        return run.run_training(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
+
+
+def _no_traceback(caplog) -> bool:
+    return not any(r.exc_info for r in caplog.records if r.levelno >= logging.INFO)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_and_exits_75(tiny_config, tiny_data, tmp_path, monkeypatch, caplog, sig):
+    root, handler = str(tmp_path / "ckpt"), signal.getsignal(sig)
+    assert _run(tiny_config, tiny_data, monkeypatch, caplog, sig, **{"checkpoint.save": root}) == 75
+    assert f"received {sig.name}: will save a checkpoint and exit after this step" in caplog.text
+    assert ckpt.read_latest(root) == 1 and _no_traceback(caplog)
+    assert signal.getsignal(sig) == handler  # the run put the previous handler back
+
+
+def test_signal_without_checkpoint_directory_says_so_and_is_not_75(tiny_config, tiny_data, monkeypatch, caplog):
+    assert _run(tiny_config, tiny_data, monkeypatch, caplog, signal.SIGTERM) == 128 + signal.SIGTERM
+    assert "received SIGTERM: will exit without saving (checkpoint.save is not set) after this step" in caplog.text
+    assert "training stopped at step 1 without saving (checkpoint.save is not set)" in caplog.text
+
+
+def test_second_ctrl_c_aborts_at_once(tiny_config, tiny_data, tmp_path, monkeypatch, caplog):
+    root = str(tmp_path / "ckpt")
+    code = _run(tiny_config, tiny_data, monkeypatch, caplog, signal.SIGINT, signal.SIGINT,
+                **{"checkpoint.save": root})
+    assert code == 130 and "interrupted: aborted without saving" in caplog.text
+    assert ckpt.read_latest(root) is None and _no_traceback(caplog)
+
+
+@pytest.mark.parametrize("extra, line", [
+    ({"model.hidden_size": 96}, "checkpoint error: checkpoint {path} was saved for a different model; "
+                                "hidden_size: checkpoint 64 vs config 96; head_dim: checkpoint 16 vs config 24"),
+    ({"model.vocab_size": "null", "data.tokenizer_type": "sentencepiece", "data.tokenizer_model": "/nonexistent/t.model"},
+     "configuration error: data.tokenizer_model='/nonexistent/t.model': no such file"),
+], ids=["checkpoint", "tokenizer"])
+def test_errors_after_start_up_are_one_line_and_exit_2(tiny_config, tiny_data, two_steps, tmp_path, monkeypatch,
+                                                        caplog, extra, line):
+    root = _copy(two_steps, tmp_path)
+    code = _run(tiny_config, tiny_data, monkeypatch, caplog, **{"checkpoint.save": root, **extra})
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and errors == [line.format(path=ckpt.iter_dir(root, 2))] and _no_traceback(caplog)

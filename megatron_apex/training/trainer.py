@@ -33,6 +33,7 @@ from megatron_apex.training.optim import apply_lr, build_optimizer, wrap_ddp
 logger = logging.getLogger(__name__)
 
 EXIT_INCOMPLETE = 75  # a clean early stop (signal or time limit) after saving: resubmit to continue
+EXIT_ERROR = 1        # training failed, or stopped early with nothing saved to continue from
 
 
 class TrainingError(RuntimeError):
@@ -89,7 +90,10 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.exit_reason == "finished" else EXIT_INCOMPLETE
+        """0 finished; 75 stopped early with a checkpoint of the stopping step (resubmit to continue)."""
+        if self.exit_reason == "finished":
+            return 0
+        return EXIT_INCOMPLETE if self.checkpoint else EXIT_ERROR
 
 
 class Trainer:
