@@ -192,7 +192,7 @@ def cli_reference(tiny_config, tiny_data):
     return result.losses
 
 
-def _launch(tiny_config, tiny_data, root, log):
+def _launch(tiny_config, tiny_data, root, log, new_session=False):
     overrides = tiny_overrides(tiny_data, **CLI_EXTRA, **{
         "checkpoint.save": os.path.join(root, "ckpt"), "logging.tensorboard_dir": os.path.join(root, "tb")})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
@@ -200,7 +200,7 @@ def _launch(tiny_config, tiny_data, root, log):
                OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "megatron_apex.train", tiny_config, *overrides,
            "train.exit_on_signal=true"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def _wait_for_checkpoint(proc, root, timeout=300.0) -> int:
@@ -247,9 +247,11 @@ def test_cli_sigkill_between_checkpoints_then_restart(tiny_config, tiny_data, tm
 def test_cli_sigterm_saves_exits_75_and_resumes(tiny_config, tiny_data, tmp_path, cli_reference):
     root = str(tmp_path)
     with open(tmp_path / "run1.log", "w") as log:
-        proc = _launch(tiny_config, tiny_data, root, log)
+        proc = _launch(tiny_config, tiny_data, root, log, new_session=True)
         first = _wait_for_checkpoint(proc, root)
-        proc.send_signal(signal.SIGTERM)
+        # To the whole process group, as slurm and torchrun send it: the checkpoint writer's helper
+        # process (started by the first save) gets it too and must survive it.
+        os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=300) == 75, open(log.name).read()[-3000:]
     text = open(tmp_path / "run1.log").read()
     assert "received SIGTERM" in text and "training stopped at step" in text

@@ -322,3 +322,20 @@ def test_errors_after_start_up_are_one_line_and_exit_2(tiny_config, tiny_data, t
     code = _run(tiny_config, tiny_data, monkeypatch, caplog, **{"checkpoint.save": root, **extra})
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert code == 2 and errors == [line.format(path=ckpt.iter_dir(root, 2))] and _no_traceback(caplog)
+
+
+def test_the_checkpoint_writer_helper_survives_the_jobs_stop_signals(two_steps):
+    """slurm and torchrun signal the whole process group: megatron-core's writer results manager (a
+    child process, started by the first save) must outlive SIGTERM/SIGUSR1 for the stop's save to work."""
+    import time
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue  # started by the saves of the two_steps fixture
+    manager = queue._manager._process
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        os.kill(manager.pid, sig)
+    time.sleep(0.5)
+    assert manager.is_alive()
+    queue.put("still there")
+    assert queue.get() == "still there"

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 from typing import Optional
 
 import numpy as np
@@ -166,6 +167,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
 
     target = iter_dir(root, step)
     staging = os.path.join(root, SAVING_PREFIX + os.path.basename(target))
+    _start_writer_results_queue()
     if ctx.rank == 0:
         os.makedirs(root, exist_ok=True)
         _remove_leftovers(root)
@@ -188,6 +190,27 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
     dist.barrier()
     logger.info("saved checkpoint %s", target)
     return target
+
+
+def _start_writer_results_queue() -> None:
+    """Start megatron-core's checkpoint-writer results queue out of reach of the job's stop signals.
+
+    The torch_dist writer returns its results through a multiprocessing manager that megatron-core
+    spawns on the first save. slurm and torchrun deliver SIGTERM (and slurm's ``--signal=USR1``) to
+    the whole process group: the manager, whose default is to die of them, would be gone by the time
+    the trainer writes the checkpoint the signal asks for, and that save would fail. So the same
+    manager is started here, first thing in its process blocking those signals (the trainer handles
+    them); it still stops when this process exits (a shutdown message, then SIGKILL)."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", True) is not None:  # running (or another version)
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(signal.pthread_sigmask, (signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1}))
+    filesystem_async._results_queue = manager.Queue()  # the queue keeps its manager alive
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
