@@ -20,7 +20,7 @@ from engine_workers import free_port, trainer_in_process
 from helpers import tiny_overrides
 from megatron_apex.training import checkpoint as ckpt
 from megatron_apex.training import trainer as trainer_module
-from megatron_apex.training.trainer import Callback
+from megatron_apex.training.trainer import Callback, Throughput
 
 TRAINER_LOG = "megatron_apex"
 
@@ -339,3 +339,20 @@ def test_the_checkpoint_writer_helper_survives_the_jobs_stop_signals(two_steps):
     assert manager.is_alive()
     queue.put("still there")
     assert queue.get() == "still there"
+
+
+# ---------------------------------------------------------------------- throughput
+def test_throughput_leaves_out_paused_time(monkeypatch):
+    clock = [100.0]
+    from megatron_apex.training import metrics
+
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    tp = Throughput(tokens_per_step=1000, flops_per_token=1.0, world_size=1, peak_tflops=None)
+    clock[0] += 0.5
+    tp.step()
+    with tp.paused():  # a checkpoint or a validation
+        clock[0] += 20.0
+    clock[0] += 0.5
+    tp.step()
+    report = tp.report()
+    assert report["step_time_s"] == pytest.approx(0.5) and report["tokens_per_s"] == pytest.approx(2000)

@@ -372,7 +372,8 @@ class Trainer:
                     logger.info("stop requested during the last step: finishing the run")
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
                     and self.step < t.train_steps:
-                self.save()
+                with self.throughput.paused():
+                    self.save()
         if self.result.exit_reason == "finished":
             for cb in self.callbacks:
                 cb.on_train_end(self)
@@ -390,7 +391,8 @@ class Trainer:
         return self.result
 
     def _validate(self) -> None:
-        loss = self.evaluate()
+        with self.throughput.paused():  # tokens/s counts training only
+            loss = self.evaluate()
         if loss is None:
             return
         self.result.valid[self.step] = loss
