@@ -310,11 +310,11 @@ class Trainer:
         t = self.cfg.train
         if t.nan_policy == "stop" or self.skipped > t.max_skipped_steps:
             raise TrainingError(
-                f"non-finite loss or gradient at step {step} (loss={metrics['loss']}); "
+                f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}); "
                 + ("train.nan_policy='stop'" if t.nan_policy == "stop" else
                    f"{self.skipped} steps skipped > train.max_skipped_steps={t.max_skipped_steps}")
                 + ". Lower optimizer.lr, raise warmup, or resume from the last checkpoint.")
-        logger.warning("step %d: non-finite loss/gradient, update skipped (%d so far)", step, self.skipped)
+        logger.warning("step %d: non-finite loss/gradient, update skipped (%d so far)", step + 1, self.skipped)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         for cb in self.callbacks:
