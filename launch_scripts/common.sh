@@ -8,7 +8,7 @@
 #                        and every collective, including the barrier at which ranks wait while rank 0
 #                        builds the GPTDataset index caches of a large corpus on first use.
 #   EXIT_AFTER_MINUTES   train.exit_after_minutes: save and stop (exit code 75) after this much wall
-#                        time, e.g. a few minutes before the job's time limit.
+#                        time, e.g. a few minutes before the job's time limit (needs checkpoint.save).
 #   REQUEUE=1            slurm only: on exit code 75, `scontrol requeue $SLURM_JOB_ID`; the requeued
 #                        job runs the same command and resumes from the latest checkpoint.
 #

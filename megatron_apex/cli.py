@@ -2,14 +2,15 @@
 
 The same entry point runs under torchrun, slurm (srun, one task per GPU) and mpirun; see
 ``megatron_apex.distributed``. Exit codes: 0 finished, 75 stopped cleanly with a checkpoint
-(signal or ``train.exit_after_minutes``: resubmit to continue), 2 bad configuration, 1 error.
+(signal or ``train.exit_after_minutes``: resubmit to continue), 2 bad configuration (or a checkpoint
+or tokenizer that does not fit it), 1 error, 128 + N stopped by signal N with nothing saved (no
+``checkpoint.save``; 130 also when a second Ctrl-C aborts).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import yaml
@@ -55,7 +56,9 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
     dp = cfg.data_parallel_size(world_size)
     counts = count_parameters(cfg, padded_vocab)
     layers = m.num_layers // pp
-    stage_params = (counts["per_layer"] * layers + max(counts["embedding"], counts["output"])) / tp
+    # PP = 1: one stage holds the embedding and the output layer; otherwise the first or the last.
+    vocab_params = counts["embedding"] + counts["output"] if pp == 1 else max(counts["embedding"], counts["output"])
+    stage_params = (counts["per_layer"] * layers + vocab_params) / tp
     bf16 = t.precision == "bf16" or (t.precision == "auto" and cfg.parallel.backend != "gloo")
     weight_b, grad_b, opt_b = (2, 4, 12) if bf16 else (4, 4, 8)
     if p.use_distributed_optimizer:
@@ -77,17 +80,25 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
             "total_gib": (stage_params * (weight_b + grad_b + opt_b) + act) / gib}
 
 
+def _count(n: float) -> str:
+    """A large count with a unit: 102.400K, 10.000B."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3f}{unit}"
+    return f"{n:.0f}"
+
+
 def dry_run(cfg: Config, world_size: int) -> str:
-    """Validated layout, parameter count and memory estimate, without starting processes."""
+    """Validated layout, parameter count and memory estimate, without starting processes.
+
+    The files the run reads first are checked as it checks them (the tokenizer, whose vocabulary sets
+    the model's, and the data prefixes unless data.mock): a ConfigError names what is missing."""
+    from megatron_apex.data.datasets import check_datasets, resolve_vocab
     from megatron_apex.model.llama import count_parameters
 
     cfg.validate(world_size)
-    vocab = cfg.model.vocab_size
-    if vocab is None and cfg.data.tokenizer_model and os.path.exists(cfg.data.tokenizer_model):
-        from megatron_apex.data.datasets import configured_tokenizer
-
-        vocab = configured_tokenizer(cfg).vocab_size
-    vocab = vocab or 32000
+    vocab, eod = resolve_vocab(cfg)
+    check_datasets(cfg, vocab, eod)
     padded = cfg.padded_vocab_size(vocab)
     counts = count_parameters(cfg, padded)
     mem = estimate_memory(cfg, world_size, padded)
@@ -99,7 +110,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"x CP {p.context_parallel_size} x DP {dp}" + (" (sequence parallel)" if p.sequence_parallel else ""),
         f"batch: micro {t.micro_batch_size} x {cfg.num_micro_batches(world_size)} micro-batches x DP {dp} "
         f"= global {t.global_batch_size} sequences of {cfg.data.seq_length} tokens",
-        f"run: {t.train_steps} steps = {tokens / 1e9:.3f}B tokens",
+        f"run: {t.train_steps} steps = {_count(tokens)} tokens",
         f"parameters: {counts['total'] / 1e6:.1f}M total ({counts['non_embedding'] / 1e6:.1f}M non-embedding), "
         f"vocab {vocab} padded to {padded}",
         f"memory estimate per GPU (most loaded stage): {mem['total_gib']:.2f} GiB = weights {mem['weights_gib']:.2f}"
@@ -128,9 +139,11 @@ def train_main(args) -> int:
         return 2
     _setup_logging(cfg.logging.level, launch.rank)
     if args.dry_run:
+        from megatron_apex.data.tokenizers import TokenizerError
+
         try:
             print(dry_run(cfg, args.world_size or launch.world_size))
-        except ConfigError as exc:
+        except (ConfigError, TokenizerError) as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
             return 2
         return 0

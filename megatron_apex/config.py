@@ -84,11 +84,11 @@ class ModelConfig:
 
     @property
     def query_groups(self) -> int:
-        return self.num_query_groups or self.num_attention_heads
+        return self.num_attention_heads if self.num_query_groups is None else self.num_query_groups
 
     @property
     def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
+        return self.hidden_size // self.num_attention_heads if self.kv_channels is None else self.kv_channels
 
 
 @dataclass
@@ -102,7 +102,7 @@ class ParallelConfig:
     use_distributed_optimizer: bool = doc(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = doc(False, "Overlap the data-parallel gradient reduction with backward (GPU).")
     backend: Literal["auto", "nccl", "gloo"] = doc("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
-    distributed_timeout_minutes: int = doc(30, "Timeout of collectives and of the rendezvous.")
+    distributed_timeout_minutes: float = doc(30.0, "Timeout of collectives and of the rendezvous, in minutes.")
 
 
 @dataclass
@@ -169,8 +169,12 @@ class TrainConfig:
         "stop", "On a NaN/Inf loss or gradient: stop with an error, or skip the update.")
     max_skipped_steps: int = doc(10, "With nan_policy=skip, stop after this many skipped steps.")
     exit_after_minutes: Optional[float] = doc(
-        None, "Save a checkpoint and exit cleanly after this much wall time (before a job's time limit).")
-    exit_on_signal: bool = doc(True, "SIGTERM/SIGUSR1 make the trainer save a checkpoint and exit (code 75: resubmit to continue).")
+        None, "Save a checkpoint and exit cleanly (code 75) after this much wall time (before a job's time "
+        "limit); needs checkpoint.save.")
+    exit_on_signal: bool = doc(
+        True, "SIGTERM/SIGUSR1/SIGINT make the trainer stop after the current step, save a checkpoint and exit "
+        "(code 75: resubmit to continue); without checkpoint.save nothing is saved and the code is 128 + the "
+        "signal number. A second SIGINT (Ctrl-C) aborts at once without saving.")
     gpu_peak_tflops: Optional[float] = doc(
         None, "Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the device name up (H100/H200/A100).")
     recompute_activations: bool = doc(False, "Full activation recomputation of each layer (saves memory).")
@@ -182,13 +186,18 @@ class CheckpointConfig:
 
     save: Optional[str] = doc(None, "Checkpoint directory. None disables saving.")
     save_interval: int = doc(0, "Save every N steps (0: only at the end).")
-    load: Optional[str] = doc(None, "Resume from this directory; None means checkpoint.save (auto-resume).")
+    load: Optional[str] = doc(
+        None, "Resume from this checkpoint (a root with latest_checkpointed_iteration.txt, or an iter_* directory), "
+        "which must exist, until checkpoint.save holds a checkpoint: from then on the run resumes from "
+        "checkpoint.save (its newer state). None: resume from checkpoint.save when it has a checkpoint.")
     finetune_from: Optional[str] = doc(
         None, "Initialise weights only from this checkpoint (fresh optimizer, LR schedule and step 0); "
         "ignored when a checkpoint to resume from exists.")
     load_optimizer: bool = doc(True, "Restore optimizer state when resuming.")
     load_rng: bool = doc(True, "Restore RNG states when resuming.")
-    keep_last: Optional[int] = doc(None, "Delete all but the newest N checkpoints (None keeps all).")
+    keep_last: Optional[int] = doc(
+        None, "After each save, delete all but the newest N complete checkpoints up to the one just saved (None "
+        "keeps all); incomplete directories and steps newer than the one saved are left alone, with a warning.")
 
 
 @dataclass
@@ -277,18 +286,40 @@ class Config:
     def validate(self, world_size: Optional[int] = None) -> "Config":
         """Check consistency (and, given the world size, the parallel layout). Returns self."""
         m, p, t, d, o, a = self.model, self.parallel, self.train, self.data, self.optimizer, self.apex
+        c = self.checkpoint
         positive = {
             "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
             "model.ffn_hidden_size": m.ffn_hidden_size, "model.num_attention_heads": m.num_attention_heads,
+            "model.max_position_embeddings": m.max_position_embeddings,
+            "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by, "model.rotary_base": m.rotary_base,
             "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
             "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
             "parallel.context_parallel_size": p.context_parallel_size,
+            "parallel.distributed_timeout_minutes": p.distributed_timeout_minutes,
             "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
             "train.train_steps": t.train_steps, "data.seq_length": d.seq_length,
-            "train.log_interval": t.log_interval,
+            "train.log_interval": t.log_interval, "optimizer.lr": o.lr, "optimizer.adam_eps": o.adam_eps,
         }
         for name, value in positive.items():
             _check(value > 0, name, value, "must be positive")
+        # None means "derived" (or "off"); 0 is not a silent synonym for it.
+        positive_or_none = {
+            "model.vocab_size": m.vocab_size, "model.num_query_groups": m.num_query_groups,
+            "model.kv_channels": m.kv_channels, "optimizer.lr_decay_steps": o.lr_decay_steps,
+            "train.exit_after_minutes": t.exit_after_minutes, "train.gpu_peak_tflops": t.gpu_peak_tflops,
+            "checkpoint.keep_last": c.keep_last,
+        }
+        for name, value in positive_or_none.items():
+            _check(value is None or value > 0, name, value, "must be positive (or null)")
+        non_negative = {
+            "model.norm_epsilon": m.norm_epsilon, "model.init_method_std": m.init_method_std,
+            "optimizer.lr_warmup_steps": o.lr_warmup_steps, "optimizer.weight_decay": o.weight_decay,
+            "optimizer.clip_grad": o.clip_grad, "train.seed": t.seed, "train.eval_interval": t.eval_interval,
+            "train.eval_steps": t.eval_steps, "train.max_skipped_steps": t.max_skipped_steps,
+            "checkpoint.save_interval": c.save_interval, "data.num_workers": d.num_workers,
+        }
+        for name, value in non_negative.items():
+            _check(value >= 0, name, value, "must be >= 0")
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         _check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups", m.num_query_groups,
                f"must divide model.num_attention_heads={m.num_attention_heads}")
@@ -333,13 +364,11 @@ class Config:
                        f"gives validation no share, but train.eval_steps={t.eval_steps} asks for validation "
                        "(give valid a share, set data.valid_data_path, or set train.eval_steps=0)")
         _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, f"must lie in [0, optimizer.lr={o.lr}]")
-        _check(o.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", o.lr_warmup_steps, "must be >= 0")
-        _check(o.clip_grad >= 0, "optimizer.clip_grad", o.clip_grad, "must be >= 0")
-        _check(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2",
-               (o.adam_beta1, o.adam_beta2), "must lie in [0, 1)")
-        _check(t.eval_interval >= 0 and t.eval_steps >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
-        if self.checkpoint.keep_last is not None:
-            _check(self.checkpoint.keep_last > 0, "checkpoint.keep_last", self.checkpoint.keep_last, "must be positive")
+        for name, beta in (("optimizer.adam_beta1", o.adam_beta1), ("optimizer.adam_beta2", o.adam_beta2)):
+            _check(0 <= beta < 1, name, beta, "must lie in [0, 1)")
+        _check(t.exit_after_minutes is None or c.save is not None, "train.exit_after_minutes", t.exit_after_minutes,
+               "needs checkpoint.save: the run stops with exit code 75 (resubmit to continue), which needs a "
+               "checkpoint to continue from")
         if m.transformer_impl == "local" and p.context_parallel_size > 1:
             _check(m.attention_backend == "sdpa", "parallel.context_parallel_size", p.context_parallel_size,
                    "needs model.attention_backend='sdpa' (or model.transformer_impl='transformer_engine')")
@@ -373,7 +402,7 @@ class Config:
             _check(a.monarch_blocks >= 0, "apex.monarch_blocks", a.monarch_blocks, "must be >= 0 (0: closest to sqrt(m))")
             if a.boundaries:
                 b = list(a.boundaries)
-                _check(all(isinstance(x, int) for x in b) and b == sorted(set(b)), "apex.boundaries", b,
+                _check(all(type(x) is int for x in b) and b == sorted(set(b)), "apex.boundaries", b,
                        "must be strictly increasing integers")
                 _check(b[0] >= 0 and b[-1] < t.train_steps, "apex.boundaries", b,
                        f"must lie in [0, train.train_steps={t.train_steps})")
@@ -494,10 +523,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name}={value!r}: expected a string")
         return value
     if tp is list:
-        if isinstance(value, str):
-            import yaml
-
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if isinstance(value, str):  # "[a, b]" or "a,b": the items are YAML scalars, as in a file
+            text = value.strip()
+            value = _load_yaml(text if text.startswith("[") else f"[{text}]", f"{name}={value!r}")
         if not isinstance(value, list):
             raise ConfigError(f"{name}={value!r}: expected a list")
         return value
@@ -524,21 +552,43 @@ def _build(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _load_yaml(text: str, where: str) -> Any:
+    """YAML with safe types only and no duplicate keys (a second ``model:`` section would silently
+    replace the first); a parse error raises :class:`ConfigError` naming ``where``."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            first = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may override on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in first:
+                    raise ConfigError(f"{where}: duplicate key {key!r} at line {line} (first at line {first[key]})")
+                first.setdefault(key, line)
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse {where}: {exc}") from None
+
+
 def _read_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
+    if path.suffix != ".toml":
+        return _load_yaml(text, f"config file {path}") or {}
+    import tomllib
+
     try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    except Exception as exc:  # a parse error: say which file
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # a parse error: say which file
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

@@ -174,11 +174,11 @@ def test_weighted_blend_must_alternate():
     ("[0, a, 1, b]", "data.data_path=[0, 'a', 1, 'b']: weights must be positive numbers, got 0 (leave a dataset out"),
     ("[-1, a, 2, b]", "data.data_path=[-1, 'a', 2, 'b']: weights must be positive numbers, got -1"),
     ("[.nan, a, 1, b]", "data.data_path=[nan, 'a', 1, 'b']: weights must be positive numbers, got nan"),
-    # the comma form gives strings: the same rules
-    ("-1,a,2,b", "data.data_path=['-1', 'a', '2', 'b']: weights must be positive numbers, got '-1'"),
-    ("0.5,a,0,b", "data.data_path=['0.5', 'a', '0', 'b']: weights must be positive numbers, got '0'"),
-    ("0.5,a,x,b", "data.data_path=['0.5', 'a', 'x', 'b']: weights must be positive numbers, got 'x'"),
-    ("0.5,a,0.5", "data.data_path=['0.5', 'a', '0.5']: a weighted blend must alternate weight, prefix"),
+    # the comma form parses its items as the bracket form does: the same rules
+    ("-1,a,2,b", "data.data_path=[-1, 'a', 2, 'b']: weights must be positive numbers, got -1"),
+    ("0.5,a,0,b", "data.data_path=[0.5, 'a', 0, 'b']: weights must be positive numbers, got 0"),
+    ("0.5,a,x,b", "data.data_path=[0.5, 'a', 'x', 'b']: weights must be positive numbers, got 'x'"),
+    ("0.5,a,0.5", "data.data_path=[0.5, 'a', 0.5]: a weighted blend must alternate weight, prefix"),
 ])
 def test_blend_weights_positive_numbers_in_every_syntax(path, expected):
     message = _error("data.mock=false", "data.eod_id=0", f"data.data_path={path}")
@@ -288,3 +288,69 @@ def test_reference_lists_every_field_with_its_help():
         assert f.metadata["help"] in row
     for section in dataclasses.fields(Config):
         assert f"### `{section.name}`" in text
+
+
+@pytest.mark.parametrize("override, field_value, words", [
+    # every numeric key is range-checked before start-up, and the message names the key that is wrong
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1", ">= 0"),
+    ("optimizer.adam_eps=-1", "optimizer.adam_eps=-1.0", "positive"),
+    ("optimizer.adam_eps=0", "optimizer.adam_eps=0.0", "positive"),
+    ("data.num_workers=-1", "data.num_workers=-1", ">= 0"),
+    ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by=0", "positive"),
+    ("checkpoint.save_interval=-1", "checkpoint.save_interval=-1", ">= 0"),
+    ("train.exit_after_minutes=-1", "train.exit_after_minutes=-1.0", "positive"),
+    ("train.exit_after_minutes=0", "train.exit_after_minutes=0.0", "positive"),
+    ("optimizer.lr=0", "optimizer.lr=0.0", "positive"),  # not "optimizer.min_lr=...: must lie in [0, lr]"
+    ("optimizer.min_lr=-1e-5", "optimizer.min_lr=-1e-05", "[0, optimizer.lr="),
+    ("model.vocab_size=-3", "model.vocab_size=-3", "positive"),
+    ("model.num_query_groups=0", "model.num_query_groups=0", "positive (or null)"),  # 0 is not null
+    ("model.num_query_groups=-2", "model.num_query_groups=-2", "positive (or null)"),
+    ("model.kv_channels=0", "model.kv_channels=0", "positive (or null)"),
+    ("model.kv_channels=-4", "model.kv_channels=-4", "positive (or null)"),
+    ("optimizer.lr_decay_steps=0", "optimizer.lr_decay_steps=0", "positive (or null)"),
+    ("optimizer.lr_decay_steps=-5", "optimizer.lr_decay_steps=-5", "positive (or null)"),
+    ("train.max_skipped_steps=-1", "train.max_skipped_steps=-1", ">= 0"),
+    ("parallel.distributed_timeout_minutes=0", "parallel.distributed_timeout_minutes=0.0", "positive"),
+    ("train.eval_steps=-1", "train.eval_steps=-1", ">= 0"),  # not "train.eval_interval=..."
+    ("train.eval_interval=-1", "train.eval_interval=-1", ">= 0"),
+    ("optimizer.adam_beta2=1", "optimizer.adam_beta2=1.0", "[0, 1)"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last=0", "positive (or null)"),
+])
+def test_numeric_ranges(override, field_value, words):
+    message = _error(override, "checkpoint.save=/tmp/ckpt")
+    assert message.startswith(field_value + ":"), message
+    assert words in message, message
+
+
+def test_exit_after_minutes_needs_a_checkpoint_directory():
+    # exit code 75 means "resubmit to continue", which needs a checkpoint to continue from
+    message = _error("train.exit_after_minutes=30")
+    assert message.startswith("train.exit_after_minutes=30.0:") and "checkpoint.save" in message
+    assert _load("train.exit_after_minutes=30", "checkpoint.save=/tmp/ckpt").train.exit_after_minutes == 30.0
+
+
+def test_duplicate_yaml_keys_are_refused_with_the_lines(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("model:\n  num_layers: 6\ndata:\n  mock: true\nmodel:\n  hidden_size: 64\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(dup, BASE)
+    assert str(info.value) == f"config file {dup}: duplicate key 'model' at line 5 (first at line 1)"
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  num_layers: 6\n  hidden_size: 64\n  num_layers: 2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'num_layers' at line 4 \(first at line 2\)"):
+        load_config(nested, BASE)
+    # a YAML merge key may override what it merges, on purpose
+    from megatron_apex.config import _read_file
+
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("model:\n  <<: {num_layers: 6, hidden_size: 96}\n  num_layers: 3\n")
+    assert _read_file(merged) == {"model": {"num_layers": 3, "hidden_size": 96}}
+
+
+def test_comma_list_overrides_parse_items_like_the_bracket_form():
+    cfg = _load("apex.enabled=true", "train.train_steps=10", "apex.boundaries=0,2")
+    assert cfg.apex.boundaries == [0, 2]
+    assert _load("apex.enabled=true", "train.train_steps=10", "apex.boundaries=[0, 2]").apex.boundaries == [0, 2]
+    cfg = _load("data.valid_data_path=0.7,a/b,0.3,c")
+    assert cfg.data.valid_data_path == [0.7, "a/b", 0.3, "c"]
+    assert _error("data.data_path=[0.5, a").startswith("cannot parse data.data_path='[0.5, a':")

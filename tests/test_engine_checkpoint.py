@@ -118,19 +118,41 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_config, tiny_data, tmp
         _train(tiny_config, overrides)
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
     assert ckpt.read_latest(str(tmp_path)) == 2, "the tracker must still name the last complete save"
-    assert _iters(str(tmp_path)) == [2, 4]  # the partial directory is still there
+    assert _iters(str(tmp_path)) == [2]  # the half-written save is not under an iter_* name
+    assert os.path.isdir(os.path.join(str(tmp_path), "saving.iter_0000004"))
 
     trainer, result = _train(tiny_config, overrides)
     assert result.losses == {k: uninterrupted["losses"][k] for k in range(2, STEPS)}
-    # The save of step 4 was redone over the leftover directory and is complete now.
+    # The save of step 4 was redone, complete now, and the leftover is gone.
     assert ckpt.read_common(ckpt.iter_dir(str(tmp_path), 4))["step"] == 4
     assert ckpt.read_latest(str(tmp_path)) == STEPS
+    assert not any(name.startswith("saving.") for name in os.listdir(tmp_path))
 
 
 def test_incompatible_checkpoint_is_refused(tiny_config, tiny_data, uninterrupted):
     overrides = _overrides(tiny_data, **{"checkpoint.load": uninterrupted["root"], "model.hidden_size": 96})
     with pytest.raises(ckpt.CheckpointError, match=r"hidden_size: checkpoint 64 vs config 96"):
         trainer_in_process(tiny_config, overrides)
+
+
+def test_checkpoint_of_another_rope_theta_or_norm_epsilon_is_refused(tiny_config, tiny_data, uninterrupted):
+    """RoPE theta and the RMSNorm epsilon change the function without changing a shape: a mismatch is
+    refused like a shape's (checkpoints saved before they were in the signature: read from their config)."""
+    from megatron_apex.config import load_config
+
+    overrides = _overrides(tiny_data, **{"checkpoint.load": uninterrupted["root"], "model.rotary_base": 500000.0,
+                                         "model.norm_epsilon": 1e-6})
+    with pytest.raises(ckpt.CheckpointError, match=r"rotary_base: checkpoint 10000.0 vs config 500000.0.*"
+                                                   r"norm_epsilon: checkpoint 1e-05 vs config 1e-06"):
+        trainer_in_process(tiny_config, overrides)
+    path = ckpt.resolve_checkpoint_dir(uninterrupted["root"])
+    common = ckpt.read_common(path)
+    padded = common["model_signature"]["padded_vocab_size"]
+    older = {**common, "model_signature": {k: v for k, v in common["model_signature"].items()
+                                           if k not in ("rotary_base", "norm_epsilon")}}
+    ckpt.check_compatible(older, load_config(tiny_config, _overrides(tiny_data)), padded, path)
+    with pytest.raises(ckpt.CheckpointError, match="rotary_base"):
+        ckpt.check_compatible(older, load_config(tiny_config, overrides), padded, path)
 
 
 def test_weights_only_checkpoint_finetunes_but_does_not_resume(tiny_config, tiny_data, tmp_path):
@@ -190,7 +212,7 @@ def cli_reference(tiny_config, tiny_data):
     return result.losses
 
 
-def _launch(tiny_config, tiny_data, root, log):
+def _launch(tiny_config, tiny_data, root, log, new_session=False):
     overrides = tiny_overrides(tiny_data, **CLI_EXTRA, **{
         "checkpoint.save": os.path.join(root, "ckpt"), "logging.tensorboard_dir": os.path.join(root, "tb")})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
@@ -198,7 +220,7 @@ def _launch(tiny_config, tiny_data, root, log):
                OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "megatron_apex.train", tiny_config, *overrides,
            "train.exit_on_signal=true"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def _wait_for_checkpoint(proc, root, timeout=300.0) -> int:
@@ -245,9 +267,11 @@ def test_cli_sigkill_between_checkpoints_then_restart(tiny_config, tiny_data, tm
 def test_cli_sigterm_saves_exits_75_and_resumes(tiny_config, tiny_data, tmp_path, cli_reference):
     root = str(tmp_path)
     with open(tmp_path / "run1.log", "w") as log:
-        proc = _launch(tiny_config, tiny_data, root, log)
+        proc = _launch(tiny_config, tiny_data, root, log, new_session=True)
         first = _wait_for_checkpoint(proc, root)
-        proc.send_signal(signal.SIGTERM)
+        # To the whole process group, as slurm and torchrun send it: the checkpoint writer's helper
+        # process (started by the first save) gets it too and must survive it.
+        os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=300) == 75, open(log.name).read()[-3000:]
     text = open(tmp_path / "run1.log").read()
     assert "received SIGTERM" in text and "training stopped at step" in text

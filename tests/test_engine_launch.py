@@ -80,9 +80,9 @@ def test_rendezvous_failure_names_the_address():
 
     if dist.is_initialized():
         pytest.skip("a process group is already running in this process")
-    # timeout 0: the client gives up at once (a real timeout would take its full minutes).
+    # a 60 ms timeout: the client gives up at once (a real timeout would take its full minutes).
     cfg = load_config(None, ["data.mock=true", "model.vocab_size=256", "data.tokenizer_type=none",
-                             "parallel.distributed_timeout_minutes=0"])
+                             "parallel.distributed_timeout_minutes=0.001"])
     port = free_port()  # bound and released: nothing listens there
     with pytest.raises(RuntimeError) as info:
         initialize_distributed(cfg, LaunchEnv(1, 2, 1, "127.0.0.1", port, "torchrun"))

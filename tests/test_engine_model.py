@@ -178,6 +178,58 @@ def test_activation_estimate_follows_tp_and_sequence_parallel(tiny_config):
     assert layer_acts("train.recompute_activations=true") == pytest.approx(2 + 34 / layers)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.tokenizer_model=/nonexistent/tok.model", "data.data_path=[/nonexistent/corpus]"],
+     "configuration error: data.tokenizer_model='/nonexistent/tok.model': no such file"),
+    (["model.vocab_size=256", "data.tokenizer_type=none", "data.eod_id=0", "data.data_path=[/nonexistent/corpus]"],
+     "configuration error: data.data_path: no indexed dataset at '/nonexistent/corpus'"),
+], ids=["tokenizer", "data"])
+def test_dry_run_checks_the_files_the_run_reads(tiny_config, capsys, overrides, message):
+    from megatron_apex.cli import main
+
+    assert main(["train", tiny_config, *overrides, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_reads_the_tokenizer_vocabulary(tiny_config, tiny_data, tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    from megatron_apex.cli import main
+
+    path = str(tmp_path / "tokenizer.json")
+    Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 300)}},
+                               unk_token="<unk>")).save(path)
+    assert main(["train", tiny_config, f"data.data_path=[{tiny_data}]", "data.tokenizer_type=huggingface",
+                 f"data.tokenizer_model={path}", "--dry-run", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab 300 padded to 384" in out  # not a made-up 32000
+    assert "run: 100 steps = 102.400K tokens" in out  # 100 x 8 x 128, not "0.000B"
+
+
+@pytest.mark.parametrize("pp, tie", [(1, False), (1, True), (2, False)])
+def test_memory_estimate_holds_embedding_and_output_of_the_stage(tiny_config, pp, tie):
+    """PP=1: one stage holds the embedding and (untied) the output layer; PP>1: the first stage the one,
+    the last the other (the larger counts)."""
+    from megatron_apex.cli import estimate_memory
+    from megatron_apex.model.llama import count_parameters
+
+    cfg = load_config(tiny_config, [*MOCK, f"parallel.pipeline_model_parallel_size={pp}",
+                                    f"model.tie_embeddings={tie}"], world_size=pp)
+    c = count_parameters(cfg, 256)
+    layers = c["per_layer"] * cfg.model.num_layers // pp
+    vocab = c["embedding"] + c["output"] if pp == 1 else max(c["embedding"], c["output"])
+    assert estimate_memory(cfg, pp, 256)["parameters_per_gpu"] == layers + vocab
+    if pp == 1:
+        assert layers + vocab == c["total"] - cfg.model.hidden_size  # all but the final norm
+
+
+def test_token_counts_keep_their_digits():
+    from megatron_apex.cli import _count
+
+    assert [_count(n) for n in (512, 102_400, 2.5e6, 10_000_269_312, 3e12)] == [
+        "512", "102.400K", "2.500M", "10.000B", "3.000T"]
+
+
 def test_dry_run_config_error_exits_2(tiny_config, capsys):
     from megatron_apex.cli import main
 
@@ -210,9 +262,12 @@ class PoisonOutput(Callback):
             self.after[step] = (self._snapshot(trainer), metrics)
 
 
-def test_nan_loss_stops_with_the_step(world1, tiny_config, tiny_data):
-    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 2 .*train.nan_policy='stop'"):
+def test_nan_loss_stops_with_the_step(world1, tiny_config, tiny_data, caplog):
+    # The third step (0-based index 2) is poisoned; the error numbers steps from 1, as the log lines do.
+    with caplog.at_level("INFO", "megatron_apex"), pytest.raises(
+            TrainingError, match=r"non-finite loss or gradient at step 3 .*train.nan_policy='stop'"):
         trainer_in_process(tiny_config, tiny_overrides(tiny_data), [PoisonOutput([2])]).train()
+    assert "step 2/6 |" in caplog.text and "step 3/6 |" not in caplog.text
 
 
 def test_nan_policy_skip_skips_the_update(world1, tiny_config, tiny_data):
@@ -229,7 +284,7 @@ def test_nan_policy_skip_skips_the_update(world1, tiny_config, tiny_data):
 def test_nan_policy_skip_stops_after_max_skipped_steps(world1, tiny_config, tiny_data):
     overrides = tiny_overrides(tiny_data, **{"train.nan_policy": "skip", "train.max_skipped_steps": 2})
     trainer = trainer_in_process(tiny_config, overrides, [PoisonOutput([1, 2, 3, 4])])
-    with pytest.raises(TrainingError, match=r"at step 3 .*3 steps skipped > train.max_skipped_steps=2"):
+    with pytest.raises(TrainingError, match=r"at step 4 .*3 steps skipped > train.max_skipped_steps=2"):
         trainer.train()
 
 
@@ -237,7 +292,7 @@ def test_absurd_learning_rate_is_caught(world1, tiny_config, tiny_data):
     """lr=1e30: the first update makes the weights overflow, the next loss is not finite."""
     overrides = tiny_overrides(tiny_data, **{"optimizer.lr": 1e30, "optimizer.min_lr": 0.0,
                                              "optimizer.lr_warmup_steps": 0, "optimizer.clip_grad": 0.0})
-    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step [12] "):
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step [23] "):
         trainer_in_process(tiny_config, overrides).train()
 
 

@@ -157,6 +157,18 @@ class _DatasetChecks:
                                   + (", or set data.valid_data_path" if name == "valid" else ""))
 
 
+def check_datasets(cfg: Config, vocab_size: int, eod_id: int) -> None:
+    """The start-up checks of :func:`build_datasets` alone (module doc), without building any index: for
+    the dry run, and to stop a run on bad data before its model is built."""
+    d = cfg.data
+    if d.mock:
+        return
+    checks = _DatasetChecks(cfg, vocab_size, eod_id)
+    checks.blend("data.data_path", d.data_path)
+    if d.valid_data_path:
+        checks.blend("data.valid_data_path", d.valid_data_path)
+
+
 def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int, valid_samples: int,
                    is_built_on_rank=lambda: True):
     """(train, valid) datasets of at least the requested sizes (valid is None when valid_samples is 0).

@@ -3,16 +3,18 @@
 Layout (compatible with Megatron-LM's)::
 
     <root>/latest_checkpointed_iteration.txt   written last, atomically, after every rank finished
-    <root>/iter_0000100/                       torch_dist shards + common state
+    <root>/iter_0000100/                       torch_dist shards + common state (metadata.json last)
 
 The common state holds the step, consumed samples, the resolved config, the parallel layout it
-was saved under, and a *model signature* (every shape-defining field). Loading compares the
-signature with the current model and refuses a mismatch with the list of differing fields. Model
-weights (and optimizer state) are stored as global tensors, so they load under any TP/PP layout;
+was saved under, and a *model signature* (every shape-defining field, RoPE theta and the RMSNorm
+epsilon). Loading compares the signature with the current model and refuses a mismatch with the
+list of differing fields. Model weights (and optimizer state) are stored as global tensors, so they
+load under any TP/PP layout;
 RNG states are per (PP, TP) rank and are restored only when the layout is unchanged.
 
-A crash during a save leaves the tracker pointing at the previous checkpoint; the half-written
-directory is removed by the next save of the same step.
+A save writes into ``<root>/saving.iter_0000100/`` and renames it into place once every rank has
+finished, before the tracker moves: a crash during a save leaves the tracker and the checkpoint it
+names untouched, and the next save removes the leftover ``saving.*`` directory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 from typing import Optional
 
 import numpy as np
@@ -33,9 +36,12 @@ from megatron_apex.distributed import ParallelContext
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+COMPLETE_MARKER = "metadata.json"  # megatron-core's dist_checkpointing writes it after all shards
+SAVING_PREFIX = "saving."      # a save in progress (or interrupted): never read, removed by the next save
+REPLACED_PREFIX = "replaced."  # an earlier save of the same step, moved aside while the new one moves in
 FORMAT_VERSION = 1
 SIGNATURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups",
-                    "head_dim", "tie_embeddings")
+                    "head_dim", "tie_embeddings", "rotary_base", "norm_epsilon")
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +50,16 @@ class CheckpointError(RuntimeError):
 
 def iter_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
+
+
+def _iter_step(name: str) -> Optional[int]:
+    """The step of an ``iter_NNNNNNN`` directory name (None for any other name)."""
+    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
+
+
+def is_complete(path: str) -> bool:
+    """Whether ``path`` is a checkpoint directory whose save finished."""
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
 
 
 def read_latest(root: Optional[str]) -> Optional[int]:
@@ -57,18 +73,34 @@ def read_latest(root: Optional[str]) -> Optional[int]:
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
     step = int(text)
-    if not os.path.isdir(iter_dir(root, step)):
-        raise CheckpointError(f"{path} names step {step} but {iter_dir(root, step)} does not exist")
+    target = iter_dir(root, step)
+    if not os.path.isdir(target):
+        replaced = os.path.join(root, REPLACED_PREFIX + os.path.basename(target))
+        hint = (f"; {replaced} holds it (a save of the same step was interrupted): rename it back"
+                if os.path.isdir(replaced) else "")
+        raise CheckpointError(f"{path} names step {step} but {target} does not exist{hint}")
+    if not is_complete(target):
+        raise CheckpointError(f"{path} names step {step} but {target} is incomplete (no {COMPLETE_MARKER}: an "
+                              f"interrupted save); write the step of an earlier complete checkpoint into {path}")
     return step
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-    """Accept a checkpoint root (with a tracker) or an ``iter_*`` directory."""
-    if os.path.isfile(os.path.join(path, "metadata.json")):
+def resolve_checkpoint_dir(path: str, name: Optional[str] = None) -> str:
+    """The checkpoint directory ``path`` names: a root with a tracker or an ``iter_*`` directory.
+
+    Raises :class:`CheckpointError` when there is no such directory or it holds no checkpoint; the
+    message starts with ``name=path`` when the path comes from a config field ``name``."""
+    where = f"{name}={path!r}" if name else path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{where}: no such checkpoint directory")
+    if is_complete(path):
         return path
     step = read_latest(path)
     if step is None:
-        raise CheckpointError(f"{path} is neither a checkpoint directory nor a root with {TRACKER}")
+        what = (f"an incomplete checkpoint (no {COMPLETE_MARKER}: an interrupted save)"
+                if _iter_step(os.path.basename(os.path.normpath(path))) is not None
+                else f"neither a checkpoint directory nor a root with {TRACKER}")
+        raise CheckpointError(f"{where}: {what}")
     return iter_dir(path, step)
 
 
@@ -135,11 +167,12 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
     from megatron.core import dist_checkpointing
 
     target = iter_dir(root, step)
+    staging = os.path.join(root, SAVING_PREFIX + os.path.basename(target))
+    _start_writer_results_queue()
     if ctx.rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.isdir(target):  # left by an interrupted save of this same step
-            shutil.rmtree(target)
-        os.makedirs(target)
+        _remove_leftovers(root)
+        os.makedirs(staging)
     dist.barrier()
     sd = build_state_dict(model, optimizer, ctx, is_loading=False, with_optimizer=optimizer is not None,
                           with_rng=True, extra_sharded=extra_sharded)
@@ -148,15 +181,37 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
                "config": cfg.to_dict(), "layout": _layout(ctx),
                "model_signature": model_signature(cfg, padded_vocab), **(extra_common or {})})
     _share_cpu_slices(sd)
-    dist_checkpointing.save(sd, target)
+    dist_checkpointing.save(sd, staging)
     dist.barrier()
     if ctx.rank == 0:
+        _move_into_place(staging, target)
         _write_atomic(os.path.join(root, TRACKER), f"{step}\n")
         if cfg.checkpoint.keep_last:
-            _prune(root, cfg.checkpoint.keep_last)
+            _prune(root, cfg.checkpoint.keep_last, step)
     dist.barrier()
     logger.info("saved checkpoint %s", target)
     return target
+
+
+def _start_writer_results_queue() -> None:
+    """Start megatron-core's checkpoint-writer results queue out of reach of the job's stop signals.
+
+    The torch_dist writer returns its results through a multiprocessing manager that megatron-core
+    spawns on the first save. slurm and torchrun deliver SIGTERM (and slurm's ``--signal=USR1``) to
+    the whole process group: the manager, whose default is to die of them, would be gone by the time
+    the trainer writes the checkpoint the signal asks for, and that save would fail. So the same
+    manager is started here, first thing in its process blocking those signals (the trainer handles
+    them); it still stops when this process exits (a shutdown message, then SIGKILL)."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", True) is not None:  # running (or another version)
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(signal.pthread_sigmask, (signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1}))
+    filesystem_async._results_queue = manager.Queue()  # the queue keeps its manager alive
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -231,17 +286,66 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames in directory ``path`` durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def _prune(root: str, keep: int) -> None:
-    steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
-    for step in steps[:-keep]:
+def _remove_leftovers(root: str) -> None:
+    """Remove what interrupted saves left (never a directory the tracker can name)."""
+    for name in os.listdir(root):
+        if name.startswith((SAVING_PREFIX, REPLACED_PREFIX)) and os.path.isdir(os.path.join(root, name)):
+            logger.warning("removing %s, left by an interrupted save", os.path.join(root, name))
+            shutil.rmtree(os.path.join(root, name))
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Rename the finished ``staging`` directory to ``target``.
+
+    An existing ``target`` is either a leftover the tracker does not name (a save that ended before
+    the tracker moved, or an interrupted save of an older version), or the tracker's own checkpoint
+    saved again (e.g. fused at the end of a run resumed at its last step): it is moved aside first
+    and deleted only once the new directory is in place."""
+    root = os.path.dirname(target)
+    replaced = os.path.join(root, REPLACED_PREFIX + os.path.basename(target))
+    if os.path.isdir(target):
+        os.rename(target, replaced)
+    os.rename(staging, target)
+    _fsync_dir(root)
+    if os.path.isdir(replaced):
+        shutil.rmtree(replaced)
+
+
+def _prune(root: str, keep: int, saved: int) -> None:
+    """checkpoint.keep_last: keep the newest ``keep`` complete checkpoints up to ``saved`` (the step
+    just saved, which the tracker names). Incomplete directories and steps newer than ``saved`` (left
+    by an earlier run that went further) are neither counted nor deleted."""
+    complete, newer, incomplete = [], [], []
+    for name in os.listdir(root):
+        step = _iter_step(name)
+        if step is None:
+            continue
+        if step > saved:
+            newer.append(name)
+        elif not is_complete(os.path.join(root, name)):
+            incomplete.append(name)
+        else:
+            complete.append(step)
+    for step in sorted(complete)[:-keep]:
         shutil.rmtree(iter_dir(root, step), ignore_errors=True)
+    if newer:
+        logger.warning("%s: %s newer than the step just saved (%d), left by an earlier run; checkpoint.keep_last "
+                       "does not delete them", root, ", ".join(sorted(newer)), saved)
+    if incomplete:
+        logger.warning("%s: %s incomplete (no %s: an interrupted save); checkpoint.keep_last neither counts nor "
+                       "deletes them", root, ", ".join(sorted(incomplete)), COMPLETE_MARKER)
 
 
 def read_common(path: str) -> dict:
@@ -257,7 +361,8 @@ def read_common(path: str) -> dict:
 
 def check_compatible(common: dict, cfg: Config, padded_vocab: int, path: str) -> None:
     """Refuse a checkpoint of a different model shape, naming every differing field."""
-    saved = common["model_signature"]
+    # A field added to the signature later is read from the checkpoint's stored config.
+    saved = {**common.get("config", {}).get("model", {}), **common["model_signature"]}
     current = model_signature(cfg, padded_vocab)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:

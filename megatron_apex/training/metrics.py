@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -82,9 +83,18 @@ class Throughput:
     def step(self) -> None:
         self.steps += 1
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (checkpoints, validation) out of the measured interval."""
+        _synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - start
+
     def report(self) -> dict:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _synchronize()
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tokens = self.tokens_per_step * self.steps
         out = {"step_time_s": dt / max(self.steps, 1), "tokens_per_s": tokens / dt}
@@ -94,3 +104,9 @@ class Throughput:
             out["mfu"] = tflops / self.peak
         self.reset()
         return out
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that wall-clock intervals measure it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -11,12 +11,15 @@ from megatron_apex.distributed import LaunchEnv, destroy_distributed, initialize
 
 logger = logging.getLogger(__name__)
 
+EXIT_CONFIG = 2        # the configuration (or a checkpoint or tokenizer it names) does not work
+EXIT_INTERRUPTED = 130  # aborted by a second Ctrl-C (128 + SIGINT), nothing saved
+
 
 def build_callbacks(cfg: Config) -> list:
     """The features that take part in this run, as trainer callbacks."""
     from megatron_apex.training.exit import GracefulExit
 
-    callbacks = [GracefulExit(cfg.train.exit_after_minutes, cfg.train.exit_on_signal)]
+    callbacks = [GracefulExit(cfg.train.exit_after_minutes, cfg.train.exit_on_signal, saves=bool(cfg.checkpoint.save))]
     if cfg.apex.enabled:
         from megatron_apex.expansion.engine import ApexCallback
 
@@ -25,14 +28,27 @@ def build_callbacks(cfg: Config) -> list:
 
 
 def run_training(cfg: Config, launch: LaunchEnv) -> int:
+    """Train; returns the exit code. Errors a user can fix (configuration, checkpoint, tokenizer) are
+    one line each (the traceback at logging level DEBUG), not a traceback."""
+    from megatron_apex.data.tokenizers import TokenizerError
+    from megatron_apex.training.checkpoint import CheckpointError
     from megatron_apex.training.trainer import Trainer, TrainingError
 
-    ctx = initialize_distributed(cfg, launch)
+    from megatron_apex.training.exit import GracefulExit
+
+    callbacks = build_callbacks(cfg)
+    graceful = next(cb for cb in callbacks if isinstance(cb, GracefulExit))
     try:
+        ctx = initialize_distributed(cfg, launch)
         if ctx.rank == 0:
             logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-        trainer = Trainer(cfg, ctx, build_callbacks(cfg)).setup()
-        result = trainer.train()
+        result = Trainer(cfg, ctx, callbacks).setup().train()
+        if result.exit_reason == "stopped" and result.checkpoint is None:
+            code = graceful.exit_code_unsaved
+            if ctx.rank == 0:
+                logger.error("training stopped at step %d without saving (checkpoint.save is not set): a new start "
+                             "cannot continue from here (exit code %d)", result.step, code)
+            return code
         if ctx.rank == 0:
             where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
             logger.info("training %s at step %d%s", result.exit_reason, result.step, where)
@@ -43,5 +59,14 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
     except TrainingError as exc:
         logger.error("%s", exc)
         return 1
+    except (ConfigError, CheckpointError, TokenizerError) as exc:
+        kind = "checkpoint error" if isinstance(exc, CheckpointError) else "configuration error"
+        logger.error("%s: %s", kind, exc)
+        logger.debug("where it was raised:", exc_info=True)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        logger.error("interrupted: aborted without saving")
+        return EXIT_INTERRUPTED
     finally:
+        graceful.restore()
         destroy_distributed()

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_apex.compat.host_memory import keep_freed_memory
-from megatron_apex.config import Config
-from megatron_apex.data.datasets import build_datasets, build_loader, resolve_vocab
+from megatron_apex.config import Config, ConfigError
+from megatron_apex.data.datasets import build_datasets, build_loader, check_datasets, resolve_vocab
 from megatron_apex.distributed import ParallelContext
 from megatron_apex.model.init import initialize_weights
 from megatron_apex.model.llama import build_model, build_transformer_config, flops_per_token
@@ -33,6 +33,7 @@ from megatron_apex.training.optim import apply_lr, build_optimizer, wrap_ddp
 logger = logging.getLogger(__name__)
 
 EXIT_INCOMPLETE = 75  # a clean early stop (signal or time limit) after saving: resubmit to continue
+EXIT_ERROR = 1        # training failed, or stopped early with nothing saved to continue from
 
 
 class TrainingError(RuntimeError):
@@ -89,7 +90,10 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.exit_reason == "finished" else EXIT_INCOMPLETE
+        """0 finished; 75 stopped early with a checkpoint of the stopping step (resubmit to continue)."""
+        if self.exit_reason == "finished":
+            return 0
+        return EXIT_INCOMPLETE if self.checkpoint else EXIT_ERROR
 
 
 class Trainer:
@@ -99,6 +103,9 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         self.callbacks = list(callbacks or [])
         self.step = 0
+        self.consumed_samples = 0  # the data position: training samples read so far, over all steps
+        self.latest_checkpoint = None  # the newest checkpoint saved or loaded by this run...
+        self.checkpoint_state = None   # ...and the (step, callback state) it holds
         self.result = TrainResult()
 
     # ------------------------------------------------------------------ set-up
@@ -107,11 +114,9 @@ class Trainer:
         if ctx.device.type == "cpu":  # every step frees and re-allocates the same tensors: keep their pages
             keep_freed_memory()
         self.vocab_size, self.eod_id = resolve_vocab(cfg)
-        # The datasets first: their start-up checks stop a run on bad data before any model is built or loaded.
-        t = cfg.train
-        total_train = t.train_steps * t.global_batch_size
-        total_valid = t.eval_steps * t.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, total_train, total_valid)
+        # The datasets' start-up checks first: bad data stops a run before any model is built or loaded (the
+        # datasets themselves are built after the load, which gives the data position).
+        check_datasets(cfg, self.vocab_size, self.eod_id)
         self.padded_vocab = cfg.padded_vocab_size(self.vocab_size)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
         self.params_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -134,9 +139,18 @@ class Trainer:
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
-        self._load()
+        common = self._load()
+        t = cfg.train
         self.num_micro = cfg.num_micro_batches(ctx.world_size)
-        self.train_iter = iter(build_loader(self.train_ds, cfg, self.step * t.global_batch_size, total_train,
+        # The sampler reads global sample indices from consumed_samples on; the dataset must reach past
+        # the last step's samples (its size can change the order across epochs, see _check_data_order).
+        self.train_samples = self.consumed_samples + max(t.train_steps - self.step, 0) * t.global_batch_size
+        if common is not None:
+            self._check_data_order(common)
+        total_valid = t.eval_steps * t.global_batch_size
+        self.train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, self.train_samples,
+                                                      total_valid)
+        self.train_iter = iter(build_loader(self.train_ds, cfg, self.consumed_samples, self.train_samples,
                                             ctx.dp_rank, ctx.dp_size))
         self.total_valid = total_valid
         self.metrics = MetricsWriter(ctx.is_logging_rank, cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
@@ -152,23 +166,75 @@ class Trainer:
         c.model.vocab_size = self.vocab_size
         return c
 
-    def _load(self) -> None:
+    def _resume_source(self) -> tuple[Optional[str], Optional[str], str]:
+        """(the configured path to resume from, the checkpoint directory it names; why that one),
+        or Nones when there is nothing to resume from.
+
+        checkpoint.save wins once it has a checkpoint: it holds this run's newest state, so a
+        resubmitted job continues from where the last one stopped rather than from checkpoint.load.
+        An explicit checkpoint.load must hold a checkpoint (checkpoint.load = checkpoint.save is the
+        usual auto-resume and may be empty)."""
         c = self.cfg.checkpoint
-        root = c.load or c.save
-        latest = ckpt.read_latest(root)
-        if latest is not None:
-            saved = ckpt.read_common(ckpt.resolve_checkpoint_dir(root))
+        explicit_load = bool(c.load) and not (c.save and _same_dir(c.load, c.save))
+        if ckpt.read_latest(c.save) is not None:
+            return c.save, ckpt.resolve_checkpoint_dir(c.save), (
+                "checkpoint.save holds this run's newest checkpoint"
+                + (f"; checkpoint.load={c.load} is only used before it has one" if explicit_load else ""))
+        if explicit_load:
+            return c.load, ckpt.resolve_checkpoint_dir(c.load, "checkpoint.load"), (
+                "checkpoint.load" + (f"; checkpoint.save={c.save} has no checkpoint yet" if c.save else ""))
+        return None, None, ""
+
+    def _load(self) -> Optional[dict]:
+        """Resume (or initialise weights from checkpoint.finetune_from); the loaded common state."""
+        c, t = self.cfg.checkpoint, self.cfg.train
+        source, path, why = self._resume_source()
+        if source is not None:
+            saved = ckpt.read_common(path)
+            apex = saved.get("apex")
+            if apex is not None and not apex["finished"] and not self.cfg.apex.enabled:
+                raise ConfigError(f"apex.enabled=false: {path} was saved during an APEX run (stage {apex['stage']} of "
+                                  f"{len(apex['boundaries'])}), before the final fuse folded its operators into the "
+                                  "weights, which alone are another model; resume it with apex.enabled=true and its "
+                                  "APEX settings, or export it (tools/convert_checkpoint.py fuses the operators)")
             common = ckpt.load_checkpoint(
-                root, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab, c.load_optimizer,
+                path, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab, c.load_optimizer,
                 c.load_rng, extra_sharded=self._sharded_extra(saved))
-            self.step = common["step"]
+            self.step, self.consumed_samples = common["step"], common["consumed_samples"]
             for cb in self.callbacks:
                 cb.load_state(self, common)
-            logger.info("resumed from %s at step %d", root, self.step)
-        elif c.finetune_from:
-            ckpt.load_checkpoint(c.finetune_from, self.model, self.optimizer, self.cfg, self.ctx,
-                                 self.padded_vocab, load_optimizer=False, load_rng=False)
+            self.latest_checkpoint, self.checkpoint_state = path, (self.step, self._callback_state())
+            logger.info("resumed from %s at step %d (%s)", source, self.step, why)
+            saved_gbs = common["config"]["train"]["global_batch_size"]
+            if saved_gbs != t.global_batch_size and self.ctx.rank == 0:
+                logger.warning("train.global_batch_size changed from %d (checkpoint) to %d: training continues at "
+                               "sample %d, where the checkpoint's run stopped reading", saved_gbs,
+                               t.global_batch_size, self.consumed_samples)
+            return common
+        if c.finetune_from:
+            path = ckpt.resolve_checkpoint_dir(c.finetune_from, "checkpoint.finetune_from")
+            ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab,
+                                 load_optimizer=False, load_rng=False)
             logger.info("initialised weights from %s (fresh optimizer and schedule, step 0)", c.finetune_from)
+        return None
+
+    def _check_data_order(self, common: dict) -> None:
+        """Say so when the training set is built for another number of samples than the checkpoint's run
+        built it for: megatron-core's GPTDataset shuffles over all the epochs it builds, so when the run
+        spans more than one epoch of the corpus the sample order after the resume point changes."""
+        before = common.get("train_samples", common["config"]["train"]["train_steps"]
+                            * common["config"]["train"]["global_batch_size"])
+        if before != self.train_samples and not self.cfg.data.mock and self.ctx.rank == 0:
+            logger.info("the training set is built for %d samples, the checkpoint's run built it for %d "
+                        "(train.train_steps or train.global_batch_size changed): if that is more than one epoch "
+                        "of the data, the samples after the resume point come in another order than that run's",
+                        self.train_samples, before)
+
+    def _callback_state(self) -> dict:
+        state = {}
+        for cb in self.callbacks:
+            state.update(cb.common_state(self))
+        return state
 
     def _sharded_extra(self, common: Optional[dict] = None) -> dict:
         extra = {}
@@ -252,11 +318,11 @@ class Trainer:
         t = self.cfg.train
         if t.nan_policy == "stop" or self.skipped > t.max_skipped_steps:
             raise TrainingError(
-                f"non-finite loss or gradient at step {step} (loss={metrics['loss']}); "
+                f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}); "
                 + ("train.nan_policy='stop'" if t.nan_policy == "stop" else
                    f"{self.skipped} steps skipped > train.max_skipped_steps={t.max_skipped_steps}")
                 + ". Lower optimizer.lr, raise warmup, or resume from the last checkpoint.")
-        logger.warning("step %d: non-finite loss/gradient, update skipped (%d so far)", step, self.skipped)
+        logger.warning("step %d: non-finite loss/gradient, update skipped (%d so far)", step + 1, self.skipped)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         for cb in self.callbacks:
@@ -295,6 +361,7 @@ class Trainer:
                 cb.on_step_start(self, step)
             metrics = self.train_step(step)
             self.step = step + 1
+            self.consumed_samples += t.global_batch_size
             self.throughput.step()
             self.result.losses[step] = metrics["loss"]
             interval_losses.append(metrics["loss"])
@@ -306,24 +373,34 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
                 self._validate()
             if metrics["stop"]:
-                self.result.exit_reason = "stopped"
-                break
+                if self.step < t.train_steps:
+                    self.result.exit_reason = "stopped"
+                    break
+                if self.ctx.rank == 0:
+                    logger.info("stop requested during the last step: finishing the run")
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
                     and self.step < t.train_steps:
-                self.save()
+                with self.throughput.paused():
+                    self.save()
         if self.result.exit_reason == "finished":
             for cb in self.callbacks:
                 cb.on_train_end(self)
             if t.eval_steps:
                 self._validate()
-        if cfg.checkpoint.save:
-            self.result.checkpoint = self.save()
+        if cfg.checkpoint.save:  # unless nothing changed since the load (a finished run started again)
+            if self.checkpoint_state != (self.step, self._callback_state()):
+                self.save()
+            elif self.ctx.rank == 0:
+                logger.info("nothing changed since %s was loaded: not saving it again", self.latest_checkpoint)
+        if self.checkpoint_state is not None and self.checkpoint_state[0] == self.step:
+            self.result.checkpoint = self.latest_checkpoint
         self.result.step = self.step
         self.metrics.close()
         return self.result
 
     def _validate(self) -> None:
-        loss = self.evaluate()
+        with self.throughput.paused():  # tokens/s counts training only
+            loss = self.evaluate()
         if loss is None:
             return
         self.result.valid[self.step] = loss
@@ -351,12 +428,17 @@ class Trainer:
         self.metrics.write(step + 1, values)
 
     def save(self) -> str:
-        common = {}
-        for cb in self.callbacks:
-            common.update(cb.common_state(self))
-        return ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self.model, self.optimizer, self.cfg,
-                                    self.ctx, self.padded_vocab, self.step * self.cfg.train.global_batch_size,
-                                    extra_common=common, extra_sharded=self._sharded_extra())
+        state = self._callback_state()
+        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self.model, self.optimizer, self.cfg,
+                                    self.ctx, self.padded_vocab, self.consumed_samples,
+                                    extra_common={"train_samples": self.train_samples, **state},
+                                    extra_sharded=self._sharded_extra())
+        self.latest_checkpoint, self.checkpoint_state = path, (self.step, state)
+        return path
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _masked_mean_loss(loss_mask: torch.Tensor, count: torch.Tensor, output: torch.Tensor):
