@@ -112,8 +112,9 @@ apex_maybe_requeue() {
 # torchrun treats any non-zero worker exit as a failure and exits 1, so the workers run through
 # record_exit_code.sh, which writes each one's exit code; when every local worker stopped cleanly
 # (75), this node reports 75 too. On SIGTERM/SIGINT torchrun forwards the signal to its workers'
-# process groups and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 600, torchrun's own
-# default is 30) before SIGKILL, so a large checkpoint can finish writing.
+# process groups (record_exit_code.sh turns SIGINT into the trainer's SIGTERM) and waits
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 600, torchrun's own default is 30) before
+# SIGKILL, so a large checkpoint can finish writing.
 apex_torchrun() {
   local -a launcher=()
   while [[ $# -gt 0 && "$1" != "--" ]]; do
