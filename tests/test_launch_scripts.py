@@ -99,6 +99,41 @@ def test_ctrl_c_reaches_the_worker_as_a_stop_request(tmp_path):
     assert (codes / "0").read_text().strip() == "75"
 
 
+# PYTHON for apex_torchrun: the real interpreter for torchrun, and for the workers (`-m megatron_apex.train`)
+# an exit, after WORKER_SLEEP seconds, with the code WORKER_CODES lists for their LOCAL_RANK; with
+# WORKER_IGNORE_TERM set they do not let torchrun stop them early.
+PYTHON_STUB = r"""#!/usr/bin/env bash
+if [[ "$1 $2" == "-m megatron_apex.train" ]]; then
+  [[ -n "${WORKER_IGNORE_TERM:-}" ]] && trap '' TERM
+  read -r -a codes <<<"$WORKER_CODES"
+  read -r -a sleeps <<<"$WORKER_SLEEP"
+  sleep "${sleeps[$LOCAL_RANK]}"
+  exit "${codes[$LOCAL_RANK]}"
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.mark.parametrize("codes,sleeps,ignore_term,expected", [
+    ("2 2", "0 0", "", 2),      # a configuration error on every worker
+    ("75 75", "0 0", "", 75),   # every worker stopped after saving
+    ("2 0", "0 30", "", 2),     # one failed; torchrun stopped the other with SIGTERM (no code of its own)
+    ("2 75", "0 1", "1", 1),    # the workers disagree: torchrun's 1
+])
+def test_torchrun_passes_on_the_exit_code_all_workers_share(tmp_path, codes, sleeps, ignore_term, expected):
+    """torchrun says 1 for any failed worker; the launchers report a code every recorded worker shares
+    (2: configuration error, 75: stopped after saving), and torchrun's 1 when they differ."""
+    stub = tmp_path / "python"
+    stub.write_text(PYTHON_STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable, "WORKER_CODES": codes,
+           "WORKER_SLEEP": sleeps, "WORKER_IGNORE_TERM": ignore_term, "APEX_DIR": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "-c", 'source "$APEX_DIR/launch_scripts/common.sh"; apex_torchrun --standalone '
+                           '--nnodes=1 --nproc_per_node=2 --max_restarts=0 -- config.yaml'],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == expected, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def _single_node(args: list, log_path, workers: int = 2) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_", "PET_"))
@@ -117,6 +152,16 @@ def _finish(proc: subprocess.Popen, log_path, timeout: float) -> int:
         os.killpg(proc.pid, signal.SIGKILL)  # the launch's own session: this test started it
         proc.wait()
         pytest.fail(f"launch did not finish in {timeout} s; log:\n{log_path.read_text()[-6000:]}")
+
+
+@pytest.mark.slow
+def test_single_node_config_error_exits_2(tmp_path):
+    log = tmp_path / "run.log"
+    proc = _single_node(["data.mock=true", "model.vocab_size=256", "data.eod_id=0", "data.tokenizer_type=none",
+                         "model.num_query_groups=3"], log)
+    rc = _finish(proc, log, timeout=180)
+    out = log.read_text()
+    assert rc == 2 and "configuration error" in out and "training exited with code 2" in out, out[-6000:]
 
 
 @pytest.mark.slow
