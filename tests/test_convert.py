@@ -365,3 +365,30 @@ def test_checkpoint_saves_and_loads_swiglu_halves_without_copies():
     assert factory.merge_fn([h.data for h in factory.build()]) is w  # loaded in place: nothing to merge
     merged = factory.merge_fn([h.data.clone() for h in factory.build()])  # elsewhere: the factory's own merge
     assert merged is not w and torch.equal(merged, w)
+
+
+# ---------------------------------------------------------------------- outputs, environments, malformed inputs
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """(HF directory, imported checkpoint root) of a tiny GQA LLaMA, shared by the tests below (read only)."""
+    from megatron_apex.convert.importer import import_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("imported")
+    src = make_hf(d / "hf", kv_heads=2)
+    import_hf_checkpoint(src, str(d / "ckpt"), progress=False)
+    return src, str(d / "ckpt")
+
+
+def test_converter_is_one_process_inside_a_launcher_environment(imported, tmp_path):
+    """A slurm allocation (and a stray torchrun environment) around the converter must not make it wait for
+    ranks that never come: it runs as one process whatever the launcher variables say."""
+    import subprocess
+
+    _, ckpt = imported
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
+           "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "export",
+                           "--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors")

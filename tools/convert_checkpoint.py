@@ -9,8 +9,9 @@
       --dtype bf16 --shard-size 5GB --tokenizer tokenizer.model --verify
 
 Both directions stream layer by layer (peak memory near one copy of the model) and run in a
-single process on the CPU. --verify compares logits of both sides on random sequences (needs
-transformers) and fails if they differ beyond the tolerance.
+single process on the CPU, whatever launcher environment (torchrun, slurm, MPI) they are started
+in. --verify compares logits of both sides on random sequences (needs transformers) and fails if
+they differ beyond the tolerance.
 
 Exit codes: 0 ok, 2 bad input / unsupported model / impossible layout, 3 verification failed,
 130 interrupted.

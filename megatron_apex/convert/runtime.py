@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 
 import torch
 
@@ -21,25 +20,24 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def single_process(cfg: Config):
-    """Yield a ParallelContext for one process; tears it down only if it started it here."""
+    """Yield a ParallelContext for one process; tears it down only if it started it here.
+
+    The process joins no launcher's job: a torchrun, slurm or MPI environment around it (the
+    converter run inside an allocation) must not turn this into a rendezvous with ranks that never
+    come, so the launch environment is that of a process started without any launcher."""
     import torch.distributed as dist
 
-    from megatron_apex.distributed import destroy_distributed, initialize_distributed
+    from megatron_apex.distributed import destroy_distributed, detect_launch_env, initialize_distributed
 
     started = not dist.is_initialized()
-    saved = {}
-    if started:
-        # A stray torchrun environment must not turn this into a multi-process rendezvous.
-        saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
-        ctx = initialize_distributed(cfg)
+        ctx = initialize_distributed(cfg, detect_launch_env({}))
         if ctx.world_size != 1 and ctx.tp_size * ctx.pp_size != 1:
             raise ConversionError("the converter runs in a single process (TP=1, PP=1); run it without torchrun")
         yield ctx
     finally:
         if started:
             destroy_distributed()
-            os.environ.update(saved)
 
 
 def single_layout(cfg: Config) -> Config:
