@@ -126,3 +126,21 @@ def test_effective_rank_tool(apex_checkpoint, tmp_path):
     from megatron_apex.analysis.effective_rank import checkpoint_effective_ranks
 
     assert checkpoint_effective_ranks(root)["layers"][0]["down"] == pytest.approx(second["layers"][0]["down"])
+
+
+
+def test_tools_refuse_an_incomplete_checkpoint_and_an_unwritable_output(apex_checkpoint, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(apex_checkpoint[0], "iter_0000002"), ckpt)
+    (ckpt / "__1_1.distcp").unlink()
+    for tool, extra in (("tools/effective_rank.py", []), ("tools/apex_report.py", ["--output", str(tmp_path / "h.png")])):
+        proc = _run_tool(tool, "--checkpoint", str(ckpt), *extra)
+        assert proc.returncode == 2 and f"{ckpt}/__1_1.distcp: missing" in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+    nowhere = tmp_path / "nonexistent" / "h.png"
+    proc = _run_tool("tools/apex_report.py", "--checkpoint", os.path.join(apex_checkpoint[0], "iter_0000002"),
+                     "--output", str(nowhere))
+    assert proc.returncode == 2 and f"--output {nowhere}: the directory {nowhere.parent} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -379,6 +379,13 @@ def imported(tmp_path_factory):
     return src, str(d / "ckpt")
 
 
+def _copy(src, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
 def test_converter_is_one_process_inside_a_launcher_environment(imported, tmp_path):
     """A slurm allocation (and a stray torchrun environment) around the converter must not make it wait for
     ranks that never come: it runs as one process whatever the launcher variables say."""
@@ -392,3 +399,97 @@ def test_converter_is_one_process_inside_a_launcher_environment(imported, tmp_pa
                           capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_weights_are_read_from_the_files_transformers_reads(tmp_path):
+    """A directory with model.safetensors and a (stale) sharded set: both readers take model.safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_apex.convert.hf_io import HFTensorSource
+
+    src = make_hf(tmp_path / "hf", shard="60KB")
+    assert not os.path.exists(os.path.join(src, "model.safetensors"))
+    single = make_hf(tmp_path / "single")
+    state = {k: v * 2 for k, v in load_file(os.path.join(single, "model.safetensors")).items()}
+    save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(single)
+    name = "model.layers.1.mlp.up_proj.weight"
+    ours = HFTensorSource(src).get(name)
+    theirs = AutoModelForCausalLM.from_pretrained(src).state_dict()[name]
+    assert torch.equal(ours, state[name]) and torch.equal(theirs, state[name])
+
+
+def _corrupt_generation_config(hf, ckpt):
+    with open(os.path.join(hf, "generation_config.json"), "w") as f:
+        f.write('{"bos_token_id": 1,\n "x": "a\tb"}')  # a raw tab inside a string
+
+
+def _corrupt_index(hf, ckpt):
+    with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
+        f.write("{bad")
+
+
+def _index_points_at_the_wrong_shard(hf, ckpt):
+    path = os.path.join(hf, "model.safetensors.index.json")
+    index = json.load(open(path))
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f != shards[0] and n.endswith("up_proj.weight"))
+    index["weight_map"][name] = shards[0]
+    json.dump(index, open(path, "w"))
+
+
+def _malformed_hidden_size(hf, ckpt):
+    rewrite_config(hf, hidden_size="64x")
+
+
+def _no_metadata(hf, ckpt):
+    os.remove(os.path.join(ckpt, "iter_0000000", ".metadata"))
+
+
+def _lost_shard(hf, ckpt):
+    os.remove(os.path.join(ckpt, "iter_0000000", "__0_1.distcp"))
+
+
+def _truncated_shard(hf, ckpt):
+    os.truncate(os.path.join(ckpt, "iter_0000000", "__0_0.distcp"), 100)
+
+
+@pytest.mark.parametrize("damage,command,message", [
+    (_corrupt_generation_config, "import", r"hf/generation_config.json: not valid JSON \(Invalid control character"),
+    (_corrupt_index, "import", r"hf/model.safetensors.index.json: not valid JSON"),
+    (_index_points_at_the_wrong_shard, "import",
+     r"hf/model.safetensors.index.json maps tensor 'model.layers.\d.mlp.up_proj.weight' to "
+     r"model-00001-of-\d{5}.safetensors, which does not hold it"),
+    (_malformed_hidden_size, "import", r"config.json: hidden_size='64x' is not an integer"),
+    (_no_metadata, "export", r"ckpt/iter_0000000: .metadata is missing"),
+    (_lost_shard, "export", r"ckpt/iter_0000000/__0_1.distcp: missing"),
+    (_truncated_shard, "export", r"ckpt/iter_0000000/__0_0.distcp: 100 bytes where .metadata needs \d+: truncated"),
+])
+def test_malformed_inputs_are_refused_by_name(imported, tmp_path, capsys, damage, command, message):
+    import re
+
+    import convert_checkpoint
+
+    src, ckpt = imported
+    hf = make_hf(tmp_path / "hf", shard="60KB") if damage in (_corrupt_index, _index_points_at_the_wrong_shard) \
+        else _copy(src, tmp_path / "hf")
+    ckpt = _copy(ckpt, tmp_path / "ckpt")
+    damage(hf, ckpt)
+    args = ["--hf-dir", hf] if command == "import" else ["--checkpoint", ckpt]
+    assert convert_checkpoint.main([command, *args, "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # no output, not even an empty directory
+
+
+def test_unwritable_config_out_is_refused_before_the_import(imported, tmp_path, capsys):
+    import convert_checkpoint
+
+    rc = convert_checkpoint.main(["import", "--hf-dir", imported[0], "--output", str(tmp_path / "ck"),
+                                  "--config-out", str(tmp_path / "nope" / "model.yaml"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--config-out {tmp_path}/nope/model.yaml: the directory {tmp_path}/nope does not exist" in err
+    assert os.listdir(tmp_path) == []  # refused before the checkpoint was written

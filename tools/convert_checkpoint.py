@@ -66,6 +66,17 @@ def _dtype(name):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
 
 
+def _check_file_target(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written, before the conversion runs."""
+    from megatron_apex.convert.mapping import ConversionError
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{flag} {path}: the directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise ConversionError(f"{flag} {path}: is a directory")
+
+
 def _verify(args, checkpoint: str, hf_dir: str, lossy: bool) -> None:
     from megatron_apex.convert.verify import compare_checkpoint_with_hf
 
@@ -84,6 +95,8 @@ def run(args) -> None:
     if args.command == "import":
         from megatron_apex.convert.importer import import_hf_checkpoint, model_yaml
 
+        if args.config_out:
+            _check_file_target(args.config_out, "--config-out")
         result = import_hf_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=_dtype(args.dtype),
                                       allow_sliding_window=args.allow_sliding_window, progress=not args.no_progress)
         for w in result.warnings:
@@ -127,8 +140,8 @@ def main(argv=None) -> int:
     except VerifyFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (ConversionError, CheckpointError, ConfigError, NotImplementedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, CheckpointError, ConfigError, NotImplementedError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # an OSError names the file it could not read or write
         return 2
     except KeyboardInterrupt:
         return 130

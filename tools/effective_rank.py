@@ -25,13 +25,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the numbers as JSON")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
+    from megatron_apex.analysis.checkpoint_io import check_output_file
     from megatron_apex.analysis.effective_rank import checkpoint_effective_ranks, format_table
     from megatron_apex.training.checkpoint import CheckpointError
 
     try:
+        if args.json:
+            check_output_file(args.json, "--json")
         first = checkpoint_effective_ranks(args.checkpoint)
         second = checkpoint_effective_ranks(args.compare) if args.compare else None
-    except (CheckpointError, FileNotFoundError, KeyError) as exc:
+    except (CheckpointError, ValueError, OSError, KeyError) as exc:
         print(f"effective_rank: {exc}", file=sys.stderr)
         return 2
     if second is not None and len(second["layers"]) != len(first["layers"]):
@@ -41,8 +44,12 @@ def main(argv=None) -> int:
           + (f" vs {args.compare} (step {second['step']}): value of the second (difference)" if second else ""))
     print(format_table(first, second))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"checkpoint": first, "compare": second}, f, indent=1, default=str)
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"checkpoint": first, "compare": second}, f, indent=1, default=str)
+        except OSError as exc:  # e.g. no permission to write there; the error names the file
+            print(f"effective_rank: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -18,7 +18,8 @@ import torch
 from megatron_apex.config import Config, config_from_dict
 from megatron_apex.convert import mapping as M
 from megatron_apex.convert.hf_io import SafetensorsShardWriter, copy_tokenizer, parse_size, write_json
-from megatron_apex.convert.runtime import build_cpu_model, checkpoint_dtype, single_layout, single_process
+from megatron_apex.convert.runtime import (build_cpu_model, checkpoint_dtype, checkpoint_metadata, single_layout,
+                                           single_process)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def resolve_export_config(checkpoint: str, vocab_size: Optional[int] = None) -> 
     if not os.path.exists(checkpoint):
         raise M.ConversionError(f"{checkpoint}: no such checkpoint directory")
     path = resolve_checkpoint_dir(checkpoint)
+    checkpoint_metadata(path)  # every file there in full, before anything is read or written
     common = read_common(path)
     cfg: Config = single_layout(config_from_dict(common["config"]))
     padded = int(common["model_signature"]["padded_vocab_size"])

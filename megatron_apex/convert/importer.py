@@ -18,7 +18,7 @@ import torch
 
 from megatron_apex.config import Config
 from megatron_apex.convert import mapping as M
-from megatron_apex.convert.hf_io import HFTensorSource, read_hf_config
+from megatron_apex.convert.hf_io import HFTensorSource, read_hf_config, read_json
 from megatron_apex.convert.runtime import build_cpu_model, single_process
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,8 @@ def import_hf_checkpoint(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dty
     if ignored:
         logger.info("skipping %d non-weight buffer(s): %s", len(ignored), ", ".join(ignored[:3]))
     padded = cfg.padded_vocab_size(m.vocab_size)
-    generation = _read_optional_json(os.path.join(hf_dir, "generation_config.json"))
+    generation_path = os.path.join(hf_dir, "generation_config.json")
+    generation = read_json(generation_path) if os.path.isfile(generation_path) else None
     hf_meta = {"source": os.path.abspath(hf_dir), "target_layout": {"tp": tp, "pp": pp},
                "config": {k: hf.get(k) for k in M.PASSTHROUGH_KEYS if k in hf},
                "generation_config": generation, "warnings": warnings}
@@ -197,12 +198,3 @@ def model_yaml(cfg: Config, tp: int = 1, pp: int = 1) -> str:
     if tp != 1 or pp != 1:
         doc["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-def _read_optional_json(path: str) -> Optional[dict]:
-    import json
-
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
