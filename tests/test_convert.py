@@ -386,6 +386,16 @@ def _copy(src, dst) -> str:
     return str(dst)
 
 
+def _export(checkpoint, out, **kw):
+    from megatron_apex.convert.exporter import export_hf_checkpoint
+
+    return export_hf_checkpoint(str(checkpoint), str(out), progress=False, **kw)
+
+
+def _listing(path) -> dict:
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
 def test_converter_is_one_process_inside_a_launcher_environment(imported, tmp_path):
     """A slurm allocation (and a stray torchrun environment) around the converter must not make it wait for
     ranks that never come: it runs as one process whatever the launcher variables say."""
@@ -399,6 +409,46 @@ def test_converter_is_one_process_inside_a_launcher_environment(imported, tmp_pa
                           capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_export_refuses_a_non_empty_output_and_force_replaces_it_whole(imported, tmp_path):
+    _, ckpt = imported
+    out = tmp_path / "out"
+    _export(ckpt, out, shard_size="60KB")
+    sharded = _listing(out)
+    assert "model.safetensors.index.json" in sharded
+    with pytest.raises(M.ConversionError, match=r"already holds .*config.json.*pass --force"):
+        _export(ckpt, out, dtype=torch.float16)
+    assert _listing(out) == sharded
+    _export(ckpt, out, dtype=torch.float16, force=True)  # one file now: no stale shards or index beside it
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing left beside it
+    with pytest.raises(M.ConversionError, match="holds the input"):
+        _export(os.path.join(ckpt, "iter_0000000"), ckpt, force=True)
+
+
+def test_interrupted_export_leaves_the_output_as_it_was(imported, tmp_path, monkeypatch):
+    import megatron_apex.convert.exporter as exporter
+
+    _, ckpt = imported
+    out = tmp_path / "out"
+    _export(ckpt, out)
+    before = _listing(out)
+    produce = exporter.iter_hf_tensors
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after five tensors have been written
+        for i, item in enumerate(produce(*args, **kwargs)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(exporter, "iter_hf_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _export(ckpt, out, dtype=torch.bfloat16, force=True)
+    assert _listing(out) == before
+    with pytest.raises(KeyboardInterrupt):
+        _export(ckpt, tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no half-written model, visible or hidden
 
 
 def test_weights_are_read_from_the_files_transformers_reads(tmp_path):
@@ -420,6 +470,32 @@ def test_weights_are_read_from_the_files_transformers_reads(tmp_path):
     ours = HFTensorSource(src).get(name)
     theirs = AutoModelForCausalLM.from_pretrained(src).state_dict()[name]
     assert torch.equal(ours, state[name]) and torch.equal(theirs, state[name])
+
+
+def test_import_refuses_an_existing_checkpoint_root(imported, tmp_path):
+    from megatron_apex.training.checkpoint import TRACKER, read_latest
+
+    src, _ = imported
+    root = tmp_path / "run"
+    (root / "iter_0000100").mkdir(parents=True)
+    (root / TRACKER).write_text("100\n")
+    with pytest.raises(M.ConversionError, match=r"already holds a checkpoint .*iter_0000100.*--force"):
+        _import(src, root)
+    assert read_latest(str(root)) == 100 and (root / "iter_0000100").is_dir()
+    _import(src, root, force=True)
+    assert read_latest(str(root)) == 0 and sorted(os.listdir(root)) == ["iter_0000000", TRACKER]
+
+
+def test_tokenizer_is_checked_before_the_export_runs(imported, tmp_path, monkeypatch):
+    import megatron_apex.convert.exporter as exporter
+
+    def load_model(*args):
+        raise AssertionError("the model was loaded before --tokenizer was checked")
+
+    monkeypatch.setattr(exporter, "load_model", load_model)
+    with pytest.raises(M.ConversionError, match="--tokenizer .*nope.model: no such file"):
+        _export(imported[1], tmp_path / "out", tokenizer=str(tmp_path / "nope.model"))
+    assert os.listdir(tmp_path) == []
 
 
 def _corrupt_generation_config(hf, ckpt):

@@ -10,8 +10,10 @@
 
 Both directions stream layer by layer (peak memory near one copy of the model) and run in a
 single process on the CPU, whatever launcher environment (torchrun, slurm, MPI) they are started
-in. --verify compares logits of both sides on random sequences (needs transformers) and fails if
-they differ beyond the tolerance.
+in. The result is written beside --output and renamed to it once complete, so an interrupted run
+leaves no output; a non-empty --output is refused unless --force is given. --verify compares
+logits of both sides on random sequences (needs transformers) and fails if they differ beyond the
+tolerance.
 
 Exit codes: 0 ok, 2 bad input / unsupported model / impossible layout, 3 verification failed,
 130 interrupted.
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json, or a directory of tokenizer files")
     exp.add_argument("--vocab-size", type=int, help="true vocabulary size when the checkpoint's config lacks it")
     for p in (imp, exp):
+        p.add_argument("--force", action="store_true", help="replace a non-empty --output (refused otherwise); "
+                       "the old directory is removed only once the new one is complete")
         p.add_argument("--verify", action="store_true", help="compare logits of both sides (needs transformers)")
         p.add_argument("--verify-sequences", type=int, default=4, help="random sequences for --verify")
         p.add_argument("--verify-length", type=int, default=64, help="tokens per --verify sequence")
@@ -98,7 +102,8 @@ def run(args) -> None:
         if args.config_out:
             _check_file_target(args.config_out, "--config-out")
         result = import_hf_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=_dtype(args.dtype),
-                                      allow_sliding_window=args.allow_sliding_window, progress=not args.no_progress)
+                                      allow_sliding_window=args.allow_sliding_window, progress=not args.no_progress,
+                                      force=args.force)
         for w in result.warnings:
             print(f"warning: {w}")
         print(f"wrote {result.checkpoint} (vocab {result.config.model.vocab_size} padded to "
@@ -117,7 +122,7 @@ def run(args) -> None:
 
         result = export_hf_checkpoint(args.checkpoint, args.output, dtype=_dtype(args.dtype),
                                       shard_size=args.shard_size, tokenizer=args.tokenizer,
-                                      vocab_size=args.vocab_size, progress=not args.no_progress)
+                                      vocab_size=args.vocab_size, progress=not args.no_progress, force=args.force)
         print(f"wrote {args.output}: {', '.join(result.files)}")
         if args.verify:
             stored = checkpoint_dtype(resolve_checkpoint_dir(args.checkpoint))

@@ -17,7 +17,8 @@ import torch
 
 from megatron_apex.config import Config, config_from_dict
 from megatron_apex.convert import mapping as M
-from megatron_apex.convert.hf_io import SafetensorsShardWriter, copy_tokenizer, parse_size, write_json
+from megatron_apex.convert.hf_io import (SafetensorsShardWriter, copy_tokenizer, parse_size, staged_output,
+                                         tokenizer_files, write_json)
 from megatron_apex.convert.runtime import (build_cpu_model, checkpoint_dtype, checkpoint_metadata, single_layout,
                                            single_process)
 
@@ -134,31 +135,34 @@ def iter_hf_tensors(model, m, vocab: int, dtype: torch.dtype, progress: bool = T
 
 def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dtype] = None,
                          shard_size: str | int = "5GB", tokenizer: Optional[str] = None,
-                         vocab_size: Optional[int] = None, progress: bool = True) -> ExportResult:
+                         vocab_size: Optional[int] = None, progress: bool = True, force: bool = False) -> ExportResult:
     """Write ``output``/config.json, generation_config.json, safetensors shards (+ index) and tokenizer
-    files. ``dtype`` None keeps the checkpoint's stored dtype."""
+    files. ``dtype`` None keeps the checkpoint's stored dtype.
+
+    Everything is written into a new directory beside ``output`` that is renamed to ``output`` once
+    complete, so an interrupted export leaves no directory that looks like a model. A non-empty
+    ``output`` is refused unless ``force``, which replaces it."""
+    tokenizer_sources = tokenizer_files(tokenizer) if tokenizer else []  # a typo fails now, not after the export
+    max_bytes = shard_size if isinstance(shard_size, int) else parse_size(shard_size)
     path, common, cfg, vocab, padded = resolve_export_config(checkpoint, vocab_size)
     stored = checkpoint_dtype(path)
     dtype = dtype or stored
-    max_bytes = shard_size if isinstance(shard_size, int) else parse_size(shard_size)
-    os.makedirs(output, exist_ok=True)
     m = cfg.model
     hf_meta = common.get("hf_import") or {}
-    with single_process(cfg) as ctx:
-        model = load_model(path, common, cfg, padded, stored, ctx)
-        writer = SafetensorsShardWriter(output, hf_tensor_specs(m, vocab, dtype), max_bytes)
-        for name, tensor in iter_hf_tensors(model, m, vocab, dtype, progress):
-            writer.add(name, tensor)
-            del tensor
-        writer.close()
-        del model
-    write_json(os.path.join(output, "config.json"),
-               M.model_config_to_hf_config(m, vocab, dtype, hf_meta.get("config")))
-    write_json(os.path.join(output, "generation_config.json"), _generation_config(hf_meta, cfg))
-    files = list(writer.file_names) + (["model.safetensors.index.json"] if len(writer.file_names) > 1 else [])
-    files += ["config.json", "generation_config.json"]
-    if tokenizer:
-        files += copy_tokenizer(tokenizer, output)
+    with staged_output(output, force, checkpoint) as stage:
+        with single_process(cfg) as ctx:
+            model = load_model(path, common, cfg, padded, stored, ctx)
+            writer = SafetensorsShardWriter(stage, hf_tensor_specs(m, vocab, dtype), max_bytes)
+            for name, tensor in iter_hf_tensors(model, m, vocab, dtype, progress):
+                writer.add(name, tensor)
+                del tensor
+            writer.close()
+            del model
+        write_json(os.path.join(stage, "config.json"),
+                   M.model_config_to_hf_config(m, vocab, dtype, hf_meta.get("config")))
+        write_json(os.path.join(stage, "generation_config.json"), _generation_config(hf_meta, cfg))
+        files = list(writer.file_names) + (["model.safetensors.index.json"] if len(writer.file_names) > 1 else [])
+        files += ["config.json", "generation_config.json"] + copy_tokenizer(tokenizer_sources, stage)
     logger.info("exported %s -> %s (%d file(s), vocab %d, %s)", path, output, len(writer.file_names), vocab,
                 str(dtype).replace("torch.", ""))
     return ExportResult(output, files, vocab, dtype)

@@ -8,10 +8,13 @@ files whose headers are planned up front from the tensor shapes, so each tensor 
 soon as it is produced and then freed: peak memory is one tensor, not one shard. The file layout
 (u64 header length, JSON header, raw little-endian bytes) is the safetensors format; only the
 ``safetensors`` package's reader is needed to read it back, and no ``transformers``.
+:func:`staged_output` gives both directions a directory that appears at ``--output`` only once
+the conversion is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -317,30 +320,88 @@ class SafetensorsShardWriter:
                 json.dump(index, f, indent=2, sort_keys=True)
 
 
-def copy_tokenizer(tokenizer: str, out_dir: str) -> list:
-    """Copy tokenizer files next to the exported weights; returns the names written.
+def tokenizer_files(tokenizer: str) -> list:
+    """[(source path, name in the exported directory)] of the tokenizer files to copy next to the weights.
 
     A sentencepiece ``.model`` becomes ``tokenizer.model``; a ``tokenizer.json`` is copied with the
     ``tokenizer_config.json`` / ``special_tokens_map.json`` found beside it; a directory contributes
-    every known tokenizer file it holds."""
+    every known tokenizer file it holds. Checked before the export writes anything."""
     known = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
     if os.path.isdir(tokenizer):
         sources = [os.path.join(tokenizer, n) for n in known if os.path.isfile(os.path.join(tokenizer, n))]
         if not sources:
             raise ConversionError(f"--tokenizer {tokenizer}: the directory holds none of {', '.join(known)}")
-        pairs = [(s, os.path.basename(s)) for s in sources]
-    elif not os.path.isfile(tokenizer):
+        return [(s, os.path.basename(s)) for s in sources]
+    if not os.path.isfile(tokenizer):
         raise ConversionError(f"--tokenizer {tokenizer}: no such file")
-    elif tokenizer.endswith(".json"):
+    if tokenizer.endswith(".json"):
         beside = os.path.dirname(os.path.abspath(tokenizer))
-        pairs = [(tokenizer, "tokenizer.json")] + [
+        return [(tokenizer, "tokenizer.json")] + [
             (os.path.join(beside, n), n) for n in ("tokenizer_config.json", "special_tokens_map.json")
             if os.path.isfile(os.path.join(beside, n))]
-    else:  # sentencepiece model (any name)
-        pairs = [(tokenizer, "tokenizer.model")]
-    for src, name in pairs:
+    return [(tokenizer, "tokenizer.model")]  # sentencepiece model (any name)
+
+
+def copy_tokenizer(files: list, out_dir: str) -> list:
+    """Copy :func:`tokenizer_files` into ``out_dir``; returns the names written."""
+    for src, name in files:
         shutil.copyfile(src, os.path.join(out_dir, name))
-    return [name for _, name in pairs]
+    return [name for _, name in files]
+
+
+# ---------------------------------------------------------------------- output directories
+def check_output_dir(output: str, force: bool = False, source: str = "") -> None:
+    """Refuse an ``output`` that is a file, that holds the ``source`` being converted, or that is a
+    non-empty directory unless ``force`` (which replaces it)."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ConversionError(f"--output {output}: exists and is not a directory")
+    out, src = os.path.realpath(output), os.path.realpath(source) if source else None
+    if src and (src == out or src.startswith(out + os.sep)):
+        raise ConversionError(f"--output {output} holds the input {source}; write the conversion elsewhere")
+    if force or not os.path.isdir(output) or not os.listdir(output):
+        return
+    from megatron_apex.training.checkpoint import TRACKER
+
+    entries = sorted(os.listdir(output))
+    steps = [e for e in entries if e.startswith("iter_")]
+    if TRACKER in entries or steps:
+        what = f"a checkpoint ({', '.join(([TRACKER] if TRACKER in entries else []) + steps[-3:])})"
+    else:
+        what = f"{len(entries)} entries ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})"
+    raise ConversionError(f"--output {output} already holds {what}; choose another --output, or pass --force "
+                          "to replace the directory and everything in it")
+
+
+@contextlib.contextmanager
+def staged_output(output: str, force: bool = False, source: str = ""):
+    """Yield a new directory beside ``output`` to write into; it becomes ``output`` only once complete.
+
+    An error or an interrupt removes it and leaves ``output`` as it was, so a directory at ``output``
+    is always a finished conversion. With ``force`` an existing ``output`` is replaced: it is moved
+    aside, the new directory renamed into its place, and only then deleted."""
+    check_output_dir(output, force, source)
+    output = os.path.abspath(output)
+    parent, name = os.path.split(output)
+    os.makedirs(parent, exist_ok=True)
+    stage = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)  # left by a killed run of the same process id
+    os.mkdir(stage)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if os.path.isdir(output) and os.listdir(output):
+        old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
+        os.rename(output, old)
+        try:
+            os.rename(stage, output)
+        except BaseException:
+            os.rename(old, output)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, output)  # no output yet, or an empty directory
 
 
 def write_json(path: str, obj: dict) -> None:
