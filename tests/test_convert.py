@@ -379,6 +379,14 @@ def imported(tmp_path_factory):
     return src, str(d / "ckpt")
 
 
+def _edit_common(root, edit) -> None:
+    """Rewrite the common state (config, ...) of a checkpoint's iter_0000000 in place with ``edit(common)``."""
+    path = os.path.join(root, "iter_0000000", "common.pt")
+    common = torch.load(path, weights_only=False)
+    edit(common)
+    torch.save(common, path)
+
+
 def _copy(src, dst) -> str:
     import shutil
 
@@ -484,6 +492,26 @@ def test_import_refuses_an_existing_checkpoint_root(imported, tmp_path):
     assert read_latest(str(root)) == 100 and (root / "iter_0000100").is_dir()
     _import(src, root, force=True)
     assert read_latest(str(root)) == 0 and sorted(os.listdir(root)) == ["iter_0000000", TRACKER]
+
+
+def test_export_and_verify_with_vocab_size_from_the_command_line(imported, tmp_path, capsys):
+    """A run whose config has no vocab_size and whose tokenizer is not on this machine: --vocab-size
+    serves the export and its --verify."""
+    import convert_checkpoint
+
+    _, ckpt = imported
+
+    def sentencepiece_run(common):
+        common["config"]["model"]["vocab_size"] = None
+        common["config"]["data"].update(tokenizer_type="sentencepiece", tokenizer_model=str(tmp_path / "gone.model"))
+
+    ckpt = _copy(ckpt, tmp_path / "novocab")
+    _edit_common(ckpt, sentencepiece_run)
+    args = ["export", "--checkpoint", ckpt, "--no-progress", "--verify"]
+    assert convert_checkpoint.main(args + ["--output", str(tmp_path / "a")]) == 2
+    assert "pass --vocab-size" in capsys.readouterr().err
+    assert convert_checkpoint.main(args + ["--output", str(tmp_path / "b"), "--vocab-size", str(VOCAB)]) == 0
+    assert "verify: OK" in capsys.readouterr().out
 
 
 def test_tokenizer_is_checked_before_the_export_runs(imported, tmp_path, monkeypatch):

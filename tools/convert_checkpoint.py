@@ -81,10 +81,11 @@ def _check_file_target(path: str, flag: str) -> None:
         raise ConversionError(f"{flag} {path}: is a directory")
 
 
-def _verify(args, checkpoint: str, hf_dir: str, lossy: bool) -> None:
+def _verify(args, checkpoint: str, hf_dir: str, lossy: bool, vocab_size=None) -> None:
     from megatron_apex.convert.verify import compare_checkpoint_with_hf
 
-    result = compare_checkpoint_with_hf(checkpoint, hf_dir, args.verify_sequences, args.verify_length)
+    result = compare_checkpoint_with_hf(checkpoint, hf_dir, args.verify_sequences, args.verify_length,
+                                        vocab_size=vocab_size)
     atol = args.atol if args.atol is not None else (0.5 if lossy else 1e-3)
     kl_tol = args.kl_tol if args.kl_tol is not None else (1e-2 if lossy else 1e-5)
     print(f"verify: {result.num_tokens} tokens  max |logit diff| = {result.max_abs_diff:.3e} (tol {atol:.0e})  "
@@ -128,7 +129,7 @@ def run(args) -> None:
             stored = checkpoint_dtype(resolve_checkpoint_dir(args.checkpoint))
             lossy = torch.finfo(result.dtype).bits < torch.finfo(stored).bits or (
                 {result.dtype, stored} == {torch.float16, torch.bfloat16})
-            _verify(args, args.checkpoint, args.output, lossy)
+            _verify(args, args.checkpoint, args.output, lossy, args.vocab_size)
 
 
 def main(argv=None) -> int:
