@@ -514,6 +514,24 @@ def test_export_and_verify_with_vocab_size_from_the_command_line(imported, tmp_p
     assert "verify: OK" in capsys.readouterr().out
 
 
+def test_exported_token_ids_agree_without_an_import(imported, tmp_path):
+    """A run that was not imported (no hf_import), trained with data.eod_id=0: config.json and
+    generation_config.json give the same ids, eos = the run's end-of-document token."""
+    _, ckpt = imported
+
+    def trained_from_scratch(common):
+        del common["hf_import"]
+        common["config"]["data"]["eod_id"] = 0
+
+    ckpt = _copy(ckpt, tmp_path / "scratch")
+    _edit_common(ckpt, trained_from_scratch)
+    out = _export(ckpt, tmp_path / "out").output
+    config = json.load(open(os.path.join(out, "config.json")))
+    generation = json.load(open(os.path.join(out, "generation_config.json")))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 0)
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 0)
+
+
 def test_tokenizer_is_checked_before_the_export_runs(imported, tmp_path, monkeypatch):
     import megatron_apex.convert.exporter as exporter
 

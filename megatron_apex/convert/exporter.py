@@ -149,6 +149,7 @@ def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dty
     dtype = dtype or stored
     m = cfg.model
     hf_meta = common.get("hf_import") or {}
+    ids = token_ids(hf_meta, cfg)
     with staged_output(output, force, checkpoint) as stage:
         with single_process(cfg) as ctx:
             model = load_model(path, common, cfg, padded, stored, ctx)
@@ -158,9 +159,8 @@ def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dty
                 del tensor
             writer.close()
             del model
-        write_json(os.path.join(stage, "config.json"),
-                   M.model_config_to_hf_config(m, vocab, dtype, hf_meta.get("config")))
-        write_json(os.path.join(stage, "generation_config.json"), _generation_config(hf_meta, cfg))
+        write_json(os.path.join(stage, "config.json"), M.model_config_to_hf_config(m, vocab, dtype, ids))
+        write_json(os.path.join(stage, "generation_config.json"), _generation_config(hf_meta, ids))
         files = list(writer.file_names) + (["model.safetensors.index.json"] if len(writer.file_names) > 1 else [])
         files += ["config.json", "generation_config.json"] + copy_tokenizer(tokenizer_sources, stage)
     logger.info("exported %s -> %s (%d file(s), vocab %d, %s)", path, output, len(writer.file_names), vocab,
@@ -168,11 +168,17 @@ def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dty
     return ExportResult(output, files, vocab, dtype)
 
 
-def _generation_config(hf_meta: dict, cfg: Config) -> dict:
+def token_ids(hf_meta: dict, cfg: Config) -> dict:
+    """bos/eos/pad ids of the exported model, for config.json and generation_config.json alike: those of
+    the imported ``config.json``, else eos = the run's ``data.eod_id`` (LLaMA's bos 1 / eos 2 without one)."""
+    ids = dict(hf_meta.get("config") or {})
+    ids.setdefault("bos_token_id", 1)
+    ids.setdefault("eos_token_id", cfg.data.eod_id if cfg.data.eod_id is not None else 2)
+    return ids
+
+
+def _generation_config(hf_meta: dict, ids: dict) -> dict:
+    """The imported generation_config.json as it was, else the bos/eos ids of config.json."""
     gen = dict(hf_meta.get("generation_config") or {})
     gen.pop("transformers_version", None)
-    if not gen:
-        ids = hf_meta.get("config") or {}
-        gen = {"bos_token_id": ids.get("bos_token_id", 1),
-               "eos_token_id": ids.get("eos_token_id", cfg.data.eod_id if cfg.data.eod_id is not None else 2)}
-    return gen
+    return gen or {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}

@@ -229,11 +229,10 @@ def hf_config_to_model_config(hf: dict, allow_sliding_window: bool = False) -> M
 PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtype,
-                              extra: Optional[dict] = None) -> dict:
+def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtype, token_ids: dict) -> dict:
     """Our :class:`ModelConfig` -> a ``LlamaForCausalLM`` ``config.json`` dict (transformers-v4-style keys,
-    which v5 also reads). ``extra`` supplies token ids (bos/eos/pad) kept from an import."""
-    extra = extra or {}
+    which v5 also reads). ``token_ids`` holds the bos/eos/pad ids (the exporter decides them once, for
+    config.json and generation_config.json alike)."""
     dtype_name = {v: k for k, v in _DTYPES.items()}[dtype]
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -258,9 +257,9 @@ def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtyp
         "pretraining_tp": 1,
         "use_cache": True,
         "torch_dtype": dtype_name,
-        "bos_token_id": extra.get("bos_token_id", 1),
-        "eos_token_id": extra.get("eos_token_id", 2),
-        "pad_token_id": extra.get("pad_token_id"),
+        "bos_token_id": token_ids.get("bos_token_id"),
+        "eos_token_id": token_ids.get("eos_token_id"),
+        "pad_token_id": token_ids.get("pad_token_id"),
     }
     return cfg
 
