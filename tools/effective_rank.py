@@ -6,7 +6,9 @@
 erank(W) = exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j over the singular values of W. Matrices:
 Q, K, V, O, gate, up, down of every layer, plus embeddings and output layer. Global tensors are read
 in one process whatever the layout the checkpoint was saved with. With --compare, each cell shows the
-second checkpoint's value and its difference to the first. Exit codes: 0 ok, 2 bad input.
+second checkpoint's value and its difference to the first. A checkpoint saved in the middle of an
+APEX stage is measured with the stage's operators fused into its weights, as the export writes it,
+and the output says so. Exit codes: 0 ok, 2 bad input.
 """
 
 import argparse
@@ -40,8 +42,8 @@ def main(argv=None) -> int:
     if second is not None and len(second["layers"]) != len(first["layers"]):
         print("effective_rank: the checkpoints have different numbers of layers", file=sys.stderr)
         return 2
-    print(f"effective rank: {args.checkpoint} (step {first['step']})"
-          + (f" vs {args.compare} (step {second['step']}): value of the second (difference)" if second else ""))
+    print(f"effective rank: {_describe(args.checkpoint, first)}"
+          + (f" vs {_describe(args.compare, second)}: value of the second (difference)" if second else ""))
     print(format_table(first, second))
     if args.json:
         try:
@@ -51,6 +53,15 @@ def main(argv=None) -> int:
             print(f"effective_rank: {exc}", file=sys.stderr)
             return 2
     return 0
+
+
+def _describe(checkpoint: str, result: dict) -> str:
+    fused = ""
+    if result["fused_operators"]:
+        apex = result["apex"]
+        fused = (f", saved during APEX stage {apex['stage']} of {len(apex['boundaries'])}: measured with the "
+                 "stage's operators fused into the weights, as exported")
+    return f"{checkpoint} (step {result['step']}{fused})"
 
 
 if __name__ == "__main__":

@@ -35,18 +35,31 @@ class ExportResult:
     dtype: torch.dtype
 
 
-def _fuse_expansion_if_present(model, common: dict, path: str, cfg: Config):
-    """Fold the operators of a checkpoint saved in the middle of an APEX stage into the weights.
-
-    Exporting only the base weights of such a checkpoint would silently change the model; the
-    per-rank operator state is joined and fused at TP=1 (``megatron_apex.expansion.export``)."""
+def fuse_expansion(weights: dict, common: dict, path: str, cfg: Config) -> bool:
+    """Fold the operators of a checkpoint saved in the middle of an APEX stage into ``weights``
+    (global TP=1 tensors keyed ``decoder.layers.{i}.…``, replaced in the dict); returns whether there
+    were any. The per-rank operator state is joined and fused at TP=1 (``megatron_apex.expansion.export``).
+    Whatever reads such a checkpoint as a plain model (the export, the effective-rank analysis) goes
+    through here: its base weights alone are not the model the run was training."""
     from megatron_apex.expansion.export import fuse_global_weights, has_active_operators, load_rank_states
+
+    if not has_active_operators(common):
+        return False
+    fuse_global_weights(weights, cfg, load_rank_states(path, common))
+    return True
+
+
+def _fuse_expansion_if_present(model, common: dict, path: str, cfg: Config):
+    """:func:`fuse_expansion` on a TP=1 model's parameters (in place).
+
+    Exporting only the base weights of a mid-stage checkpoint would silently change the model."""
+    from megatron_apex.expansion.export import has_active_operators
 
     if not has_active_operators(common):
         return model
     params = dict(model.named_parameters())
     weights = {name: p.data for name, p in params.items()}
-    fuse_global_weights(weights, cfg, load_rank_states(path, common))
+    fuse_expansion(weights, common, path, cfg)
     with torch.no_grad():
         for name, tensor in weights.items():
             if tensor is not params[name].data:
