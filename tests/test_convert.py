@@ -615,3 +615,16 @@ def test_unwritable_config_out_is_refused_before_the_import(imported, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and f"--config-out {tmp_path}/nope/model.yaml: the directory {tmp_path}/nope does not exist" in err
     assert os.listdir(tmp_path) == []  # refused before the checkpoint was written
+
+
+def test_effective_rank_compare_refuses_models_of_other_shapes(imported, tmp_path):
+    import subprocess
+
+    _, ckpt = imported
+    _import(make_hf(tmp_path / "mha", kv_heads=4), tmp_path / "mha_ckpt")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "effective_rank.py"), "--checkpoint", ckpt,
+                           "--compare", str(tmp_path / "mha_ckpt")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "different shapes (query_groups 2 vs 4)" in proc.stderr and "Traceback" not in proc.stderr

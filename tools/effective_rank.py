@@ -6,9 +6,9 @@
 erank(W) = exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j over the singular values of W. Matrices:
 Q, K, V, O, gate, up, down of every layer, plus embeddings and output layer. Global tensors are read
 in one process whatever the layout the checkpoint was saved with. With --compare, each cell shows the
-second checkpoint's value and its difference to the first. A checkpoint saved in the middle of an
-APEX stage is measured with the stage's operators fused into its weights, as the export writes it,
-and the output says so. Exit codes: 0 ok, 2 bad input.
+second checkpoint's value and its difference to the first (both must have the same model shape). A
+checkpoint saved in the middle of an APEX stage is measured with the stage's operators fused into
+its weights, as the export writes it, and the output says so. Exit codes: 0 ok, 2 bad input.
 """
 
 import argparse
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     from megatron_apex.analysis.checkpoint_io import check_output_file
-    from megatron_apex.analysis.effective_rank import checkpoint_effective_ranks, format_table
+    from megatron_apex.analysis.effective_rank import checkpoint_effective_ranks, format_table, shape_differences
     from megatron_apex.training.checkpoint import CheckpointError
 
     try:
@@ -39,8 +39,10 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError, KeyError) as exc:
         print(f"effective_rank: {exc}", file=sys.stderr)
         return 2
-    if second is not None and len(second["layers"]) != len(first["layers"]):
-        print("effective_rank: the checkpoints have different numbers of layers", file=sys.stderr)
+    differences = shape_differences(first, second) if second is not None else []
+    if differences:
+        print(f"effective_rank: {args.checkpoint} and {args.compare} are models of different shapes "
+              f"({'; '.join(differences)}); their matrices cannot be compared", file=sys.stderr)
         return 2
     print(f"effective rank: {_describe(args.checkpoint, first)}"
           + (f" vs {_describe(args.compare, second)}: value of the second (difference)" if second else ""))

@@ -18,6 +18,9 @@ import torch
 from megatron_apex.analysis.checkpoint_io import checkpoint_dir, load_common, load_model_tensors
 
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+# The model signature's fields that fix the matrices' shapes (training.checkpoint.model_signature).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups", "head_dim",
+                "padded_vocab_size")
 # The stacked layer weights an APEX operator changes when it is fused.
 FUSED_KEYS = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
               "mlp.linear_fc2.weight")
@@ -53,8 +56,8 @@ def split_layer(tensors: dict, layer: int, cfg_model: dict) -> dict:
 
 
 def checkpoint_effective_ranks(checkpoint: str) -> dict:
-    """{'layers': [{matrix: erank}], 'global': {name: erank}, 'step': int, 'fused_operators': bool} of a
-    checkpoint.
+    """{'layers': [{matrix: erank}], 'global': {name: erank}, 'step': int, 'shape': {field: size},
+    'fused_operators': bool} of a checkpoint.
 
     A checkpoint saved in the middle of an APEX stage is measured as the model the run was training:
     the stage's operators are fused into the weights first, as the export does ('fused_operators')."""
@@ -71,8 +74,9 @@ def checkpoint_effective_ranks(checkpoint: str) -> dict:
     for name, key in (("embedding", "embedding.word_embeddings.weight"), ("output_layer", "output_layer.weight")):
         if key in tensors:
             glob[name] = effective_rank(tensors[key])
+    signature = common["model_signature"]
     return {"step": common["step"], "layers": layers, "global": glob, "apex": common.get("apex"),
-            "fused_operators": fused}
+            "shape": {k: signature[k] for k in SHAPE_FIELDS if k in signature}, "fused_operators": fused}
 
 
 def fuse_active_operators(tensors: dict, common: dict, path: str) -> bool:
@@ -90,6 +94,12 @@ def fuse_active_operators(tensors: dict, common: dict, path: str) -> bool:
         if tensor is not views[name]:
             views[name].copy_(tensor)
     return True
+
+
+def shape_differences(first: dict, second: dict) -> list:
+    """The model-shape fields in which two :func:`checkpoint_effective_ranks` results differ, as text."""
+    a, b = first["shape"], second["shape"]
+    return [f"{k} {a.get(k)} vs {b.get(k)}" for k in SHAPE_FIELDS if a.get(k) != b.get(k)]
 
 
 def format_table(result: dict, compare: dict | None = None) -> str:
