@@ -567,6 +567,10 @@ def _malformed_hidden_size(hf, ckpt):
     rewrite_config(hf, hidden_size="64x")
 
 
+def _nan_norm_epsilon(hf, ckpt):
+    rewrite_config(hf, rms_norm_eps=float("nan"))  # Python's json writes and reads NaN
+
+
 def _no_metadata(hf, ckpt):
     os.remove(os.path.join(ckpt, "iter_0000000", ".metadata"))
 
@@ -586,6 +590,7 @@ def _truncated_shard(hf, ckpt):
      r"hf/model.safetensors.index.json maps tensor 'model.layers.\d.mlp.up_proj.weight' to "
      r"model-00001-of-\d{5}.safetensors, which does not hold it"),
     (_malformed_hidden_size, "import", r"config.json: hidden_size='64x' is not an integer"),
+    (_nan_norm_epsilon, "import", r"config.json: rms_norm_eps=nan is not a number"),
     (_no_metadata, "export", r"ckpt/iter_0000000: .metadata is missing"),
     (_lost_shard, "export", r"ckpt/iter_0000000/__0_1.distcp: missing"),
     (_truncated_shard, "export", r"ckpt/iter_0000000/__0_0.distcp: 100 bytes where .metadata needs \d+: truncated"),

@@ -141,7 +141,8 @@ def hf_number(hf: dict, key: str, kind: type = int, default=_REQUIRED):
         if default is _REQUIRED:
             raise ConversionError(f"config.json lacks the required field {key!r}")
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (kind is int and value != int(value))):
         raise ConversionError(f"config.json: {key}={value!r} is not {'an integer' if kind is int else 'a number'}")
     return kind(value)
 
