@@ -110,10 +110,12 @@ apex_maybe_requeue() {
 # torchrun on this node: `apex_torchrun TORCHRUN_ARGS... -- CONFIG [OVERRIDES...]`.
 #
 # torchrun treats any non-zero worker exit as a failure and exits 1, so the workers run through
-# record_exit_code.sh, which writes each one's exit code; when every local worker stopped cleanly
-# (75), this node reports 75 too. On SIGTERM/SIGINT torchrun forwards the signal to its workers'
-# process groups and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 600, torchrun's own
-# default is 30) before SIGKILL, so a large checkpoint can finish writing.
+# record_exit_code.sh, which writes the exit code of each one that exited by itself (not of one
+# torchrun killed because another failed); when all the recorded codes are the same (75: stopped
+# cleanly after saving, 2: configuration error), this node reports that code.
+# On SIGTERM/SIGINT torchrun forwards the signal to its workers' process groups (record_exit_code.sh
+# turns SIGINT into the trainer's SIGTERM) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default
+# here 600, torchrun's own default is 30) before SIGKILL, so a large checkpoint can finish writing.
 apex_torchrun() {
   local -a launcher=()
   while [[ $# -gt 0 && "$1" != "--" ]]; do
@@ -127,15 +129,20 @@ apex_torchrun() {
   "${PYTHON:-python}" -m torch.distributed.run "${launcher[@]}" --no-python \
     bash "$APEX_DIR/launch_scripts/record_exit_code.sh" "$codes" \
     "${PYTHON:-python}" -m megatron_apex.train "$@" || rc=$?
-  local f n=0 stopped=0
+  local f code shared=""
   for f in "$codes"/*; do
     [[ -e "$f" ]] || continue
-    n=$((n + 1))
-    [[ "$(cat "$f")" == "$APEX_EXIT_INCOMPLETE" ]] && stopped=$((stopped + 1))
+    code="$(cat "$f")"
+    if [[ -z "$shared" ]]; then
+      shared="$code"
+    elif [[ "$code" != "$shared" ]]; then
+      shared="differ"
+    fi
   done
   rm -rf "$codes"
-  if [[ "$rc" -ne 0 && "$n" -gt 0 && "$stopped" -eq "$n" ]]; then
-    rc=$APEX_EXIT_INCOMPLETE
+  # torchrun's 1 stands for whatever the workers said; pass on a code all the recorded ones share.
+  if [[ "$rc" -ne 0 && "$shared" =~ ^[1-9][0-9]*$ ]]; then
+    rc=$shared
   fi
   return "$rc"
 }

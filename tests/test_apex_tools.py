@@ -126,3 +126,47 @@ def test_effective_rank_tool(apex_checkpoint, tmp_path):
     from megatron_apex.analysis.effective_rank import checkpoint_effective_ranks
 
     assert checkpoint_effective_ranks(root)["layers"][0]["down"] == pytest.approx(second["layers"][0]["down"])
+
+
+
+def test_tools_refuse_an_incomplete_checkpoint_and_an_unwritable_output(apex_checkpoint, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(apex_checkpoint[0], "iter_0000002"), ckpt)
+    (ckpt / "__1_1.distcp").unlink()
+    for tool, extra in (("tools/effective_rank.py", []), ("tools/apex_report.py", ["--output", str(tmp_path / "h.png")])):
+        proc = _run_tool(tool, "--checkpoint", str(ckpt), *extra)
+        assert proc.returncode == 2 and f"{ckpt}/__1_1.distcp: missing" in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+    nowhere = tmp_path / "nonexistent" / "h.png"
+    proc = _run_tool("tools/apex_report.py", "--checkpoint", os.path.join(apex_checkpoint[0], "iter_0000002"),
+                     "--output", str(nowhere))
+    assert proc.returncode == 2 and f"--output {nowhere}: the directory {nowhere.parent} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+def test_effective_rank_of_a_mid_stage_checkpoint_is_that_of_the_fused_model(apex_checkpoint, tmp_path):
+    """Mid-stage, the model is the base weights with the stage's operators applied: the ranks are those of
+    the matrices the export writes (operators fused), and the output says so."""
+    from safetensors.torch import load_file
+
+    from megatron_apex.analysis.effective_rank import effective_rank
+
+    mid = os.path.join(apex_checkpoint[0], "iter_0000002")
+    hf = tmp_path / "hf"
+    proc = _run_tool("tools/convert_checkpoint.py", "export", "--checkpoint", mid, "--output", str(hf), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    js = tmp_path / "erank.json"
+    proc = _run_tool("tools/effective_rank.py", "--checkpoint", mid, "--json", str(js))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved during APEX stage 1 of 2: measured with the stage's operators fused into the weights" in proc.stdout
+    result = json.loads(js.read_text())["checkpoint"]
+    assert result["fused_operators"]
+    weights = load_file(str(hf / "model.safetensors"))
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    for li, row in enumerate(result["layers"]):
+        for matrix, name in names.items():
+            exported = effective_rank(weights[f"model.layers.{li}.{name}.weight"])
+            assert row[matrix] == pytest.approx(exported, rel=1e-9), (li, matrix)
+    assert result["global"]["embedding"] == pytest.approx(effective_rank(weights["model.embed_tokens.weight"]))

@@ -365,3 +365,271 @@ def test_checkpoint_saves_and_loads_swiglu_halves_without_copies():
     assert factory.merge_fn([h.data for h in factory.build()]) is w  # loaded in place: nothing to merge
     merged = factory.merge_fn([h.data.clone() for h in factory.build()])  # elsewhere: the factory's own merge
     assert merged is not w and torch.equal(merged, w)
+
+
+# ---------------------------------------------------------------------- outputs, environments, malformed inputs
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """(HF directory, imported checkpoint root) of a tiny GQA LLaMA, shared by the tests below (read only)."""
+    from megatron_apex.convert.importer import import_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("imported")
+    src = make_hf(d / "hf", kv_heads=2)
+    import_hf_checkpoint(src, str(d / "ckpt"), progress=False)
+    return src, str(d / "ckpt")
+
+
+def _edit_common(root, edit) -> None:
+    """Rewrite the common state (config, ...) of a checkpoint's iter_0000000 in place with ``edit(common)``."""
+    path = os.path.join(root, "iter_0000000", "common.pt")
+    common = torch.load(path, weights_only=False)
+    edit(common)
+    torch.save(common, path)
+
+
+def _copy(src, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _export(checkpoint, out, **kw):
+    from megatron_apex.convert.exporter import export_hf_checkpoint
+
+    return export_hf_checkpoint(str(checkpoint), str(out), progress=False, **kw)
+
+
+def _listing(path) -> dict:
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def test_converter_is_one_process_inside_a_launcher_environment(imported, tmp_path):
+    """A slurm allocation (and a stray torchrun environment) around the converter must not make it wait for
+    ranks that never come: it runs as one process whatever the launcher variables say."""
+    import subprocess
+
+    _, ckpt = imported
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
+           "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "export",
+                           "--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_export_refuses_a_non_empty_output_and_force_replaces_it_whole(imported, tmp_path):
+    _, ckpt = imported
+    out = tmp_path / "out"
+    _export(ckpt, out, shard_size="60KB")
+    sharded = _listing(out)
+    assert "model.safetensors.index.json" in sharded
+    with pytest.raises(M.ConversionError, match=r"already holds .*config.json.*pass --force"):
+        _export(ckpt, out, dtype=torch.float16)
+    assert _listing(out) == sharded
+    _export(ckpt, out, dtype=torch.float16, force=True)  # one file now: no stale shards or index beside it
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing left beside it
+    with pytest.raises(M.ConversionError, match="holds the input"):
+        _export(os.path.join(ckpt, "iter_0000000"), ckpt, force=True)
+
+
+def test_interrupted_export_leaves_the_output_as_it_was(imported, tmp_path, monkeypatch):
+    import megatron_apex.convert.exporter as exporter
+
+    _, ckpt = imported
+    out = tmp_path / "out"
+    _export(ckpt, out)
+    before = _listing(out)
+    produce = exporter.iter_hf_tensors
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after five tensors have been written
+        for i, item in enumerate(produce(*args, **kwargs)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(exporter, "iter_hf_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _export(ckpt, out, dtype=torch.bfloat16, force=True)
+    assert _listing(out) == before
+    with pytest.raises(KeyboardInterrupt):
+        _export(ckpt, tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no half-written model, visible or hidden
+
+
+def test_weights_are_read_from_the_files_transformers_reads(tmp_path):
+    """A directory with model.safetensors and a (stale) sharded set: both readers take model.safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_apex.convert.hf_io import HFTensorSource
+
+    src = make_hf(tmp_path / "hf", shard="60KB")
+    assert not os.path.exists(os.path.join(src, "model.safetensors"))
+    single = make_hf(tmp_path / "single")
+    state = {k: v * 2 for k, v in load_file(os.path.join(single, "model.safetensors")).items()}
+    save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(single)
+    name = "model.layers.1.mlp.up_proj.weight"
+    ours = HFTensorSource(src).get(name)
+    theirs = AutoModelForCausalLM.from_pretrained(src).state_dict()[name]
+    assert torch.equal(ours, state[name]) and torch.equal(theirs, state[name])
+
+
+def test_import_refuses_an_existing_checkpoint_root(imported, tmp_path):
+    from megatron_apex.training.checkpoint import TRACKER, read_latest
+
+    src, _ = imported
+    root = tmp_path / "run"
+    (root / "iter_0000100").mkdir(parents=True)
+    (root / TRACKER).write_text("100\n")
+    with pytest.raises(M.ConversionError, match=r"already holds a checkpoint .*iter_0000100.*--force"):
+        _import(src, root)
+    assert read_latest(str(root)) == 100 and (root / "iter_0000100").is_dir()
+    _import(src, root, force=True)
+    assert read_latest(str(root)) == 0 and sorted(os.listdir(root)) == ["iter_0000000", TRACKER]
+
+
+def test_export_and_verify_with_vocab_size_from_the_command_line(imported, tmp_path, capsys):
+    """A run whose config has no vocab_size and whose tokenizer is not on this machine: --vocab-size
+    serves the export and its --verify."""
+    import convert_checkpoint
+
+    _, ckpt = imported
+
+    def sentencepiece_run(common):
+        common["config"]["model"]["vocab_size"] = None
+        common["config"]["data"].update(tokenizer_type="sentencepiece", tokenizer_model=str(tmp_path / "gone.model"))
+
+    ckpt = _copy(ckpt, tmp_path / "novocab")
+    _edit_common(ckpt, sentencepiece_run)
+    args = ["export", "--checkpoint", ckpt, "--no-progress", "--verify"]
+    assert convert_checkpoint.main(args + ["--output", str(tmp_path / "a")]) == 2
+    assert "pass --vocab-size" in capsys.readouterr().err
+    assert convert_checkpoint.main(args + ["--output", str(tmp_path / "b"), "--vocab-size", str(VOCAB)]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+
+
+def test_exported_token_ids_agree_without_an_import(imported, tmp_path):
+    """A run that was not imported (no hf_import), trained with data.eod_id=0: config.json and
+    generation_config.json give the same ids, eos = the run's end-of-document token."""
+    _, ckpt = imported
+
+    def trained_from_scratch(common):
+        del common["hf_import"]
+        common["config"]["data"]["eod_id"] = 0
+
+    ckpt = _copy(ckpt, tmp_path / "scratch")
+    _edit_common(ckpt, trained_from_scratch)
+    out = _export(ckpt, tmp_path / "out").output
+    config = json.load(open(os.path.join(out, "config.json")))
+    generation = json.load(open(os.path.join(out, "generation_config.json")))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 0)
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 0)
+
+
+def test_tokenizer_is_checked_before_the_export_runs(imported, tmp_path, monkeypatch):
+    import megatron_apex.convert.exporter as exporter
+
+    def load_model(*args):
+        raise AssertionError("the model was loaded before --tokenizer was checked")
+
+    monkeypatch.setattr(exporter, "load_model", load_model)
+    with pytest.raises(M.ConversionError, match="--tokenizer .*nope.model: no such file"):
+        _export(imported[1], tmp_path / "out", tokenizer=str(tmp_path / "nope.model"))
+    assert os.listdir(tmp_path) == []
+
+
+def _corrupt_generation_config(hf, ckpt):
+    with open(os.path.join(hf, "generation_config.json"), "w") as f:
+        f.write('{"bos_token_id": 1,\n "x": "a\tb"}')  # a raw tab inside a string
+
+
+def _corrupt_index(hf, ckpt):
+    with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
+        f.write("{bad")
+
+
+def _index_points_at_the_wrong_shard(hf, ckpt):
+    path = os.path.join(hf, "model.safetensors.index.json")
+    index = json.load(open(path))
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f != shards[0] and n.endswith("up_proj.weight"))
+    index["weight_map"][name] = shards[0]
+    json.dump(index, open(path, "w"))
+
+
+def _malformed_hidden_size(hf, ckpt):
+    rewrite_config(hf, hidden_size="64x")
+
+
+def _nan_norm_epsilon(hf, ckpt):
+    rewrite_config(hf, rms_norm_eps=float("nan"))  # Python's json writes and reads NaN
+
+
+def _no_metadata(hf, ckpt):
+    os.remove(os.path.join(ckpt, "iter_0000000", ".metadata"))
+
+
+def _lost_shard(hf, ckpt):
+    os.remove(os.path.join(ckpt, "iter_0000000", "__0_1.distcp"))
+
+
+def _truncated_shard(hf, ckpt):
+    os.truncate(os.path.join(ckpt, "iter_0000000", "__0_0.distcp"), 100)
+
+
+@pytest.mark.parametrize("damage,command,message", [
+    (_corrupt_generation_config, "import", r"hf/generation_config.json: not valid JSON \(Invalid control character"),
+    (_corrupt_index, "import", r"hf/model.safetensors.index.json: not valid JSON"),
+    (_index_points_at_the_wrong_shard, "import",
+     r"hf/model.safetensors.index.json maps tensor 'model.layers.\d.mlp.up_proj.weight' to "
+     r"model-00001-of-\d{5}.safetensors, which does not hold it"),
+    (_malformed_hidden_size, "import", r"config.json: hidden_size='64x' is not an integer"),
+    (_nan_norm_epsilon, "import", r"config.json: rms_norm_eps=nan is not a number"),
+    (_no_metadata, "export", r"ckpt/iter_0000000: .metadata is missing"),
+    (_lost_shard, "export", r"ckpt/iter_0000000/__0_1.distcp: missing"),
+    (_truncated_shard, "export", r"ckpt/iter_0000000/__0_0.distcp: 100 bytes where .metadata needs \d+: truncated"),
+])
+def test_malformed_inputs_are_refused_by_name(imported, tmp_path, capsys, damage, command, message):
+    import re
+
+    import convert_checkpoint
+
+    src, ckpt = imported
+    hf = make_hf(tmp_path / "hf", shard="60KB") if damage in (_corrupt_index, _index_points_at_the_wrong_shard) \
+        else _copy(src, tmp_path / "hf")
+    ckpt = _copy(ckpt, tmp_path / "ckpt")
+    damage(hf, ckpt)
+    args = ["--hf-dir", hf] if command == "import" else ["--checkpoint", ckpt]
+    assert convert_checkpoint.main([command, *args, "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # no output, not even an empty directory
+
+
+def test_unwritable_config_out_is_refused_before_the_import(imported, tmp_path, capsys):
+    import convert_checkpoint
+
+    rc = convert_checkpoint.main(["import", "--hf-dir", imported[0], "--output", str(tmp_path / "ck"),
+                                  "--config-out", str(tmp_path / "nope" / "model.yaml"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--config-out {tmp_path}/nope/model.yaml: the directory {tmp_path}/nope does not exist" in err
+    assert os.listdir(tmp_path) == []  # refused before the checkpoint was written
+
+
+def test_effective_rank_compare_refuses_models_of_other_shapes(imported, tmp_path):
+    import subprocess
+
+    _, ckpt = imported
+    _import(make_hf(tmp_path / "mha", kv_heads=4), tmp_path / "mha_ckpt")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "effective_rank.py"), "--checkpoint", ckpt,
+                           "--compare", str(tmp_path / "mha_ckpt")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "different shapes (query_groups 2 vs 4)" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,9 +1,11 @@
-"""Every example config is a valid plan for the world size its recipe is written for (``--dry-run``)."""
+"""Every example config is a valid plan for the world size its recipe is written for (``--dry-run``); the
+examples' documents hold commands that paste into a shell, name files that exist and say what the code does."""
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -82,3 +84,32 @@ def test_every_example_config_dry_runs(capsys):
                      * p.get("context_parallel_size", 1))
             overrides = PLAN + ([] if values.get("model", {}).get("vocab_size") else ["model.vocab_size=32000"])
         _dry_run(capsys, path, world, overrides)
+
+
+def _example_docs() -> dict:
+    paths = sorted(glob.glob(os.path.join(ROOT, "examples", "**", "*.md"), recursive=True))
+    assert paths
+    return {os.path.relpath(p, ROOT): open(p, encoding="utf-8").read() for p in paths}
+
+
+def test_example_commands_paste_into_a_shell():
+    """A backslash followed by a blank (a space before an inline comment, say) escapes the blank instead of
+    continuing the line: the rest of the command then runs as commands of its own."""
+    for doc, text in _example_docs().items():
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+            for line in block.splitlines():
+                assert not re.search(r"\\[ \t]", line), f"{doc}: a backslash is followed by a blank in {line!r}"
+
+
+def test_example_docs_name_files_that_exist():
+    for doc, text in _example_docs().items():
+        for path in re.findall(r"(?<![\w./-])((?:tools|examples|launch_scripts|benchmarks)/[\w./-]*\w)", text):
+            assert os.path.exists(os.path.join(ROOT, path)), f"{doc} names {path}, which does not exist"
+
+
+def test_example_docs_say_mid_stage_checkpoints_export_fused():
+    """The exporter fuses the operators of a checkpoint saved in the middle of an APEX stage (as the README says)."""
+    for doc, text in _example_docs().items():
+        for sentence in re.split(r"(?<=\.)\s+", " ".join(text.split())):
+            if "middle of an APEX" in sentence:
+                assert "fused" in sentence and "refused" not in sentence, f"{doc}: {sentence}"

@@ -28,24 +28,32 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     from megatron_apex.analysis.apex_report import marks, render, report_data
+    from megatron_apex.analysis.checkpoint_io import check_output_file
     from megatron_apex.training.checkpoint import CheckpointError
 
     try:
+        check_output_file(args.output, "--output")
+        if args.json:
+            check_output_file(args.json, "--json")
         data = report_data(args.checkpoint)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, ValueError, OSError) as exc:
         print(f"apex_report: {exc}", file=sys.stderr)
         return 2
-    render(data, args.output, args.title)
-    print(f"wrote {args.output} (step {data['step']}, stage {data['stage']}, layout {data['layout']})")
-    if args.json:
-        out = {"step": data["step"], "stage": data["stage"], "finished": data["finished"],
-               "statistic": data["statistic"], "votes": {k: v.tolist() for k, v in data["votes"].items()},
-               "raw": {k: v.tolist() for k, v in data["raw"].items()},
-               "selection": {str(li): {k: {"P": marks(sel, k, "P"), "N": marks(sel, k, "N"),
-                                            "p_pos": marks(sel, k, "p_pos"), "n_pos": marks(sel, k, "n_pos")}
-                                       for k in data["votes"]} for li, sel in data["selection"].items()}}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+    try:
+        render(data, args.output, args.title)
+        print(f"wrote {args.output} (step {data['step']}, stage {data['stage']}, layout {data['layout']})")
+        if args.json:
+            out = {"step": data["step"], "stage": data["stage"], "finished": data["finished"],
+                   "statistic": data["statistic"], "votes": {k: v.tolist() for k, v in data["votes"].items()},
+                   "raw": {k: v.tolist() for k, v in data["raw"].items()},
+                   "selection": {str(li): {k: {"P": marks(sel, k, "P"), "N": marks(sel, k, "N"),
+                                                "p_pos": marks(sel, k, "p_pos"), "n_pos": marks(sel, k, "n_pos")}
+                                           for k in data["votes"]} for li, sel in data["selection"].items()}}
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=1)
+    except OSError as exc:  # e.g. no permission to write there; the error names the file
+        print(f"apex_report: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

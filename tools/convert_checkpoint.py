@@ -9,8 +9,11 @@
       --dtype bf16 --shard-size 5GB --tokenizer tokenizer.model --verify
 
 Both directions stream layer by layer (peak memory near one copy of the model) and run in a
-single process on the CPU. --verify compares logits of both sides on random sequences (needs
-transformers) and fails if they differ beyond the tolerance.
+single process on the CPU, whatever launcher environment (torchrun, slurm, MPI) they are started
+in. The result is written beside --output and renamed to it once complete, so an interrupted run
+leaves no output; a non-empty --output is refused unless --force is given. --verify compares
+logits of both sides on random sequences (needs transformers) and fails if they differ beyond the
+tolerance.
 
 Exit codes: 0 ok, 2 bad input / unsupported model / impossible layout, 3 verification failed,
 130 interrupted.
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json, or a directory of tokenizer files")
     exp.add_argument("--vocab-size", type=int, help="true vocabulary size when the checkpoint's config lacks it")
     for p in (imp, exp):
+        p.add_argument("--force", action="store_true", help="replace a non-empty --output (refused otherwise); "
+                       "the old directory is removed only once the new one is complete")
         p.add_argument("--verify", action="store_true", help="compare logits of both sides (needs transformers)")
         p.add_argument("--verify-sequences", type=int, default=4, help="random sequences for --verify")
         p.add_argument("--verify-length", type=int, default=64, help="tokens per --verify sequence")
@@ -65,10 +70,22 @@ def _dtype(name):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
 
 
-def _verify(args, checkpoint: str, hf_dir: str, lossy: bool) -> None:
+def _check_file_target(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written, before the conversion runs."""
+    from megatron_apex.convert.mapping import ConversionError
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{flag} {path}: the directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise ConversionError(f"{flag} {path}: is a directory")
+
+
+def _verify(args, checkpoint: str, hf_dir: str, lossy: bool, vocab_size=None) -> None:
     from megatron_apex.convert.verify import compare_checkpoint_with_hf
 
-    result = compare_checkpoint_with_hf(checkpoint, hf_dir, args.verify_sequences, args.verify_length)
+    result = compare_checkpoint_with_hf(checkpoint, hf_dir, args.verify_sequences, args.verify_length,
+                                        vocab_size=vocab_size)
     atol = args.atol if args.atol is not None else (0.5 if lossy else 1e-3)
     kl_tol = args.kl_tol if args.kl_tol is not None else (1e-2 if lossy else 1e-5)
     print(f"verify: {result.num_tokens} tokens  max |logit diff| = {result.max_abs_diff:.3e} (tol {atol:.0e})  "
@@ -83,8 +100,11 @@ def run(args) -> None:
     if args.command == "import":
         from megatron_apex.convert.importer import import_hf_checkpoint, model_yaml
 
+        if args.config_out:
+            _check_file_target(args.config_out, "--config-out")
         result = import_hf_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=_dtype(args.dtype),
-                                      allow_sliding_window=args.allow_sliding_window, progress=not args.no_progress)
+                                      allow_sliding_window=args.allow_sliding_window, progress=not args.no_progress,
+                                      force=args.force)
         for w in result.warnings:
             print(f"warning: {w}")
         print(f"wrote {result.checkpoint} (vocab {result.config.model.vocab_size} padded to "
@@ -103,13 +123,13 @@ def run(args) -> None:
 
         result = export_hf_checkpoint(args.checkpoint, args.output, dtype=_dtype(args.dtype),
                                       shard_size=args.shard_size, tokenizer=args.tokenizer,
-                                      vocab_size=args.vocab_size, progress=not args.no_progress)
+                                      vocab_size=args.vocab_size, progress=not args.no_progress, force=args.force)
         print(f"wrote {args.output}: {', '.join(result.files)}")
         if args.verify:
             stored = checkpoint_dtype(resolve_checkpoint_dir(args.checkpoint))
             lossy = torch.finfo(result.dtype).bits < torch.finfo(stored).bits or (
                 {result.dtype, stored} == {torch.float16, torch.bfloat16})
-            _verify(args, args.checkpoint, args.output, lossy)
+            _verify(args, args.checkpoint, args.output, lossy, args.vocab_size)
 
 
 def main(argv=None) -> int:
@@ -126,8 +146,8 @@ def main(argv=None) -> int:
     except VerifyFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (ConversionError, CheckpointError, ConfigError, NotImplementedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, CheckpointError, ConfigError, NotImplementedError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # an OSError names the file it could not read or write
         return 2
     except KeyboardInterrupt:
         return 130

@@ -100,7 +100,7 @@ def main() -> int:
     if os.path.exists(os.path.join(ROOT, "tools", "convert_checkpoint.py")):
         times["export"] = run("Export to Hugging Face",
                               [py, "tools/convert_checkpoint.py", "export", "--checkpoint", ckpt, "--output", hf,
-                               "--tokenizer", tok + ".model", "--verify"], logs, env)
+                               "--tokenizer", tok + ".model", "--verify", "--force"], logs, env)
     else:
         hf = None
         print("\n=== Export to Hugging Face: skipped (tools/convert_checkpoint.py not available)")

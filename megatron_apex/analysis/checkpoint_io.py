@@ -28,10 +28,23 @@ def ensure_process_group() -> bool:
 
 
 def checkpoint_dir(path: str) -> str:
-    """A checkpoint root (with the tracker file) or an ``iter_*`` directory -> the ``iter_*`` directory."""
+    """A checkpoint root (with the tracker file) or an ``iter_*`` directory -> the ``iter_*`` directory,
+    whose files are all there (a partial copy is refused naming the missing or truncated file)."""
+    from megatron_apex.convert.runtime import checkpoint_metadata
     from megatron_apex.training.checkpoint import resolve_checkpoint_dir
 
-    return resolve_checkpoint_dir(path)
+    path = resolve_checkpoint_dir(path)
+    checkpoint_metadata(path)
+    return path
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse an output file whose directory does not exist (before any work, not after it)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: the directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory")
 
 
 def load_common(path: str) -> dict:

@@ -4,7 +4,9 @@
 
 It lies in [1, min(out, in)]: n for an n x n identity (all s_i equal), 1 for a rank-1 matrix. The APEX
 paper argues that expansion raises it; this module reports it per layer and matrix (Q, K, V, O, gate,
-up, down; embeddings and output layer), from the global tensors of a checkpoint of any layout.
+up, down; embeddings and output layer), from the global tensors of a checkpoint of any layout. A
+checkpoint saved in the middle of an APEX stage is measured with the stage's operators fused into
+the weights (the model the run was training, and what an export writes).
 """
 
 from __future__ import annotations
@@ -13,9 +15,15 @@ import math
 
 import torch
 
-from megatron_apex.analysis.checkpoint_io import load_common, load_model_tensors
+from megatron_apex.analysis.checkpoint_io import checkpoint_dir, load_common, load_model_tensors
 
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+# The model signature's fields that fix the matrices' shapes (training.checkpoint.model_signature).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups", "head_dim",
+                "padded_vocab_size")
+# The stacked layer weights an APEX operator changes when it is fused.
+FUSED_KEYS = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
+              "mlp.linear_fc2.weight")
 
 
 def effective_rank(w: torch.Tensor) -> float:
@@ -48,10 +56,16 @@ def split_layer(tensors: dict, layer: int, cfg_model: dict) -> dict:
 
 
 def checkpoint_effective_ranks(checkpoint: str) -> dict:
-    """{'layers': [{matrix: erank}], 'global': {name: erank}, 'step': int} of a checkpoint."""
-    common = load_common(checkpoint)
+    """{'layers': [{matrix: erank}], 'global': {name: erank}, 'step': int, 'shape': {field: size},
+    'fused_operators': bool} of a checkpoint.
+
+    A checkpoint saved in the middle of an APEX stage is measured as the model the run was training:
+    the stage's operators are fused into the weights first, as the export does ('fused_operators')."""
+    path = checkpoint_dir(checkpoint)
+    common = load_common(path)
     model = common["config"]["model"]
-    tensors = load_model_tensors(checkpoint)
+    tensors = load_model_tensors(path)
+    fused = fuse_active_operators(tensors, common, path)
     layers = []
     for li in range(model["num_layers"]):
         mats = split_layer(tensors, li, model)
@@ -60,8 +74,32 @@ def checkpoint_effective_ranks(checkpoint: str) -> dict:
     for name, key in (("embedding", "embedding.word_embeddings.weight"), ("output_layer", "output_layer.weight")):
         if key in tensors:
             glob[name] = effective_rank(tensors[key])
-    return {"step": common["step"], "layers": layers, "global": glob,
-            "apex": common.get("apex")}
+    signature = common["model_signature"]
+    return {"step": common["step"], "layers": layers, "global": glob, "apex": common.get("apex"),
+            "shape": {k: signature[k] for k in SHAPE_FIELDS if k in signature}, "fused_operators": fused}
+
+
+def fuse_active_operators(tensors: dict, common: dict, path: str) -> bool:
+    """Fold the APEX operators of a mid-stage checkpoint into its stacked global ``tensors`` (in place) with
+    the exporter's fuse; returns whether there were any."""
+    from megatron_apex.config import config_from_dict
+    from megatron_apex.convert.exporter import fuse_expansion
+
+    stacked = {key: tensors[f"decoder.layers.{key}"] for key in FUSED_KEYS}
+    layers = {f"decoder.layers.{i}.{key}": t[i] for key, t in stacked.items() for i in range(t.shape[0])}
+    views = dict(layers)
+    if not fuse_expansion(layers, common, path, config_from_dict(common["config"])):
+        return False
+    for name, tensor in layers.items():
+        if tensor is not views[name]:
+            views[name].copy_(tensor)
+    return True
+
+
+def shape_differences(first: dict, second: dict) -> list:
+    """The model-shape fields in which two :func:`checkpoint_effective_ranks` results differ, as text."""
+    a, b = first["shape"], second["shape"]
+    return [f"{k} {a.get(k)} vs {b.get(k)}" for k in SHAPE_FIELDS if a.get(k) != b.get(k)]
 
 
 def format_table(result: dict, compare: dict | None = None) -> str:

@@ -17,8 +17,10 @@ import torch
 
 from megatron_apex.config import Config, config_from_dict
 from megatron_apex.convert import mapping as M
-from megatron_apex.convert.hf_io import SafetensorsShardWriter, copy_tokenizer, parse_size, write_json
-from megatron_apex.convert.runtime import build_cpu_model, checkpoint_dtype, single_layout, single_process
+from megatron_apex.convert.hf_io import (SafetensorsShardWriter, copy_tokenizer, parse_size, staged_output,
+                                         tokenizer_files, write_json)
+from megatron_apex.convert.runtime import (build_cpu_model, checkpoint_dtype, checkpoint_metadata, single_layout,
+                                           single_process)
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +35,31 @@ class ExportResult:
     dtype: torch.dtype
 
 
-def _fuse_expansion_if_present(model, common: dict, path: str, cfg: Config):
-    """Fold the operators of a checkpoint saved in the middle of an APEX stage into the weights.
-
-    Exporting only the base weights of such a checkpoint would silently change the model; the
-    per-rank operator state is joined and fused at TP=1 (``megatron_apex.expansion.export``)."""
+def fuse_expansion(weights: dict, common: dict, path: str, cfg: Config) -> bool:
+    """Fold the operators of a checkpoint saved in the middle of an APEX stage into ``weights``
+    (global TP=1 tensors keyed ``decoder.layers.{i}.…``, replaced in the dict); returns whether there
+    were any. The per-rank operator state is joined and fused at TP=1 (``megatron_apex.expansion.export``).
+    Whatever reads such a checkpoint as a plain model (the export, the effective-rank analysis) goes
+    through here: its base weights alone are not the model the run was training."""
     from megatron_apex.expansion.export import fuse_global_weights, has_active_operators, load_rank_states
+
+    if not has_active_operators(common):
+        return False
+    fuse_global_weights(weights, cfg, load_rank_states(path, common))
+    return True
+
+
+def _fuse_expansion_if_present(model, common: dict, path: str, cfg: Config):
+    """:func:`fuse_expansion` on a TP=1 model's parameters (in place).
+
+    Exporting only the base weights of a mid-stage checkpoint would silently change the model."""
+    from megatron_apex.expansion.export import has_active_operators
 
     if not has_active_operators(common):
         return model
     params = dict(model.named_parameters())
     weights = {name: p.data for name, p in params.items()}
-    fuse_global_weights(weights, cfg, load_rank_states(path, common))
+    fuse_expansion(weights, common, path, cfg)
     with torch.no_grad():
         for name, tensor in weights.items():
             if tensor is not params[name].data:
@@ -59,6 +74,7 @@ def resolve_export_config(checkpoint: str, vocab_size: Optional[int] = None) -> 
     if not os.path.exists(checkpoint):
         raise M.ConversionError(f"{checkpoint}: no such checkpoint directory")
     path = resolve_checkpoint_dir(checkpoint)
+    checkpoint_metadata(path)  # every file there in full, before anything is read or written
     common = read_common(path)
     cfg: Config = single_layout(config_from_dict(common["config"]))
     padded = int(common["model_signature"]["padded_vocab_size"])
@@ -132,41 +148,50 @@ def iter_hf_tensors(model, m, vocab: int, dtype: torch.dtype, progress: bool = T
 
 def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dtype] = None,
                          shard_size: str | int = "5GB", tokenizer: Optional[str] = None,
-                         vocab_size: Optional[int] = None, progress: bool = True) -> ExportResult:
+                         vocab_size: Optional[int] = None, progress: bool = True, force: bool = False) -> ExportResult:
     """Write ``output``/config.json, generation_config.json, safetensors shards (+ index) and tokenizer
-    files. ``dtype`` None keeps the checkpoint's stored dtype."""
+    files. ``dtype`` None keeps the checkpoint's stored dtype.
+
+    Everything is written into a new directory beside ``output`` that is renamed to ``output`` once
+    complete, so an interrupted export leaves no directory that looks like a model. A non-empty
+    ``output`` is refused unless ``force``, which replaces it."""
+    tokenizer_sources = tokenizer_files(tokenizer) if tokenizer else []  # a typo fails now, not after the export
+    max_bytes = shard_size if isinstance(shard_size, int) else parse_size(shard_size)
     path, common, cfg, vocab, padded = resolve_export_config(checkpoint, vocab_size)
     stored = checkpoint_dtype(path)
     dtype = dtype or stored
-    max_bytes = shard_size if isinstance(shard_size, int) else parse_size(shard_size)
-    os.makedirs(output, exist_ok=True)
     m = cfg.model
     hf_meta = common.get("hf_import") or {}
-    with single_process(cfg) as ctx:
-        model = load_model(path, common, cfg, padded, stored, ctx)
-        writer = SafetensorsShardWriter(output, hf_tensor_specs(m, vocab, dtype), max_bytes)
-        for name, tensor in iter_hf_tensors(model, m, vocab, dtype, progress):
-            writer.add(name, tensor)
-            del tensor
-        writer.close()
-        del model
-    write_json(os.path.join(output, "config.json"),
-               M.model_config_to_hf_config(m, vocab, dtype, hf_meta.get("config")))
-    write_json(os.path.join(output, "generation_config.json"), _generation_config(hf_meta, cfg))
-    files = list(writer.file_names) + (["model.safetensors.index.json"] if len(writer.file_names) > 1 else [])
-    files += ["config.json", "generation_config.json"]
-    if tokenizer:
-        files += copy_tokenizer(tokenizer, output)
+    ids = token_ids(hf_meta, cfg)
+    with staged_output(output, force, checkpoint) as stage:
+        with single_process(cfg) as ctx:
+            model = load_model(path, common, cfg, padded, stored, ctx)
+            writer = SafetensorsShardWriter(stage, hf_tensor_specs(m, vocab, dtype), max_bytes)
+            for name, tensor in iter_hf_tensors(model, m, vocab, dtype, progress):
+                writer.add(name, tensor)
+                del tensor
+            writer.close()
+            del model
+        write_json(os.path.join(stage, "config.json"), M.model_config_to_hf_config(m, vocab, dtype, ids))
+        write_json(os.path.join(stage, "generation_config.json"), _generation_config(hf_meta, ids))
+        files = list(writer.file_names) + (["model.safetensors.index.json"] if len(writer.file_names) > 1 else [])
+        files += ["config.json", "generation_config.json"] + copy_tokenizer(tokenizer_sources, stage)
     logger.info("exported %s -> %s (%d file(s), vocab %d, %s)", path, output, len(writer.file_names), vocab,
                 str(dtype).replace("torch.", ""))
     return ExportResult(output, files, vocab, dtype)
 
 
-def _generation_config(hf_meta: dict, cfg: Config) -> dict:
+def token_ids(hf_meta: dict, cfg: Config) -> dict:
+    """bos/eos/pad ids of the exported model, for config.json and generation_config.json alike: those of
+    the imported ``config.json``, else eos = the run's ``data.eod_id`` (LLaMA's bos 1 / eos 2 without one)."""
+    ids = dict(hf_meta.get("config") or {})
+    ids.setdefault("bos_token_id", 1)
+    ids.setdefault("eos_token_id", cfg.data.eod_id if cfg.data.eod_id is not None else 2)
+    return ids
+
+
+def _generation_config(hf_meta: dict, ids: dict) -> dict:
+    """The imported generation_config.json as it was, else the bos/eos ids of config.json."""
     gen = dict(hf_meta.get("generation_config") or {})
     gen.pop("transformers_version", None)
-    if not gen:
-        ids = hf_meta.get("config") or {}
-        gen = {"bos_token_id": ids.get("bos_token_id", 1),
-               "eos_token_id": ids.get("eos_token_id", cfg.data.eod_id if cfg.data.eod_id is not None else 2)}
-    return gen
+    return gen or {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}

@@ -8,10 +8,13 @@ files whose headers are planned up front from the tensor shapes, so each tensor 
 soon as it is produced and then freed: peak memory is one tensor, not one shard. The file layout
 (u64 header length, JSON header, raw little-endian bytes) is the safetensors format; only the
 ``safetensors`` package's reader is needed to read it back, and no ``transformers``.
+:func:`staged_output` gives both directions a directory that appears at ``--output`` only once
+the conversion is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,17 +33,25 @@ SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX = ("model.safetensors", "model.sa
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from ``path``; malformed JSON, or JSON that is not an object, is refused naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def read_hf_config(hf_dir: str) -> dict:
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"{hf_dir}: no such directory (expected a Hugging Face model directory)")
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: missing; a Hugging Face model directory needs config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path)
 
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -69,21 +80,29 @@ class SafetensorsFile:
     def keys(self) -> list:
         return list(self.header)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.header
+
+    def _info(self, name: str) -> dict:
+        if name not in self.header:
+            raise ConversionError(f"{self.path}: holds no tensor {name!r}")
+        return self.header[name]
+
     def get_slice(self, name: str):
-        return _Shape(self.header[name]["shape"])
+        return _Shape(self._info(name)["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self.header[name]["dtype"]
+        code = self._info(name)["dtype"]
         if code not in _TORCH_DTYPES:
             raise ConversionError(f"{self.path}: tensor {name} has unsupported dtype {code}")
         return _TORCH_DTYPES[code]
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        return self.read_into(name, torch.empty(self.header[name]["shape"], dtype=self.dtype(name)))
+        return self.read_into(name, torch.empty(self._info(name)["shape"], dtype=self.dtype(name)))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read tensor ``name`` straight into ``out`` (contiguous, of the stored shape and dtype)."""
-        info = self.header[name]
+        info = self._info(name)
         if tuple(out.shape) != tuple(info["shape"]) or out.dtype != self.dtype(name) or not out.is_contiguous():
             raise ConversionError(f"{self.path}: tensor {name} is {info['dtype']} {info['shape']}, cannot be read "
                                   f"into a {'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} "
@@ -108,31 +127,39 @@ class _Shape:
 
 
 class HFTensorSource:
-    """Lazy name -> tensor access over a HF checkpoint's weight files."""
+    """Lazy name -> tensor access over a HF checkpoint's weight files.
+
+    The weight files are looked up in the order transformers' ``from_pretrained`` uses, so both read
+    the same weights from a directory that holds more than one set: ``model.safetensors``, then
+    ``model.safetensors.index.json``, ``pytorch_model.bin``, ``pytorch_model.bin.index.json``."""
+
+    ORDER = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
-        self._files = {}  # file name -> open handle (safe_open) or state dict (torch.load with mmap)
+        self._files = {}  # file name -> SafetensorsFile or state dict (torch.load with mmap)
+        self.index = None  # the index file the weight map comes from (sharded checkpoints)
         self.weight_map = self._discover()
 
     def _discover(self) -> dict:
         d = self.hf_dir
-        for index_name in (SAFE_INDEX, BIN_INDEX):
-            index = os.path.join(d, index_name)
-            if os.path.isfile(index):
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f).get("weight_map")
-                if not weight_map:
-                    raise ConversionError(f"{index}: no weight_map")
-                for fname in sorted(set(weight_map.values())):
-                    if not os.path.isfile(os.path.join(d, fname)):
-                        raise ConversionError(f"{index} names {fname}, which is missing from {d}")
-                return dict(weight_map)
-        for single in (SAFE_SINGLE, BIN_SINGLE):
-            if os.path.isfile(os.path.join(d, single)):
-                return {name: single for name in self._open(single).keys()}
-        raise ConversionError(f"{d}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
-                              f"or {BIN_INDEX})")
+        present = [name for name in self.ORDER if os.path.isfile(os.path.join(d, name))]
+        if not present:
+            raise ConversionError(f"{d}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
+                                  f"or {BIN_INDEX})")
+        chosen = present[0]
+        if len(present) > 1:
+            logger.info("%s holds %s: reading %s, as transformers does", d, " and ".join(present), chosen)
+        if chosen in (SAFE_SINGLE, BIN_SINGLE):
+            return {name: chosen for name in self._open(chosen).keys()}
+        self.index = os.path.join(d, chosen)
+        weight_map = read_json(self.index).get("weight_map")
+        if not weight_map or not isinstance(weight_map, dict):
+            raise ConversionError(f"{self.index}: no weight_map")
+        for fname in sorted(set(weight_map.values())):
+            if not isinstance(fname, str) or not os.path.isfile(os.path.join(d, fname)):
+                raise ConversionError(f"{self.index} names {fname!r}, which is missing from {d}")
+        return dict(weight_map)
 
     def _open(self, fname: str):
         if fname not in self._files:
@@ -140,8 +167,21 @@ class HFTensorSource:
             if fname.endswith(".safetensors"):
                 self._files[fname] = SafetensorsFile(path)
             else:
-                self._files[fname] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                try:
+                    self._files[fname] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                except Exception as exc:  # truncated, not a zip/pickle, or unsafe to load
+                    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
         return self._files[fname]
+
+    def _handle(self, name: str):
+        """The open file that holds tensor ``name`` (as the weight map says, and checked)."""
+        if name not in self.weight_map:
+            raise ConversionError(f"tensor {name!r} is missing from {self.hf_dir}")
+        fname = self.weight_map[name]
+        handle = self._open(fname)
+        if name not in handle:
+            raise ConversionError(f"{self.index} maps tensor {name!r} to {fname}, which does not hold it")
+        return handle
 
     def names(self) -> list:
         return list(self.weight_map)
@@ -150,10 +190,8 @@ class HFTensorSource:
         return name in self.weight_map
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise ConversionError(f"tensor {name!r} is missing from {self.hf_dir}")
-        handle = self._open(self.weight_map[name])
-        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        handle = self._handle(name)
+        return handle.get_tensor(name) if isinstance(handle, SafetensorsFile) else handle[name]
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Fill ``out`` (of the tensor's shape) with tensor ``name``, cast to ``out``'s dtype. A safetensors
@@ -161,7 +199,7 @@ class HFTensorSource:
         if tuple(out.shape) != self.shape(name):
             raise ConversionError(f"tensor {name!r}: shape {self.shape(name)} does not fit the destination "
                                   f"{tuple(out.shape)}")
-        handle = self._open(self.weight_map[name])
+        handle = self._handle(name)
         if isinstance(handle, SafetensorsFile) and out.is_contiguous() and handle.dtype(name) == out.dtype:
             handle.read_into(name, out)
         else:
@@ -169,10 +207,8 @@ class HFTensorSource:
 
     def shape(self, name: str) -> tuple:
         """A tensor's shape without reading its data (safetensors) or with a memory map (.bin)."""
-        if name not in self.weight_map:
-            raise ConversionError(f"tensor {name!r} is missing from {self.hf_dir}")
-        handle = self._open(self.weight_map[name])
-        if hasattr(handle, "get_slice"):
+        handle = self._handle(name)
+        if isinstance(handle, SafetensorsFile):
             return tuple(handle.get_slice(name).get_shape())
         return tuple(handle[name].shape)
 
@@ -284,30 +320,88 @@ class SafetensorsShardWriter:
                 json.dump(index, f, indent=2, sort_keys=True)
 
 
-def copy_tokenizer(tokenizer: str, out_dir: str) -> list:
-    """Copy tokenizer files next to the exported weights; returns the names written.
+def tokenizer_files(tokenizer: str) -> list:
+    """[(source path, name in the exported directory)] of the tokenizer files to copy next to the weights.
 
     A sentencepiece ``.model`` becomes ``tokenizer.model``; a ``tokenizer.json`` is copied with the
     ``tokenizer_config.json`` / ``special_tokens_map.json`` found beside it; a directory contributes
-    every known tokenizer file it holds."""
+    every known tokenizer file it holds. Checked before the export writes anything."""
     known = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
     if os.path.isdir(tokenizer):
         sources = [os.path.join(tokenizer, n) for n in known if os.path.isfile(os.path.join(tokenizer, n))]
         if not sources:
             raise ConversionError(f"--tokenizer {tokenizer}: the directory holds none of {', '.join(known)}")
-        pairs = [(s, os.path.basename(s)) for s in sources]
-    elif not os.path.isfile(tokenizer):
+        return [(s, os.path.basename(s)) for s in sources]
+    if not os.path.isfile(tokenizer):
         raise ConversionError(f"--tokenizer {tokenizer}: no such file")
-    elif tokenizer.endswith(".json"):
+    if tokenizer.endswith(".json"):
         beside = os.path.dirname(os.path.abspath(tokenizer))
-        pairs = [(tokenizer, "tokenizer.json")] + [
+        return [(tokenizer, "tokenizer.json")] + [
             (os.path.join(beside, n), n) for n in ("tokenizer_config.json", "special_tokens_map.json")
             if os.path.isfile(os.path.join(beside, n))]
-    else:  # sentencepiece model (any name)
-        pairs = [(tokenizer, "tokenizer.model")]
-    for src, name in pairs:
+    return [(tokenizer, "tokenizer.model")]  # sentencepiece model (any name)
+
+
+def copy_tokenizer(files: list, out_dir: str) -> list:
+    """Copy :func:`tokenizer_files` into ``out_dir``; returns the names written."""
+    for src, name in files:
         shutil.copyfile(src, os.path.join(out_dir, name))
-    return [name for _, name in pairs]
+    return [name for _, name in files]
+
+
+# ---------------------------------------------------------------------- output directories
+def check_output_dir(output: str, force: bool = False, source: str = "") -> None:
+    """Refuse an ``output`` that is a file, that holds the ``source`` being converted, or that is a
+    non-empty directory unless ``force`` (which replaces it)."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ConversionError(f"--output {output}: exists and is not a directory")
+    out, src = os.path.realpath(output), os.path.realpath(source) if source else None
+    if src and (src == out or src.startswith(out + os.sep)):
+        raise ConversionError(f"--output {output} holds the input {source}; write the conversion elsewhere")
+    if force or not os.path.isdir(output) or not os.listdir(output):
+        return
+    from megatron_apex.training.checkpoint import TRACKER
+
+    entries = sorted(os.listdir(output))
+    steps = [e for e in entries if e.startswith("iter_")]
+    if TRACKER in entries or steps:
+        what = f"a checkpoint ({', '.join(([TRACKER] if TRACKER in entries else []) + steps[-3:])})"
+    else:
+        what = f"{len(entries)} entries ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})"
+    raise ConversionError(f"--output {output} already holds {what}; choose another --output, or pass --force "
+                          "to replace the directory and everything in it")
+
+
+@contextlib.contextmanager
+def staged_output(output: str, force: bool = False, source: str = ""):
+    """Yield a new directory beside ``output`` to write into; it becomes ``output`` only once complete.
+
+    An error or an interrupt removes it and leaves ``output`` as it was, so a directory at ``output``
+    is always a finished conversion. With ``force`` an existing ``output`` is replaced: it is moved
+    aside, the new directory renamed into its place, and only then deleted."""
+    check_output_dir(output, force, source)
+    output = os.path.abspath(output)
+    parent, name = os.path.split(output)
+    os.makedirs(parent, exist_ok=True)
+    stage = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)  # left by a killed run of the same process id
+    os.mkdir(stage)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if os.path.isdir(output) and os.listdir(output):
+        old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
+        os.rename(output, old)
+        try:
+            os.rename(stage, output)
+        except BaseException:
+            os.rename(old, output)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, output)  # no output yet, or an empty directory
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from megatron_apex.config import Config
 from megatron_apex.convert import mapping as M
-from megatron_apex.convert.hf_io import HFTensorSource, read_hf_config
+from megatron_apex.convert.hf_io import HFTensorSource, read_hf_config, read_json, staged_output
 from megatron_apex.convert.runtime import build_cpu_model, single_process
 
 logger = logging.getLogger(__name__)
@@ -151,11 +151,15 @@ def copy_hf_into_model(model, source: HFTensorSource, m, padded_vocab: int, prog
 
 
 def import_hf_checkpoint(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None,
-                         allow_sliding_window: bool = False, progress: bool = True) -> ImportResult:
+                         allow_sliding_window: bool = False, progress: bool = True,
+                         force: bool = False) -> ImportResult:
     """Convert ``hf_dir`` into a weights-only checkpoint under ``output`` (root with tracker, step 0).
 
-    ``dtype`` is the stored weight dtype; None keeps the one ``config.json`` names (fp32 if none)."""
-    from megatron_apex.training.checkpoint import save_checkpoint
+    ``dtype`` is the stored weight dtype; None keeps the one ``config.json`` names (fp32 if none). The
+    checkpoint is written beside ``output`` and renamed into place once complete. A non-empty
+    ``output`` (a run's checkpoint root, whose tracker the import would move back to step 0) is
+    refused unless ``force``, which replaces it."""
+    from megatron_apex.training.checkpoint import iter_dir, save_checkpoint
 
     hf = read_hf_config(hf_dir)
     warnings = M.check_hf_config(hf, allow_sliding_window)
@@ -169,17 +173,19 @@ def import_hf_checkpoint(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dty
     if ignored:
         logger.info("skipping %d non-weight buffer(s): %s", len(ignored), ", ".join(ignored[:3]))
     padded = cfg.padded_vocab_size(m.vocab_size)
-    generation = _read_optional_json(os.path.join(hf_dir, "generation_config.json"))
+    generation_path = os.path.join(hf_dir, "generation_config.json")
+    generation = read_json(generation_path) if os.path.isfile(generation_path) else None
     hf_meta = {"source": os.path.abspath(hf_dir), "target_layout": {"tp": tp, "pp": pp},
                "config": {k: hf.get(k) for k in M.PASSTHROUGH_KEYS if k in hf},
                "generation_config": generation, "warnings": warnings}
-    with single_process(cfg) as ctx:
+    with staged_output(output, force, hf_dir) as stage, single_process(cfg) as ctx:
         model = build_cpu_model(cfg, dtype, padded)
         copy_hf_into_model(model, source, m, padded, progress)
         source.close()
-        path = save_checkpoint(output, 0, model, None, cfg, ctx, padded, consumed_samples=0,
-                               extra_common={"hf_import": hf_meta})
+        save_checkpoint(stage, 0, model, None, cfg, ctx, padded, consumed_samples=0,
+                        extra_common={"hf_import": hf_meta})
         del model
+    path = iter_dir(output, 0)
     logger.info("imported %s -> %s (%d layers, vocab %d padded to %d, %s, target TP=%d PP=%d)", hf_dir, path,
                 m.num_layers, m.vocab_size, padded, str(dtype).replace("torch.", ""), tp, pp)
     return ImportResult(path, cfg, padded, warnings, ignored)
@@ -197,12 +203,3 @@ def model_yaml(cfg: Config, tp: int = 1, pp: int = 1) -> str:
     if tp != 1 or pp != 1:
         doc["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-def _read_optional_json(path: str) -> Optional[dict]:
-    import json
-
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -130,10 +130,26 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+_REQUIRED = object()
+
+
+def hf_number(hf: dict, key: str, kind: type = int, default=_REQUIRED):
+    """``config.json``'s ``key`` as an int or float (``default`` when absent or null); a missing
+    required field, or a value that is not a number of that kind, is refused naming the field."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"config.json lacks the required field {key!r}")
+        return default
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (kind is int and value != int(value))):
+        raise ConversionError(f"config.json: {key}={value!r} is not {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
 def hf_rope_theta(hf: dict) -> float:
     """rope theta from a v4 (``rope_theta``) or v5 (``rope_parameters``) config."""
-    params = hf.get("rope_parameters") or {}
-    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    return hf_number(hf if "rope_theta" in hf else (hf.get("rope_parameters") or {}), "rope_theta", float, 10000.0)
 
 
 def hf_rope_type(hf: dict) -> Optional[str]:
@@ -174,9 +190,9 @@ def check_hf_config(hf: dict, allow_sliding_window: bool = False) -> list:
     if theta != int(theta):
         raise UnsupportedModelError(f"rope_theta={theta} is not an integer; megatron-core's rotary_base is an int")
     warnings = []
-    window = hf.get("sliding_window")
+    window = hf_number(hf, "sliding_window", int, None)
     use_window = hf.get("use_sliding_window", True)
-    if window is not None and use_window and window < hf.get("max_position_embeddings", 0):
+    if window is not None and use_window and window < hf_number(hf, "max_position_embeddings", int, 0):
         if not allow_sliding_window:
             raise UnsupportedModelError(
                 f"sliding_window={window} (< max_position_embeddings={hf.get('max_position_embeddings')}): "
@@ -192,36 +208,32 @@ def check_hf_config(hf: dict, allow_sliding_window: bool = False) -> list:
 def hf_config_to_model_config(hf: dict, allow_sliding_window: bool = False) -> ModelConfig:
     """A HF LLaMA/Mistral ``config.json`` dict -> our :class:`ModelConfig` (checks included)."""
     check_hf_config(hf, allow_sliding_window)
-    try:
-        heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        return ModelConfig(
-            num_layers=int(hf["num_hidden_layers"]),
-            hidden_size=hidden,
-            ffn_hidden_size=int(hf["intermediate_size"]),
-            num_attention_heads=heads,
-            num_query_groups=int(hf.get("num_key_value_heads") or heads),
-            kv_channels=int(hf.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            vocab_size=int(hf["vocab_size"]),
-            rotary_base=hf_rope_theta(hf),
-            norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_method_std=float(hf.get("initializer_range", 0.02)),
-        )
-    except KeyError as exc:
-        raise ConversionError(f"config.json lacks the required field {exc.args[0]!r}") from None
+    heads = hf_number(hf, "num_attention_heads")
+    hidden = hf_number(hf, "hidden_size")
+    return ModelConfig(
+        num_layers=hf_number(hf, "num_hidden_layers"),
+        hidden_size=hidden,
+        ffn_hidden_size=hf_number(hf, "intermediate_size"),
+        num_attention_heads=heads,
+        num_query_groups=hf_number(hf, "num_key_value_heads", int, heads),
+        kv_channels=hf_number(hf, "head_dim", int, hidden // heads if heads else None),
+        max_position_embeddings=hf_number(hf, "max_position_embeddings", int, 2048),
+        vocab_size=hf_number(hf, "vocab_size"),
+        rotary_base=hf_rope_theta(hf),
+        norm_epsilon=hf_number(hf, "rms_norm_eps", float, 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_method_std=hf_number(hf, "initializer_range", float, 0.02),
+    )
 
 
 # Keys carried over from the imported config.json on export (ids, not shapes).
 PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtype,
-                              extra: Optional[dict] = None) -> dict:
+def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtype, token_ids: dict) -> dict:
     """Our :class:`ModelConfig` -> a ``LlamaForCausalLM`` ``config.json`` dict (transformers-v4-style keys,
-    which v5 also reads). ``extra`` supplies token ids (bos/eos/pad) kept from an import."""
-    extra = extra or {}
+    which v5 also reads). ``token_ids`` holds the bos/eos/pad ids (the exporter decides them once, for
+    config.json and generation_config.json alike)."""
     dtype_name = {v: k for k, v in _DTYPES.items()}[dtype]
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -246,9 +258,9 @@ def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtyp
         "pretraining_tp": 1,
         "use_cache": True,
         "torch_dtype": dtype_name,
-        "bos_token_id": extra.get("bos_token_id", 1),
-        "eos_token_id": extra.get("eos_token_id", 2),
-        "pad_token_id": extra.get("pad_token_id"),
+        "bos_token_id": token_ids.get("bos_token_id"),
+        "eos_token_id": token_ids.get("eos_token_id"),
+        "pad_token_id": token_ids.get("pad_token_id"),
     }
     return cfg
 

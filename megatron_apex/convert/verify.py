@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -89,12 +90,13 @@ def hf_logits_here(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def compare_checkpoint_with_hf(checkpoint: str, hf_dir: str, num_sequences: int = 4, seq_length: int = 64,
-                               seed: int = 0) -> VerifyResult:
-    """Load both sides (ours at TP=1/PP=1, fp32) and compare logits on random sequences."""
+                               seed: int = 0, vocab_size: Optional[int] = None) -> VerifyResult:
+    """Load both sides (ours at TP=1/PP=1, fp32) and compare logits on random sequences. ``vocab_size``:
+    the true vocabulary size, for a checkpoint whose config lacks it (as for the export)."""
     from megatron_apex.convert.exporter import load_model, resolve_export_config
     from megatron_apex.convert.runtime import single_process
 
-    path, common, cfg, vocab, padded = resolve_export_config(checkpoint)
+    path, common, cfg, vocab, padded = resolve_export_config(checkpoint, vocab_size)
     seq_length = min(seq_length, cfg.model.max_position_embeddings)
     tokens = random_tokens(vocab, num_sequences, seq_length, seed)
     theirs = hf_logits(hf_dir, tokens)  # first: the HF model is freed before ours is built
