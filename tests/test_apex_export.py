@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_mid_stage_checkpoint_exports_fused(tiny_data, tiny_config, tmp_path):
     ckpt = tmp_path / "ckpt"
     overrides = tiny_overrides(tiny_data, **{
-        "apex.enabled": True, "apex.boundaries": "[0, 3]", "apex.ratio": 0.5, "apex.partitions": 2,
+        "apex.enabled": True, "apex.boundaries": "[0, 3]", "apex.ratio": 0.25, "apex.partitions": 2,
         "apex.init_scoring_samples": 16, "apex.lr_scale": 30.0, "model.num_query_groups": 4,
         "apex.attn_ratio": 0.5,  # 2 of the 4 query groups in P (and 2 in N): 2 partitions, one per TP rank
         "train.train_steps": 6, "checkpoint.save": str(ckpt), "checkpoint.save_interval": 5,
