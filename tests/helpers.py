@@ -53,3 +53,20 @@ def train_worker(config_path: str, overrides: list, callbacks_factory=None) -> d
     result = Trainer(cfg, ctx, callbacks).setup().train()
     return {"losses": result.losses, "valid": result.valid, "step": result.step, "exit": result.exit_reason,
             "rank": ctx.rank}
+
+
+def wait_or_kill(proc, log_path, timeout: float) -> int:
+    """The exit code of a launch started in its own session (``start_new_session=True``); past
+    ``timeout`` seconds the whole session is killed and the test fails with the end of the log."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launch's own session: the test started it
+        proc.wait()
+        pytest.fail(f"launch did not finish in {timeout} s; log:\n{log_path.read_text()[-6000:]}")

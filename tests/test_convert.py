@@ -486,6 +486,7 @@ def test_import_refuses_an_existing_checkpoint_root(imported, tmp_path):
     src, _ = imported
     root = tmp_path / "run"
     (root / "iter_0000100").mkdir(parents=True)
+    (root / "iter_0000100" / "metadata.json").write_text("{}")  # what marks a finished save
     (root / TRACKER).write_text("100\n")
     with pytest.raises(M.ConversionError, match=r"already holds a checkpoint .*iter_0000100.*--force"):
         _import(src, root)

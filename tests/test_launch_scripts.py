@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY
+from helpers import wait_or_kill
 
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch_scripts", "*")))
 
@@ -145,21 +146,12 @@ def _single_node(args: list, log_path, workers: int = 2) -> subprocess.Popen:
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, log_path, timeout: float) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launch's own session: this test started it
-        proc.wait()
-        pytest.fail(f"launch did not finish in {timeout} s; log:\n{log_path.read_text()[-6000:]}")
-
-
 @pytest.mark.slow
 def test_single_node_config_error_exits_2(tmp_path):
     log = tmp_path / "run.log"
     proc = _single_node(["data.mock=true", "model.vocab_size=256", "data.eod_id=0", "data.tokenizer_type=none",
                          "model.num_query_groups=3"], log)
-    rc = _finish(proc, log, timeout=180)
+    rc = wait_or_kill(proc, log, timeout=180)
     out = log.read_text()
     assert rc == 2 and "configuration error" in out and "training exited with code 2" in out, out[-6000:]
 
@@ -174,11 +166,11 @@ def test_single_node_ctrl_c_saves_and_exits_75(tiny_data, tmp_path):
     end = time.monotonic() + 240
     while not re.search(r"step \d+/2000", log.read_text()):
         if proc.poll() is not None or time.monotonic() > end:
-            _finish(proc, log, timeout=1)
+            wait_or_kill(proc, log, timeout=1)
             pytest.fail(f"no training step logged; log:\n{log.read_text()[-6000:]}")
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
-    rc = _finish(proc, log, timeout=180)
+    rc = wait_or_kill(proc, log, timeout=180)
     out = log.read_text()
     assert rc == 75 and "training exited with code 75" in out, out[-6000:]
     step = int((save / "latest_checkpointed_iteration.txt").read_text())

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT, TINY
 from distributed_utils import free_port
-from helpers import tiny_overrides
+from helpers import tiny_overrides, wait_or_kill
 
 JOB_ID = "4242"
 TRAIN_STEPS = 2000  # long enough that the SIGTERM always arrives mid-run
@@ -90,15 +90,6 @@ def _launch(script: str, args: list, env: dict, log) -> subprocess.Popen:
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait(proc: subprocess.Popen, log_path, timeout: float) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launch's own session: this test started it
-        proc.wait()
-        pytest.fail(f"launch did not finish in {timeout} s; log:\n{log_path.read_text()[-6000:]}")
-
-
 def _wait_for(pattern: str, log_path, proc, timeout: float) -> re.Match:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -131,7 +122,7 @@ def test_sigterm_checkpoint_and_resume(script, slurm_env, tiny_data, tmp_path):
         proc = _launch(script, args, env, log)
         step = int(_wait_for(rf"step (\d+)/{TRAIN_STEPS}", log1, proc, timeout=240).group(1))
         os.kill(int((stubs / "srun.pid").read_text()), signal.SIGTERM)
-        rc = _wait(proc, log1, timeout=180)
+        rc = wait_or_kill(proc, log1, timeout=180)
     out1 = log1.read_text()
     assert rc == 75, out1[-6000:]
     assert "received SIGTERM" in out1 and "git revision:" in out1 and "versions: python" in out1
@@ -146,7 +137,7 @@ def test_sigterm_checkpoint_and_resume(script, slurm_env, tiny_data, tmp_path):
     log2 = tmp_path / "run2.log"
     env2 = {**env, "EXIT_AFTER_MINUTES": "0.0001", "REQUEUE": "1", "MASTER_PORT": str(free_port())}
     with open(log2, "w") as log:
-        rc = _wait(_launch(script, args, env2, log), log2, timeout=240)
+        rc = wait_or_kill(_launch(script, args, env2, log), log2, timeout=240)
     out2 = log2.read_text()
     assert rc == 75, out2[-6000:]
     assert f"resumed from {save} at step {saved}" in out2

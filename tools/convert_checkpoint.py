@@ -72,13 +72,13 @@ def _dtype(name):
 
 def _check_file_target(path: str, flag: str) -> None:
     """Refuse an output file that cannot be written, before the conversion runs."""
+    from megatron_apex.analysis.checkpoint_io import check_output_file
     from megatron_apex.convert.mapping import ConversionError
 
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ConversionError(f"{flag} {path}: the directory {parent} does not exist")
-    if os.path.isdir(path):
-        raise ConversionError(f"{flag} {path}: is a directory")
+    try:
+        check_output_file(path, flag)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def _verify(args, checkpoint: str, hf_dir: str, lossy: bool, vocab_size=None) -> None:
