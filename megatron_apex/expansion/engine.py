@@ -645,8 +645,8 @@ class ApexCallback(Callback):
 
     def _check_run_continues(self, saved: dict, step: int) -> None:
         """A checkpoint saved before the final fuse continues under the same selections and operators:
-        refuses another mode, ratio (of either kind), partitions or progressive flag, and a schedule that moves a boundary
-        already applied; warns where only boundaries still to come moved."""
+        refuses another mode, ratio (of either kind), partitions or progressive flag, and a schedule that
+        moves a boundary already applied; warns where only boundaries still to come moved."""
         where = (f"this checkpoint (step {step}) was saved during an APEX run, at stage {saved['stage']} of "
                  f"{len(saved['boundaries'])} and before the final fuse")
         after = "or resume from a checkpoint saved after the final fuse"
