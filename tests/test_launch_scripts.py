@@ -85,9 +85,12 @@ def test_ctrl_c_reaches_the_worker_as_a_stop_request(tmp_path):
     the background by record_exit_code.sh ignores SIGINT, so the script must pass it on as SIGTERM."""
     codes, report = tmp_path / "codes", tmp_path / "report"
     codes.mkdir()
+    # As under a terminal or torchrun, the script starts with SIGINT's default action: a test run in the
+    # background (nohup ... &) would hand down an ignored SIGINT, which bash can no longer trap.
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch_scripts", "record_exit_code.sh"), str(codes),
                              sys.executable, "-c", TRAINER_STANDIN, str(report)],
-                            env={**os.environ, "LOCAL_RANK": "0"}, start_new_session=True)
+                            env={**os.environ, "LOCAL_RANK": "0"}, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_text(report, "ready", proc)
         os.killpg(proc.pid, signal.SIGINT)
