@@ -95,6 +95,7 @@ class _DatasetChecks:
         self.cfg, self.vocab_size, self.eod_id = cfg, vocab_size, eod_id
         self.tokenizer = configured_tokenizer(cfg)
         self.sequences: dict = {}  # prefix -> sequence (document) count
+        self.blends: dict = {}     # field -> megatron-core's (prefixes, weights), checked
         self._sha256 = None
 
     def blend(self, field: str, paths: list) -> tuple:
@@ -110,6 +111,7 @@ class _DatasetChecks:
                         reader.dtype)
             reader.close()
             self._check_tokenizer(field, prefix)
+        self.blends[field] = (prefixes, weights)
         return prefixes, weights
 
     def _check_tokenizer(self, field: str, prefix: str) -> None:
@@ -157,23 +159,25 @@ class _DatasetChecks:
                                   + (", or set data.valid_data_path" if name == "valid" else ""))
 
 
-def check_datasets(cfg: Config, vocab_size: int, eod_id: int) -> None:
+def check_datasets(cfg: Config, vocab_size: int, eod_id: int) -> Optional[_DatasetChecks]:
     """The start-up checks of :func:`build_datasets` alone (module doc), without building any index: for
-    the dry run, and to stop a run on bad data before its model is built."""
+    the dry run, and to stop a run on bad data before its model is built. Returns what they found
+    (None with mock data), which :func:`build_datasets` takes instead of checking again."""
     d = cfg.data
     if d.mock:
-        return
+        return None
     checks = _DatasetChecks(cfg, vocab_size, eod_id)
     checks.blend("data.data_path", d.data_path)
     if d.valid_data_path:
         checks.blend("data.valid_data_path", d.valid_data_path)
+    return checks
 
 
 def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int, valid_samples: int,
-                   is_built_on_rank=lambda: True):
+                   is_built_on_rank=lambda: True, checks: Optional[_DatasetChecks] = None):
     """(train, valid) datasets of at least the requested sizes (valid is None when valid_samples is 0).
 
-    Every dataset is checked first (module doc). Only the parts that are read are built: the test
+    Every dataset is checked first (module doc), unless ``checks`` (from :func:`check_datasets`) did. Only the parts that are read are built: the test
     part of data.split never is, the valid part only when ``valid_samples`` > 0. Unused splits get
     size 0, not None: megatron-core refuses a size of None for a weighted blend.
     """
@@ -186,10 +190,10 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    checks = _DatasetChecks(cfg, vocab_size, eod_id)
-    blend = checks.blend("data.data_path", d.data_path)
+    checks = checks or check_datasets(cfg, vocab_size, eod_id)
+    blend = checks.blends["data.data_path"]
     if d.valid_data_path:
-        valid_blend = checks.blend("data.valid_data_path", d.valid_data_path)
+        valid_blend = checks.blends["data.valid_data_path"]
         kwargs = dict(blend_per_split=[blend, valid_blend if valid_samples else None, None])
     else:
         kwargs = dict(blend=blend, split=d.split)

@@ -116,7 +116,7 @@ class Trainer:
         self.vocab_size, self.eod_id = resolve_vocab(cfg)
         # The datasets' start-up checks first: bad data stops a run before any model is built or loaded (the
         # datasets themselves are built after the load, which gives the data position).
-        check_datasets(cfg, self.vocab_size, self.eod_id)
+        data_checks = check_datasets(cfg, self.vocab_size, self.eod_id)
         self.padded_vocab = cfg.padded_vocab_size(self.vocab_size)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
         self.params_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -149,7 +149,7 @@ class Trainer:
             self._check_data_order(common)
         total_valid = t.eval_steps * t.global_batch_size
         self.train_ds, self.valid_ds = build_datasets(cfg, self.vocab_size, self.eod_id, self.train_samples,
-                                                      total_valid)
+                                                      total_valid, checks=data_checks)
         self.train_iter = iter(build_loader(self.train_ds, cfg, self.consumed_samples, self.train_samples,
                                             ctx.dp_rank, ctx.dp_size))
         self.total_valid = total_valid
