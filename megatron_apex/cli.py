@@ -15,7 +15,7 @@ import sys
 
 import yaml
 
-from megatron_apex.config import Config, ConfigError, load_config
+from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, load_config
 
 logger = logging.getLogger("megatron_apex")
 
@@ -118,9 +118,8 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"{mem['activations_gib']:.2f}",
     ]
     if cfg.apex.enabled:
-        names = {"attn": "attention units", "ffn": "FFN channels"}
-        units = ", ".join(f"{names[kind]} k={k} of {n} in {b} partitions" if k else
-                          f"{names[kind]} none of {n} (not expanded)"
+        units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions" if k else
+                          f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded)"
                           for kind, (n, k, b) in cfg.apex_geometry.items())
         lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {cfg.apex_boundaries}; "
                      f"per layer: {units}")

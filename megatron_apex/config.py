@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or inconsistent with another."""
 
 
+APEX_UNIT_NAMES = {"attn": "attention units", "ffn": "FFN channels"}  # the unit kinds, as messages name them
+
+
 def unit_share(frac: float, n_units: int) -> int:
     """floor(frac * n_units), robust to binary rounding (0.1875 * 32 is exactly 6, not 5)."""
     return int(math.floor(frac * n_units + 1e-9))
@@ -380,7 +383,7 @@ class Config:
             _check(a.partitions > 0 and a.partitions % tp == 0, "apex.partitions", a.partitions,
                    f"must be a positive multiple of parallel.tensor_model_parallel_size={tp}")
             geometry = self.apex_geometry
-            names = {"attn": "attention units", "ffn": "FFN channels"}
+            names = APEX_UNIT_NAMES
             _check(any(k for _, k, _ in geometry.values()), "apex.ratio", a.ratio,
                    "selects no unit: floor(ratio x units) is 0 for the "
                    + " and the ".join(f"{n} {names[kind]} (ratio {a.kind_ratio(kind)})"

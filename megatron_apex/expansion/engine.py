@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.random import is_checkpointing
 
-from megatron_apex.config import Config, ConfigError
+from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, unit_share
 from megatron_apex.expansion.inplace import InPlaceLayer, InPlaceRunner
 from megatron_apex.expansion.operator import (AttentionExpansion, FFNExpansion, mean_monarch_norm, monarch_summary,
                                               state_shape_mismatches)
@@ -169,7 +169,7 @@ class ApexCallback(Callback):
         self.d = m.head_dim
 
     def _log_geometry(self) -> None:
-        names = {"attn": "attention units", "ffn": "FFN channels"}
+        names = APEX_UNIT_NAMES
         geometry = self.cfg.apex_geometry
         logger.info("APEX per layer: %s", "; ".join(
             f"{names[kind]}: k={k} of {n} in {b} partitions" for kind, (n, k, b) in geometry.items()))
@@ -451,7 +451,7 @@ class ApexCallback(Callback):
             mask[exclude] = True
         if self.a.mode == "selected":
             ratio = self.a.attn_tuned_ratio if kind == "attn" else self.a.ffn_tuned_ratio
-            e = max(0, int(ratio * n + 1e-9) - 2 * k)
+            e = max(0, unit_share(ratio, n) - 2 * k)
             p_units, n_units, e_units = select_units_partial(votes, raw.float(), k, e, exclude=mask)
         else:
             p_units, n_units = select_units(votes, raw.float(), k, exclude=mask)
