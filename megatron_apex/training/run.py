@@ -53,9 +53,6 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
             where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
             logger.info("training %s at step %d%s", result.exit_reason, result.step, where)
         return result.exit_code
-    except ConfigError as exc:  # found at start-up (tokenizer, datasets): the user's to fix, no traceback
-        logger.error("configuration error: %s", exc)
-        return 2
     except TrainingError as exc:
         logger.error("%s", exc)
         return 1
