@@ -193,6 +193,8 @@ def child(args) -> None:
             faults[step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start.f0
             if mem is not None:
                 step_peak[step] = mem.take()
+                if cuda:  # what stays allocated between steps (the step's peak is above)
+                    step_end[step] = torch.cuda.memory_allocated()
             parts_at[step] = dict(parts, scoring=cb.stats_time) if apex else {}
             if getattr(start, "prof", None) is not None:
                 start.prof.__exit__(None, None, None)
@@ -215,6 +217,7 @@ def child(args) -> None:
     # (on the CPU every operator then goes through Python: the step times are not APEX's overhead).
     mem = PhasePeaks(cuda) if cuda or args.memory_phases else None
     step_peak = {}  # per step: peak tensor memory within it (a boundary counts in its step)
+    step_end = {}  # per step, on a GPU: bytes allocated at its end
     import gc
 
     gc_clock = {"total": 0.0, "t0": 0.0, "full": 0}  # time in Python's cyclic garbage collector
@@ -264,7 +267,7 @@ def child(args) -> None:
            "scoring_last_stage": scoring, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            "device": torch.cuda.get_device_name() if cuda else "cpu",
            "max_gpu_bytes": mem.peak if cuda else 0, "max_gpu_reserved": mem.reserved if cuda else 0,
-           "step_peak": step_peak, "memory_phases": mem.peaks if mem is not None else {},
+           "step_peak": step_peak, "step_end": step_end, "memory_phases": mem.peaks if mem is not None else {},
            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
            "parts_at": parts_at, "gc_at": gc_at,
            "params": sum(p.numel() for p in trainer.model.parameters())}
@@ -331,6 +334,11 @@ def print_memory(runs: dict, steady: list, b: int, what: Optional[str], by_phase
         b_peak = statistics.median(r["step_peak"][str(b)] for r in runs[v])
         print(f"  {v}: peak in a steady step {steady_peak / 2**20:.1f} MiB, in the boundary's step (step {b}) "
               f"{b_peak / 2**20:.1f} MiB")
+    for v in runs:  # every step of the first round: where a one-off peak (a capture, a boundary) falls
+        r = runs[v][0]
+        print(f"  {v}, round 0, per step (MiB): peak " + " ".join(f"{r['step_peak'][k] / 2**20:.0f}" for k in r["step_peak"])
+              + ("; allocated at the end " + " ".join(f"{x / 2**20:.0f}" for x in r["step_end"].values())
+                 if r.get("step_end") else ""))
 
 
 def main() -> None:

@@ -94,10 +94,11 @@ class BareLoop:
         self.num_micro = cfg.num_micro_batches(1)
 
     def _forward_step(self, it, model):
-        b = next(it)
-        out = model(b["tokens"].to(self.device), b["position_ids"].to(self.device), None,
-                    labels=b["labels"].to(self.device))
-        return out, partial(_loss, b["loss_mask"].to(self.device))
+        # Asynchronous copies from the loader's pinned memory, as Megatron-LM's get_batch does: a
+        # blocking copy would make the host wait for the GPU's queue to drain at every micro-batch.
+        b = {k: v.to(self.device, non_blocking=True) for k, v in next(it).items() if torch.is_tensor(v)}
+        out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        return out, partial(_loss, b["loss_mask"])
 
     def step(self, step: int) -> float:
         self.model.zero_grad_buffer()

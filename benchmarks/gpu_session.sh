@@ -8,7 +8,9 @@
 #   configuration once more without APEX's scoring, then without its operator (bench --ablate);
 #   "operator" times the operator alone (bench_operator.py) at the 953M and the small shapes;
 #   "large16" is the 953M configuration at 16 micro-batches per step; "interval" the 953M configuration
-#   with apex.score_interval=4.
+#   with apex.score_interval=4; "large16i4" the 953M configuration at 16 micro-batches, scoring every
+#   4th step. "resume" runs only the resume-mid-stage GPU test, "tests" all GPU tests, "tests_rest" the
+#   GPU tests other than the resume one.
 #   BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -54,11 +56,21 @@ for section in ${SECTIONS:-small large tests eager}; do
     diagnose)
         bench large_no_scoring_bf16 100 $LARGE --rounds 1 --ablate scoring
         bench large_no_operator_bf16 100 $LARGE --rounds 1 --ablate operator ;;
-    tests)
-        echo "== GPU tests"
-        timeout $((BUDGET - SECONDS > 60 ? BUDGET - SECONDS - 30 : 10)) python3 -m pytest -q -m gpu tests/test_gpu.py \
-            -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-        echo "exit $? after ${SECONDS}s"; grep -E "passed|failed|Error|assert|relative loss" "$OUT/gpu_tests.log" | tail -12 ;;
+    large16i4)  # 16 micro-batches and scoring every 4th step; 8 steady steps = two scoring intervals
+        bench large_micro16_interval4_bf16 130 $LARGE --micro 16 --steps 11 --rounds 1 --set apex.score_interval=4 ;;
+    resume|tests|tests_rest)
+        case $section in
+        resume) select=(-k resume_mid_stage); limit=120 ;;
+        tests) select=(); limit=$((BUDGET - SECONDS - 20)) ;;
+        tests_rest) select=(-k "not resume_mid_stage"); limit=$((BUDGET - SECONDS - 20)) ;;
+        esac
+        [ "$limit" -gt $((BUDGET - SECONDS - 10)) ] && limit=$((BUDGET - SECONDS - 10))
+        if [ "$limit" -lt 30 ]; then echo "== GPU tests ($section): skipped"; continue; fi
+        echo "== GPU tests ($section, ${limit}s)"
+        timeout "$limit" python3 -m pytest -q -m gpu tests/test_gpu.py "${select[@]}" --durations=0 \
+            -s -p no:cacheprovider > "$OUT/gpu_tests_$section.log" 2>&1
+        echo "exit $? after ${SECONDS}s"
+        grep -E "passed|failed|skipped|Error|assert|relative loss|s call" "$OUT/gpu_tests_$section.log" | tail -14 ;;
     *) echo "unknown section $section"; exit 2 ;;
     esac
 done

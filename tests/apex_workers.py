@@ -124,11 +124,17 @@ def apex_train_worker(config_path: str, overrides: list, stop_at: Optional[int] 
                 if step == stop_at:
                     stop_state.update(op_state_summary(apex))
         trainer.callbacks.append(_End())
+    memory = {}
+    if torch.cuda.is_available():
+        class _Memory(Callback):  # bytes of live tensors after every step
+            def on_step_end(self, trainer_, step, metrics):
+                memory[step] = torch.cuda.memory_allocated()
+        trainer.callbacks.append(_Memory())
     first_step = trainer.step
     result = trainer.train()
     out = {"losses": result.losses, "step": result.step, "exit": result.exit_reason, "rank": ctx.rank,
            "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank, "first_step": first_step,
-           "checkpoint": result.checkpoint}
+           "checkpoint": result.checkpoint, "memory": memory}
     if apex is not None:
         out.update({"record": apex.record, "perms": apex.perms, "start_state": start, "stop_state": stop_state,
                     "stage": apex.stage, "finished": apex.finished,

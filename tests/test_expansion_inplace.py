@@ -209,7 +209,7 @@ def test_runner_falls_back_to_eager_when_capture_fails(monkeypatch, failing):
 
     fake = types.SimpleNamespace(wait_stream=lambda *a: None)
     monkeypatch.setattr(inplace.InPlaceRunner, "_graphs_on", lambda self, layers: self.use_graphs)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: fake)
+    monkeypatch.setattr(inplace, "_capture_stream", lambda: fake)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: fake)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)

@@ -333,6 +333,22 @@ def _run(batches: list, method: str, *args) -> None:
         getattr(batch, method)(*args)
 
 
+_CAPTURE_STREAMS: dict = {}
+
+
+def _capture_stream() -> "torch.cuda.Stream":
+    """One side stream per device for every capture of the process, in every stage.
+
+    PyTorch caches a cuBLAS workspace (32 MiB at its default on Hopper) per (handle, stream) for the
+    life of the process, so every new stream that runs a matmul (the operator's Monarch products) adds
+    one for good: a fresh stream per stage would grow the allocated memory at every stage boundary.
+    """
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
+
+
 class InPlaceRunner:
     """Materialize / restore of all local layers, once per step, in batches of layers of equal shape
     (:func:`_batches`); replayed from two CUDA graphs on a GPU.
@@ -405,7 +421,7 @@ class InPlaceRunner:
             return
         if self._graphs_on(layers) and self._eager_steps >= 1:
             if self._g_mat is None:
-                self._stream = torch.cuda.Stream()
+                self._stream = _capture_stream()
                 self._stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self._stream):  # warm up on the capture stream: no net change
                     _run(self._batches, "materialize")
