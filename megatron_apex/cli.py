@@ -119,10 +119,14 @@ def dry_run(cfg: Config, world_size: int) -> str:
     ]
     if cfg.apex.enabled:
         units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions" if k else
-                          f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded)"
+                          f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded"
+                          + (", not tuned)" if cfg.apex.mode == "selected" else ")")
                           for kind, (n, k, b) in cfg.apex_geometry.items())
         lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {cfg.apex_boundaries}; "
                      f"per layer: {units}")
+        if cfg.apex.progressive:
+            lines.append("APEX progressive: k per stage: " + "; ".join(
+                f"{APEX_UNIT_NAMES[kind]} {ks}" for kind, ks in cfg.apex_stage_ks.items()))
     return "\n".join(lines)
 
 

@@ -51,6 +51,16 @@ def apex_units(ratio: float, n_units: int, partitions: int) -> tuple[int, int]:
     return k, apex_partitions(n_units, partitions, k)
 
 
+def apex_stage_k(k: int, stage: int, progressive: bool, partitions: int = 1) -> int:
+    """k of stage ``stage`` (0-based) of a unit kind whose first stage selects ``k`` in ``partitions``
+    partitions (B, which divides k): k throughout, or with ``apex.progressive`` halved at every stage,
+    rounded down to a multiple of B and never below B (one unit per partition, so a halved stage still
+    expands). 32 heads, k = 4, B = 4: 4, 4, 4. 128 channels, k = 16, B = 8: 16, 8, 8."""
+    if not progressive or k == 0:
+        return k
+    return max(partitions, (k >> stage) // partitions * partitions)
+
+
 def doc(default: Any, help: str, factory: bool = False):
     """Declare a field with its default and its documentation."""
     if factory:
@@ -384,10 +394,13 @@ class Config:
                    f"must be a positive multiple of parallel.tensor_model_parallel_size={tp}")
             geometry = self.apex_geometry
             names = APEX_UNIT_NAMES
-            _check(any(k for _, k, _ in geometry.values()), "apex.ratio", a.ratio,
-                   "selects no unit: floor(ratio x units) is 0 for the "
-                   + " and the ".join(f"{n} {names[kind]} (ratio {a.kind_ratio(kind)})"
-                                      for kind, (n, _, _) in geometry.items()))
+            if not any(k for _, k, _ in geometry.values()):
+                keys = {kind: f"apex.{kind}_ratio" if getattr(a, f"{kind}_ratio") is not None else "apex.ratio"
+                        for kind in geometry}
+                raise ConfigError(
+                    "APEX selects no unit: floor(ratio x units) is 0 for the " + " and the ".join(
+                        f"{n} {names[kind]} ({keys[kind]}={a.kind_ratio(kind)}; >= {1 / n:.4g} selects one)"
+                        for kind, (n, _, _) in geometry.items()) + "; raise one of them, or set apex.enabled=false")
             for kind, (n, k, b) in geometry.items():
                 if k and b % tp:
                     k_fit = -(-k // tp) * tp  # the next k that TP divides (n, partitions are multiples of TP)
@@ -417,6 +430,19 @@ class Config:
                     name, v = f"apex.{kind}_tuned_ratio", getattr(a, f"{kind}_tuned_ratio")
                     _check(2 * a.kind_ratio(kind) <= v <= 1, name, v,
                            f"must lie in [2 x the {kind} ratio {a.kind_ratio(kind)}, 1]")
+            if a.progressive:  # every stage picks its P and N (and E) among units not yet used as N
+                ks = self.apex_stage_ks
+                for kind, (n_u, _, _) in geometry.items():
+                    used = 0
+                    for stage, k in enumerate(ks[kind]):
+                        tuned = getattr(a, f"{kind}_tuned_ratio")
+                        need = max(2 * k, unit_share(tuned, n_u) if a.mode == "selected" and k else 0)
+                        _check(need <= n_u - used, "apex.progressive", True,
+                               f"stage {stage + 1} of {len(ks[kind])} would select {need} of the {n_u} {names[kind]} "
+                               f"per layer, but only {n_u - used} have not been N units of an earlier stage (k per "
+                               f"stage: {ks[kind]}); use fewer stages, a smaller ratio"
+                               + (" or tuned ratio" if a.mode == "selected" else "") + ", or apex.progressive=false")
+                        used += k
         if world_size is not None:
             model_parallel = tp * pp * p.context_parallel_size
             _check(world_size % model_parallel == 0, "parallel", f"TP={tp} x PP={pp} x CP={p.context_parallel_size}",
@@ -436,9 +462,16 @@ class Config:
         return [round(i * self.train.train_steps / n) for i in range(n)]
 
     @property
+    def apex_stage_ks(self) -> dict:
+        """Per unit kind: the k of every stage (:func:`apex_stage_k`)."""
+        stages = len(self.apex_boundaries)
+        return {kind: [apex_stage_k(k, s, self.apex.progressive, b) for s in range(stages)]
+                for kind, (_, k, b) in self.apex_geometry.items()}
+
+    @property
     def apex_geometry(self) -> dict:
         """Per unit kind ('attn': query groups, 'ffn': channels): (units per layer n, k, partitions B) of
-        the first stage (:func:`apex_units`; progressive stages round their halved k down to multiples of B)."""
+        the first stage (:func:`apex_units`; progressive stages halve k, see :func:`apex_stage_k`)."""
         a = self.apex
         return {kind: (n, *apex_units(a.kind_ratio(kind), n, a.partitions))
                 for kind, n in (("attn", self.model.query_groups), ("ffn", self.model.ffn_hidden_size))}

@@ -23,7 +23,14 @@ class RecordingApex(ApexCallback):
         super().__init__(cfg)
         self.record = []         # one dict per boundary: {global layer: {kind: {"P", "N", "p_pos", "n_pos"}}}
         self.perms = []          # one dict per boundary: {global layer: {kind: perm list or None}}
+        self.op_norms = []       # per boundary: the finished stage's operator norm, as logged
         self._cur_perms = {}
+
+    def _operator_norm(self, ctx=None):
+        norm = super()._operator_norm(ctx)
+        if ctx is not None:  # the boundary's log line
+            self.op_norms.append(norm)
+        return norm
 
     def _select(self, entry, li, kind, votes, raw):
         perm = super()._select(entry, li, kind, votes, raw)
@@ -136,7 +143,7 @@ def apex_train_worker(config_path: str, overrides: list, stop_at: Optional[int] 
            "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank, "first_step": first_step,
            "checkpoint": result.checkpoint, "memory": memory}
     if apex is not None:
-        out.update({"record": apex.record, "perms": apex.perms, "start_state": start, "stop_state": stop_state,
+        out.update({"record": apex.record, "perms": apex.perms, "op_norms": apex.op_norms, "start_state": start, "stop_state": stop_state,
                     "stage": apex.stage, "finished": apex.finished,
                     "graph_replays": apex._runner.replays if apex._runner is not None else 0,
                     "silu_recorded": [e.layer.mlp.config.activation_func is not torch.nn.functional.silu

@@ -84,5 +84,29 @@ def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
     # GQA with 2 query groups: no group at ratio 0.125 (said in the dry run), the FFN still expands.
     cfg = _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.ratio": 0.125})
     assert cfg.apex_geometry["attn"][1] == 0 and "attention units none of 2 (not expanded)" in dry_run(cfg, 1)
-    with pytest.raises(ConfigError, match="apex.ratio=0.001: selects no unit"):
+    with pytest.raises(ConfigError, match="selects no unit.*2 attention units \\(apex.ratio=0.001"):
         _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.ratio": 0.001})
+    # The message names the keys that decide each kind, with the ratio that would select one unit.
+    with pytest.raises(ConfigError) as err:
+        _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.attn_ratio": 0, "apex.ffn_ratio": 0.001})
+    assert "(apex.attn_ratio=0.0; >= 0.5 selects one)" in str(err.value)
+    assert "(apex.ffn_ratio=0.001; >= 0.007812 selects one)" in str(err.value)
+    assert "apex.ratio" not in str(err.value)
+
+
+def test_progressive_stages_keep_one_unit_per_partition(tiny_config, tiny_data):
+    """Progressive halving never rounds a stage's k to 0: it stops at B (one unit per partition)."""
+    from megatron_apex.cli import dry_run
+
+    # LLaMA-2-7B's heads: 32 at 0.125 -> k = 4 in B = 4 partitions; 128 channels at 0.125 -> k = 16, B = 8.
+    over = {"model.num_attention_heads": 32, "model.num_query_groups": 32, "model.hidden_size": 256,
+            "apex.ratio": 0.125, "apex.partitions": 8, "apex.progressive": True, "apex.stages": 4}
+    cfg = _cfg(tiny_config, tiny_data, **over)
+    assert cfg.apex_geometry["attn"] == (32, 4, 4) and cfg.apex_geometry["ffn"] == (128, 16, 8)
+    assert cfg.apex_stage_ks == {"attn": [4, 4, 4, 4], "ffn": [16, 8, 8, 8]}
+    assert "APEX progressive: k per stage: attention units [4, 4, 4, 4]; FFN channels [16, 8, 8, 8]" in dry_run(cfg, 1)
+    assert _cfg(tiny_config, tiny_data, **{**over, "apex.progressive": False}).apex_stage_ks["ffn"] == [16] * 4
+    # Every stage picks P and N among units never used as N: 32 heads allow 7 stages of k = 4, not 8.
+    assert _cfg(tiny_config, tiny_data, **{**over, "apex.stages": 7, "train.train_steps": 8}).apex_stage_ks
+    with pytest.raises(ConfigError, match=r"apex.progressive=True: stage 8 of 8 would select 8 of the 32 attention"):
+        _cfg(tiny_config, tiny_data, **{**over, "apex.stages": 8, "train.train_steps": 8})

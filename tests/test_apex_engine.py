@@ -119,6 +119,21 @@ def test_selected_mode_trains_only_intended_parameters(tiny_data, tiny_config):
     assert not set(sel["E"]) & (set(sel["p_pos"]) | set(sel["n_pos"]))
 
 
+def test_selected_mode_under_tensor_parallelism(tiny_data, tiny_config, caplog):
+    """Selected mode at TP=2 passes its first boundary (whose log line counts the trainable parameters
+    with a collective every rank joins) and counts what TP=1 counts: sharded parameters summed over
+    the ranks, replicated ones (the norms) once."""
+    over = _over(tiny_data, **{"apex.mode": "selected", "apex.boundaries": "[0]", "train.train_steps": 4,
+                               "apex.attn_tuned_ratio": 0.75,
+                               "apex.ffn_tuned_ratio": 0.625})
+    (one,) = run_distributed(selected_mode_worker, 1, tiny_config, over, timeout=240)
+    two = run_distributed(selected_mode_worker, 2, tiny_config, over + ["parallel.tensor_model_parallel_size=2"],
+                          timeout=240)
+    assert 0 < one["fraction"] < 1
+    assert [r["fraction"] for r in two] == [pytest.approx(one["fraction"], rel=1e-12)] * 2
+    assert two[0]["record"] == two[1]["record"]
+
+
 def test_progressive_halves_k_and_excludes_former_n(tiny_data, tiny_config):
     over = _over(tiny_data, **{"apex.progressive": True, "apex.boundaries": "[0, 2, 4]", "train.train_steps": 6,
                                "apex.lr_scale": 10.0})
@@ -132,10 +147,7 @@ def test_progressive_halves_k_and_excludes_former_n(tiny_data, tiny_config):
             former_n = set()  # positions (in the current unit order) of units already used as N
             for s, b in enumerate(rec):
                 sel = b["layers"][li][kind]
-                k = (max(1, k0 >> s) // 2) * 2  # halved each stage, rounded to the 2 partitions
-                if k == 0:
-                    assert sel is None
-                    continue
+                k = max(2, (k0 >> s) // 2 * 2)  # halved each stage, rounded to the 2 partitions, at least 2
                 assert len(sel["P"]) == len(sel["N"]) == k, (li, kind, s)
                 assert not set(sel["P"]) & former_n and not set(sel["N"]) & former_n, (li, kind, s)
                 perm = perms[s][li][kind]

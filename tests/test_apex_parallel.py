@@ -68,6 +68,10 @@ def test_layout_invariance(references, tiny_data, tiny_config, shape, name, worl
         for step, loss in ref["losses"].items():
             assert abs(res["losses"][step] - loss) < LOSS_TOL, (name, step, res["losses"][step], loss)
         assert res["finished"]
+        if "pipeline" not in str(extra):  # each pipeline stage logs the norm of its own layers' operators
+            # The logged operator norm (of whole operators: TP shares summed) is the layout's too.
+            assert len(ref["op_norms"]) == 3 and ref["op_norms"][0] == 0 and min(ref["op_norms"][1:]) > 1e-4
+            assert res["op_norms"] == pytest.approx(ref["op_norms"], rel=1e-4), (name, res["op_norms"])
     if "tensor_model_parallel_size" in str(extra):
         # Units really moved across the two TP ranks (partitions = 2 = TP: each move crosses ranks).
         moved = [perm for r in results for b in r["perms"] for layer in b.values() for perm in layer.values()

@@ -129,6 +129,12 @@ def test_select_units_exclude_and_partial():
 def test_progressive_k_and_ratio():
     assert [progressive_k(12, s) for s in range(5)] == [12, 6, 3, 1, 1]
     assert [progressive_k(12, s, progressive=False) for s in range(3)] == [12, 12, 12]
+    # With B partitions: multiples of B, never below B (a halved stage still expands).
+    assert [progressive_k(16, s, num_parts=8) for s in range(4)] == [16, 8, 8, 8]
+    assert [progressive_k(12, s, num_parts=4) for s in range(4)] == [12, 4, 4, 4]
+    assert progressive_k(0, 2, num_parts=4) == 0
+    with pytest.raises(ValueError, match="num_parts"):
+        progressive_k(4, 0, num_parts=0)
     assert k_from_ratio(0.1875, 32) == 6 and k_from_ratio(0.125, 11008) == 1376
     with pytest.raises(ValueError):
         k_from_ratio(0.6, 10)

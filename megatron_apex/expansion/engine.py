@@ -48,7 +48,7 @@ from megatron.core.tensor_parallel.random import is_checkpointing
 
 from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, unit_share
 from megatron_apex.expansion.inplace import InPlaceLayer, InPlaceRunner
-from megatron_apex.expansion.operator import (AttentionExpansion, FFNExpansion, mean_monarch_norm, monarch_summary,
+from megatron_apex.expansion.operator import (AttentionExpansion, FFNExpansion, monarch_sq_norms, monarch_summary,
                                               state_shape_mismatches)
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, pack_partitions, permute_fc1, permute_units,
@@ -173,16 +173,26 @@ class ApexCallback(Callback):
         geometry = self.cfg.apex_geometry
         logger.info("APEX per layer: %s", "; ".join(
             f"{names[kind]}: k={k} of {n} in {b} partitions" for kind, (n, k, b) in geometry.items()))
+        if self.a.progressive:
+            logger.info("APEX progressive: k per stage: %s", "; ".join(
+                f"{names[kind]} {ks}" for kind, ks in self.cfg.apex_stage_ks.items()))
+        if self.boundaries and self.boundaries[0] == 0 and self.a.init_scoring_samples == 0:
+            logger.warning("APEX: the first stage starts at step 0 with apex.init_scoring_samples=0, so its P and "
+                           "N units are chosen without scores (by unit index); set apex.init_scoring_samples > 0 "
+                           "or start the first stage later")
         for kind, (n, k, _) in geometry.items():
             if k == 0:
                 ratio = self.a.kind_ratio(kind)
+                tuned = getattr(self.a, f"{kind}_tuned_ratio")
+                unused = (f"; selected mode tunes only selected units, so apex.{kind}_tuned_ratio={tuned} has no "
+                          f"effect: no {names[kind]} are tuned" if self.a.mode == "selected" and tuned > 0 else "")
                 logger.warning("APEX: the %s ratio %s selects none of the %d %s (floor(%s x %d) = 0): they are not "
-                               "expanded; apex.%s_ratio >= %.4g would select one", kind, ratio, n, names[kind], ratio,
-                               n, kind, 1 / n)
+                               "expanded%s; apex.%s_ratio >= %.4g would select one", kind, ratio, n, names[kind], ratio,
+                               n, unused, kind, 1 / n)
 
     def _k(self, kind: str) -> tuple[int, int]:
-        """(k, k_per) of the current stage for a unit kind (rounded to whole partitions)."""
-        k0 = progressive_k(self.vote_k[kind], max(self.stage - 1, 0), self.a.progressive)
+        """(k, k_per) of the current stage for a unit kind (a multiple of its partitions)."""
+        k0 = progressive_k(self.vote_k[kind], max(self.stage - 1, 0), self.a.progressive, self.parts[kind])
         return round_k_to_partitions(k0, self.parts[kind])
 
     # ------------------------------------------------------------------ callback hooks
@@ -408,7 +418,7 @@ class ApexCallback(Callback):
                 bad = sorted({self.layers[int(i)].index for i in torch.nonzero(torch.isnan(r))[:, 0]})
                 raise ValueError(f"APEX: the {kind} activation statistics of layers {bad} contain NaN since the "
                                  f"last boundary; refusing to select at step {step}")
-        op_norm = self._operator_norm()
+        op_norm = self._operator_norm(ctx)
         if self._runner is not None:
             self._runner.release()  # the stage's CUDA graphs and their buffers
         self._fuse(trainer)
@@ -426,6 +436,8 @@ class ApexCallback(Callback):
             self.votes[kind].zero_()
             self.raw[kind].zero_()
         vote_steps, self.vote_steps = self.vote_steps, 0
+        # A collective over the model-parallel group: every rank counts, rank 0 of each replica logs.
+        counts = self.trainable_counts(trainer) if self.a.mode == "selected" else None
         if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one line per pipeline stage
             logger.info("APEX stage %d/%d starts at step %d (boundary %.2fs; previous stage: operator |M| %.4g, "
                         "%s scores of %d steps, scoring %.2fs; new Monarch nb x bs: %s): %s", self.stage,
@@ -433,8 +445,11 @@ class ApexCallback(Callback):
                         vote_steps, self.stats_time,
                         monarch_summary(self.layers[0].attn_op, self.layers[0].ffn_op) if self.layers else "-",
                         "; ".join(summary))
-            if self.a.mode == "selected":
-                logger.info("APEX selected mode: %.1f%% of parameters trainable", 100 * self.trainable_fraction(trainer))
+            if counts is not None and ctx.pp_rank == 0:
+                trained, total = counts
+                logger.info("APEX selected mode: %.1fM parameters trained (deltas on the tuned units, operators, "
+                            "embeddings and output layer) = %.1f%% of the model's %.1fM", trained / 1e6,
+                            100 * trained / total, total / 1e6)
         self.stats_time = 0.0
 
     def _select(self, entry: _Layer, li: int, kind: str, votes: torch.Tensor, raw: torch.Tensor):
@@ -542,20 +557,45 @@ class ApexCallback(Callback):
         self.op_optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
                                               fused=cuda or None) if groups else None
 
-    def _operator_norm(self) -> float:
-        """Mean Frobenius norm of the dense M of this rank's operators (0 right after insertion)."""
-        return mean_monarch_norm([op for e in self.layers for op in (e.attn_op, e.ffn_op) if op is not None])
+    def _operator_norm(self, ctx=None) -> float:
+        """Mean over this pipeline stage's operators of the Frobenius norm of their whole dense M (0 right
+        after insertion). Under TP each rank holds some of an operator's partitions: with ``ctx`` the
+        squared norms are summed over the TP group (a collective), so every layout logs the same value."""
+        sq = monarch_sq_norms([op for e in self.layers for op in (e.attn_op, e.ffn_op) if op is not None])
+        if sq.numel() == 0:
+            return 0.0
+        if ctx is not None and ctx.tp_size > 1:
+            sq = sq.to(ctx.device)
+            dist.all_reduce(sq, group=ctx.tp_group)
+        return sq.sqrt().mean().item()
 
-    def trainable_fraction(self, trainer) -> float:
-        """Share of all parameters being trained (model + operators), over the whole model."""
+    def trainable_counts(self, trainer) -> tuple[int, int]:
+        """(parameters trained, parameters of the plain model), over the whole model.
+
+        Trained: the model's parameters that require gradients (selected mode: embeddings and output
+        layer), the deltas of the tuned units and the operators. The plain model's count is the
+        denominator of the share the method reports, so a share above 100 % is possible where nearly
+        every unit is tuned (the operators come on top). Tensor-parallel shards are summed over the
+        model-parallel group and replicated parameters (the norms) counted once. A collective over
+        that group: every rank of it must call this.
+        """
         ctx = trainer.ctx
+
+        def counted(p) -> int:  # replicated parameters on tensor-parallel rank 0 only
+            return p.numel() if ctx.tp_rank == 0 or getattr(p, "tensor_model_parallel", False) else 0
+
         model_params = list(trainer.model.parameters())
         counts = torch.tensor([
-            sum(p.numel() for p in model_params if p.requires_grad) + sum(p.numel() for p in self._op_params()),
-            sum(p.numel() for p in model_params)], dtype=torch.float64, device=ctx.device)
+            sum(counted(p) for p in model_params if p.requires_grad) + sum(p.numel() for p in self._op_params()),
+            sum(counted(p) for p in model_params)], dtype=torch.float64, device=ctx.device)
         if ctx.tp_size * ctx.pp_size > 1:
             dist.all_reduce(counts, group=ctx.mp_group)
-        return (counts[0] / counts[1]).item()
+        return int(counts[0].item()), int(counts[1].item())
+
+    def trainable_fraction(self, trainer) -> float:
+        """Share of the plain model's parameter count being trained (:meth:`trainable_counts`)."""
+        trained, total = self.trainable_counts(trainer)
+        return trained / total
 
     def _fuse(self, trainer) -> None:
         """Fold the current operators (and deltas) into the master weights."""
@@ -636,6 +676,11 @@ class ApexCallback(Callback):
                 self.stage = sum(1 for b in self.boundaries if b < common["step"])
             return
         self._same_layout(trainer, common)  # raises mid-stage under another layout
+        if saved["finished"] and trainer.ctx.rank == 0 and common.get("step", 0) < self.cfg.train.train_steps:
+            logger.warning("APEX: this checkpoint (step %d) holds a finished APEX run, its operators fused into "
+                           "the weights; training on from it is plain training and apex.* has no effect here. "
+                           "To expand again, start a new run from it with checkpoint.finetune_from",
+                           common.get("step", 0))
         if not saved["finished"]:
             self._check_run_continues(saved, common.get("step", 0))
         if _mid_stage(saved):

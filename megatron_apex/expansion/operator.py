@@ -41,7 +41,7 @@ __all__ = [
     "attn_operator_num_params",
     "shard_expansion_state",
     "fuse_layer_weights",
-    "mean_monarch_norm",
+    "monarch_sq_norms",
     "monarch_summary",
     "state_shape_mismatches",
 ]
@@ -476,15 +476,16 @@ def fuse_layer_weights(
     return out
 
 
-def mean_monarch_norm(ops: list) -> float:
-    """Mean Frobenius norm of the dense Monarch matrices M of ``ops`` (0 right after insertion, 0 for none)."""
+def monarch_sq_norms(ops: list) -> torch.Tensor:
+    """float64 ``[n]``: the squared Frobenius norm of every dense Monarch matrix M of ``ops`` (one per
+    FFN operator, one or two per attention operator), in order; 0 right after insertion."""
     norms = []
     for op in ops:
         for name in ("monarch_l", "v_monarch_l", "o_monarch_l"):
             if hasattr(op, name):
                 lf, rf = getattr(op, name), getattr(op, name.replace("_l", "_r"))
-                norms.append(monarch_to_dense(lf.detach(), rf.detach()).norm().item())
-    return sum(norms) / len(norms) if norms else 0.0
+                norms.append(monarch_to_dense(lf.detach(), rf.detach()).double().square().sum())
+    return torch.stack(norms).cpu() if norms else torch.zeros(0, dtype=torch.float64)
 
 
 def monarch_summary(attn_op: Optional[AttentionExpansion], ffn_op: Optional[FFNExpansion]) -> str:
