@@ -368,7 +368,7 @@ def test_statistic_change_refused_when_resuming_mid_stage(tiny_config, tiny_data
 
     from megatron_apex.config import ConfigError
 
-    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
+    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(rank=0, tp_size=1, pp_size=1, dp_size=1, cp_size=1))
     layout = {"tp": 1, "pp": 1, "dp": 1, "cp": 1}
     old = {"step": 2, "layout": layout, "apex": {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 2, 4]}}
     norm, _ = _scoring_callback(tiny_config, tiny_data, "norm")
@@ -391,7 +391,7 @@ def test_ema_decay_change_warned_when_resuming_mid_stage(tiny_config, tiny_data,
     import logging
     import types
 
-    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
+    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(rank=0, tp_size=1, pp_size=1, dp_size=1, cp_size=1))
     ema, _ = _scoring_callback(tiny_config, tiny_data, "ema")  # apex.ema_decay 0.99 (the default)
     saved = {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 2, 4], "statistic": "ema"}
     common = {"step": 2, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1}, "apex": saved}
@@ -414,7 +414,7 @@ def test_resume_before_final_fuse_refuses_changed_selection_settings(tiny_config
 
     from megatron_apex.config import ConfigError
 
-    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, cp_size=1))
+    trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(rank=0, tp_size=1, pp_size=1, dp_size=1, cp_size=1))
     cb, _ = _scoring_callback(tiny_config, tiny_data, "rank")  # boundaries [0, 2, 4]
     common = {"step": 3, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1}, **cb.common_state(trainer)}
     common["apex"].update(stage=2)
@@ -424,7 +424,10 @@ def test_resume_before_final_fuse_refuses_changed_selection_settings(tiny_config
         changed = {**common, "apex": {**common["apex"], key: saved_value}}
         with pytest.raises(ConfigError, match=f"apex.{key}=.*saved .*with apex.{key}={saved_value!r}"):
             cb.load_state(trainer, changed)
-        cb.load_state(trainer, {**changed, "apex": {**changed["apex"], "finished": True}})  # fused: no matter
+        with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
+            cb.load_state(trainer, {**changed, "apex": {**changed["apex"], "finished": True}})  # fused: no matter
+        assert "holds a finished APEX run" in caplog.text and "apex.* has no effect" in caplog.text
+        caplog.clear()
     assert common["apex"]["geometry"]["attn"] == [8, 2, 2]  # 8 query groups, k = 2, 2 partitions
     geometry = {**common["apex"]["geometry"], "attn": [8, 2, 1]}  # saved by a version with another rule
     with pytest.raises(ConfigError, match="per kind"):
@@ -471,3 +474,25 @@ def test_resume_refuses_changed_statistic_or_monarch_blocks(tiny_data, tiny_conf
     assert "apex.enabled=false" in str(err.value) and "before the final fuse" in str(err.value), str(err.value)[-3000:]
     (resumed,) = run_distributed(worker, 1, tiny_config, over)  # unchanged settings resume
     assert resumed["first_step"] == 2 and resumed["exit"] == "finished"
+
+
+def test_start_up_warnings_for_choices_that_select_blindly_or_tune_nothing(tiny_config, tiny_data, caplog):
+    """A first stage at step 0 without an initial scoring pass picks P and N by index; a kind that selected
+    mode does not select is not tuned either, whatever its tuned ratio: both are said at start-up."""
+    import logging
+
+    from megatron_apex.config import load_config
+    from megatron_apex.expansion.engine import ApexCallback
+
+    def warnings(**extra):
+        caplog.clear()
+        cb = ApexCallback(load_config(tiny_config, _over(tiny_data, **extra)))
+        with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
+            cb._log_geometry()
+        return caplog.text
+
+    assert "chosen without scores" in warnings(**{"apex.boundaries": "[0, 2]", "apex.init_scoring_samples": 0})
+    assert "chosen without scores" not in warnings(**{"apex.boundaries": "[0, 2]"})
+    assert "chosen without scores" not in warnings(**{"apex.boundaries": "[1, 2]", "apex.init_scoring_samples": 0})
+    text = warnings(**{"apex.mode": "selected", "apex.attn_ratio": 0, "apex.ffn_tuned_ratio": 0.6})
+    assert "apex.attn_tuned_ratio=0.5625 has no effect: no attention units are tuned" in text

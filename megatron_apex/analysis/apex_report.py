@@ -76,7 +76,10 @@ def render(data: dict, output: str, title: Optional[str] = None) -> str:
         ax.set_ylabel("layer")
         ax.set_yticks(range(n_layers))
         fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label(what, fontsize=8)
-    state = "finished" if data["finished"] else f"stage {data['stage']}/{len(data['boundaries'])}"
+    # Scores restart at every boundary and are not collected after the last one: a finished run's
+    # panels are empty by design.
+    state = ("finished: no scores are collected after the last boundary" if data["finished"]
+             else f"stage {data['stage']}/{len(data['boundaries'])}")
     fig.suptitle(title or f"APEX scores at step {data['step']} ({state}, boundaries {data['boundaries']})",
                  fontsize=10)
     fig.tight_layout()
