@@ -240,7 +240,8 @@ class ApexConfig:
     init_scoring_samples: int = doc(256, "Samples of the no-grad scoring pass before stage 1.")
     attn_tuned_ratio: float = doc(0.5625, "selected mode: share of attention units trained (P+N+E).")
     ffn_tuned_ratio: float = doc(0.465, "selected mode: share of FFN channels trained (P+N+E).")
-    progressive: bool = doc(False, "Halve k at every stage and keep former N units out of later selections.")
+    progressive: bool = doc(False, "Halve k at every stage (never below one unit per partition) and keep former "
+                             "N units out of later selections.")
     statistic: Literal["rank", "norm", "ema"] = doc(
         "rank", "Advantage score: 'rank' = per micro-batch top-k +1 / bottom-k -1 votes (ties by summed norm); "
         "'norm' = summed activation L2 norms; 'ema' = moving average over steps of each step's summed norms.")
