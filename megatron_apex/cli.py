@@ -170,7 +170,13 @@ def main(argv=None) -> int:
     c.add_argument("config", nargs="?", help="config file")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")
-    args = parser.parse_args(argv)
+    # Overrides may also follow the options (``train cfg.yaml --dry-run model.num_layers=4``): argparse
+    # fills a positional list once, so the later ones come back as unknown and join it here.
+    args, rest = parser.parse_known_args(argv)
+    late = [x for x in rest if "=" in x and not x.startswith("-")]
+    if len(late) < len(rest):
+        parser.error("unrecognized arguments: " + " ".join(x for x in rest if x not in late))
+    args.overrides = list(args.overrides) + late
     if args.command == "train":
         return train_main(args)
     if args.reference:

@@ -346,3 +346,15 @@ def test_cp_batch_slices_and_attention_chunk_order_agree(monkeypatch):
         gathered = torch.cat([held(torch.arange(seq).view(1, seq), r, cp)[0] for r in range(cp)])  # rank order
         assert gathered.view(2 * cp, 5)[cp_sequence_order(cp)].reshape(-1).tolist() == list(range(seq))
     assert held(torch.arange(16).view(2, 8), 1, 2).tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]]
+
+
+def test_overrides_may_follow_the_options(tiny_config, capsys):
+    """``train CFG --dry-run key=value``: overrides after an option count as overrides; anything else
+    left over is refused by argparse (exit 2, named)."""
+    from megatron_apex.cli import main
+
+    assert main(["train", tiny_config, *MOCK[:1], "--dry-run", *MOCK[1:], "train.train_steps=50"]) == 0
+    assert "run: 50 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["train", tiny_config, *MOCK, "--dry-run", "stray"])
+    assert exc.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
