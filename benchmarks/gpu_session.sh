@@ -10,7 +10,8 @@
 #   "large16" is the 953M configuration at 16 micro-batches per step; "interval" the 953M configuration
 #   with apex.score_interval=4; "large16i4" the 953M configuration at 16 micro-batches, scoring every
 #   4th step. "resume" runs only the resume-mid-stage GPU test, "tests" all GPU tests, "tests_rest" the
-#   GPU tests other than the resume one; "engine" is bench_engine.py --tinyllama (tokens/s, MFU).
+#   GPU tests other than the resume one; "engine" is bench_engine.py --tinyllama (tokens/s, MFU);
+#   "statistics" times the scoring statistic's reductions (bench_statistics.py) at the 953M shapes.
 #   BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -58,6 +59,11 @@ for section in ${SECTIONS:-small large tests eager}; do
         bench large_no_operator_bf16 100 $LARGE --rounds 1 --ablate operator ;;
     large16i4)  # 16 micro-batches and scoring every 4th step; 8 steady steps = two scoring intervals
         bench large_micro16_interval4_bf16 130 $LARGE --micro 16 --steps 11 --rounds 1 --set apex.score_interval=4 ;;
+    statistics)  # the scoring statistic's reductions at the 953M shapes (bandwidth and error per variant)
+        echo "== statistics"
+        timeout 60 python3 benchmarks/bench_statistics.py --tokens 8192 --ffn 5632 --hidden 2048 --groups 16 \
+            --dtype bf16 > "$OUT/statistics.log" 2>&1
+        echo "exit $? after ${SECONDS}s"; cat "$OUT/statistics.log" ;;
     engine)  # framework against a bare megatron-core loop, TinyLlama-shaped, tokens/s and MFU
         echo "== engine"
         timeout 120 python3 benchmarks/bench_engine.py --tinyllama > "$OUT/engine_tinyllama.log" 2>&1
