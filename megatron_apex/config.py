@@ -434,10 +434,10 @@ class Config:
             if a.progressive:  # every stage picks its P and N (and E) among units not yet used as N
                 ks = self.apex_stage_ks
                 for kind, (n_u, _, _) in geometry.items():
+                    tuned = unit_share(getattr(a, f"{kind}_tuned_ratio"), n_u) if a.mode == "selected" else 0
                     used = 0
                     for stage, k in enumerate(ks[kind]):
-                        tuned = getattr(a, f"{kind}_tuned_ratio")
-                        need = max(2 * k, unit_share(tuned, n_u) if a.mode == "selected" and k else 0)
+                        need = max(2 * k, tuned if k else 0)
                         _check(need <= n_u - used, "apex.progressive", True,
                                f"stage {stage + 1} of {len(ks[kind])} would select {need} of the {n_u} {names[kind]} "
                                f"per layer, but only {n_u - used} have not been N units of an earlier stage (k per "

@@ -177,9 +177,10 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
                    is_built_on_rank=lambda: True, checks: Optional[_DatasetChecks] = None):
     """(train, valid) datasets of at least the requested sizes (valid is None when valid_samples is 0).
 
-    Every dataset is checked first (module doc), unless ``checks`` (from :func:`check_datasets`) did. Only the parts that are read are built: the test
-    part of data.split never is, the valid part only when ``valid_samples`` > 0. Unused splits get
-    size 0, not None: megatron-core refuses a size of None for a weighted blend.
+    Every dataset is checked first (module doc), unless ``checks`` (from :func:`check_datasets`) did.
+    Only the parts that are read are built: the test part of data.split never is, the valid part only
+    when ``valid_samples`` > 0. Unused splits get size 0, not None: megatron-core refuses a size of
+    None for a weighted blend.
     """
     d = cfg.data
     if d.mock:

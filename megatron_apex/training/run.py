@@ -32,9 +32,8 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
     one line each (the traceback at logging level DEBUG), not a traceback."""
     from megatron_apex.data.tokenizers import TokenizerError
     from megatron_apex.training.checkpoint import CheckpointError
-    from megatron_apex.training.trainer import Trainer, TrainingError
-
     from megatron_apex.training.exit import GracefulExit
+    from megatron_apex.training.trainer import Trainer, TrainingError
 
     callbacks = build_callbacks(cfg)
     graceful = next(cb for cb in callbacks if isinstance(cb, GracefulExit))
