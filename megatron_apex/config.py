@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,7 +517,8 @@ def parse_blend(name: str, blend: list) -> tuple[list, Optional[list]]:
 def split_shares(split: str) -> list[float]:
     """The three train,valid,test shares of ``data.split`` (not normalised)."""
     parts = [p.strip() for p in split.split(",")]
-    _check(len(parts) == 3 and all(p.replace(".", "", 1).isdigit() for p in parts) and sum(map(float, parts)) > 0,
+    _check(len(parts) == 3 and all(re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", p) for p in parts)
+           and sum(map(float, parts)) > 0,
            "data.split", split, "must be three non-negative numbers 'train,valid,test', not all 0")
     return [float(p) for p in parts]
 

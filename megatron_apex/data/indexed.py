@@ -408,7 +408,12 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
     tokenizers = {json.dumps(s.get("tokenizer"), sort_keys=True) for s in sidecars if s}
     if len(tokenizers) > 1:
         logger.warning("merging datasets made with different tokenizers (per their sidecars)")
-    writer = IndexedDatasetWriter(output_prefix, dtype)
+    directory = os.path.dirname(os.path.abspath(output_prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        writer = IndexedDatasetWriter(output_prefix, dtype)
+    except OSError as exc:
+        raise IndexedDatasetError(f"cannot write the merged dataset {output_prefix!r}: {exc}") from exc
     try:
         for prefix in prefixes:
             writer.add_dataset(prefix)

@@ -9,9 +9,11 @@ a bad line can be reported as ``file:line`` no matter which worker saw it.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import logging
+import lzma
 import os
 import zlib
 from dataclasses import dataclass
@@ -24,7 +26,9 @@ __all__ = [
     "parse_line", "field_text",
 ]
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".jsonl.zstd", ".ndjson")
+_COMPRESSED = ("", ".gz", ".zst", ".zstd", ".bz2", ".xz")
+# Files a directory input contributes (matched case-insensitively): plain or compressed JSON lines.
+JSONL_SUFFIXES = tuple(base + comp for base in (".jsonl", ".ndjson", ".json") for comp in _COMPRESSED)
 
 # Why a line (or one key of it) is unusable; "invalid_utf8" also covers texts with lone surrogates
 # (valid JSON escapes such as \ud800 that no tokenizer can encode).
@@ -47,22 +51,34 @@ class Block:
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Files and directories -> sorted list of JSONL files. Directories are walked recursively and
-    contribute files ending in one of :data:`JSONL_SUFFIXES` in sorted order (deterministic output).
-    Raises :class:`InputError` for anything missing or unreadable, before any work starts."""
+    """Files and directories -> sorted list of JSONL files. Directories are walked recursively
+    (symbolic links to directories included, each real directory once) and contribute files ending
+    in one of :data:`JSONL_SUFFIXES` (any case) in sorted order (deterministic output); the other
+    files found there are logged. Raises :class:`InputError` for anything missing or unreadable,
+    before any work starts."""
     files: list[str] = []
     for path in inputs:
         if os.path.isdir(path):
-            found = []
-            for root, dirs, names in os.walk(path):
+            found, ignored, visited = [], [], set()
+            for root, dirs, names in os.walk(path, followlinks=True):
+                real = os.path.realpath(root)
+                if real in visited:  # a link back into the tree
+                    dirs[:] = []
+                    continue
+                visited.add(real)
                 dirs.sort()
                 for name in sorted(names):
                     stem = os.path.join(root, name.rsplit(".", 1)[0])
                     # skip our own sidecars ({prefix}.json next to {prefix}.idx) in mixed directories
-                    if name.endswith(JSONL_SUFFIXES) and not (name.endswith(".json") and os.path.exists(stem + ".idx")):
-                        found.append(os.path.join(root, name))
+                    if name.lower().endswith(".json") and os.path.exists(stem + ".idx"):
+                        continue
+                    (found if name.lower().endswith(JSONL_SUFFIXES) else ignored).append(os.path.join(root, name))
             if not found:
                 raise InputError(f"input directory {path!r} contains no JSONL files ({', '.join(JSONL_SUFFIXES)})")
+            if ignored:
+                shown = ", ".join(repr(os.path.relpath(f, path)) for f in ignored[:5])
+                logger.warning("input directory %s: ignoring %d file(s) that are not JSON lines by their name: %s%s",
+                               path, len(ignored), shown, ", ..." if len(ignored) > 5 else "")
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)
@@ -88,20 +104,36 @@ class _ZstdStream:
 
     zstandard's ``stream_reader`` returns what it has when the file ends inside a frame, without
     saying so, which would make a truncated download look like a shorter corpus; this reader
-    raises :class:`InputError` instead. ``read`` returns the output of at least one raw chunk
-    (possibly more than ``size`` bytes), b"" at the end.
+    raises :class:`InputError` instead. ``read(size)`` returns at most ``size`` bytes (b"" at the
+    end). The compressed input is fed in pieces sized by the compression ratio seen so far, so that
+    one piece decompresses to about ``size`` bytes: a highly compressible shard does not come out
+    whole (memory stays about one block, as for plain and gzip files).
     """
 
-    def __init__(self, raw, path: str, chunk_bytes: int = 1 << 20):
+    _MIN_FEED, _MAX_FEED = 1 << 12, 1 << 20
+
+    def __init__(self, raw, path: str):
         import zstandard
 
-        self.raw, self.path, self.chunk_bytes = raw, path, chunk_bytes
-        self._new, self._error = zstandard.ZstdDecompressor().decompressobj, zstandard.ZstdError
+        self.raw, self.path = raw, path
+        # Frames written with a long window (zstd --long=N, up to 2 GiB) decode with a window that large.
+        self._new = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj
+        self._error = zstandard.ZstdError
         self._obj, self._pending = None, b""
+        self._out, self._pos = b"", 0
+        self._feed = 1 << 16
 
     def read(self, size: int = -1) -> bytes:
+        limit = size if size is not None and size > 0 else 1 << 22
+        if self._pos >= len(self._out):
+            self._out, self._pos = self._decompress(limit), 0
+        out = self._out[self._pos : self._pos + limit]
+        self._pos += len(out)
+        return out
+
+    def _decompress(self, want: int) -> bytes:
         while True:
-            data = self._pending or self.raw.read(self.chunk_bytes)
+            data = self._pending or self.raw.read(self._feed)
             self._pending = b""
             if not data:
                 if self._obj is not None and not self._obj.eof:
@@ -116,6 +148,8 @@ class _ZstdStream:
             if self._obj.eof:
                 self._pending = self._obj.unused_data
             if out:
+                ratio = len(out) / max(len(data) - len(self._pending), 1)
+                self._feed = int(min(max(want / ratio, self._MIN_FEED), self._MAX_FEED))
                 return out
 
     def close(self) -> None:
@@ -129,10 +163,15 @@ class _Opened:
         self.raw = open(path, "rb")
         magic = self.raw.read(4)
         self.raw.seek(0)
-        if path.endswith(".gz") or magic[:2] == b"\x1f\x8b":
+        name = path.lower()
+        if name.endswith(".gz") or magic[:2] == b"\x1f\x8b":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
-        elif path.endswith((".zst", ".zstd")) or magic == b"\x28\xb5\x2f\xfd":
+        elif name.endswith((".zst", ".zstd")) or magic == b"\x28\xb5\x2f\xfd":
             self.stream = _ZstdStream(self.raw, path)
+        elif name.endswith(".bz2") or magic[:3] == b"BZh":
+            self.stream = bz2.BZ2File(self.raw, mode="rb")
+        elif name.endswith(".xz") or magic == b"\xfd7zX":
+            self.stream = lzma.LZMAFile(self.raw, mode="rb")
         else:
             self.stream = self.raw
 
@@ -143,7 +182,11 @@ class _Opened:
             return self.stream.read(size)
         except gzip.BadGzipFile as exc:
             raise InputError(f"{self.raw.name}: not a gzip file ({exc})") from exc
-        except (EOFError, zlib.error) as exc:
+        except (EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise InputError(f"{self.raw.name}: cannot decompress ({exc}); the file is corrupt or truncated") from exc
+        except OSError as exc:  # bz2's errors; a plain file's read errors pass through as they are
+            if self.stream is self.raw:
+                raise
             raise InputError(f"{self.raw.name}: cannot decompress ({exc}); the file is corrupt or truncated") from exc
 
     def close(self) -> None:
@@ -161,10 +204,17 @@ def iter_blocks(files: list[str], block_bytes: int = 4 << 20) -> Iterator[Block]
         try:
             line_no = 1
             pending = b""
+            first = True
             while True:
                 data = opened.read(block_bytes)
                 if not data:
                     break
+                if first:  # a UTF-8 byte order mark (written by some editors) is not part of the first line
+                    first = False
+                    if data.startswith(b"\xef\xbb\xbf"):
+                        data = data[3:]
+                        if not data:
+                            continue
                 data = pending + data if pending else data
                 cut = data.rfind(b"\n")
                 if cut < 0:
@@ -190,6 +240,8 @@ def parse_line(raw: bytes) -> tuple:
         record = json.loads(line)
     except ValueError as exc:
         return None, "invalid_json", str(exc)[:120]
+    except RecursionError:
+        return None, "invalid_json", "nested too deeply"
     if not isinstance(record, dict):
         return None, "not_an_object", f"top-level {type(record).__name__}"
     return record, None, None

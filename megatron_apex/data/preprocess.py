@@ -269,6 +269,7 @@ def _run_blocks(files, config, tokenizer, workers, block_bytes):
     ctx = multiprocessing.get_context(method)
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(dict(config, num_threads_one=True),))
     pending: deque = deque()
+    procs = _workers(pool)
     try:
         for block in blocks:
             task = (block.file_index, block.first_line, block.data)
@@ -276,14 +277,44 @@ def _run_blocks(files, config, tokenizer, workers, block_bytes):
             pending.append((block, pool.apply_async(_process_block, (task,))))
             if len(pending) >= 2 * workers + 2:
                 done, result = pending.popleft()
-                yield done, result.get()
+                yield done, _result(pool, result, procs)
         while pending:
             done, result = pending.popleft()
-            yield done, result.get()
+            yield done, _result(pool, result, procs)
         pool.close()
         pool.join()
     finally:
         pool.terminate()
+
+
+def _workers(pool) -> dict:
+    """The pool's worker processes by pid (``multiprocessing.Pool`` keeps them in ``_pool``)."""
+    return {proc.pid: proc for proc in list(getattr(pool, "_pool", ()))}
+
+
+def _result(pool, result, procs: dict, poll_s: float = 0.5):
+    """``result.get()``, unless a worker process dies first: the pool replaces a dead worker but
+    loses the block it held, so waiting on would hang for ever (a worker killed by the kernel's
+    out-of-memory killer, say). ``procs`` is :func:`_workers` taken when the pool started; a worker
+    that is not among them is a replacement (the pool replaces workers only when one dies).
+    Raises :class:`PreprocessError` naming the dead worker instead."""
+    while not result.ready():
+        result.wait(poll_s)
+        if result.ready():
+            break
+        replaced = set(_workers(pool)) - set(procs)
+        dead = [(pid, proc.exitcode) for pid, proc in procs.items() if proc.exitcode not in (None, 0)]
+        if replaced or dead:
+            if dead:
+                pid, code = dead[0]
+                how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                       else f"exited with code {code}")
+                who = f"preprocessing worker process {pid} {how}"
+            else:
+                who = "a preprocessing worker process died"
+            raise PreprocessError(f"{who} (out of memory? see the kernel log); its block was lost, so no "
+                                  "output was published")
+    return result.get()
 
 
 def preprocess_jsonl(
@@ -336,7 +367,16 @@ def preprocess_jsonl(
         "preprocessing %d file(s), %.1f MB, keys=%s, tokenizer=%s (vocab %d, dtype %s), workers=%d",
         len(files), total_bytes / 1e6, json_keys, tokenizer.path, tokenizer.vocab_size, dtype, workers,
     )
-    writers = {k: IndexedDatasetWriter(output_prefix_for_key(output_prefix, k), dtype) for k in json_keys}
+    writers = {}
+    try:
+        for key in json_keys:
+            writers[key] = IndexedDatasetWriter(output_prefix_for_key(output_prefix, key), dtype)
+    except BaseException as exc:
+        for writer in writers.values():
+            writer.abort()
+        if isinstance(exc, OSError):
+            raise PreprocessError(f"cannot create the outputs of {output_prefix!r}: {exc}") from exc
+        raise
     skipped = {k: dict.fromkeys(BAD_REASONS + ("duplicate",), 0) for k in json_keys}
     examples: list = []
     seen = {k: set() for k in json_keys} if dedup else None
@@ -407,6 +447,13 @@ def preprocess_jsonl(
             }
         if records == 0:
             raise TooManyBadLinesError("the input holds no JSON records; no output was written")
+        empty = [key for key in json_keys if writers[key].document_count == 0]
+        if empty:
+            raise TooManyBadLinesError(
+                f"no usable document for key(s) {empty} in {records} records (skipped by reason: "
+                f"{ {r: c for r, c in skipped[empty[0]].items() if c} }); an empty dataset cannot be "
+                "read by megatron-core, so no output was written"
+            )
         if worst[0] > max_bad_fraction:
             reasons = {r: c for r, c in skipped[worst[1]].items() if c}
             raise TooManyBadLinesError(

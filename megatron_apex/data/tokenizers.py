@@ -219,12 +219,25 @@ class HuggingFaceTokenizer(Tokenizer):
                     config = json.load(handle)
             except (OSError, ValueError) as exc:
                 logger.warning("ignoring unreadable %s: %s", config_path, exc)
-        eod = self._find(eod_token or _special_from_config(config, "eos_token"), _EOD_CANDIDATES)
+        # A tokenizer.json may carry truncation or padding settings (saved with a fine-tuning
+        # setup); applied here they would cut or pad every document, silently.
+        if self._tok.truncation is not None or self._tok.padding is not None:
+            logger.warning("%s: ignoring the truncation/padding settings stored in it (documents are "
+                           "tokenized whole and unpadded)", self.path)
+            self._tok.no_truncation()
+            self._tok.no_padding()
+        if eod_token and self._tok.token_to_id(eod_token) is None:
+            raise TokenizerError(f"end-of-document token {eod_token!r} is not in the vocabulary of {path!r}")
+        config_eos = _special_from_config(config, "eos_token")
+        eod = self._find(eod_token or config_eos, _EOD_CANDIDATES)
         if eod is None:
             raise TokenizerError(
                 f"cannot determine the end-of-document token of {path!r}: no eos_token in "
                 f"tokenizer_config.json and none of {', '.join(_EOD_CANDIDATES)} in the vocabulary"
             )
+        if not eod_token and config_eos and self._tok.token_to_id(config_eos) is None:
+            logger.warning("%s: eos_token %r of tokenizer_config.json is not in the vocabulary; using %r "
+                           "(id %d) as the end-of-document token", path, config_eos, self._tok.id_to_token(eod), eod)
         self.eod_id = eod
         self.bos_id = self._find(_special_from_config(config, "bos_token"), _BOS_CANDIDATES)
         self.pad_id = self._find(_special_from_config(config, "pad_token"), _PAD_CANDIDATES)
