@@ -179,6 +179,33 @@ def test_weights_only_checkpoint_finetunes_but_does_not_resume(tiny_config, tiny
     assert sorted(result.losses) == list(range(STEPS))  # a fresh schedule from step 0
 
 
+@pytest.mark.parametrize("how", ["finetune_from", "load_without_optimizer"])
+def test_bf16_run_keeps_the_loaded_weights_past_its_first_step(tiny_config, tiny_data, tmp_path, how):
+    """A bf16 optimizer steps fp32 main copies of the weights: loading weights without optimizer state
+    must refresh them, or the first step writes the initial weights back over the loaded ones."""
+    import torch
+
+    root = str(tmp_path / "source")
+    source, _ = _train(tiny_config, _overrides(tiny_data, root, **{"train.train_steps": 2,
+                                                                   "train.precision": "bf16"}))
+    loaded = {n: p.detach().float().clone() for n, p in source.model.named_parameters()}
+    still = {"train.precision": "bf16", "train.train_steps": 3 if how != "finetune_from" else 1,
+             "optimizer.lr": 1e-9, "optimizer.min_lr": 0.0, "optimizer.lr_warmup_steps": 0,
+             "optimizer.weight_decay": 0.0}
+    if how == "finetune_from":
+        still["checkpoint.finetune_from"] = root
+    else:
+        still.update({"checkpoint.load": root, "checkpoint.load_optimizer": False})
+    tuned, result = _train(tiny_config, _overrides(tiny_data, str(tmp_path / "run"), **still))
+    assert len(result.losses) == 1
+    fresh = dict(trainer_in_process(tiny_config, _overrides(tiny_data, **{"train.precision": "bf16"}))
+                 .model.named_parameters())
+    for name, p in tuned.model.named_parameters():
+        err = (p.detach().float() - loaded[name]).abs().max().item()
+        assert err <= 1e-2 * loaded[name].abs().max().item(), (name, err)
+        assert not torch.equal(p, fresh[name]) or name.endswith("layer_norm_weight"), name
+
+
 @pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2},
                                     {"parallel.context_parallel_size": 2}], ids=["tp2", "cp2"])
 def test_two_rank_checkpoint_loads_in_one_process(tiny_config, tiny_data, tmp_path, layout):

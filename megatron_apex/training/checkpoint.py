@@ -392,6 +392,11 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     unwrap(model).load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        # A mixed-precision (bf16) or distributed optimizer keeps fp32 main copies of the weights, taken
+        # when it was built; its first step would write those (the initial weights) back over the ones
+        # just loaded.
+        optimizer.reload_model_params()
     if load_rng:
         _set_rng_state(loaded["rng_state"])
     logger.info("loaded checkpoint %s (step %d%s%s)", path, common["step"],
