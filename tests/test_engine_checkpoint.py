@@ -179,6 +179,46 @@ def test_weights_only_checkpoint_finetunes_but_does_not_resume(tiny_config, tiny
     assert sorted(result.losses) == list(range(STEPS))  # a fresh schedule from step 0
 
 
+def test_finetune_carries_the_import_on_and_refuses_a_mid_stage_apex_checkpoint(tiny_config, tiny_data, tmp_path):
+    """The Hugging Face import's ids and generation config travel from finetune_from into the run's own
+    checkpoints (and so into its export); weights saved in the middle of an APEX stage are refused."""
+    from megatron_apex.config import ConfigError
+    from megatron_apex.convert.exporter import token_ids
+
+    source, _ = _train(tiny_config, _overrides(tiny_data, **{"train.train_steps": 1}))
+    meta = {"source": "/models/x", "config": {"bos_token_id": 900, "eos_token_id": 901, "pad_token_id": 902},
+            "generation_config": {"bos_token_id": 900, "eos_token_id": [901, 903], "temperature": 0.6}}
+    weights = str(tmp_path / "weights")
+    ckpt.save_checkpoint(weights, 0, source.model, None, source.cfg, source.ctx, source.padded_vocab, 0,
+                         extra_common={"hf_import": meta})
+    run = str(tmp_path / "run")
+    tuned, _ = _train(tiny_config, _overrides(tiny_data, run, **{"checkpoint.finetune_from": weights,
+                                                                  "train.train_steps": 2}))
+    saved = ckpt.read_common(ckpt.resolve_checkpoint_dir(run))
+    assert saved["hf_import"] == meta
+    assert token_ids(saved["hf_import"], tuned.cfg)["bos_token_id"] == 900
+    resumed = trainer_in_process(tiny_config, _overrides(tiny_data, run, **{"train.train_steps": 3}))
+    assert resumed.hf_import == meta  # and so on through resumes
+
+    apex = str(tmp_path / "apex")
+    state = {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 2, 4]}
+    ckpt.save_checkpoint(apex, 0, source.model, None, source.cfg, source.ctx, source.padded_vocab, 0,
+                         extra_common={"apex": state})
+    with pytest.raises(ConfigError, match="in the middle of APEX stage 1 of 3"):
+        trainer_in_process(tiny_config, _overrides(tiny_data, **{"checkpoint.finetune_from": apex}))
+
+
+def test_precision_change_refused_with_optimizer_state(tiny_config, tiny_data, tmp_path):
+    root = str(tmp_path / "fp32")
+    _train(tiny_config, _overrides(tiny_data, root, **{"train.train_steps": 1, "train.precision": "fp32"}))
+    with pytest.raises(ckpt.CheckpointError, match="saved by a float32 run and this run is bfloat16.*"
+                                                   "train.precision=fp32.*load_optimizer=false"):
+        trainer_in_process(tiny_config, _overrides(tiny_data, root, **{"train.precision": "bf16"}))
+    weights_only = trainer_in_process(tiny_config, _overrides(
+        tiny_data, root, **{"train.precision": "bf16", "checkpoint.load_optimizer": False}))
+    assert weights_only.step == 1
+
+
 @pytest.mark.parametrize("how", ["finetune_from", "load_without_optimizer"])
 def test_bf16_run_keeps_the_loaded_weights_past_its_first_step(tiny_config, tiny_data, tmp_path, how):
     """A bf16 optimizer steps fp32 main copies of the weights: loading weights without optimizer state

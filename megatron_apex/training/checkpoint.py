@@ -129,6 +129,18 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _params_dtype(model) -> str:
+    """The dtype of the model's weights ("bfloat16", "float32"): train.precision as the run resolved it."""
+    return str(next(unwrap(model).parameters()).dtype).replace("torch.", "")
+
+
+def _saved_params_dtype(common: dict) -> Optional[str]:
+    dtype = common.get("params_dtype")
+    if dtype is None:  # written before the field: the configured precision, unless it was "auto"
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(common.get("config", {}).get("train", {}).get("precision"))
+    return dtype
+
+
 def _layout(ctx: ParallelContext) -> dict:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "cp": ctx.cp_size}
 
@@ -177,7 +189,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
     sd = build_state_dict(model, optimizer, ctx, is_loading=False, with_optimizer=optimizer is not None,
                           with_rng=True, extra_sharded=extra_sharded)
     sd.update({"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
-               "has_optimizer": optimizer is not None,
+               "has_optimizer": optimizer is not None, "params_dtype": _params_dtype(model),
                "config": cfg.to_dict(), "layout": _layout(ctx),
                "model_signature": model_signature(cfg, padded_vocab), **(extra_common or {})})
     _share_cpu_slices(sd)
@@ -380,6 +392,13 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     if load_optimizer and not common.get("has_optimizer", True):
         raise CheckpointError(f"{path} holds weights only (no optimizer state), so a run cannot resume from it; "
                               "start from it with checkpoint.finetune_from instead")
+    saved_dtype, current_dtype = _saved_params_dtype(common), _params_dtype(model)
+    if load_optimizer and saved_dtype is not None and saved_dtype != current_dtype:
+        raise CheckpointError(f"{path} was saved by a {saved_dtype} run and this run is {current_dtype} "
+                              "(train.precision): the optimizer state of one does not load into the other. Resume "
+                              f"with train.precision={'bf16' if saved_dtype == 'bfloat16' else 'fp32'}, or load the "
+                              "weights only (checkpoint.load_optimizer=false: a fresh optimizer, same step and "
+                              "schedule)")
     same_layout = common.get("layout") == _layout(ctx)
     if load_rng and not same_layout:
         logger.warning("checkpoint layout %s differs from the current %s: RNG states are not restored",

@@ -106,6 +106,7 @@ class Trainer:
         self.consumed_samples = 0  # the data position: training samples read so far, over all steps
         self.latest_checkpoint = None  # the newest checkpoint saved or loaded by this run...
         self.checkpoint_state = None   # ...and the (step, callback state) it holds
+        self.hf_import = None  # what the imported Hugging Face model's ids and generation config were
         self.result = TrainResult()
 
     # ------------------------------------------------------------------ set-up
@@ -201,6 +202,7 @@ class Trainer:
                 path, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab, c.load_optimizer,
                 c.load_rng, extra_sharded=self._sharded_extra(saved))
             self.step, self.consumed_samples = common["step"], common["consumed_samples"]
+            self.hf_import = saved.get("hf_import")
             for cb in self.callbacks:
                 cb.load_state(self, common)
             self.latest_checkpoint, self.checkpoint_state = path, (self.step, self._callback_state())
@@ -213,6 +215,16 @@ class Trainer:
             return common
         if c.finetune_from:
             path = ckpt.resolve_checkpoint_dir(c.finetune_from, "checkpoint.finetune_from")
+            saved = ckpt.read_common(path)
+            apex = saved.get("apex")
+            if apex is not None and not apex["finished"]:
+                raise ConfigError(f"checkpoint.finetune_from={c.finetune_from}: {path} was saved in the middle of "
+                                  f"APEX stage {apex['stage']} of {len(apex['boundaries'])}; its weights without the "
+                                  "stage's operators are another model. Resume that run (checkpoint.load), or start "
+                                  "from its export (tools/convert_checkpoint.py export fuses the operators, import "
+                                  "brings the model back)")
+            # The export of this run carries the imported model's token ids and generation config on.
+            self.hf_import = saved.get("hf_import")
             ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab,
                                  load_optimizer=False, load_rng=False)
             logger.info("initialised weights from %s (fresh optimizer and schedule, step 0)", c.finetune_from)
@@ -431,7 +443,8 @@ class Trainer:
         state = self._callback_state()
         path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self.model, self.optimizer, self.cfg,
                                     self.ctx, self.padded_vocab, self.consumed_samples,
-                                    extra_common={"train_samples": self.train_samples, **state},
+                                    extra_common={"train_samples": self.train_samples, **state,
+                                                  **({"hf_import": self.hf_import} if self.hf_import else {})},
                                     extra_sharded=self._sharded_extra())
         self.latest_checkpoint, self.checkpoint_state = path, (self.step, state)
         return path
