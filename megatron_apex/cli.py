@@ -10,6 +10,7 @@ or tokenizer that does not fit it), 1 error, 128 + N stopped by signal N with no
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -117,6 +118,9 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f" + grads {mem['grads_gib']:.2f} + optimizer {mem['optimizer_gib']:.2f} + activations "
         f"{mem['activations_gib']:.2f}",
     ]
+    if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+        lines.append("note: model.transformer_impl='transformer_engine', and Transformer Engine is not installed "
+                     "here: the machines of the run need it (pip install 'megatron_apex[te]' on a CUDA machine)")
     if cfg.apex.enabled:
         units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions" if k else
                           f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded"

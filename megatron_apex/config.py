@@ -159,7 +159,8 @@ class OptimizerConfig:
     min_lr: float = doc(3e-5, "Learning rate at the end of decay.")
     lr_warmup_steps: int = doc(0, "Linear warmup steps from 0 to lr.")
     lr_decay_style: Literal["cosine", "linear", "constant"] = doc("cosine", "Decay shape after warmup.")
-    lr_decay_steps: Optional[int] = doc(None, "Steps over which lr decays to min_lr; None = train.train_steps.")
+    lr_decay_steps: Optional[int] = doc(None, "The step at which lr reaches min_lr, counted from the start (warmup "
+                                              "included); None = train.train_steps.")
     weight_decay: float = doc(0.1, "Decoupled weight decay (not applied to norms).")
     adam_beta1: float = doc(0.9, "Adam beta1.")
     adam_beta2: float = doc(0.95, "Adam beta2.")
@@ -379,6 +380,13 @@ class Config:
                        f"gives validation no share, but train.eval_steps={t.eval_steps} asks for validation "
                        "(give valid a share, set data.valid_data_path, or set train.eval_steps=0)")
         _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, f"must lie in [0, optimizer.lr={o.lr}]")
+        _check(o.lr_decay_steps is None or o.lr_decay_steps > o.lr_warmup_steps, "optimizer.lr_decay_steps",
+               o.lr_decay_steps, f"must exceed optimizer.lr_warmup_steps={o.lr_warmup_steps}: it counts from the "
+               "start, warmup included (None decays until train.train_steps)")
+        for key in ("save", "load", "finetune_from"):
+            value = getattr(c, key)
+            _check(value is None or value.strip() != "", f"checkpoint.{key}", value,
+                   "is empty (an unset shell variable?): give a directory, or leave the key out")
         for name, beta in (("optimizer.adam_beta1", o.adam_beta1), ("optimizer.adam_beta2", o.adam_beta2)):
             _check(0 <= beta < 1, name, beta, "must lie in [0, 1)")
         _check(t.exit_after_minutes is None or c.save is not None, "train.exit_after_minutes", t.exit_after_minutes,

@@ -202,6 +202,7 @@ def test_blend_forms_parse_alike():
      "data.split='100,0,0': gives validation no share, but train.eval_steps=2 asks for validation"),
     (["data.split=1e2,0,0"], "data.split='1e2,0,0': must be three non-negative numbers"),
     (["data.split=90,10"], "data.split='90,10': must be three non-negative numbers"),
+    (["data.split=²,1,1"], "data.split='²,1,1': must be three non-negative numbers"),  # isdigit() but not ASCII
 ])
 def test_split_needs_train_and_requested_valid_share(overrides, expected):
     message = _error("data.mock=false", "data.eod_id=0", "data.data_path=[a]", *overrides)
@@ -315,11 +316,25 @@ def test_reference_lists_every_field_with_its_help():
     ("train.eval_interval=-1", "train.eval_interval=-1", ">= 0"),
     ("optimizer.adam_beta2=1", "optimizer.adam_beta2=1.0", "[0, 1)"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0", "positive (or null)"),
+    # an unset shell variable in a launch script must not turn saving (or loading) off in silence
+    ("checkpoint.load=", "checkpoint.load=''", "is empty"),
+    ("checkpoint.finetune_from= ", "checkpoint.finetune_from=' '", "is empty"),
 ])
 def test_numeric_ranges(override, field_value, words):
     message = _error(override, "checkpoint.save=/tmp/ckpt")
     assert message.startswith(field_value + ":"), message
     assert words in message, message
+
+
+def test_empty_checkpoint_save_is_refused():
+    assert _error("checkpoint.save=").startswith("checkpoint.save='': is empty (an unset shell variable?)")
+
+
+def test_lr_decay_steps_count_the_warmup():
+    # lr_decay_steps counts from step 0: at or below the warmup, lr would fall to min_lr in one step
+    message = _error("optimizer.lr_warmup_steps=20", "optimizer.lr_decay_steps=20")
+    assert message.startswith("optimizer.lr_decay_steps=20: must exceed optimizer.lr_warmup_steps=20"), message
+    assert _load("optimizer.lr_warmup_steps=20", "optimizer.lr_decay_steps=21").optimizer.lr_decay_steps == 21
 
 
 def test_exit_after_minutes_needs_a_checkpoint_directory():

@@ -358,3 +358,18 @@ def test_overrides_may_follow_the_options(tiny_config, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", tiny_config, *MOCK, "--dry-run", "stray"])
     assert exc.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("transformer_engine") is not None,
+                    reason="Transformer Engine is installed here")
+def test_transformer_engine_missing_is_a_note_when_planning_and_an_error_when_running(tiny_config):
+    """A dry run on a machine without Transformer Engine (a login node) plans the run and says that its
+    machines need it; building the model without it is a configuration error, not a traceback."""
+    from megatron_apex.cli import dry_run
+    from megatron_apex.config import ConfigError
+    from megatron_apex.model.llama import get_layer_spec
+
+    cfg = load_config(tiny_config, [*MOCK, "model.transformer_impl=transformer_engine"], world_size=1)
+    assert "Transformer Engine is not installed here: the machines of the run need it" in dry_run(cfg, 1)
+    with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
+        get_layer_spec(cfg)

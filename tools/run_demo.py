@@ -24,10 +24,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(step: str, cmd: list, log_dir: str, env=None) -> float:
+def run(step: str, cmd: list, log_dir: str, env=None, log: str = "") -> float:
+    """Run one demo step, its output shown and written to ``log_dir/{log or the step's first word}.log``."""
     print(f"\n=== {step}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
-    log_path = os.path.join(log_dir, step.split()[0].lower() + ".log")
+    log_path = os.path.join(log_dir, (log or step.split()[0].lower()) + ".log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                 env={**os.environ, **(env or {})})
@@ -69,7 +70,8 @@ def main() -> int:
             f"Preprocess {split}",
             [py, "tools/preprocess_data.py", "--input", os.path.join(corpus, f"{split}.jsonl"),
              "--output-prefix", os.path.join(data, split), "--tokenizer-type", "SentencePieceTokenizer",
-             "--tokenizer-model", tok + ".model", "--append-eod", "--workers", "1", "--progress", "log"], logs)
+             "--tokenizer-model", tok + ".model", "--append-eod", "--workers", "1", "--progress", "log"], logs,
+            log=f"preprocess_{split}")
 
     third = args.steps // 3
     overrides = [

@@ -25,7 +25,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_apex.config import Config
+from megatron_apex.config import Config, ConfigError
 from megatron_apex.model.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ def get_layer_spec(cfg: Config) -> ModuleSpec:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
             import transformer_engine  # noqa: F401
         except ImportError as exc:
-            raise RuntimeError("model.transformer_impl='transformer_engine' but Transformer Engine is not "
-                               "installed (pip install 'megatron_apex[te]' on a CUDA machine)") from exc
+            raise ConfigError("model.transformer_impl='transformer_engine' but Transformer Engine is not "
+                              "installed (pip install 'megatron_apex[te]' on a CUDA machine)") from exc
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
