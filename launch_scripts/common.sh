@@ -4,9 +4,10 @@
 #
 # Knobs (environment variables, all optional):
 #   PYTHON               interpreter with megatron_apex installed (default: python)
-#   DIST_TIMEOUT_MINUTES parallel.distributed_timeout_minutes (default 60). It bounds the rendezvous
-#                        and every collective, including the barrier at which ranks wait while rank 0
-#                        builds the GPTDataset index caches of a large corpus on first use.
+#   DIST_TIMEOUT_MINUTES parallel.distributed_timeout_minutes (unset: the config file's value, 30 minutes
+#                        if it has none). It bounds the rendezvous and every collective, including the
+#                        barrier at which ranks wait while rank 0 builds the GPTDataset index caches of a
+#                        large corpus on first use.
 #   EXIT_AFTER_MINUTES   train.exit_after_minutes: save and stop (exit code 75) after this much wall
 #                        time, e.g. a few minutes before the job's time limit (needs checkpoint.save).
 #   REQUEUE=1            slurm only: on exit code 75, `scontrol requeue $SLURM_JOB_ID`; the requeued
@@ -51,10 +52,14 @@ apex_first_host() {
   echo "${hosts%%$'\n'*}"
 }
 
-# Defaults placed before the user's overrides (the last value of a key wins), as `key=value` words
-# in the global array APEX_DEFAULT_OVERRIDES.
+# The knobs above as `key=value` words in the global array APEX_DEFAULT_OVERRIDES, placed before the
+# command line's own overrides (the last value of a key wins). Only knobs that are set: an override
+# would also beat the config file's value of its key.
 apex_default_overrides() {
-  APEX_DEFAULT_OVERRIDES=("parallel.distributed_timeout_minutes=${DIST_TIMEOUT_MINUTES:-60}")
+  APEX_DEFAULT_OVERRIDES=()
+  if [[ -n "${DIST_TIMEOUT_MINUTES:-}" ]]; then
+    APEX_DEFAULT_OVERRIDES+=("parallel.distributed_timeout_minutes=${DIST_TIMEOUT_MINUTES}")
+  fi
   if [[ -n "${EXIT_AFTER_MINUTES:-}" ]]; then
     APEX_DEFAULT_OVERRIDES+=("train.exit_after_minutes=${EXIT_AFTER_MINUTES}")
   fi

@@ -53,6 +53,18 @@ def test_scripts_are_executable_and_slurm_scripts_ask_for_the_signal():
         assert knob in common, knob
 
 
+def test_knobs_become_overrides_only_when_set():
+    """An override beats the config file's value of its key: a knob that is not set must not override."""
+    script = ('set -euo pipefail; source launch_scripts/common.sh; apex_default_overrides; '
+              'printf "%s\\n" "${APEX_DEFAULT_OVERRIDES[@]}"')
+    env = {k: v for k, v in os.environ.items() if k not in ("DIST_TIMEOUT_MINUTES", "EXIT_AFTER_MINUTES")}
+    unset = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert unset.returncode == 0 and unset.stdout.strip() == "", unset.stdout + unset.stderr
+    both = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "DIST_TIMEOUT_MINUTES": "180", "EXIT_AFTER_MINUTES": "235"})
+    assert both.stdout.split() == ["parallel.distributed_timeout_minutes=180", "train.exit_after_minutes=235"]
+
+
 # ---------------------------------------------------------------------- signals and exit codes, run for real
 # A stand-in for the trainer: it handles SIGTERM/SIGUSR1 as a stop request (exit 75), as the trainer does,
 # and leaves SIGINT as it found it; it reports what it got in the file named by its argument.
