@@ -12,10 +12,12 @@ import logging
 import os
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from engine_workers import free_port, trainer_in_process
 from helpers import tiny_overrides
 from megatron_apex.training import checkpoint as ckpt
@@ -339,6 +341,49 @@ def test_the_checkpoint_writer_helper_survives_the_jobs_stop_signals(two_steps):
     assert manager.is_alive()
     queue.put("still there")
     assert queue.get() == "still there"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_checkpoint_writer_helper_dies_with_a_killed_trainer(tmp_path):
+    """The helper blocks the stop signals, so nothing but its parent's death can end it when the trainer
+    is killed outright (SIGKILL, the OOM killer): it must not stay behind, orphaned."""
+    import subprocess
+    import time
+
+    script = (
+        "import os, sys, time\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+        "from megatron_apex.training.checkpoint import _start_writer_results_queue\n"
+        "_start_writer_results_queue()\n"
+        "print(filesystem_async._results_queue._manager._process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    helper = None
+    try:
+        helper = int(proc.stdout.readline())
+        assert _alive(helper)
+        proc.kill()
+        proc.wait(timeout=30)
+        end = time.monotonic() + 20
+        while _alive(helper) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not _alive(helper), "the writer helper outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if helper is not None and _alive(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------- throughput

@@ -213,16 +213,19 @@ def _start_writer_results_queue() -> None:
     the whole process group: the manager, whose default is to die of them, would be gone by the time
     the trainer writes the checkpoint the signal asks for, and that save would fail. So the same
     manager is started here, first thing in its process blocking those signals (the trainer handles
-    them); it still stops when this process exits (a shutdown message, then SIGKILL)."""
+    them); it still stops when this process exits (a shutdown message, then SIGKILL), and on Linux
+    when this process dies without exiting (SIGKILL, the OOM killer), instead of staying orphaned."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from megatron_apex.compat.process import helper_init
+
     if getattr(filesystem_async, "_results_queue", True) is not None:  # running (or another version)
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(signal.pthread_sigmask, (signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1}))
+    manager.start(helper_init, (os.getpid(), frozenset({signal.SIGTERM, signal.SIGUSR1})))
     filesystem_async._results_queue = manager.Queue()  # the queue keeps its manager alive
 
 
