@@ -203,6 +203,26 @@ def test_cli_import_export_verify(tmp_path, capsys):
     assert cfg.padded_vocab_size() == 1024
 
 
+def test_import_verify_tolerance_follows_the_cast_that_happened(tmp_path, capsys, caplog):
+    """verify is strict when the weights were stored in the dtype the files hold, whatever --dtype says,
+    and loose only when they were rounded, as when config.json names bfloat16 over fp32 files."""
+    import logging
+
+    import convert_checkpoint
+
+    src = make_hf(tmp_path / "hf", kv_heads=2)  # fp32 files
+    assert convert_checkpoint.main(["import", "--hf-dir", src, "--output", str(tmp_path / "a"), "--dtype", "fp32",
+                                    "--verify", "--no-progress"]) == 0
+    assert "(tol 1e-03)" in capsys.readouterr().out
+    rewrite_config(src, torch_dtype="bfloat16")
+    with caplog.at_level(logging.WARNING):
+        assert convert_checkpoint.main(["import", "--hf-dir", src, "--output", str(tmp_path / "b"), "--verify",
+                                        "--no-progress"]) == 0
+    assert "config.json names bfloat16, the weight files hold float32: storing bfloat16" in caplog.text
+    out = capsys.readouterr().out
+    assert "(tol 5e-01)" in out and "verify: OK" in out
+
+
 # ---------------------------------------------------------------------- bad inputs
 def _import(src, out, **kw):
     from megatron_apex.convert.importer import import_hf_checkpoint

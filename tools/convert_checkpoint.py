@@ -94,9 +94,15 @@ def _verify(args, checkpoint: str, hf_dir: str, lossy: bool, vocab_size=None) ->
     print("verify: OK")
 
 
-def run(args) -> None:
+def _lossy(source, target) -> bool:
+    """Whether converting weights from dtype ``source`` to ``target`` rounds them (verify's tolerance)."""
     import torch
 
+    return torch.finfo(target).bits < torch.finfo(source).bits or {source, target} == {torch.float16,
+                                                                                         torch.bfloat16}
+
+
+def run(args) -> None:
     if args.command == "import":
         from megatron_apex.convert.importer import import_hf_checkpoint, model_yaml
 
@@ -115,7 +121,7 @@ def run(args) -> None:
                 f.write(model_yaml(result.config, args.tp, args.pp))
             print(f"wrote {args.config_out}")
         if args.verify:
-            _verify(args, args.output, args.hf_dir, lossy=args.dtype != "auto")
+            _verify(args, args.output, args.hf_dir, lossy=_lossy(result.source_dtype, result.dtype))
     else:
         from megatron_apex.convert.exporter import export_hf_checkpoint
         from megatron_apex.convert.runtime import checkpoint_dtype
@@ -127,9 +133,7 @@ def run(args) -> None:
         print(f"wrote {args.output}: {', '.join(result.files)}")
         if args.verify:
             stored = checkpoint_dtype(resolve_checkpoint_dir(args.checkpoint))
-            lossy = torch.finfo(result.dtype).bits < torch.finfo(stored).bits or (
-                {result.dtype, stored} == {torch.float16, torch.bfloat16})
-            _verify(args, args.checkpoint, args.output, lossy, args.vocab_size)
+            _verify(args, args.checkpoint, args.output, _lossy(stored, result.dtype), args.vocab_size)
 
 
 def main(argv=None) -> int:

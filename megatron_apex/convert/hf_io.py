@@ -205,6 +205,11 @@ class HFTensorSource:
         else:
             out.copy_(self.get(name))
 
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype in the files, without reading its data."""
+        handle = self._handle(name)
+        return handle.dtype(name) if isinstance(handle, SafetensorsFile) else handle[name].dtype
+
     def shape(self, name: str) -> tuple:
         """A tensor's shape without reading its data (safetensors) or with a memory map (.bin)."""
         handle = self._handle(name)

@@ -31,6 +31,8 @@ class ImportResult:
     padded_vocab_size: int
     warnings: list = field(default_factory=list)
     ignored: list = field(default_factory=list)   # HF buffers skipped on purpose (rotary inv_freq)
+    dtype: Optional[torch.dtype] = None            # the dtype the weights are stored in...
+    source_dtype: Optional[torch.dtype] = None     # ...and the one the Hugging Face files hold
 
 
 def build_import_config(hf: dict, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None,
@@ -165,11 +167,17 @@ def import_hf_checkpoint(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dty
     warnings = M.check_hf_config(hf, allow_sliding_window)
     for w in warnings:
         logger.warning("%s", w)
-    dtype = dtype or M.hf_dtype(hf) or torch.float32
+    named = M.hf_dtype(hf)
+    explicit, dtype = dtype is not None, dtype or named or torch.float32
     cfg = build_import_config(hf, tp, pp, dtype, allow_sliding_window)
     m = cfg.model
     source = HFTensorSource(hf_dir)
     ignored = check_hf_tensors(source, m)
+    source_dtype = source.dtype("model.embed_tokens.weight")
+    if not explicit and source_dtype != dtype:
+        logger.warning("config.json names %s, the weight files hold %s: storing %s (--dtype keeps another)",
+                       str(named or torch.float32).replace("torch.", ""), str(source_dtype).replace("torch.", ""),
+                       str(dtype).replace("torch.", ""))
     if ignored:
         logger.info("skipping %d non-weight buffer(s): %s", len(ignored), ", ".join(ignored[:3]))
     padded = cfg.padded_vocab_size(m.vocab_size)
@@ -188,7 +196,7 @@ def import_hf_checkpoint(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dty
     path = iter_dir(output, 0)
     logger.info("imported %s -> %s (%d layers, vocab %d padded to %d, %s, target TP=%d PP=%d)", hf_dir, path,
                 m.num_layers, m.vocab_size, padded, str(dtype).replace("torch.", ""), tp, pp)
-    return ImportResult(path, cfg, padded, warnings, ignored)
+    return ImportResult(path, cfg, padded, warnings, ignored, dtype, source_dtype)
 
 
 def model_yaml(cfg: Config, tp: int = 1, pp: int = 1) -> str:
