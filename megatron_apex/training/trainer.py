@@ -206,7 +206,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.load_state(self, common)
             self.latest_checkpoint, self.checkpoint_state = path, (self.step, self._callback_state())
-            logger.info("resumed from %s at step %d (%s)", source, self.step, why)
+            if self.ctx.rank == 0:
+                logger.info("resumed from %s at step %d (%s)", source, self.step, why)
             saved_gbs = common["config"]["train"]["global_batch_size"]
             if saved_gbs != t.global_batch_size and self.ctx.rank == 0:
                 logger.warning("train.global_batch_size changed from %d (checkpoint) to %d: training continues at "
@@ -227,7 +228,8 @@ class Trainer:
             self.hf_import = saved.get("hf_import")
             ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab,
                                  load_optimizer=False, load_rng=False)
-            logger.info("initialised weights from %s (fresh optimizer and schedule, step 0)", c.finetune_from)
+            if self.ctx.rank == 0:
+                logger.info("initialised weights from %s (fresh optimizer and schedule, step 0)", c.finetune_from)
         return None
 
     def _check_data_order(self, common: dict) -> None:
