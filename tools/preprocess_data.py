@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--merge", nargs="+", metavar="PREFIX", help="merge these datasets into --output-prefix")
     mode.add_argument("--inspect", metavar="PREFIX", help="print counts and the first samples of a dataset")
     group = parser.add_argument_group("input / output")
-    group.add_argument("--input", nargs="+", help="JSONL files (plain, .gz, .zst) and/or directories of them")
+    group.add_argument("--input", nargs="+", help="JSONL files (plain, .gz, .zst, .bz2, .xz) and/or directories of them")
     group.add_argument("--output-prefix", help="outputs are {prefix}_{key}_document.{bin,idx,json} (merge: {prefix}.{bin,idx})")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")

@@ -21,7 +21,7 @@ from megatron_apex.data.train_tokenizer import DEFAULT_MAX_SENTENCES, train_sent
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files (plain/.gz/.zst) or directories")
+    parser.add_argument("--input", nargs="+", required=True, help="JSONL files (plain/.gz/.zst/.bz2/.xz) or directories")
     parser.add_argument("--model-prefix", "--output-prefix", dest="model_prefix", required=True)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")

@@ -333,7 +333,7 @@ def preprocess_jsonl(
 ) -> dict:
     """Tokenize JSONL ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx,json}`` per key.
 
-    ``inputs``: files (plain, ``.gz``, ``.zst``) and/or directories of them. ``dedup`` drops exact
+    ``inputs``: files (plain, ``.gz``, ``.zst``, ``.bz2``, ``.xz``) and/or directories of them. ``dedup`` drops exact
     duplicate documents per key (keeps a 16-byte hash per unique document in memory, hence off by
     default). ``progress``: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
 
