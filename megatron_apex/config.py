@@ -209,6 +209,12 @@ class CheckpointConfig:
         None, "Initialise weights only from this checkpoint (fresh optimizer, LR schedule and step 0); "
         "ignored when a checkpoint to resume from exists.")
     load_optimizer: bool = doc(True, "Restore optimizer state when resuming.")
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = doc(
+        "dp_reshardable", "How saves store the distributed optimizer's state (parallel.use_distributed_optimizer): "
+        "'dp_reshardable' writes each rank's shard as it is (no gathering, no extra memory) and resumes under the "
+        "same TP and PP with any DP; 'fully_reshardable' gathers the state of each TP/PP rank onto its first DP "
+        "rank (CPU memory) at every save, every rank reads it whole at a load, and it resumes under any TP/PP/DP. "
+        "A load reads the format the checkpoint was saved in.")
     load_rng: bool = doc(True, "Restore RNG states when resuming.")
     keep_last: Optional[int] = doc(
         None, "After each save, delete all but the newest N complete checkpoints up to the one just saved (None "

@@ -41,6 +41,54 @@ def train_many(config_path: str, runs: list) -> list:
     return out
 
 
+def optimizer_shards(optimizer) -> dict:
+    """This rank's optimizer state by position: the (fp32 main) parameters the optimizer steps and
+    their Adam state (moments, step), cloned; with the distributed optimizer, this rank's shards."""
+    out = {}
+    for c, opt in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
+        inner = opt.optimizer
+        for g, group in enumerate(inner.param_groups):
+            for i, p in enumerate(group["params"]):
+                out[f"{c}.{g}.{i}.param"] = p.detach().clone()
+                for key, value in inner.state.get(p, {}).items():
+                    out[f"{c}.{g}.{i}.{key}"] = value.detach().clone() if torch.is_tensor(value) else value
+    return out
+
+
+def _as_numpy(state: dict) -> dict:
+    return {k: v.float().numpy() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def train_many_with_optimizer_state(config_path: str, runs: list) -> list:
+    """Like :func:`train_many`, each run also reporting this rank's optimizer state after setup (as
+    loaded, for a resumed run) and after training; a run whose setup refuses its checkpoint reports
+    the CheckpointError's message under "refused" instead. The state comes back as numpy arrays (tensors
+    would go through shared memory that a finished rank's exit takes away)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import initialize_distributed
+    from megatron_apex.training.checkpoint import CheckpointError
+    from megatron_apex.training.trainer import Trainer
+
+    out = []
+    for overrides in runs:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        cfg = load_config(config_path, overrides)
+        ctx = initialize_distributed(cfg)
+        try:
+            trainer = Trainer(cfg, ctx).setup()
+        except CheckpointError as exc:
+            out.append({"refused": str(exc), "rank": ctx.rank})
+            continue
+        loaded = _as_numpy(optimizer_shards(trainer.optimizer))
+        result = trainer.train()
+        out.append({"losses": dict(result.losses), "step": result.step, "rank": ctx.rank, "loaded": loaded,
+                    "trained": _as_numpy(optimizer_shards(trainer.optimizer))})
+    return out
+
+
 def train_and_evaluate(config_path: str, overrides: list) -> dict:
     """Train (saving a checkpoint at the end), then evaluate the final weights; per rank."""
     from megatron_apex.config import load_config

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after a crash, SIGKILL and SIGTERM of the real command line, resharding
-TP=2 -> TP=1, refusal of incompatible and weights-only checkpoints, crash during a save, pruning.
+TP=2 -> TP=1, refusal of incompatible and weights-only checkpoints, crash during a save, pruning; the
+distributed optimizer's state in both formats (exact resume, DP and TP changes, refusals).
 
 Single-process runs train inside the pytest process (world size 1, one thread); the kill tests run
 ``python -m megatron_apex.train`` as a subprocess, as a cluster job would. On the CPU in fp32 with
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 
 from distributed_utils import free_port, run_distributed
-from engine_workers import event_files, tensorboard_losses, train_and_evaluate, trainer_in_process
+from engine_workers import (event_files, optimizer_shards, tensorboard_losses, train_and_evaluate,
+                            train_many_with_optimizer_state, trainer_in_process)
 from helpers import tiny_overrides
 from megatron_apex.training import checkpoint as ckpt
 from megatron_apex.training.trainer import Callback
@@ -219,17 +221,21 @@ def test_precision_change_refused_with_optimizer_state(tiny_config, tiny_data, t
     assert weights_only.step == 1
 
 
-@pytest.mark.parametrize("how", ["finetune_from", "load_without_optimizer"])
-def test_bf16_run_keeps_the_loaded_weights_past_its_first_step(tiny_config, tiny_data, tmp_path, how):
+@pytest.mark.parametrize("how, distopt", [("finetune_from", False), ("load_without_optimizer", False),
+                                          ("load_without_optimizer", True)],
+                         ids=["finetune_from", "load_without_optimizer", "load_without_optimizer-distopt"])
+def test_bf16_run_keeps_the_loaded_weights_past_its_first_step(tiny_config, tiny_data, tmp_path, how, distopt):
     """A bf16 optimizer steps fp32 main copies of the weights: loading weights without optimizer state
-    must refresh them, or the first step writes the initial weights back over the loaded ones."""
+    must refresh them, or the first step writes the initial weights back over the loaded ones (the
+    distributed optimizer: its shards of them)."""
     import torch
 
     root = str(tmp_path / "source")
+    opt = {"parallel.use_distributed_optimizer": distopt}
     source, _ = _train(tiny_config, _overrides(tiny_data, root, **{"train.train_steps": 2,
-                                                                   "train.precision": "bf16"}))
+                                                                   "train.precision": "bf16", **opt}))
     loaded = {n: p.detach().float().clone() for n, p in source.model.named_parameters()}
-    still = {"train.precision": "bf16", "train.train_steps": 3 if how != "finetune_from" else 1,
+    still = {"train.precision": "bf16", "train.train_steps": 3 if how != "finetune_from" else 1, **opt,
              "optimizer.lr": 1e-9, "optimizer.min_lr": 0.0, "optimizer.lr_warmup_steps": 0,
              "optimizer.weight_decay": 0.0}
     if how == "finetune_from":
@@ -265,6 +271,122 @@ def test_two_rank_checkpoint_loads_in_one_process(tiny_config, tiny_data, tmp_pa
     assert abs(loaded.evaluate() - tp2_eval) <= 1e-5
     fresh = trainer_in_process(tiny_config, _overrides(tiny_data, **eval_steps))
     assert abs(fresh.evaluate() - tp2_eval) > 1e-2  # the comparison is not vacuous
+
+
+# ---------------------------------------------------------------------- distributed optimizer
+DISTOPT_STEPS = 4
+FORMATS = ("dp_reshardable", "fully_reshardable")
+TOL = 1e-5  # fp32 losses of two layouts (reduction order only), as in test_engine_parallel.py
+
+
+def _distopt(tiny_data, save=None, fmt="dp_reshardable", **extra):
+    return tiny_overrides(tiny_data, **{"model.num_layers": 2, "train.train_steps": DISTOPT_STEPS,
+                                        "parallel.use_distributed_optimizer": True,
+                                        "checkpoint.optimizer_format": fmt,
+                                        **({"checkpoint.save": save} if save else {}), **extra})
+
+
+@pytest.fixture(scope="module")
+def distopt(tiny_config, tiny_data, tmp_path_factory):
+    """Distributed-optimizer runs; the two-process ones (DP=2 unless TP=2) share one pair of processes.
+
+    In this process (DP=1, fp32): the reference run and a run cut at step 2. Then in two processes:
+    per format, a bf16 run, the same cut at step 2 and resumed ("bf16", "cut-FORMAT", "resumed-FORMAT");
+    fp32: the DP=1 cut resumed at DP=2 ("dp1->dp2"), a DP=2 run cut at step 2 ("dp2-cut"), a TP=2 run
+    cut at step 2 in the fully_reshardable format ("tp2-cut") resumed at DP=2 ("tp2->dp2"), and the DP=2
+    checkpoint loaded at TP=2 ("dp2->tp2").
+    """
+    tmp = tmp_path_factory.mktemp("distopt")
+    roots = {name: str(tmp / name) for name in ("dp1", "dp2", "tp2", *FORMATS)}
+    trainer = trainer_in_process(tiny_config, _distopt(tiny_data))
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    reference = trainer.train().losses
+    trainer_in_process(tiny_config, _distopt(tiny_data, roots["dp1"], **{"train.train_steps": 2})).train()
+
+    bf16, tp2 = {"train.precision": "bf16"}, {"parallel.tensor_model_parallel_size": 2}
+    runs = {"bf16": _distopt(tiny_data, **bf16)}
+    for fmt in FORMATS:
+        runs[f"cut-{fmt}"] = _distopt(tiny_data, roots[fmt], fmt, **bf16, **{"train.train_steps": 2})
+        runs[f"resumed-{fmt}"] = _distopt(tiny_data, roots[fmt], fmt, **bf16)
+    runs["dp1->dp2"] = _distopt(tiny_data, roots["dp1"])
+    runs["dp2-cut"] = _distopt(tiny_data, roots["dp2"], **{"train.train_steps": 2})
+    runs["tp2-cut"] = _distopt(tiny_data, roots["tp2"], "fully_reshardable", **tp2, **{"train.train_steps": 2})
+    runs["tp2->dp2"] = _distopt(tiny_data, roots["tp2"])
+    runs["dp2->tp2"] = _distopt(tiny_data, **tp2, **{"checkpoint.load": roots["dp2"]})
+    per_rank = run_distributed(train_many_with_optimizer_state, 2, tiny_config, list(runs.values()))
+    return {"reference": reference, "parameters": parameters, "roots": roots,
+            "runs": {name: [rank[i] for rank in per_rank] for i, name in enumerate(runs)}}
+
+
+def _close(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and max(abs(a[k] - b[k]) for k in a) <= TOL
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_distributed_optimizer_resume_is_exact(distopt, fmt):
+    """DP=2, bf16: the resumed run reproduces the uninterrupted run's losses exactly, and each rank's
+    shard of the optimizer state (fp32 main params, Adam moments, step) is the one saved."""
+    runs = distopt["runs"]
+    assert ckpt.read_common(ckpt.iter_dir(distopt["roots"][fmt], 2))["optimizer_format"] == fmt
+    for full, cut, resumed in zip(runs["bf16"], runs[f"cut-{fmt}"], runs[f"resumed-{fmt}"]):
+        assert cut["losses"] == {k: full["losses"][k] for k in range(2)}
+        assert resumed["losses"] == {k: full["losses"][k] for k in range(2, DISTOPT_STEPS)}
+        saved, loaded = cut["trained"], resumed["loaded"]
+        assert sorted(saved) == sorted(loaded) and any(k.endswith(".exp_avg_sq") for k in saved)
+        for key, value in saved.items():
+            assert np.array_equal(loaded[key], value), (cut["rank"], key)
+            if key.endswith(".step"):
+                assert value.item() == 2, key
+            elif key.endswith(".exp_avg"):
+                assert np.abs(value).max() > 0, key  # not a fresh (zero) state
+    # Each rank held (and saved) its own half of the state.
+    shards = [sum(t.size for k, t in rank["trained"].items() if k.endswith(".param")) for rank in runs["bf16"]]
+    assert sum(shards) == distopt["parameters"] and max(shards) < distopt["parameters"]
+
+
+def test_distributed_optimizer_state_reshards_across_dp(tiny_config, tiny_data, distopt):
+    """dp_reshardable state saved at DP=1 resumes at DP=2 and saved at DP=2 resumes at DP=1."""
+    ref = distopt["reference"]
+    for rank in distopt["runs"]["dp1->dp2"]:
+        assert _close(rank["losses"], {k: ref[k] for k in range(2, DISTOPT_STEPS)}), rank["losses"]
+        assert all(v.item() == 2 for k, v in rank["loaded"].items() if k.endswith(".step"))
+    for rank in distopt["runs"]["dp2-cut"]:
+        assert _close(rank["losses"], {k: ref[k] for k in range(2)})
+    trainer = trainer_in_process(tiny_config, _distopt(tiny_data, **{"checkpoint.load": distopt["roots"]["dp2"]}))
+    assert trainer.step == 2
+    assert _close(trainer.train().losses, {k: ref[k] for k in range(2, DISTOPT_STEPS)})
+
+
+def test_fully_reshardable_optimizer_state_loads_under_another_tp(distopt):
+    ref = distopt["reference"]
+    assert ckpt.read_common(ckpt.iter_dir(distopt["roots"]["tp2"], 2))["layout"]["tp"] == 2
+    for cut, resumed in zip(distopt["runs"]["tp2-cut"], distopt["runs"]["tp2->dp2"]):
+        assert _close(cut["losses"], {k: ref[k] for k in range(2)})
+        assert _close(resumed["losses"], {k: ref[k] for k in range(2, DISTOPT_STEPS)}), resumed["losses"]
+
+
+def test_optimizer_state_of_another_layout_or_optimizer_is_refused(tiny_config, tiny_data, distopt, uninterrupted):
+    """dp_reshardable state under another TP, and either optimizer's state in the other, are refused
+    with what to do; checkpoint.load_optimizer=false loads the weights in each case."""
+    for rank in distopt["runs"]["dp2->tp2"]:
+        assert "dp_reshardable format, saved under TP=1 (now 2)" in rank["refused"], rank["refused"]
+        assert "checkpoint.load_optimizer=false" in rank["refused"]
+    dp2 = distopt["roots"]["dp2"]
+    plain = {"parallel.use_distributed_optimizer": False}
+    with pytest.raises(ckpt.CheckpointError, match=r"holds the distributed optimizer's state.*"
+                                                   r"parallel.use_distributed_optimizer=true.*load_optimizer=false"):
+        trainer_in_process(tiny_config, _distopt(tiny_data, **plain, **{"checkpoint.load": dp2}))
+    with pytest.raises(ckpt.CheckpointError, match=r"holds the plain optimizer's state.*"
+                                                   r"parallel.use_distributed_optimizer=false.*load_optimizer=false"):
+        trainer_in_process(tiny_config, _overrides(tiny_data, **{"checkpoint.load": uninterrupted["root"],
+                                                                  "parallel.use_distributed_optimizer": True}))
+    weights = trainer_in_process(tiny_config, _distopt(tiny_data, **plain, **{"checkpoint.load": dp2,
+                                                                            "checkpoint.load_optimizer": False}))
+    assert weights.step == 2
+    weights = trainer_in_process(tiny_config, _overrides(tiny_data, **{
+        "checkpoint.load": uninterrupted["root"], "parallel.use_distributed_optimizer": True,
+        "checkpoint.load_optimizer": False}))
+    assert weights.step == STEPS and not any(k.endswith(".exp_avg") for k in optimizer_shards(weights.optimizer))
 
 
 # ---------------------------------------------------------------------- the real command line

@@ -8,9 +8,11 @@ Layout (compatible with Megatron-LM's)::
 The common state holds the step, consumed samples, the resolved config, the parallel layout it
 was saved under, and a *model signature* (every shape-defining field, RoPE theta and the RMSNorm
 epsilon). Loading compares the signature with the current model and refuses a mismatch with the
-list of differing fields. Model weights (and optimizer state) are stored as global tensors, so they
-load under any TP/PP layout;
-RNG states are per (PP, TP) rank and are restored only when the layout is unchanged.
+list of differing fields. Model weights (and the plain optimizer's state) are stored as global
+tensors, so they load under any TP/PP layout; the distributed optimizer's state is stored in one of
+two formats (``checkpoint.optimizer_format``, recorded in the common state, see
+:func:`optimizer_metadata`); RNG states are per (PP, TP) rank and are restored only when the layout
+is unchanged.
 
 A save writes into ``<root>/saving.iter_0000100/`` and renames it into place once every rank has
 finished, before the tracker moves: a crash during a save leaves the tracker and the checkpoint it
@@ -152,14 +154,160 @@ def unwrap(model):
     return model
 
 
+# How the distributed optimizer's state is stored (megatron-core's ``distrib_optim_sharding_type``).
+#
+# - "dp_reshardable" (the default): every rank writes its own shard of the flat optimizer buffers as it
+#   is, keyed by position in the (TP, PP) rank's gradient buffer. Saving and loading are fully parallel,
+#   with no communication and no memory beyond the sharded state itself: the point of the distributed
+#   optimizer. Since the buffer positions depend on which parameters the (TP, PP) rank holds, the state
+#   reshards across DP (and CP, which the optimizer shards over together with DP) only; a change of TP or
+#   PP is refused (see check_optimizer_state).
+# - "fully_reshardable": each save gathers the whole optimizer state of the (TP, PP) rank over the
+#   data-parallel group and stores it per parameter like the plain optimizer, so it loads under any
+#   TP/PP/DP; but every save holds the unsharded state in memory (12 bytes a parameter of the model
+#   shard) and every load reads it whole on each rank, exactly what ZeRO-1 is used to avoid. Chosen
+#   explicitly before a change of TP/PP.
+#
+# megatron-core's own default (no ``metadata``) is the deprecated "fully_sharded_model_space", which
+# needs ShardedTensor.flattened_range, which its checkpoint strategies no longer support.
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+PLAIN_OPTIMIZER = "plain"  # the common state's optimizer_format of a non-distributed optimizer
+
+
+def optimizer_metadata(fmt: Optional[str]) -> dict:
+    """The ``metadata`` of ``optimizer.sharded_state_dict`` for a checkpoint's optimizer format."""
+    if fmt is None or fmt == PLAIN_OPTIMIZER:
+        return {}
+    if fmt not in OPTIMIZER_FORMATS:
+        raise CheckpointError(f"unknown distributed optimizer format {fmt!r} (this version reads "
+                              f"{', '.join(OPTIMIZER_FORMATS)})")
+    # chained_optim_avoid_prefix: with several chained optimizers, their dp_reshardable keys get a prefix
+    # (their buffers would collide otherwise), the per-parameter keys of fully_reshardable do not.
+    return {"distrib_optim_sharding_type": fmt,
+            "distrib_optim_fully_reshardable_mem_efficient": fmt == "fully_reshardable",
+            "chained_optim_avoid_prefix": True}
+
+
+def _optimizer_format(cfg: Config) -> str:
+    return cfg.checkpoint.optimizer_format if cfg.parallel.use_distributed_optimizer else PLAIN_OPTIMIZER
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+
+
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """Give the distributed optimizer's inner optimizer its per-parameter state before a load.
+
+    torch's Adam (megatron-core's choice without Transformer Engine or NVIDIA apex) creates
+    ``exp_avg``, ``exp_avg_sq`` and ``step`` at its first step; before that, megatron-core's
+    ``DistributedOptimizer.state_dict`` (which building the load state dict calls) finds no step, and
+    its ``load_state_dict`` would allocate the state on a CUDA device. Zero moments and step 0 are
+    created here (as the optimizer's own ``init_state_fn`` does for the moments, plus the step), for
+    the loaded values to be copied into; nothing is stepped, so the weights are untouched. Fused Adams
+    keep their step per group and allocate their state themselves: left alone."""
+    for dist_opt in _distributed_optimizers(optimizer):
+        inner = dist_opt.optimizer
+        if not _torch_adam(dist_opt) or len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _torch_adam(dist_opt) -> bool:
+    return isinstance(dist_opt.optimizer, torch.optim.Adam | torch.optim.AdamW)
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    """``optimizer.load_state_dict(state)``, working around megatron-core's fully_reshardable load
+    with torch's Adam: ``load_parameter_state_from_fully_reshardable`` copies every per-parameter state
+    of the optimizer from the loaded tensors, "step" included, but the loaded tensors have no "step"
+    (it is saved with the parameter groups), a KeyError. So the parameter groups (and the step) are
+    loaded first, then the parameter state with the per-parameter steps set aside."""
+    dist_opts = _distributed_optimizers(optimizer)
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(chained) == 1 else [v for _, v in sorted(state.items())]
+    if not any(opt in dist_opts and _torch_adam(opt) and st.get("param_state_sharding_type") == "fully_reshardable"
+               for opt, st in zip(chained, states)):
+        optimizer.load_state_dict(state)
+        return
+    if len(chained) != len(states):
+        raise CheckpointError(f"the checkpoint holds the state of {len(states)} optimizers, this run has {len(chained)}")
+    for opt, st in zip(chained, states):
+        if not (opt in dist_opts and _torch_adam(opt) and st.get("param_state_sharding_type") == "fully_reshardable"):
+            opt.load_state_dict(st)
+            continue
+        param_state = st["param_state"]
+        opt.load_state_dict({k: v for k, v in st.items() if k not in ("param_state", "param_state_sharding_type")})
+        inner = opt.optimizer
+        steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}
+        try:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                inner.state[p]["step"] = step
+    if len(chained) > 1 and hasattr(optimizer, "_synchronize_steps"):
+        optimizer._synchronize_steps()  # as ChainedOptimizer.load_state_dict does
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give torch Adam's per-parameter ``step`` the loaded value, one tensor per parameter.
+
+    megatron-core's ``DistributedOptimizer.load_state_dict`` puts the saved step into each parameter
+    group and one tensor holding it into every parameter's state, then loads the parameter state,
+    whose dp_reshardable form carries each parameter's step *as it was before the load* (not saved):
+    that copy puts the step back to 0, and Adam's bias correction restarts. And torch's Adam
+    increments each parameter's step in place, so one tensor shared by all of them would advance by
+    the number of parameters at every step. The group's step is the loaded one: set again here."""
+    for dist_opt in _distributed_optimizers(optimizer):
+        inner = dist_opt.optimizer
+        if not _torch_adam(dist_opt):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state.get(p, {}):
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def _drop_empty_param_state(state) -> None:
+    """fully_reshardable saves gather the parameter state on DP rank 0; the other DP ranks' state dicts
+    hold ``param_state=None``, which is not saved (it would only make the common state differ from
+    rank 0's, a warning at every save)."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+    if isinstance(state, dict):
+        if "param_state_sharding_type" in state and state.get("param_state") is None:
+            state["param_state"] = LocalNonpersistentObject(None)
+        for value in state.values():
+            _drop_empty_param_state(value)
+
+
 def build_state_dict(model, optimizer, ctx: ParallelContext, is_loading: bool, with_optimizer: bool,
-                     with_rng: bool, extra_sharded: Optional[dict] = None) -> dict:
-    """The sharded state dict of model (+ optimizer, RNG, extra sharded state)."""
+                     with_rng: bool, extra_sharded: Optional[dict] = None,
+                     optimizer_format: Optional[str] = None) -> dict:
+    """The sharded state dict of model (+ optimizer, RNG, extra sharded state).
+
+    ``optimizer_format``: how the distributed optimizer's state is (or was) stored, one of
+    ``OPTIMIZER_FORMATS`` (ignored for the plain optimizer)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     sd = {"model": unwrap(model).sharded_state_dict()}
     if with_optimizer:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
+        if is_loading:
+            _init_distributed_optimizer_state(optimizer)
+        fmt = optimizer_format if _distributed_optimizers(optimizer) else None
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading,
+                                                       metadata=optimizer_metadata(fmt))
+        if not is_loading and fmt == "fully_reshardable":
+            _drop_empty_param_state(sd["optimizer"])
     if with_rng:
         sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (ctx.pp_size, ctx.tp_size),
                                         (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank * ctx.cp_size + ctx.cp_rank)
@@ -186,10 +334,12 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
         _remove_leftovers(root)
         os.makedirs(staging)
     dist.barrier()
+    optimizer_format = _optimizer_format(cfg) if optimizer is not None else None
     sd = build_state_dict(model, optimizer, ctx, is_loading=False, with_optimizer=optimizer is not None,
-                          with_rng=True, extra_sharded=extra_sharded)
+                          with_rng=True, extra_sharded=extra_sharded, optimizer_format=optimizer_format)
     sd.update({"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
-               "has_optimizer": optimizer is not None, "params_dtype": _params_dtype(model),
+               "has_optimizer": optimizer is not None, "optimizer_format": optimizer_format,
+               "params_dtype": _params_dtype(model),
                "config": cfg.to_dict(), "layout": _layout(ctx),
                "model_signature": model_signature(cfg, padded_vocab), **(extra_common or {})})
     _share_cpu_slices(sd)
@@ -384,6 +534,44 @@ def check_compatible(common: dict, cfg: Config, padded_vocab: int, path: str) ->
         raise CheckpointError(f"checkpoint {path} was saved for a different model; " + "; ".join(diffs))
 
 
+def saved_optimizer_format(common: dict) -> Optional[str]:
+    """How a checkpoint stores its optimizer state: one of ``OPTIMIZER_FORMATS`` (distributed
+    optimizer), ``PLAIN_OPTIMIZER``, or None (weights only). Checkpoints written before the format was
+    recorded hold the plain optimizer's state: saves with the distributed optimizer failed then."""
+    if not common.get("has_optimizer", True):
+        return None
+    return common.get("optimizer_format", PLAIN_OPTIMIZER)
+
+
+def check_optimizer_state(common: dict, cfg: Config, ctx: ParallelContext, path: str) -> str:
+    """The format of the checkpoint's optimizer state, after refusing (with what to do instead) state
+    that cannot be loaded into this run's optimizer under this run's layout."""
+    fmt = saved_optimizer_format(common)
+    weights_only = "or load its weights only with checkpoint.load_optimizer=false (fresh Adam moments)"
+    distributed = cfg.parallel.use_distributed_optimizer
+    if (fmt == PLAIN_OPTIMIZER) == distributed:
+        saved, other = (("the plain optimizer's", "the distributed optimizer") if distributed
+                        else ("the distributed optimizer's", "the plain optimizer"))
+        raise CheckpointError(
+            f"{path} holds {saved} state (parallel.use_distributed_optimizer={str(not distributed).lower()}), which "
+            f"{other} of this run cannot load (the two store their state differently); resume with "
+            f"parallel.use_distributed_optimizer={str(not distributed).lower()}, {weights_only}")
+    if fmt == "dp_reshardable":
+        saved = common.get("layout") or {}
+        diffs = [f"{name.upper()}={saved.get(name)} (now {now})" for name, now in
+                 (("tp", ctx.tp_size), ("pp", ctx.pp_size)) if saved.get(name) != now]
+        if diffs:
+            raise CheckpointError(
+                f"{path} holds distributed optimizer state in the dp_reshardable format, saved under "
+                f"{', '.join(diffs)}: that format follows each tensor- and pipeline-parallel rank's gradient "
+                f"buffer and loads under another number of data-parallel ranks only; resume with the saved TP and "
+                f"PP, {weights_only}. (Checkpoints saved with checkpoint.optimizer_format=fully_reshardable load "
+                "under any layout.)")
+    elif fmt != PLAIN_OPTIMIZER:
+        optimizer_metadata(fmt)  # refuses a format this version does not know
+    return fmt
+
+
 def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelContext, padded_vocab: int,
                     load_optimizer: bool, load_rng: bool, extra_sharded: Optional[dict] = None) -> dict:
     """Load into ``model`` (and ``optimizer``); returns the checkpoint's common state."""
@@ -402,18 +590,23 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
                               f"with train.precision={'bf16' if saved_dtype == 'bfloat16' else 'fp32'}, or load the "
                               "weights only (checkpoint.load_optimizer=false: a fresh optimizer, same step and "
                               "schedule)")
+    saved_format = check_optimizer_state(common, cfg, ctx, path) if load_optimizer else None
     same_layout = common.get("layout") == _layout(ctx)
     if load_rng and not same_layout:
         logger.warning("checkpoint layout %s differs from the current %s: RNG states are not restored",
                        common.get("layout"), _layout(ctx))
         load_rng = False
     sd = build_state_dict(model, optimizer, ctx, is_loading=True, with_optimizer=load_optimizer,
-                          with_rng=load_rng, extra_sharded=extra_sharded)
+                          with_rng=load_rng, extra_sharded=extra_sharded, optimizer_format=saved_format)
     _merge_in_place(sd)
     loaded = dist_checkpointing.load(sd, path)
     unwrap(model).load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: the distributed optimizer copies fp32 main params into views of fp32 weights (leaves
+        # that require grad), which autograd refuses outside no_grad.
+        with torch.no_grad():
+            _load_optimizer_state(optimizer, loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     elif optimizer is not None:
         # A mixed-precision (bf16) or distributed optimizer keeps fp32 main copies of the weights, taken
         # when it was built; its first step would write those (the initial weights) back over the ones
