@@ -102,8 +102,9 @@ def test_ema_statistic_and_monarch_blocks_dp2_match_tp1(tiny_data, tiny_config):
 RESUME = {**APEX, **SHAPES["gqa"], "apex.boundaries": "[0, 4]", "train.train_steps": 7, "apex.lr_scale": 20.0}
 
 
-@pytest.mark.parametrize("world,layout", [(1, {}), (2, {"parallel.context_parallel_size": 2})],
-                         ids=["one-process", "cp2"])
+@pytest.mark.parametrize("world,layout", [(1, {}), (2, {"parallel.context_parallel_size": 2}),
+                                          (2, {"parallel.use_distributed_optimizer": True})],
+                         ids=["one-process", "cp2", "dp2-distopt"])
 def test_resume_mid_stage_is_exact(tiny_data, tiny_config, tmp_path, world, layout):
     full = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "full")})
     cut = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "cut")})
