@@ -446,8 +446,8 @@ def test_resume_before_final_fuse_refuses_changed_selection_settings(tiny_config
 @pytest.mark.slow
 def test_resume_refuses_changed_statistic_or_monarch_blocks(tiny_data, tiny_config, tmp_path):
     """A mid-stage checkpoint resumed with another apex.statistic, with an apex.monarch_blocks that gives
-    the operators other shapes, with other apex.partitions, or without APEX, stops with a message naming
-    the option (no size-mismatch trace)."""
+    the operators other shapes, with other apex.partitions or apex.mode, or without APEX, stops with a
+    message naming the option (no size-mismatch or parameter-group trace)."""
     from apex_workers import apex_train_worker as worker
 
     over = _over(tiny_data, **{"apex.boundaries": "[0, 4]", "train.train_steps": 6,
@@ -469,6 +469,11 @@ def test_resume_refuses_changed_statistic_or_monarch_blocks(tiny_data, tiny_conf
     msg = str(err.value)
     assert "apex.partitions=1" in msg and "apex.partitions=2" in msg and "positions must have shape" not in msg, \
         msg[-3000:]
+    with pytest.raises(RuntimeError) as err:  # another mode trains other parameters (other optimizer groups)
+        run_distributed(worker, 1, tiny_config, over + ["apex.mode=selected", "apex.attn_tuned_ratio=0.6",
+                                                     "apex.ffn_tuned_ratio=0.6"])
+    msg = str(err.value)
+    assert "apex.mode='selected'" in msg and "apex.mode='all'" in msg and "Cannot merge" not in msg, msg[-3000:]
     with pytest.raises(RuntimeError) as err:  # without APEX the unfused base weights would be another model
         run_distributed(worker, 1, tiny_config, over + ["apex.enabled=false"])
     assert "apex.enabled=false" in str(err.value) and "before the final fuse" in str(err.value), str(err.value)[-3000:]

@@ -145,6 +145,7 @@ class ApexCallback(Callback):
         self.layers: list = []
         self.op_optimizer = None
         self._pending_load = None
+        self._resume_checked = False  # check_resume ran (before the tensors were loaded)
         self.stats_time = 0.0
         self.vote_steps = 0       # steps (and initial scoring passes) whose votes count at the next boundary
         self._ranked = None       # this step's votes, ranked in finalize_model_grads, added at on_step_end
@@ -668,12 +669,13 @@ class ApexCallback(Callback):
         return {STATE_KEY: ShardedObject(STATE_KEY, self._rank_state(), (ctx.pp_size, ctx.tp_size, ctx.dp_size),
                                          (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=ctx.cp_rank)}
 
-    def load_state(self, trainer, common: dict) -> None:
+    def check_resume(self, trainer, common: dict) -> None:
+        """Refuses APEX state that this run's settings cannot continue (another mode, ratio, ... before
+        the final fuse; another layout or statistic mid-stage), before the optimizer state is loaded:
+        another apex.mode, say, trains other parameters, which the loader would report as a mismatch
+        of parameter groups."""
         saved = common.get("apex")
         if saved is None:
-            if common.get("step", 0) > (self.boundaries[0] if self.boundaries else 0):
-                logger.warning("resuming from a checkpoint without APEX state: APEX starts at the next boundary")
-                self.stage = sum(1 for b in self.boundaries if b < common["step"])
             return
         self._same_layout(trainer, common)  # raises mid-stage under another layout
         if saved["finished"] and trainer.ctx.rank == 0 and common.get("step", 0) < self.cfg.train.train_steps:
@@ -685,6 +687,18 @@ class ApexCallback(Callback):
             self._check_run_continues(saved, common.get("step", 0))
         if _mid_stage(saved):
             self._check_scores_continue(saved)
+        self._resume_checked = True
+
+    def load_state(self, trainer, common: dict) -> None:
+        saved = common.get("apex")
+        if saved is None:
+            if common.get("step", 0) > (self.boundaries[0] if self.boundaries else 0):
+                logger.warning("resuming from a checkpoint without APEX state: APEX starts at the next boundary")
+                self.stage = sum(1 for b in self.boundaries if b < common["step"])
+            return
+        if not self._resume_checked:
+            self.check_resume(trainer, common)
+        self._resume_checked = False
         self.stage, self.finished = saved["stage"], saved["finished"]
         self._pending_load = common.get(STATE_KEY)
 

@@ -76,6 +76,10 @@ class Callback:
         """Sharded (per-rank) objects stored in checkpoints; ``common``: the state being loaded."""
         return {}
 
+    def check_resume(self, trainer: "Trainer", common: dict) -> None:
+        """Refuse (raise) a checkpoint this callback cannot continue from, given its common state; called
+        before any tensor is loaded, so that the refusal comes before a loader's error about them."""
+
     def load_state(self, trainer: "Trainer", common: dict) -> None:
         """Restore from a checkpoint's common (and loaded sharded) state."""
 
@@ -198,6 +202,8 @@ class Trainer:
                                   f"{len(apex['boundaries'])}), before the final fuse folded its operators into the "
                                   "weights, which alone are another model; resume it with apex.enabled=true and its "
                                   "APEX settings, or export it (tools/convert_checkpoint.py fuses the operators)")
+            for cb in self.callbacks:
+                cb.check_resume(self, saved)
             common = ckpt.load_checkpoint(
                 path, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab, c.load_optimizer,
                 c.load_rng, extra_sharded=self._sharded_extra(saved))
