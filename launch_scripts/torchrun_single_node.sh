@@ -5,8 +5,10 @@
 #   GPUS_PER_NODE=8 bash launch_scripts/torchrun_single_node.sh CONFIG [section.key=value ...]
 #
 # Run it again with the same arguments to resume from the latest checkpoint in checkpoint.save.
-# Ctrl-C or SIGTERM: torchrun forwards the signal, the workers save a checkpoint and the script exits
-# with 75. Exit codes: 0 finished, 75 stopped cleanly after saving, 2 config error, 1 error.
+# Ctrl-C, or SIGTERM to the script's process group (`kill -TERM -- -PGID`, as terminals, slurm and
+# job schedulers signal): torchrun forwards the signal, the workers save a checkpoint and the script
+# exits with 75. (A SIGTERM to the script's own PID alone does not reach torchrun: signal the group.)
+# Exit codes: 0 finished, 75 stopped cleanly after saving, 2 config error, 1 error.
 #
 # Environment knobs (besides those in launch_scripts/common.sh: PYTHON, DIST_TIMEOUT_MINUTES,
 # EXIT_AFTER_MINUTES):
@@ -30,6 +32,9 @@ apex_log_run_info "$APEX_DIR" "$@"
 echo "single node: $GPUS_PER_NODE worker(s)"
 
 rc=0
+# The stop signals reach torchrun and the workers with this shell (one process group); the shell
+# itself waits for them to save and exit, and reports their code, instead of dying of the signal.
+trap ':' TERM INT
 # --standalone: a private rendezvous on a free local port, nothing to configure.
 apex_torchrun --standalone --nnodes=1 --nproc_per_node="$GPUS_PER_NODE" --max_restarts=0 \
   -- "$1" "${APEX_DEFAULT_OVERRIDES[@]}" "${@:2}" || rc=$?

@@ -1,6 +1,6 @@
-"""A checkpoint saved in the middle of an APEX stage under TP=2 exports as the fused plain model:
+"""A checkpoint saved in the middle of an APEX stage under TP=2 (or DP=2) exports as the fused plain model:
 loading it the exporter's way (operators joined across TP ranks and fused, TP=1) gives the loss the
-TP=2 run computed with its operators active on the same batch."""
+two-rank run computed with its operators active on the same batch."""
 
 import pytest
 from apex_export_workers import apex_callbacks, step_batch_loss
@@ -10,14 +10,14 @@ from helpers import tiny_overrides, train_worker
 pytestmark = pytest.mark.slow
 
 
-def test_mid_stage_checkpoint_exports_fused(tiny_data, tiny_config, tmp_path):
+@pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2}, {}], ids=["tp2", "dp2"])
+def test_mid_stage_checkpoint_exports_fused(tiny_data, tiny_config, tmp_path, layout):
     ckpt = tmp_path / "ckpt"
     overrides = tiny_overrides(tiny_data, **{
         "apex.enabled": True, "apex.boundaries": "[0, 3]", "apex.ratio": 0.25, "apex.partitions": 2,
         "apex.init_scoring_samples": 16, "apex.lr_scale": 30.0, "model.num_query_groups": 4,
         "apex.attn_ratio": 0.5,  # 2 of the 4 query groups in P (and 2 in N): 2 partitions, one per TP rank
-        "train.train_steps": 6, "checkpoint.save": str(ckpt), "checkpoint.save_interval": 5,
-        "parallel.tensor_model_parallel_size": 2})
+        "train.train_steps": 6, "checkpoint.save": str(ckpt), "checkpoint.save_interval": 5, **layout})
     result = run_distributed(train_worker, 2, tiny_config, overrides, apex_callbacks)[0]
     # Step 5's loss was computed by the model of the checkpoint at step 5 with operators active.
     fused = run_distributed(step_batch_loss, 1, str(ckpt / "iter_0000005"), tiny_config, overrides, 5)[0]

@@ -47,9 +47,10 @@ def apex_checkpoint(tiny_data, tiny_config, tmp_path_factory):
     return str(root), results[0]
 
 
-def _run_tool(*args):
+def _run_tool(*args, preexec_fn=None):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+                          preexec_fn=preexec_fn)
 
 
 def test_apex_report_heatmap(apex_checkpoint, tmp_path):
@@ -144,6 +145,28 @@ def test_tools_refuse_an_incomplete_checkpoint_and_an_unwritable_output(apex_che
                      "--output", str(nowhere))
     assert proc.returncode == 2 and f"--output {nowhere}: the directory {nowhere.parent} does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+def test_outputs_are_written_whole_under_the_given_name(apex_checkpoint, tmp_path):
+    """The heat map is a PNG at exactly --output, whatever its name ends with; a write that fails (here
+    a file size limit) leaves the previous file as it was, not a truncated one."""
+    import resource
+
+    from megatron_apex.analysis.checkpoint_io import is_png
+
+    ckpt = os.path.join(apex_checkpoint[0], "iter_0000002")
+    plain = tmp_path / "heat"
+    proc = _run_tool("tools/apex_report.py", "--checkpoint", ckpt, "--output", str(plain))
+    assert proc.returncode == 0 and is_png(str(plain)) and not (tmp_path / "heat.png").exists(), proc.stderr[-3000:]
+    previous = plain.read_bytes()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = _run_tool("tools/apex_report.py", "--checkpoint", ckpt, "--output", str(plain), preexec_fn=small_files)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert plain.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat"]  # no temporary left behind
+
 
 def test_effective_rank_of_a_mid_stage_checkpoint_is_that_of_the_fused_model(apex_checkpoint, tmp_path):
     """Mid-stage, the model is the base weights with the stage's operators applied: the ranks are those of

@@ -172,8 +172,11 @@ def test_single_node_config_error_exits_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_single_node_ctrl_c_saves_and_exits_75(tiny_data, tmp_path):
-    """Ctrl-C: the terminal sends SIGINT to the launch's foreground process group (the whole session here)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_single_node_stop_signal_saves_and_exits_75(tiny_data, tmp_path, sig):
+    """Ctrl-C: the terminal sends SIGINT to the launch's foreground process group (the whole session here);
+    SIGTERM to the group, as a scheduler sends it: the script waits for the save and reports 75 (it used
+    to die of the SIGTERM itself)."""
     from helpers import tiny_overrides
 
     save, log = tmp_path / "ckpt", tmp_path / "run.log"
@@ -184,7 +187,7 @@ def test_single_node_ctrl_c_saves_and_exits_75(tiny_data, tmp_path):
             wait_or_kill(proc, log, timeout=1)
             pytest.fail(f"no training step logged; log:\n{log.read_text()[-6000:]}")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     rc = wait_or_kill(proc, log, timeout=180)
     out = log.read_text()
     assert rc == 75 and "training exited with code 75" in out, out[-6000:]

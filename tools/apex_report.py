@@ -11,7 +11,6 @@ apex.statistic 'norm' or 'ema'; P marked with filled and N with open triangles. 
 """
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     from megatron_apex.analysis.apex_report import marks, render, report_data
-    from megatron_apex.analysis.checkpoint_io import check_output_file
+    from megatron_apex.analysis.checkpoint_io import check_output_file, write_json
     from megatron_apex.training.checkpoint import CheckpointError
 
     try:
@@ -49,8 +48,7 @@ def main(argv=None) -> int:
                    "selection": {str(li): {k: {"P": marks(sel, k, "P"), "N": marks(sel, k, "N"),
                                                 "p_pos": marks(sel, k, "p_pos"), "n_pos": marks(sel, k, "n_pos")}
                                            for k in data["votes"]} for li, sel in data["selection"].items()}}
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(out, f, indent=1)
+            write_json(args.json, out)
     except OSError as exc:  # e.g. no permission to write there; the error names the file
         print(f"apex_report: {exc}", file=sys.stderr)
         return 2

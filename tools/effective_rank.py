@@ -12,7 +12,6 @@ its weights, as the export writes it, and the output says so. Exit codes: 0 ok, 
 """
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -27,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the numbers as JSON")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from megatron_apex.analysis.checkpoint_io import check_output_file
+    from megatron_apex.analysis.checkpoint_io import check_output_file, write_json
     from megatron_apex.analysis.effective_rank import checkpoint_effective_ranks, format_table, shape_differences
     from megatron_apex.training.checkpoint import CheckpointError
 
@@ -49,8 +48,7 @@ def main(argv=None) -> int:
     print(format_table(first, second))
     if args.json:
         try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump({"checkpoint": first, "compare": second}, f, indent=1, default=str)
+            write_json(args.json, {"checkpoint": first, "compare": second})
         except OSError as exc:  # e.g. no permission to write there; the error names the file
             print(f"effective_rank: {exc}", file=sys.stderr)
             return 2

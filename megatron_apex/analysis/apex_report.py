@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megatron_apex.analysis.checkpoint_io import global_votes, load_apex_states
+from megatron_apex.analysis.checkpoint_io import atomic_output, global_votes, load_apex_states
 
 KINDS = (("attn", "attention units (query groups)"), ("ffn", "FFN channels"))
 SCORE_LABELS = {"rank": "votes", "norm": "summed norm", "ema": "EMA of norm"}
@@ -83,6 +83,9 @@ def render(data: dict, output: str, title: Optional[str] = None) -> str:
     fig.suptitle(title or f"APEX scores at step {data['step']} ({state}, boundaries {data['boundaries']})",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_output(output) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")  # a PNG whatever the name ends with
+    finally:
+        plt.close(fig)
     return output

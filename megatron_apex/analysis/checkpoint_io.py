@@ -7,6 +7,8 @@ from the command line), and leaves an existing one alone (inside a training job 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 
@@ -45,6 +47,27 @@ def check_output_file(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: the directory {parent} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path}: is a directory")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Yield a temporary path beside ``path``, renamed to ``path`` when the block succeeds and removed
+    when it fails: an interrupted or failed write (disk full, file size limit) leaves the previous file,
+    not a truncated one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON into ``path``, atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")
 
 
 def load_common(path: str) -> dict:
