@@ -16,6 +16,20 @@ import torch
 
 
 # ---------------------------------------------------------------------- multi-process workers
+def _start_run(config_path: str, overrides: list):
+    """(config, parallel context) of one of several runs in this rank: the layout may change between
+    runs, so megatron-core's parallel state is torn down first."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_apex.config import load_config
+    from megatron_apex.distributed import initialize_distributed
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    cfg = load_config(config_path, overrides)
+    return cfg, initialize_distributed(cfg)
+
+
 def train_many(config_path: str, runs: list) -> list:
     """Train each override list in turn in this rank; losses per run.
 
@@ -23,18 +37,11 @@ def train_many(config_path: str, runs: list) -> list:
     data from scratch, so runs do not influence each other (the weights come from per-name
     generators, the data order from the global sample index).
     """
-    from megatron.core import parallel_state as ps
-
-    from megatron_apex.config import load_config
-    from megatron_apex.distributed import initialize_distributed
     from megatron_apex.training.trainer import Trainer
 
     out = []
     for overrides in runs:
-        if ps.model_parallel_is_initialized():  # the layout may change between runs
-            ps.destroy_model_parallel()
-        cfg = load_config(config_path, overrides)
-        ctx = initialize_distributed(cfg)
+        cfg, ctx = _start_run(config_path, overrides)
         result = Trainer(cfg, ctx).setup().train()
         out.append({"losses": dict(result.losses), "valid": dict(result.valid), "step": result.step,
                     "exit": result.exit_reason, "rank": ctx.rank})
@@ -64,19 +71,12 @@ def train_many_with_optimizer_state(config_path: str, runs: list) -> list:
     loaded, for a resumed run) and after training; a run whose setup refuses its checkpoint reports
     the CheckpointError's message under "refused" instead. The state comes back as numpy arrays (tensors
     would go through shared memory that a finished rank's exit takes away)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_apex.config import load_config
-    from megatron_apex.distributed import initialize_distributed
     from megatron_apex.training.checkpoint import CheckpointError
     from megatron_apex.training.trainer import Trainer
 
     out = []
     for overrides in runs:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        cfg = load_config(config_path, overrides)
-        ctx = initialize_distributed(cfg)
+        cfg, ctx = _start_run(config_path, overrides)
         try:
             trainer = Trainer(cfg, ctx).setup()
         except CheckpointError as exc:
@@ -110,19 +110,13 @@ def gathered_initial_weights(config_path: str, runs: list) -> list:
     stages each report their own layers under global layer numbers.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from megatron_apex.config import load_config
-    from megatron_apex.distributed import initialize_distributed
     from megatron_apex.model.init import _global_name, _layer_offset, initialize_weights
     from megatron_apex.model.llama import build_model, build_transformer_config
 
     results = []
     for overrides in runs:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        cfg = load_config(config_path, overrides)
-        ctx = initialize_distributed(cfg)
+        cfg, ctx = _start_run(config_path, overrides)
         tconfig = build_transformer_config(cfg, torch.float32, use_cpu=True)
         model = build_model(cfg, tconfig, cfg.padded_vocab_size(), ctx.is_first_stage, ctx.is_last_stage)
         initialize_weights(model, cfg, ctx.tp_rank, ctx.tp_size)
