@@ -208,9 +208,9 @@ def _init_distributed_optimizer_state(optimizer) -> None:
     created here (as the optimizer's own ``init_state_fn`` does for the moments, plus the step), for
     the loaded values to be copied into; nothing is stepped, so the weights are untouched. Fused Adams
     keep their step per group and allocate their state themselves: left alone."""
-    for dist_opt in _distributed_optimizers(optimizer):
+    for dist_opt in _torch_adam_optimizers(optimizer):
         inner = dist_opt.optimizer
-        if not _torch_adam(dist_opt) or len(inner.state) > 0:
+        if len(inner.state) > 0:
             continue
         for group in inner.param_groups:
             for p in group["params"]:
@@ -220,8 +220,11 @@ def _init_distributed_optimizer_state(optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _torch_adam(dist_opt) -> bool:
-    return isinstance(dist_opt.optimizer, torch.optim.Adam | torch.optim.AdamW)
+def _torch_adam_optimizers(optimizer) -> list:
+    """The distributed optimizers whose inner optimizer is torch's Adam (no Transformer Engine or NVIDIA
+    apex): those whose checkpoint loads need the workarounds here."""
+    adams = (torch.optim.Adam, torch.optim.AdamW)
+    return [o for o in _distributed_optimizers(optimizer) if isinstance(o.optimizer, adams)]
 
 
 def _load_optimizer_state(optimizer, state) -> None:
@@ -230,17 +233,21 @@ def _load_optimizer_state(optimizer, state) -> None:
     of the optimizer from the loaded tensors, "step" included, but the loaded tensors have no "step"
     (it is saved with the parameter groups), a KeyError. So the parameter groups (and the step) are
     loaded first, then the parameter state with the per-parameter steps set aside."""
-    dist_opts = _distributed_optimizers(optimizer)
+    torch_adams = _torch_adam_optimizers(optimizer)
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     states = [state] if len(chained) == 1 else [v for _, v in sorted(state.items())]
-    if not any(opt in dist_opts and _torch_adam(opt) and st.get("param_state_sharding_type") == "fully_reshardable"
-               for opt, st in zip(chained, states)):
+
+    def split_load(opt, st) -> bool:
+        return opt in torch_adams and st.get("param_state_sharding_type") == "fully_reshardable"
+
+    if not any(split_load(opt, st) for opt, st in zip(chained, states)):
         optimizer.load_state_dict(state)
         return
     if len(chained) != len(states):
-        raise CheckpointError(f"the checkpoint holds the state of {len(states)} optimizers, this run has {len(chained)}")
+        raise CheckpointError(f"the checkpoint holds the state of {len(states)} optimizers, this run has "
+                              f"{len(chained)}")
     for opt, st in zip(chained, states):
-        if not (opt in dist_opts and _torch_adam(opt) and st.get("param_state_sharding_type") == "fully_reshardable"):
+        if not split_load(opt, st):
             opt.load_state_dict(st)
             continue
         param_state = st["param_state"]
@@ -265,10 +272,8 @@ def _restore_adam_steps(optimizer) -> None:
     that copy puts the step back to 0, and Adam's bias correction restarts. And torch's Adam
     increments each parameter's step in place, so one tensor shared by all of them would advance by
     the number of parameters at every step. The group's step is the loaded one: set again here."""
-    for dist_opt in _distributed_optimizers(optimizer):
+    for dist_opt in _torch_adam_optimizers(optimizer):
         inner = dist_opt.optimizer
-        if not _torch_adam(dist_opt):
-            continue
         for group in inner.param_groups:
             if "step" not in group:
                 continue
@@ -583,8 +588,9 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     if load_optimizer and not common.get("has_optimizer", True):
         raise CheckpointError(f"{path} holds weights only (no optimizer state), so a run cannot resume from it; "
                               "start from it with checkpoint.finetune_from instead")
-    saved_dtype, current_dtype = _saved_params_dtype(common), _params_dtype(model)
-    if load_optimizer and saved_dtype is not None and saved_dtype != current_dtype:
+    saved_dtype = _saved_params_dtype(common) if load_optimizer else None
+    current_dtype = _params_dtype(model)
+    if saved_dtype is not None and saved_dtype != current_dtype:
         raise CheckpointError(f"{path} was saved by a {saved_dtype} run and this run is {current_dtype} "
                               "(train.precision): the optimizer state of one does not load into the other. Resume "
                               f"with train.precision={'bf16' if saved_dtype == 'bfloat16' else 'fp32'}, or load the "
