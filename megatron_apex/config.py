@@ -86,6 +86,10 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = doc(
         128, "Pad the vocabulary to a multiple of this (and of the TP degree).")
     rotary_base: float = doc(10000.0, "RoPE theta.")
+    rope_scaling_factor: Optional[float] = doc(
+        None, "Llama-3.x RoPE frequency scaling (Hugging Face rope_type 'llama3'): the factor, 8 for Llama-3.1 and "
+        "32 for Llama-3.2; low and high frequency factors 1 and 4 over an original context of 8192 (megatron-core's "
+        "fixed values, those of every Llama-3.x release). None: plain RoPE.")
     norm_epsilon: float = doc(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc(False, "Share the input embedding and the output layer weights.")
     init_method_std: float = doc(0.02, "Standard deviation of the normal weight initialisation.")
@@ -342,6 +346,9 @@ class Config:
         }
         for name, value in non_negative.items():
             _check(value >= 0, name, value, "must be >= 0")
+        if m.rope_scaling_factor is not None:
+            _check(m.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", m.rope_scaling_factor,
+                   "must be >= 1 (the factor the low frequencies are divided by), or null for plain RoPE")
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         _check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups", m.num_query_groups,
                f"must divide model.num_attention_heads={m.num_attention_heads}")

@@ -63,6 +63,8 @@ def test_base_config_is_valid():
      "num_attention_heads=4"),
     # a positive field given 0
     (["model.num_layers=0"], None, "model.num_layers=0", "positive"),
+    # a Llama-3.x RoPE scaling factor below 1 (it divides the low frequencies)
+    (["model.rope_scaling_factor=0.5"], None, "model.rope_scaling_factor=0.5", "must be >= 1"),
     # APEX ratio outside (0, 0.5]
     (["apex.enabled=true", "apex.ratio=0.75"], None, "apex.ratio=0.75", "(0, 0.5]"),
     (["apex.enabled=true", "apex.ratio=0"], None, "apex.ratio=0.0", "(0, 0.5]"),

@@ -24,7 +24,9 @@ ATOL = 1e-4
 VOCAB = 1000
 
 
-def make_hf(path, kv_heads=2, tie=False, layers=2, shard=None, bin_format=False, **extra):
+def make_hf(path, kv_heads=2, tie=False, layers=2, shard=None, bin_format=False, qk_scale=1.0, **extra):
+    """``qk_scale`` multiplies the query and key projections: sharper attention, whose logits then depend
+    visibly on the RoPE frequencies even at 128 positions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -36,6 +38,8 @@ def make_hf(path, kv_heads=2, tie=False, layers=2, shard=None, bin_format=False,
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(qk_scale)
     kwargs = {"max_shard_size": shard} if shard else {}
     if bin_format:
         os.makedirs(path, exist_ok=True)
@@ -109,6 +113,27 @@ def test_config_mapping_roundtrip():
     v5 = dict(hf, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     del v5["rope_theta"]
     assert M.hf_config_to_model_config(v5).rotary_base == 500000.0
+    assert M.hf_config_to_model_config(v5).rope_scaling_factor is None
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def test_llama3_rope_scaling_maps_both_ways():
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+          "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+          "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+          "rope_scaling": LLAMA3_ROPE, "tie_word_embeddings": False, "hidden_act": "silu"}
+    m = M.hf_config_to_model_config(hf)
+    assert (m.rotary_base, m.rope_scaling_factor, m.max_position_embeddings) == (500000.0, 8.0, 131072)
+    back = M.model_config_to_hf_config(m, 128256, torch.bfloat16, {})
+    assert back["rope_scaling"] == LLAMA3_ROPE and back["rope_theta"] == 500000.0
+    # transformers v5 writes the same under rope_parameters, with the theta inside
+    v5 = dict(hf, rope_parameters={**LLAMA3_ROPE, "factor": 32.0, "rope_theta": 500000.0})
+    del v5["rope_scaling"], v5["rope_theta"]
+    assert (M.hf_config_to_model_config(v5).rope_scaling_factor, M.hf_config_to_model_config(v5).rotary_base) == (
+        32.0, 500000.0)
 
 
 # ---------------------------------------------------------------------- round trips and parity
@@ -117,6 +142,8 @@ CASES = {
     "gqa-tied": dict(kv_heads=2, tie=True),
     "gqa-untied-sharded": dict(kv_heads=2, tie=False, shard="60KB"),
     "gqa-bin": dict(kv_heads=2, tie=False, bin_format=True),
+    "gqa-llama3-rope": dict(kv_heads=2, tie=False, qk_scale=30.0,
+                            rope_parameters={**LLAMA3_ROPE, "rope_theta": 10000.0}),
 }
 SLOW_CASES = {"gqa-bin"}
 
@@ -130,7 +157,8 @@ def test_import_export_roundtrip_and_logits(tmp_path, case):
     src = make_hf(tmp_path / "hf", **CASES[case])
     result = import_hf_checkpoint(src, str(tmp_path / "ckpt"), progress=False)
     assert result.padded_vocab_size == 1024
-    parity = compare_checkpoint_with_hf(str(tmp_path / "ckpt"), src, num_sequences=2, seq_length=32)
+    seq = 128 if "rope" in case else 32  # scaled RoPE: the low frequencies need the longest sequences to show
+    parity = compare_checkpoint_with_hf(str(tmp_path / "ckpt"), src, num_sequences=2, seq_length=seq)
     assert parity.max_abs_diff < ATOL and parity.kl < 1e-8, parity
     shard = "40KB" if case.endswith("sharded") else "5GB"
     out = export_hf_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), shard_size=shard, progress=False)
@@ -151,6 +179,11 @@ def test_import_export_roundtrip_and_logits(tmp_path, case):
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
                 "bos_token_id", "eos_token_id", "hidden_act", "rope_parameters"):
         assert getattr(c1, key) == getattr(c2, key), key
+    if "rope" in case:
+        # The parity above is not vacuous: the same weights read as plain RoPE give other logits.
+        rewrite_config(src, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        plain = compare_checkpoint_with_hf(str(tmp_path / "ckpt"), src, num_sequences=2, seq_length=seq)
+        assert plain.max_abs_diff > 100 * ATOL, plain
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +304,12 @@ def test_impossible_layout(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling type 'llama3' is not supported"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 4096}},
+     r"llama3 rope_scaling with original_max_position_embeddings=4096: only low_freq_factor=1.0, "
+     r"high_freq_factor=4.0, original_max_position_embeddings=8192"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"llama3 rope_scaling with low_freq_factor=None"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "factor": 0.5}}, "llama3 scaling needs a factor >= 1"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic' is not supported"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_scaling type 'linear' is not supported"),
     ({"attention_bias": True}, "attention_bias=true: biases are not supported"),

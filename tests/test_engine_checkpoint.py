@@ -143,15 +143,16 @@ def test_checkpoint_of_another_rope_theta_or_norm_epsilon_is_refused(tiny_config
     from megatron_apex.config import load_config
 
     overrides = _overrides(tiny_data, **{"checkpoint.load": uninterrupted["root"], "model.rotary_base": 500000.0,
-                                         "model.norm_epsilon": 1e-6})
+                                         "model.norm_epsilon": 1e-6, "model.rope_scaling_factor": 8})
     with pytest.raises(ckpt.CheckpointError, match=r"rotary_base: checkpoint 10000.0 vs config 500000.0.*"
-                                                   r"norm_epsilon: checkpoint 1e-05 vs config 1e-06"):
+                                                   r"norm_epsilon: checkpoint 1e-05 vs config 1e-06.*"
+                                                   r"rope_scaling_factor: checkpoint None vs config 8.0"):
         trainer_in_process(tiny_config, overrides)
     path = ckpt.resolve_checkpoint_dir(uninterrupted["root"])
     common = ckpt.read_common(path)
     padded = common["model_signature"]["padded_vocab_size"]
     older = {**common, "model_signature": {k: v for k, v in common["model_signature"].items()
-                                           if k not in ("rotary_base", "norm_epsilon")}}
+                                           if k not in ("rotary_base", "norm_epsilon", "rope_scaling_factor")}}
     ckpt.check_compatible(older, load_config(tiny_config, _overrides(tiny_data)), padded, path)
     with pytest.raises(ckpt.CheckpointError, match="rotary_base"):
         ckpt.check_compatible(older, load_config(tiny_config, overrides), padded, path)

@@ -152,15 +152,49 @@ def hf_rope_theta(hf: dict) -> float:
     return hf_number(hf if "rope_theta" in hf else (hf.get("rope_parameters") or {}), "rope_theta", float, 10000.0)
 
 
+def hf_rope_parameters(hf: dict) -> dict:
+    """The RoPE scaling parameters: ``rope_scaling`` (v4) or ``rope_parameters`` (v5); {} for none."""
+    return hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+
+
 def hf_rope_type(hf: dict) -> Optional[str]:
     """The RoPE scaling type, or None for plain RoPE ('default' in transformers v5)."""
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        return None if kind == "default" else kind
-    params = hf.get("rope_parameters") or {}
+    params = hf_rope_parameters(hf)
     kind = params.get("rope_type", params.get("type", "default"))
     return None if kind in ("default", None) else kind
+
+
+# Llama-3.x scaling as megatron-core computes it: only the factor is a parameter there.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def hf_rope_scaling_factor(hf: dict) -> Optional[float]:
+    """The Llama-3.x RoPE scaling factor (None for plain RoPE); other scalings, and Llama-3.x scaling
+    with parameters megatron-core does not reproduce, are refused."""
+    rope = hf_rope_type(hf)
+    if rope is None:
+        return None
+    if rope != "llama3":
+        raise UnsupportedModelError(f"rope_scaling type {rope!r} is not supported (plain RoPE and 'llama3' are); "
+                                    "converting would silently change the model at long context")
+    params = hf_rope_parameters(hf)
+    factor = hf_number(params, "factor", float)
+    if factor < 1.0:
+        raise UnsupportedModelError(f"rope_scaling factor {factor}: llama3 scaling needs a factor >= 1")
+    other = {k: params.get(k) for k, v in LLAMA3_FIXED.items() if params.get(k) is None or float(params[k]) != v}
+    if other:
+        found = ", ".join(f"{k}={v!r}" for k, v in other.items())
+        expected = ", ".join(f"{k}={v}" for k, v in LLAMA3_FIXED.items())
+        raise UnsupportedModelError(f"llama3 rope_scaling with {found}: only {expected} (every Llama-3.x release) "
+                                    "is supported, megatron-core's RoPE scaling fixes them")
+    return factor
+
+
+def hf_rope_scaling(factor: Optional[float]) -> Optional[dict]:
+    """The config.json ``rope_scaling`` of a model with the given Llama-3.x factor (None: plain RoPE)."""
+    if factor is None:
+        return None
+    return {"rope_type": "llama3", "factor": float(factor), **{k: v for k, v in LLAMA3_FIXED.items()}}
 
 
 def hf_dtype(hf: dict) -> Optional[torch.dtype]:
@@ -182,10 +216,7 @@ def check_hf_config(hf: dict, allow_sliding_window: bool = False) -> list:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise UnsupportedModelError(f"{key}=true: biases are not supported (the model has add_bias_linear=False)")
-    rope = hf_rope_type(hf)
-    if rope is not None:
-        raise UnsupportedModelError(f"rope_scaling type {rope!r} is not supported (only plain RoPE); converting "
-                                    "would silently change the model at long context")
+    hf_rope_scaling_factor(hf)
     theta = hf_rope_theta(hf)
     if theta != int(theta):
         raise UnsupportedModelError(f"rope_theta={theta} is not an integer; megatron-core's rotary_base is an int")
@@ -220,6 +251,7 @@ def hf_config_to_model_config(hf: dict, allow_sliding_window: bool = False) -> M
         max_position_embeddings=hf_number(hf, "max_position_embeddings", int, 2048),
         vocab_size=hf_number(hf, "vocab_size"),
         rotary_base=hf_rope_theta(hf),
+        rope_scaling_factor=hf_rope_scaling_factor(hf),
         norm_epsilon=hf_number(hf, "rms_norm_eps", float, 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_method_std=hf_number(hf, "initializer_range", float, 0.02),
@@ -249,7 +281,7 @@ def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtyp
         "hidden_act": "silu",
         "rms_norm_eps": m.norm_epsilon,
         "rope_theta": float(m.rotary_base),
-        "rope_scaling": None,
+        "rope_scaling": hf_rope_scaling(m.rope_scaling_factor),
         "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,

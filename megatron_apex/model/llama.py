@@ -116,6 +116,8 @@ def build_model(cfg: Config, transformer_config: TransformerConfig, padded_vocab
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(cfg.model.rotary_base),
+        rope_scaling=cfg.model.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.model.rope_scaling_factor or 8.0,  # the second is read only with the first
     )
     return model
 

@@ -43,7 +43,8 @@ SAVING_PREFIX = "saving."      # a save in progress (or interrupted): never read
 REPLACED_PREFIX = "replaced."  # an earlier save of the same step, moved aside while the new one moves in
 FORMAT_VERSION = 1
 SIGNATURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups",
-                    "head_dim", "tie_embeddings", "rotary_base", "norm_epsilon")
+                    "head_dim", "tie_embeddings", "rotary_base", "norm_epsilon",
+                    "rope_scaling_factor")
 
 
 class CheckpointError(RuntimeError):
