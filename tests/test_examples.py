@@ -30,6 +30,11 @@ RECIPES = {
         "layout: world=32 = TP 2 x PP 2 x CP 1 x DP 8 (sequence parallel)",
         "batch: micro 1 x 32 micro-batches x DP 8 = global 256 sequences of 4096 tokens",
         "run: 19074 steps = 20.001B tokens"]),
+    "llama31_8b_apex_cpt/config.yaml": (32, PLAN, [
+        "layout: world=32 = TP 2 x PP 1 x CP 1 x DP 16 (sequence parallel)",
+        "batch: micro 1 x 8 micro-batches x DP 16 = global 128 sequences of 8192 tokens",
+        "run: 9537 steps = 10.000B tokens",
+        "attention units k=2 of 8 in 2 partitions"]),
 }
 
 
