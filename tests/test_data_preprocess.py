@@ -100,13 +100,13 @@ def _sidecar(prefix):
         return json.load(handle)
 
 
-@pytest.mark.parametrize("append_eod", [False, True])
-def test_round_trip_both_tokenizers(tmp_path, tokenizer_spec, megatron_reader, append_eod):
+@pytest.mark.parametrize("append_eod,prepend_bos", [(False, False), (True, False), (True, True)])
+def test_round_trip_both_tokenizers(tmp_path, tokenizer_spec, megatron_reader, append_eod, prepend_bos):
     kind, path = tokenizer_spec
     texts = _corpus_texts(50)
     _write_jsonl(tmp_path / "in.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
     out = preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), kind, path,
-                           append_eod=append_eod, progress="none")
+                           append_eod=append_eod, progress="none", prepend_bos=prepend_bos)
     prefix = str(tmp_path / "out_text_document")
     tok = load_tokenizer(kind, path)
     docs = megatron_reader(prefix)
@@ -117,13 +117,16 @@ def test_round_trip_both_tokenizers(tmp_path, tokenizer_spec, megatron_reader, a
         if append_eod:
             assert ids[-1] == tok.eod_id
             ids = ids[:-1]
+        if prepend_bos:
+            assert tok.bos_id is not None and ids[0] == tok.bos_id
+            ids = ids[1:]
         assert tok.decode(ids.tolist()) == text
         assert ids.tolist() == tok.encode(text)
-        total += len(ids) + (1 if append_eod else 0)
+        total += len(ids) + append_eod + prepend_bos
     side = _sidecar(prefix)
     assert side == out["text"]
     assert side["documents"] == len(texts) and side["tokens"] == total
-    assert side["skipped_total"] == 0 and side["append_eod"] is append_eod
+    assert side["skipped_total"] == 0 and side["append_eod"] is append_eod and side["prepend_bos"] is prepend_bos
     assert side["tokenizer"]["kind"] == kind and side["tokenizer"]["vocab_size"] == tok.vocab_size
     assert side["tokenizer"]["sha256"] == hashlib.sha256(open(tok.path, "rb").read()).hexdigest()
 
@@ -176,6 +179,31 @@ def test_workers2_huggingface_and_progress_bar(tmp_path, hf_tokenizer, megatron_
     assert outputs[0] == outputs[1]
     tok = load_tokenizer("huggingface", hf_tokenizer)
     assert [tok.decode(d.tolist()) for d in megatron_reader(str(tmp_path / "w2_text_document"))] == texts
+
+
+def test_prepend_bos_from_the_command_line_and_a_tokenizer_without_one(tmp_path, hf_tokenizer, megatron_reader):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = _corpus_texts(40)
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    result = _run_cli("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "b", "--tokenizer-model",
+                      hf_tokenizer, "--workers", 2, "--block-size-mb", 0.001, "--prepend-bos", "--append-eod")
+    assert result.returncode == 0, result.stderr
+    tok = load_tokenizer("huggingface", hf_tokenizer)
+    docs = megatron_reader(str(tmp_path / "b_text_document"))
+    assert [(d[0], d[-1]) for d in docs] == [(tok.bos_id, tok.eod_id)] * len(texts)
+    assert [tok.decode(d[1:-1].tolist()) for d in docs] == texts
+    # a tokenizer with an end-of-document token only: refused before anything is written
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                                 show_progress=False))
+    plain.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(PreprocessError, match=r"prepend_bos \(--prepend-bos\): the tokenizer .*tokenizer.json has "
+                                              r"no beginning-of-document token"):
+        preprocess_jsonl([str(tmp_path / "in.jsonl")], str(tmp_path / "n"), "huggingface",
+                         str(tmp_path / "tokenizer.json"), prepend_bos=True, progress="none")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("n")]
 
 
 def test_multiple_keys_and_dedup(tmp_path, hf_tokenizer, megatron_reader):

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--output-prefix", help="outputs are {prefix}_{key}_document.{bin,idx,json} (merge: {prefix}.{bin,idx})")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
+    group.add_argument("--prepend-bos", action="store_true",
+                       help="start each document with the tokenizer's beginning-of-document token (Llama-3 style)")
     group.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (per key)")
     group.add_argument("--max-bad-fraction", type=float, default=0.01,
                        help="fail if more than this share of records is unusable (default 0.01)")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
             args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers, dedup=args.dedup,
             max_bad_fraction=args.max_bad_fraction, log_interval=args.log_interval,
-            progress="none" if args.quiet else args.progress, block_bytes=block_bytes,
+            progress="none" if args.quiet else args.progress, block_bytes=block_bytes, prepend_bos=args.prepend_bos,
         )
         return 0
     except (PreprocessError, TokenizerError, FileNotFoundError, ValueError) as exc:

@@ -159,6 +159,8 @@ def _process_block(task: tuple) -> dict:
 
     dtype = np.dtype(_STATE["dtype"])
     eod = np.array([tokenizer.eod_id], dtype=np.int32)
+    bos = np.array([tokenizer.bos_id if tokenizer.bos_id is not None else -1], dtype=np.int32)
+    prepend, append = int(_STATE["prepend_bos"]), int(_STATE["append_eod"])
     out = {}
     for key in keys:
         arrays, kept_lines = _encode_checked(
@@ -177,11 +179,13 @@ def _process_block(task: tuple) -> dict:
             kept_lines = [kept_lines[i] for i in keep]
             kept_texts = [kept_texts[i] for i in keep]
         lengths = np.fromiter(map(len, arrays), dtype=np.int32, count=len(arrays))
-        if _STATE["append_eod"] and arrays:
-            lengths += 1
-            parts = [None] * (2 * len(arrays))
-            parts[0::2] = arrays
-            parts[1::2] = [eod] * len(arrays)
+        if (prepend or append) and arrays:  # [bos] doc [eod] for every document
+            per = 1 + prepend + append
+            lengths += per - 1
+            parts = [bos] * (per * len(arrays))
+            parts[prepend::per] = arrays
+            if append:
+                parts[prepend + 1::per] = [eod] * len(arrays)
             arrays = parts
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         bad = np.flatnonzero((tokens < 0) | (tokens > np.iinfo(dtype).max)) if dtype.itemsize < 4 else ()
@@ -330,12 +334,15 @@ def preprocess_jsonl(
     log_interval: int = 100000,
     progress: str = "auto",
     block_bytes: int = 4 << 20,
+    prepend_bos: bool = False,
 ) -> dict:
     """Tokenize JSONL ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx,json}`` per key.
 
     ``inputs``: files (plain, ``.gz``, ``.zst``, ``.bz2``, ``.xz``) and/or directories of them. ``dedup`` drops exact
     duplicate documents per key (keeps a 16-byte hash per unique document in memory, hence off by
-    default). ``progress``: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
+    default). ``prepend_bos`` starts every document with the tokenizer's beginning-of-document token (as
+    Llama-3 was trained; a tokenizer without one is refused), ``append_eod`` ends it with the
+    end-of-document token. ``progress``: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
 
     Raises :class:`PreprocessError` before any work for missing inputs, an unloadable tokenizer or
     an unwritable output location, and later (publishing nothing) for a corrupt or truncated
@@ -354,13 +361,17 @@ def preprocess_jsonl(
         tokenizer = load_tokenizer(tokenizer_kind, tokenizer_path)
     except TokenizerError as exc:
         raise PreprocessError(str(exc)) from exc
+    if prepend_bos and tokenizer.bos_id is None:
+        raise PreprocessError(f"prepend_bos (--prepend-bos): the tokenizer {tokenizer.path} has no "
+                              "beginning-of-document token")
     _check_output_location(output_prefix)
     identity = tokenizer.identity()
     dtype = optimal_dtype(tokenizer.vocab_size)
     sizes = [os.path.getsize(p) for p in files]
     total_bytes = sum(sizes)
     config = {
-        "json_keys": json_keys, "append_eod": bool(append_eod), "dedup": bool(dedup), "dtype": dtype.str,
+        "json_keys": json_keys, "append_eod": bool(append_eod), "prepend_bos": bool(prepend_bos), "dedup": bool(dedup),
+        "dtype": dtype.str,
         "tokenizer_kind": tokenizer.kind, "tokenizer_path": tokenizer.path, "num_threads_one": False,
     }
     logger.info(
@@ -439,6 +450,7 @@ def preprocess_jsonl(
                 "bad_fraction": round(fraction, 6),
                 "bad_examples": [e for e in examples if e["key"] in (None, key)][:_MAX_EXAMPLES],
                 "append_eod": bool(append_eod),
+                "prepend_bos": bool(prepend_bos),
                 "dedup": bool(dedup),
                 "inputs": [{"path": os.path.abspath(p), "bytes": s} for p, s in zip(files, sizes)],
                 "tokenizer": identity,
