@@ -231,6 +231,19 @@ def test_ffn_statistic_from_megatron_silu_equals_recomputed(tiny_data, tiny_conf
     assert [b["layers"] for b in own["record"]] == [b["layers"] for b in hook["record"]]
 
 
+def test_initial_scoring_may_read_more_samples_than_the_run_trains_on(tiny_config, tmp_path):
+    """apex.init_scoring_samples beyond one epoch of a small training set (instruction tuning): the training
+    set is built to hold the scoring pass as well (it used to end after the run's own 16 samples' epoch,
+    and the pass failed with an IndexError in megatron-core's dataset)."""
+    from helpers import make_indexed_dataset
+
+    small = make_indexed_dataset(str(tmp_path / "small_text_document"), n_docs=12)  # about 20 samples
+    over = _over(small, **{"apex.boundaries": "[0, 1]", "train.train_steps": 2, "apex.init_scoring_samples": 60})
+    (r,) = run_distributed(apex_train_worker, 1, tiny_config, over)
+    assert r["finished"] and [b["step"] for b in r["record"]] == [0, 1]
+    assert all(loss == loss for loss in r["losses"].values())
+
+
 def test_skipped_step_casts_no_votes(tiny_data, tiny_config):
     """With train.nan_policy=skip a step with NaN activations is dropped, and so are its votes: the
     boundary selects on the other steps' (finite) statistics instead of failing on NaN."""

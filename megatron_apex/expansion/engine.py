@@ -388,13 +388,19 @@ class ApexCallback(Callback):
             s["attn"].clear()
             s["ffn"].clear()
 
+    def samples_read(self, trainer) -> int:
+        """The initial scoring pass reads the first ``apex.init_scoring_samples`` (rounded up to whole global
+        batches) of the training set, which may be more than the run trains on. Counted whether or not the
+        pass is still to come, so that a resume builds the training set the same size."""
+        gbs = self.cfg.train.global_batch_size
+        return -(-self.a.init_scoring_samples // gbs) * gbs
+
     def _initial_scoring(self, trainer) -> None:
         """No-grad passes over the first ``apex.init_scoring_samples`` training samples."""
         from megatron_apex.data.datasets import build_loader
 
-        samples = self.a.init_scoring_samples
         gbs = self.cfg.train.global_batch_size
-        steps = -(-samples // gbs)
+        steps = self.samples_read(trainer) // gbs
         if steps == 0:
             return
         ctx = trainer.ctx

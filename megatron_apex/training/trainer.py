@@ -61,6 +61,11 @@ class Callback:
     def on_evaluate(self, trainer: "Trainer", begin: bool) -> None:
         """Around forward-only validation passes (``begin`` True before, False after)."""
 
+    def samples_read(self, trainer: "Trainer") -> int:
+        """Training samples this callback reads from the start of the training set besides the steps' own
+        (the training set is built to hold them)."""
+        return 0
+
     def stop_requested(self, trainer: "Trainer") -> Optional[str]:
         """A reason to save and stop after this step, or None (reduced over all ranks)."""
         return None
@@ -148,8 +153,10 @@ class Trainer:
         t = cfg.train
         self.num_micro = cfg.num_micro_batches(ctx.world_size)
         # The sampler reads global sample indices from consumed_samples on; the dataset must reach past
-        # the last step's samples (its size can change the order across epochs, see _check_data_order).
-        self.train_samples = self.consumed_samples + max(t.train_steps - self.step, 0) * t.global_batch_size
+        # the last step's samples and past those a callback reads (its size can change the order across
+        # epochs, see _check_data_order).
+        self.train_samples = max(self.consumed_samples + max(t.train_steps - self.step, 0) * t.global_batch_size,
+                                 *(cb.samples_read(self) for cb in self.callbacks))
         if common is not None:
             self._check_data_order(common)
         total_valid = t.eval_steps * t.global_batch_size
