@@ -134,6 +134,19 @@ def test_selected_mode_under_tensor_parallelism(tiny_data, tiny_config, caplog):
     assert two[0]["record"] == two[1]["record"]
 
 
+def test_selected_mode_share_with_tied_embeddings_under_pipeline_parallelism(tiny_data, tiny_config):
+    """With tied embeddings the last pipeline stage holds a copy of the embedding as its output layer;
+    the trainable share counts the matrix once, as at PP=1 (it used to count it twice)."""
+    over = _over(tiny_data, **{"apex.mode": "selected", "apex.boundaries": "[0]", "train.train_steps": 4,
+                               "apex.attn_tuned_ratio": 0.75, "apex.ffn_tuned_ratio": 0.75,
+                               "model.tie_embeddings": True})
+    (one,) = run_distributed(selected_mode_worker, 1, tiny_config, over, timeout=240)
+    two = run_distributed(selected_mode_worker, 2, tiny_config, over + ["parallel.pipeline_model_parallel_size=2"],
+                          timeout=240)
+    assert 0 < one["fraction"] < 1
+    assert [r["fraction"] for r in two] == [pytest.approx(one["fraction"], rel=1e-12)] * 2
+
+
 def test_progressive_halves_k_and_excludes_former_n(tiny_data, tiny_config):
     over = _over(tiny_data, **{"apex.progressive": True, "apex.boundaries": "[0, 2, 4]", "train.train_steps": 6,
                                "apex.lr_scale": 10.0})

@@ -583,12 +583,17 @@ class ApexCallback(Callback):
         layer), the deltas of the tuned units and the operators. The plain model's count is the
         denominator of the share the method reports, so a share above 100 % is possible where nearly
         every unit is tuned (the operators come on top). Tensor-parallel shards are summed over the
-        model-parallel group and replicated parameters (the norms) counted once. A collective over
-        that group: every rank of it must call this.
+        model-parallel group, replicated parameters (the norms) counted once, and the last pipeline
+        stage's copy of tied embeddings not at all. A collective over that group: every rank of it must
+        call this.
         """
+        from megatron.core.transformer.module import param_is_not_shared
+
         ctx = trainer.ctx
 
-        def counted(p) -> int:  # replicated parameters on tensor-parallel rank 0 only
+        def counted(p) -> int:  # replicated parameters on tensor-parallel rank 0 only; shared copies never
+            if not param_is_not_shared(p):
+                return 0
             return p.numel() if ctx.tp_rank == 0 or getattr(p, "tensor_model_parallel", False) else 0
 
         model_params = list(trainer.model.parameters())
