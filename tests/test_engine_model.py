@@ -281,6 +281,22 @@ def test_nan_policy_skip_skips_the_update(world1, tiny_config, tiny_data):
     assert all(torch.isfinite(torch.tensor(result.losses[s])) for s in (3, 4, 5))
 
 
+def test_skipped_step_leaves_the_interval_loss_to_the_other_steps(world1, tiny_config, tiny_data, caplog):
+    """The logged loss of an interval averages the steps that were not skipped and says how many were (a
+    NaN step used to make the whole interval's loss NaN, and TensorBoard dropped it)."""
+    import re
+
+    overrides = tiny_overrides(tiny_data, **{"train.nan_policy": "skip", "train.log_interval": 3})
+    with caplog.at_level("INFO", "megatron_apex"):
+        result = trainer_in_process(tiny_config, overrides, [PoisonOutput([1])]).train()
+    assert result.losses[1] != result.losses[1]  # the poisoned step's loss is NaN
+    line = next(ln for ln in caplog.text.splitlines() if "step 3/6 |" in ln)
+    logged = float(re.search(r"loss (\S+)", line).group(1))
+    assert logged == pytest.approx((result.losses[0] + result.losses[2]) / 2, abs=1e-4), line
+    assert "skipped 1 of 3 steps" in line and "grad norm" in line
+    assert "skipped" not in next(ln for ln in caplog.text.splitlines() if "step 6/6 |" in ln)
+
+
 def test_nan_policy_skip_stops_after_max_skipped_steps(world1, tiny_config, tiny_data):
     overrides = tiny_overrides(tiny_data, **{"train.nan_policy": "skip", "train.max_skipped_steps": 2})
     trainer = trainer_in_process(tiny_config, overrides, [PoisonOutput([1, 2, 3, 4])])

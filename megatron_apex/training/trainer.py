@@ -381,7 +381,7 @@ class Trainer:
         logger.info("training from step %d to %d (%d micro-batches of %d per step per DP rank)",
                     self.step, t.train_steps, self.num_micro, t.micro_batch_size)
         self.throughput.reset()
-        interval_losses = []
+        interval_losses, interval_skipped = [], 0  # a skipped step's loss (maybe NaN) is not averaged
         while self.step < t.train_steps:
             step = self.step
             for cb in self.callbacks:
@@ -391,12 +391,15 @@ class Trainer:
             self.consumed_samples += t.global_batch_size
             self.throughput.step()
             self.result.losses[step] = metrics["loss"]
-            interval_losses.append(metrics["loss"])
+            if metrics.get("skipped"):
+                interval_skipped += 1
+            else:
+                interval_losses.append(metrics["loss"])
             for cb in self.callbacks:
                 cb.on_step_end(self, step, metrics)
             if self.step % t.log_interval == 0 or self.step == t.train_steps:
-                self._log(step, metrics, interval_losses)
-                interval_losses = []
+                self._log(step, metrics, interval_losses, interval_skipped)
+                interval_losses, interval_skipped = [], 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
                 self._validate()
             if metrics["stop"]:
@@ -436,14 +439,19 @@ class Trainer:
             logger.info("validation | step %d | loss %.4f | perplexity %.3f", self.step, loss, ppl)
         self.metrics.write(self.step, {"loss": loss, "perplexity": ppl}, prefix="valid")
 
-    def _log(self, step: int, metrics: dict, interval_losses: list) -> None:
+    def _log(self, step: int, metrics: dict, interval_losses: list, skipped: int = 0) -> None:
+        """One line (and one metrics point) per logging interval: the loss averaged over the interval's
+        steps that were not skipped (NaN when all were), and how many were skipped."""
         perf = self.throughput.report()
-        values = {"loss": sum(interval_losses) / len(interval_losses), "lr": metrics["lr"],
-                  "grad_norm": metrics.get("grad_norm"), **perf}
+        loss = sum(interval_losses) / len(interval_losses) if interval_losses else float("nan")
+        values = {"loss": loss, "lr": metrics["lr"], "grad_norm": metrics.get("grad_norm"),
+                  "skipped_steps": skipped, **perf}
         if self.ctx.is_logging_rank:
             parts = [f"step {step + 1}/{self.cfg.train.train_steps}", f"loss {values['loss']:.4f}",
                      f"lr {values['lr']:.3e}"]
-            if values["grad_norm"] is not None:
+            if skipped:
+                parts.append(f"skipped {skipped} of {skipped + len(interval_losses)} steps")
+            if values["grad_norm"] is not None and not metrics.get("skipped"):
                 parts.append(f"grad norm {values['grad_norm']:.3f}")
             parts.append(f"{perf['tokens_per_s']:.0f} tok/s")
             parts.append(f"{perf['step_time_s'] * 1000:.0f} ms/step")
