@@ -211,6 +211,57 @@ def test_dataset_without_sidecar_passes(tiny_config, tiny_data, tmp_path, caplog
     assert len(train) >= 8 and "no tokenizer recorded" in caplog.text
 
 
+def _tiny_copy(tiny_data, to, sidecar=None):
+    """A copy of the tiny dataset (ids up to 255, no sidecar), with ``sidecar`` written when given."""
+    for ext in (".bin", ".idx"):
+        with open(tiny_data + ext, "rb") as src, open(to + ext, "wb") as dst:
+            dst.write(src.read())
+    if sidecar is not None:
+        with open(to + ".json", "w", encoding="utf-8") as handle:
+            json.dump(sidecar, handle)
+    return to
+
+
+def test_unrecorded_tokenizer_ids_beyond_the_padded_vocabulary_refused(tiny_config, tiny_data, tmp_path, caplog,
+                                                                         capfd):
+    # no sidecar (Megatron-LM's own tool), or a merge of datasets of different tokenizers ("tokenizer": null):
+    # an id >= the padded vocabulary used to crash step 1 inside F.embedding (IndexError / device-side assert)
+    from helpers import tiny_overrides
+
+    bare = _tiny_copy(tiny_data, str(tmp_path / "bare_text_document"))
+    merged = _tiny_copy(tiny_data, str(tmp_path / "merged"), {"tokenizer": None, "merged_from": [{}, {}]})
+    largest = max(int(np.fromfile(bare + ".bin", dtype=np.uint16).max()), 0)
+    assert largest == 255
+    for prefix, why in [(bare, f"no sidecar {bare}.json"),
+                        (merged, f"its sidecar {merged}.json records no single tokenizer: a merge of datasets "
+                                 "made with different tokenizers")]:
+        cfg = load_config(tiny_config, tiny_overrides(prefix, **{"data.data_cache_path": tmp_path / "cache",
+                                                                 "data.split": "100,0,0", "model.vocab_size": 100}))
+        with pytest.raises(ConfigError) as info:
+            _build(cfg, 8)
+        message = str(info.value)
+        assert message.startswith(f"data.data_path: {prefix} holds token id 255, but the padded vocabulary has "
+                                  "128 ids (0..127; model.vocab_size 100)"), message
+        assert why in message
+    # ids beyond the vocabulary but within its padding: a warning, the run goes on
+    cfg = load_config(tiny_config, tiny_overrides(merged, **{"data.data_cache_path": tmp_path / "cache",
+                                                             "data.split": "100,0,0", "model.vocab_size": 200}))
+    with caplog.at_level(logging.INFO):
+        _build(cfg, 8)
+    assert f"{merged}: holds token id 255, beyond the vocabulary of 200" in caplog.text
+    assert f"no sidecar {merged}.json" not in caplog.text
+    # the command line: exit 2 with the one line, before any model is built
+    from megatron_apex.cli import main
+
+    capfd.readouterr()
+    code = main(["train", tiny_config, *tiny_overrides(bare, **{"model.vocab_size": 100,
+                                                                "data.data_cache_path": tmp_path / "cache"}),
+                 "checkpoint.save=null"])
+    err = capfd.readouterr().err
+    assert code == 2 and f"configuration error: data.data_path: {bare} holds token id 255" in err
+    assert "Traceback" not in err
+
+
 # ---------------------------------------------------------------------- finding 12: tokenizer kind
 def test_tokenizer_json_with_the_default_type(tiny_config, word_tok, blend_data, tmp_path):
     cfg = load_config(None, ["data.mock=true", f"data.tokenizer_model={word_tok}"])

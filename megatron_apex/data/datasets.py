@@ -11,8 +11,10 @@ samples whatever the layout.
 :class:`~megatron_apex.config.ConfigError` naming the dataset and the reason: the ``.bin``/``.idx``
 pair must be consistent (:class:`~megatron_apex.data.indexed.IndexedDatasetReader`), the tokenizer
 its sidecar records must be the configured one (vocabulary size and end-of-document id; another
-tokenizer file with the same ones is a warning; datasets without a sidecar pass), and every part
-of the split that is read must hold documents. Index caches are keyed by each dataset's ``.idx``
+tokenizer file with the same ones is a warning), a dataset whose tokenizer is not recorded (no
+sidecar, or a merge of datasets of different tokenizers) must hold no token id beyond the padded
+vocabulary (its ``.bin`` is scanned once: such an id would crash the first step inside the
+embedding), and every part of the split that is read must hold documents. Index caches are keyed by each dataset's ``.idx``
 contents (:class:`FingerprintedGPTDataset`), so re-preprocessing into the same prefix never reuses
 indices built for the old data.
 """
@@ -26,11 +28,13 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
 
 from megatron_apex.config import Config, ConfigError, parse_blend
-from megatron_apex.data.indexed import IndexedDatasetError, IndexedDatasetReader, index_fingerprint, read_sidecar
+from megatron_apex.data.indexed import (IndexedDatasetError, IndexedDatasetReader, index_fingerprint, max_token_id,
+                                        read_sidecar)
 from megatron_apex.data.tokenizers import TokenizerError, file_sha256, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -109,16 +113,17 @@ class _DatasetChecks:
             self.sequences[prefix] = reader.sequence_count
             logger.info("%s: %d documents, %d tokens (%s)", prefix, reader.document_count, reader.token_count,
                         reader.dtype)
+            dtype = reader.dtype
             reader.close()
-            self._check_tokenizer(field, prefix)
+            self._check_tokenizer(field, prefix, dtype)
         self.blends[field] = (prefixes, weights)
         return prefixes, weights
 
-    def _check_tokenizer(self, field: str, prefix: str) -> None:
-        recorded = (read_sidecar(prefix) or {}).get("tokenizer")
+    def _check_tokenizer(self, field: str, prefix: str, dtype: np.dtype) -> None:
+        sidecar = read_sidecar(prefix)
+        recorded = (sidecar or {}).get("tokenizer")
         if not isinstance(recorded, dict):
-            logger.info("%s: no tokenizer recorded (no sidecar %s.json from tools/preprocess_data.py); its token ids "
-                        "are not checked", prefix, prefix)
+            self._check_token_ids(field, prefix, dtype, sidecar)
             return
         tok = self.tokenizer
         made = f"{field}: {prefix} was made with the tokenizer {recorded.get('path')!r}"
@@ -142,6 +147,37 @@ class _DatasetChecks:
                 logger.warning("%s: made with the tokenizer %s (sha256 %s...), not with data.tokenizer_model=%s "
                                "(sha256 %s...): same vocabulary size and end-of-document id, but the ids may stand "
                                "for other pieces", prefix, recorded.get("path"), sha[:12], tok.path, self._sha256[:12])
+
+    def _check_token_ids(self, field: str, prefix: str, dtype: np.dtype, sidecar: Optional[dict]) -> None:
+        """A dataset whose tokenizer is not recorded: its largest id must fit the padded vocabulary, or the
+        first step fails inside the embedding (IndexError on CPU, a device-side assert on GPU) without
+        naming the data. The .bin is scanned once (:func:`max_token_id`), unless its dtype cannot hold an
+        id that large."""
+        if sidecar is None:
+            why = f"no sidecar {prefix}.json from tools/preprocess_data.py"
+        elif sidecar.get("merged_from"):
+            why = (f"its sidecar {prefix}.json records no single tokenizer: a merge of datasets made with "
+                   "different tokenizers")
+        else:
+            why = f"its sidecar {prefix}.json records no tokenizer"
+        padded = self.cfg.padded_vocab_size(self.vocab_size)
+        if dtype.kind in "iu" and np.iinfo(dtype).max < padded:
+            logger.info("%s: no tokenizer recorded (%s); its %s ids all fit the padded vocabulary of %d",
+                        prefix, why, dtype, padded)
+            return
+        largest = max_token_id(prefix)
+        if largest is not None and largest >= padded:
+            raise ConfigError(f"{field}: {prefix} holds token id {largest}, but the padded vocabulary has {padded} "
+                              f"ids (0..{padded - 1}; model.vocab_size {self.vocab_size}): the data was made with "
+                              f"another tokenizer ({why}); preprocess it with the configured tokenizer, or "
+                              "configure the one it was made with")
+        if largest is not None and largest >= self.vocab_size:
+            logger.warning("%s: holds token id %d, beyond the vocabulary of %d (only the padding rows of the "
+                           "embedding hold it): made with another tokenizer? (%s)", prefix, largest, self.vocab_size,
+                           why)
+            return
+        logger.info("%s: no tokenizer recorded (%s); its largest token id, %s, fits the vocabulary of %d", prefix,
+                    why, largest, self.vocab_size)
 
     def require_documents(self, field: str, prefixes: list, parts: dict, split: Optional[str] = None) -> None:
         """Refuse a dataset with no documents in a part that is read: megatron-core would loop
