@@ -436,11 +436,22 @@ def _bin_max(path: str, dtype: str, size: int, mtime_ns: int) -> Optional[int]:
     return largest
 
 
-def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
+def _describe_tokenizer(tokenizer) -> str:
+    if not isinstance(tokenizer, dict):
+        return "no single tokenizer (itself a merge of different tokenizers)"
+    sha = str(tokenizer.get("sha256") or "")[:12]
+    return (f"the tokenizer {tokenizer.get('path')!r} (vocab_size {tokenizer.get('vocab_size')}, eod_id "
+            f"{tokenizer.get('eod_id')}" + (f", sha256 {sha}..." if sha else "") + ")")
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str, allow_mixed_tokenizers: bool = False) -> dict:
     """Concatenate datasets (documents kept in order) into ``output_prefix.{bin,idx}``.
 
     Like Megatron-LM's ``tools/merge_datasets.py`` but streamed and published atomically.
-    Returns counts of the merged dataset.
+    Datasets whose sidecars record different tokenizers are refused (:class:`IndexedDatasetError`,
+    nothing written): their ids stand for different pieces, so the merge is almost always a mistake,
+    and its sidecar could record no tokenizer for training to check. ``allow_mixed_tokenizers``
+    merges them anyway, with ``"tokenizer": null`` in the sidecar. Returns counts of the merged dataset.
     """
     if not prefixes:
         raise ValueError("nothing to merge")
@@ -454,7 +465,17 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
     sidecars = [read_sidecar(p) for p in prefixes]
     tokenizers = {json.dumps(s.get("tokenizer"), sort_keys=True) for s in sidecars if s}
     if len(tokenizers) > 1:
-        logger.warning("merging datasets made with different tokenizers (per their sidecars)")
+        recorded = [(p, s.get("tokenizer")) for p, s in zip(prefixes, sidecars) if s]
+        first = recorded[0]
+        other = next(r for r in recorded if json.dumps(r[1], sort_keys=True) != json.dumps(first[1], sort_keys=True))
+        what = (f"{first[0]} was made with {_describe_tokenizer(first[1])} and {other[0]} with "
+                f"{_describe_tokenizer(other[1])} (per their sidecars)")
+        if not allow_mixed_tokenizers:
+            raise IndexedDatasetError(f"cannot merge datasets made with different tokenizers: {what}; their ids stand "
+                                      "for different pieces. Preprocess them with one tokenizer, or pass "
+                                      "--allow-mixed-tokenizers (the merged sidecar then records no tokenizer)")
+        logger.warning("merging datasets made with different tokenizers (--allow-mixed-tokenizers): %s; the merged "
+                       "sidecar records no tokenizer", what)
     directory = os.path.dirname(os.path.abspath(output_prefix))
     try:
         os.makedirs(directory, exist_ok=True)
