@@ -158,7 +158,22 @@ def test_damaged_or_mismatched_pair_refused_before_training(tiny_config, word_to
         with pytest.raises(ConfigError, match="data.data_path: " + words):
             _build(cfg)
     cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{tmp_path / 'missing'}]")
-    with pytest.raises(ConfigError, match="missing.bin and .*missing.idx missing"):
+    with pytest.raises(ConfigError, match=r"missing.bin and .*missing.idx missing \(give the prefix, without "
+                                          r"\.bin/\.idx\)$"):
+        _build(cfg)
+
+
+def test_output_prefix_instead_of_the_dataset_prefix_names_the_dataset(tiny_config, word_tok, blend_data, tmp_path):
+    # the classic Megatron mistake: data.data_path=[data/train] for data/train_text_document.{bin,idx}
+    dataset = _copy(blend_data[0], str(tmp_path / "train_text_document"))
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{tmp_path / 'train'}]")
+    with pytest.raises(ConfigError) as info:
+        _build(cfg)
+    message = str(info.value)
+    assert message.startswith(f"data.data_path: no indexed dataset at {str(tmp_path / 'train')!r}")
+    assert f"but {dataset}.{{bin,idx}} exists" in message and f"the dataset prefix is {dataset!r}" in message
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{dataset}.bin]")
+    with pytest.raises(ConfigError, match=rf"; {dataset}.{{bin,idx}} exists: the prefix is '{dataset}'"):
         _build(cfg)
 
 

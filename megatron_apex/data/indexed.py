@@ -269,6 +269,25 @@ class IndexedDatasetWriter:
             self.abort()
 
 
+def _prefix_hint(prefix: str) -> str:
+    """What the user probably meant by a prefix with no dataset: the classic mistake is the preprocessing
+    ``--output-prefix`` (which writes ``{output_prefix}_{key}_document``), or a file name with its extension."""
+    def complete(p):
+        return os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")
+
+    found = sorted(p[: -len(".idx")] for p in glob.glob(glob.escape(prefix) + "_*_document.idx")
+                   if complete(p[: -len(".idx")]))
+    if found:
+        return (f"; but {found[0]}.{{bin,idx}} exists" + (f" (and {len(found) - 1} more {prefix}_*_document)"
+                                                           if len(found) > 1 else "")
+                + f": tools/preprocess_data.py writes {{output-prefix}}_{{key}}_document, so the dataset prefix is "
+                f"{found[0]!r}, not the --output-prefix")
+    stem, ext = os.path.splitext(prefix)
+    if ext in (".bin", ".idx") and complete(stem):
+        return f"; {stem}.{{bin,idx}} exists: the prefix is {stem!r}"
+    return ""
+
+
 class IndexedDatasetReader:
     """Minimal memory-mapped reader (no torch import) for merge, inspect, training's start-up check
     and tests.
@@ -291,7 +310,7 @@ class IndexedDatasetReader:
         missing = [p for p in (self.bin_path, self.idx_path) if not os.path.isfile(p)]
         if missing:
             raise IndexedDatasetError(f"no indexed dataset at {prefix!r}: {' and '.join(missing)} missing "
-                                      "(give the prefix, without .bin/.idx)")
+                                      "(give the prefix, without .bin/.idx)" + _prefix_hint(prefix))
         idx_size = os.path.getsize(self.idx_path)
         with open(self.idx_path, "rb") as handle:
             header = handle.read(_HEADER_BYTES)
