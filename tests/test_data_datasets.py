@@ -109,6 +109,22 @@ def test_split_part_without_documents_is_refused(tiny_config, word_tok, blend_da
     _build(cfg, 16, 0)  # without validation the valid part is not read (nor built)
 
 
+def test_dry_run_refuses_a_split_part_without_documents(tiny_config, word_tok, blend_data, capsys):
+    # the dry run passed what the real run then refused (rc 2): it makes the same check
+    from megatron_apex.cli import main
+
+    a, b = blend_data
+    args = ["train", tiny_config, f"data.tokenizer_model={word_tok}", f"data.data_path=[{a}, {b}]",
+            "data.split=99,1,0", "--dry-run"]
+    assert main(args + ["train.eval_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert (f"configuration error: data.data_path: {a} has 40 documents, and data.split='99,1,0' leaves none of "
+            "them for valid") in err
+    assert main(args + ["train.eval_steps=0"]) == 0  # no validation: the valid part is not read
+    assert main(["train", tiny_config, f"data.tokenizer_model={word_tok}", f"data.data_path=[{a}, {b}]",
+                 "data.split=50,50,0", "train.eval_steps=1", "--dry-run"]) == 0
+
+
 # ---------------------------------------------------------------------- finding 2: index cache key
 @pytest.mark.parametrize("sizes", [(12, 45), (45, 12)])
 def test_rewritten_prefix_does_not_reuse_stale_indices(tiny_config, word_tok, tmp_path, sizes):

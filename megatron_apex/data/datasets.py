@@ -194,11 +194,37 @@ class _DatasetChecks:
                                   f"them for {name}: give {name} a larger share or use more data"
                                   + (", or set data.valid_data_path" if name == "valid" else ""))
 
+    def require_parts(self, valid_samples: int) -> Optional[list]:
+        """:meth:`require_documents` for every part a build reading ``valid_samples`` validation samples
+        reads. Returns megatron-core's split matrix with the unread parts None (None with
+        data.valid_data_path, where data.split is not used)."""
+        d = self.cfg.data
+        if d.valid_data_path:
+            self.require_documents("data.data_path", self.blends["data.data_path"][0], {"train": (0.0, 1.0)})
+            if valid_samples:
+                self.require_documents("data.valid_data_path", self.blends["data.valid_data_path"][0],
+                                       {"valid": (0.0, 1.0)})
+            return None
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
-def check_datasets(cfg: Config, vocab_size: int, eod_id: int) -> Optional[_DatasetChecks]:
+        # Only the parts that are read count (train; valid when asked for): an unread part can neither stall
+        # megatron-core (no documents) nor cost an index.
+        full = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
+        matrix = [part if name == "train" or (name == "valid" and valid_samples) else None
+                  for name, part in zip(_SPLITS, full)]
+        self.require_documents("data.data_path", self.blends["data.data_path"][0],
+                               {name: part for name, part in zip(_SPLITS, matrix) if part is not None}, d.split)
+        return matrix
+
+
+def check_datasets(cfg: Config, vocab_size: int, eod_id: int,
+                   valid_samples: Optional[int] = None) -> Optional[_DatasetChecks]:
     """The start-up checks of :func:`build_datasets` alone (module doc), without building any index: for
-    the dry run, and to stop a run on bad data before its model is built. Returns what they found
-    (None with mock data), which :func:`build_datasets` takes instead of checking again."""
+    the dry run, and to stop a run on bad data before its model is built. With ``valid_samples`` (the
+    validation samples the run reads), also that every part of the split it reads holds documents, as
+    :func:`build_datasets` requires. Returns what they found (None with mock data), which
+    :func:`build_datasets` takes instead of checking again."""
     d = cfg.data
     if d.mock:
         return None
@@ -206,6 +232,8 @@ def check_datasets(cfg: Config, vocab_size: int, eod_id: int) -> Optional[_Datas
     checks.blend("data.data_path", d.data_path)
     if d.valid_data_path:
         checks.blend("data.valid_data_path", d.valid_data_path)
+    if valid_samples is not None:
+        checks.require_parts(valid_samples)
     return checks
 
 
@@ -246,18 +274,11 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         mmap_bin_files=True,
         **kwargs,
     )
-    if d.valid_data_path:
-        checks.require_documents("data.data_path", blend[0], {"train": (0.0, 1.0)})
-        if valid_samples:
-            checks.require_documents("data.valid_data_path", valid_blend[0], {"valid": (0.0, 1.0)})
-    else:
-        # Index only the parts that are read (train; valid when asked for), so that an unread part can
-        # neither stall megatron-core (no documents) nor cost an index. The matrix is part of the cache
-        # key: switching validation on or off indexes the train part once more (in the same order).
-        ds_config.split_matrix = [part if name == "train" or (name == "valid" and valid_samples) else None
-                                  for name, part in zip(_SPLITS, ds_config.split_matrix)]
-        parts = {name: part for name, part in zip(_SPLITS, ds_config.split_matrix) if part is not None}
-        checks.require_documents("data.data_path", blend[0], parts, d.split)
+    matrix = checks.require_parts(valid_samples)
+    if matrix is not None:
+        # The matrix is part of the cache key: switching validation on or off indexes the train part once
+        # more (in the same order).
+        ds_config.split_matrix = matrix
     train, valid, _ = BlendedMegatronDatasetBuilder(
         FingerprintedGPTDataset, [train_samples, valid_samples, 0], is_built_on_rank, ds_config).build()
     return train, (valid if valid_samples else None)
