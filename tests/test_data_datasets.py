@@ -141,6 +141,22 @@ def test_rewritten_prefix_does_not_reuse_stale_indices(tiny_config, word_tok, tm
     assert len(list((tmp_path / "cache").glob("*-description.txt"))) == 2  # one cache set per corpus
 
 
+def test_building_the_index_cache_is_logged(tiny_config, word_tok, tmp_path, caplog):
+    # megatron-core's own line is below the run's log level; a large corpus takes minutes here
+    prefix = _dataset(tmp_path, "e", word_tok, 12)
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{prefix}]", "data.split=100,0,0",
+                  "train.eval_steps=0")
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        _build(cfg, 8)
+    assert (f"{prefix}: building the train sample indices (8 samples of 32 tokens; megatron-core GPTDataset), "
+            f"cached in {tmp_path / 'cache'}") in caplog.text
+    assert f"{prefix}: built the train sample indices in " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        _build(cfg, 8)  # cached: nothing built, nothing said
+    assert "sample indices" not in caplog.text
+
+
 def test_default_cache_directory_is_named_after_the_prefix(tiny_config, word_tok, tmp_path):
     # what the data.data_cache_path reference says: {prefix}/cache/, next to the .bin
     prefix = _dataset(tmp_path, "d", word_tok, 10)

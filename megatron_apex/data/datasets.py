@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -73,7 +74,33 @@ class FingerprintedGPTDataset(GPTDataset):
                                                  default=lambda obj: obj.unique_identifiers)
             self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
                                                        usedforsecurity=False).hexdigest()
-        return super()._build_document_sample_shuffle_indices()
+        cache = self._index_cache_to_build()
+        if cache is None:
+            return super()._build_document_sample_shuffle_indices()
+        # megatron-core says so at INFO under its own logger, which the run keeps at WARNING; on a large
+        # corpus this takes minutes while the other ranks wait in a barrier, so the run says it itself.
+        split = self.index_split.name
+        logger.info("%s: building the %s sample indices (%d samples of %d tokens; megatron-core GPTDataset), "
+                    "cached in %s", self.dataset_path, split, self.num_samples, self.config.sequence_length, cache)
+        start = time.monotonic()
+        indices = super()._build_document_sample_shuffle_indices()
+        logger.info("%s: built the %s sample indices in %.1f s", self.dataset_path, split, time.monotonic() - start)
+        return indices
+
+    def _index_cache_to_build(self) -> Optional[str]:
+        """The cache directory when this rank builds the indices afresh (megatron-core's own test: no
+        complete cached set, and rank 0 or no process group), else None."""
+        if self.config.defer_npy_index_mmap or self.config.fast_cache_load or self.config.mock:
+            return None
+        path = self.config.path_to_cache or os.path.join(self.dataset.path_prefix, "cache",
+                                                         f"{type(self).__name__}_indices")
+        base = os.path.join(path, f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}")
+        if all(os.path.isfile(f"{base}-{affix}") for affix in ("description.txt", "document_index.npy",
+                                                                "sample_index.npy", "shuffle_index.npy")):
+            return None
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return None
+        return path
 
 
 class RandomTokensDataset(torch.utils.data.Dataset):
