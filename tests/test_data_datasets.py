@@ -157,6 +157,26 @@ def test_building_the_index_cache_is_logged(tiny_config, word_tok, tmp_path, cap
     assert "sample indices" not in caplog.text
 
 
+def test_epochs_of_a_small_corpus_are_logged(tiny_config, word_tok, blend_data, tmp_path, caplog):
+    # a tiny corpus repeats silently for many epochs: the run says how many
+    a, b = blend_data
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[1, {a}, 3, {b}]", "data.split=100,0,0",
+                  "train.eval_steps=0")
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        train, _ = _build(cfg, 2000)
+    from megatron_apex.data.indexed import IndexedDatasetReader
+
+    for prefix, weight in [(a, 0.25), (b, 0.75)]:
+        per_epoch = (IndexedDatasetReader(prefix).token_count - 1) // 32  # split 100,0,0: every token
+        line = (f"the run reads {weight * 2000 / per_epoch:.1f} epochs of {prefix} (its training split holds "
+                f"{per_epoch} samples of 32 tokens)")
+        assert line in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        _build(cfg, 8)  # less than one epoch: nothing said
+    assert "epochs of" not in caplog.text
+
+
 def test_default_cache_directory_is_named_after_the_prefix(tiny_config, word_tok, tmp_path):
     # what the data.data_cache_path reference says: {prefix}/cache/, next to the .bin
     prefix = _dataset(tmp_path, "d", word_tok, 10)

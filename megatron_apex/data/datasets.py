@@ -308,7 +308,31 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         ds_config.split_matrix = matrix
     train, valid, _ = BlendedMegatronDatasetBuilder(
         FingerprintedGPTDataset, [train_samples, valid_samples, 0], is_built_on_rank, ds_config).build()
+    _log_epochs(train, train_samples, d.seq_length)
     return train, (valid if valid_samples else None)
+
+
+def _log_epochs(train, train_samples: int, seq_length: int) -> None:
+    """Say how many epochs of each training dataset the run reads when that is more than one: megatron-core
+    repeats a small corpus silently (each epoch shuffled anew), which looks like a healthy run while the
+    model memorizes it."""
+    if train is None:
+        return
+    if hasattr(train, "datasets"):  # a BlendedDataset: dataset i gives about weights[i] of the samples
+        parts = list(zip(train.datasets, train.weights))
+    else:
+        parts = [(train, 1.0)]
+    for dataset, weight in parts:
+        if not isinstance(dataset, GPTDataset):
+            continue
+        tokens = int(dataset._get_num_tokens_per_epoch())
+        per_epoch = (tokens - dataset.config.add_extra_token_to_sequence) // seq_length
+        if per_epoch <= 0:
+            continue
+        epochs = weight * train_samples / per_epoch
+        if epochs > 1:
+            logger.info("the run reads %.1f epochs of %s (its training split holds %d samples of %d tokens)",
+                        epochs, dataset.dataset_path, per_epoch, seq_length)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
