@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tokenizer-model", help="sentencepiece .model, tokenizer.json, or a directory with one")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    group.add_argument("--log-interval", type=int, default=100000, help="log a progress line every N documents")
+    group.add_argument("--log-interval", type=int, default=100000, help="log a progress line every N documents (and at least every 30 s)")
     group.add_argument("--block-size-mb", type=float, default=4.0, help="MB of input lines per work item")
     group.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
     group.add_argument("--num-samples", type=int, default=3, help="--inspect: samples to decode")
