@@ -93,13 +93,14 @@ def dry_run(cfg: Config, world_size: int) -> str:
     """Validated layout, parameter count and memory estimate, without starting processes.
 
     The files the run reads first are checked as it checks them (the tokenizer, whose vocabulary sets
-    the model's, and the data prefixes unless data.mock): a ConfigError names what is missing."""
+    the model's, and the data prefixes unless data.mock, including that every part of data.split the run
+    reads holds documents): a ConfigError names what is missing."""
     from megatron_apex.data.datasets import check_datasets, resolve_vocab
     from megatron_apex.model.llama import count_parameters
 
     cfg.validate(world_size)
     vocab, eod = resolve_vocab(cfg)
-    check_datasets(cfg, vocab, eod)
+    check_datasets(cfg, vocab, eod, valid_samples=cfg.train.eval_steps * cfg.train.global_batch_size)
     padded = cfg.padded_vocab_size(vocab)
     counts = count_parameters(cfg, padded)
     mem = estimate_memory(cfg, world_size, padded)

@@ -130,7 +130,8 @@ class DataConfig:
     data_path: list = doc(
         list, "Dataset prefixes (without .bin/.idx), optionally weighted: [0.7, pfxA, 0.3, pfxB] (weights > 0, "
         "relative). Every dataset is checked at start-up: .bin/.idx consistent, and its sidecar's tokenizer "
-        "(vocabulary size, end-of-document id) the configured one.", factory=True)
+        "(vocabulary size, end-of-document id) the configured one; with no tokenizer recorded (no sidecar), its "
+        "largest token id (one scan of the .bin) within the padded vocabulary.", factory=True)
     valid_data_path: list = doc(
         list, "Separate validation prefixes, weighted or not like data_path. Empty: validation comes from "
         "data.split.", factory=True)

@@ -109,6 +109,22 @@ def test_split_part_without_documents_is_refused(tiny_config, word_tok, blend_da
     _build(cfg, 16, 0)  # without validation the valid part is not read (nor built)
 
 
+def test_dry_run_refuses_a_split_part_without_documents(tiny_config, word_tok, blend_data, capsys):
+    # the dry run passed what the real run then refused (rc 2): it makes the same check
+    from megatron_apex.cli import main
+
+    a, b = blend_data
+    args = ["train", tiny_config, f"data.tokenizer_model={word_tok}", f"data.data_path=[{a}, {b}]",
+            "data.split=99,1,0", "--dry-run"]
+    assert main(args + ["train.eval_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert (f"configuration error: data.data_path: {a} has 40 documents, and data.split='99,1,0' leaves none of "
+            "them for valid") in err
+    assert main(args + ["train.eval_steps=0"]) == 0  # no validation: the valid part is not read
+    assert main(["train", tiny_config, f"data.tokenizer_model={word_tok}", f"data.data_path=[{a}, {b}]",
+                 "data.split=50,50,0", "train.eval_steps=1", "--dry-run"]) == 0
+
+
 # ---------------------------------------------------------------------- finding 2: index cache key
 @pytest.mark.parametrize("sizes", [(12, 45), (45, 12)])
 def test_rewritten_prefix_does_not_reuse_stale_indices(tiny_config, word_tok, tmp_path, sizes):
@@ -123,6 +139,42 @@ def test_rewritten_prefix_does_not_reuse_stale_indices(tiny_config, word_tok, tm
         assert sorted(set(train.document_index.tolist())) == list(range(n_docs))
         assert train[len(train) - 1]["tokens"].shape == (32,)  # the reverse direction used to IndexError
     assert len(list((tmp_path / "cache").glob("*-description.txt"))) == 2  # one cache set per corpus
+
+
+def test_building_the_index_cache_is_logged(tiny_config, word_tok, tmp_path, caplog):
+    # megatron-core's own line is below the run's log level; a large corpus takes minutes here
+    prefix = _dataset(tmp_path, "e", word_tok, 12)
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{prefix}]", "data.split=100,0,0",
+                  "train.eval_steps=0")
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        _build(cfg, 8)
+    assert (f"{prefix}: building the train sample indices (8 samples of 32 tokens; megatron-core GPTDataset), "
+            f"cached in {tmp_path / 'cache'}") in caplog.text
+    assert f"{prefix}: built the train sample indices in " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        _build(cfg, 8)  # cached: nothing built, nothing said
+    assert "sample indices" not in caplog.text
+
+
+def test_epochs_of_a_small_corpus_are_logged(tiny_config, word_tok, blend_data, tmp_path, caplog):
+    # a tiny corpus repeats silently for many epochs: the run says how many
+    a, b = blend_data
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[1, {a}, 3, {b}]", "data.split=100,0,0",
+                  "train.eval_steps=0")
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        train, _ = _build(cfg, 2000)
+    from megatron_apex.data.indexed import IndexedDatasetReader
+
+    for prefix, weight in [(a, 0.25), (b, 0.75)]:
+        per_epoch = (IndexedDatasetReader(prefix).token_count - 1) // 32  # split 100,0,0: every token
+        line = (f"the run reads {weight * 2000 / per_epoch:.1f} epochs of {prefix} (its training split holds "
+                f"{per_epoch} samples of 32 tokens)")
+        assert line in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_apex"):
+        _build(cfg, 8)  # less than one epoch: nothing said
+    assert "epochs of" not in caplog.text
 
 
 def test_default_cache_directory_is_named_after_the_prefix(tiny_config, word_tok, tmp_path):
@@ -158,7 +210,22 @@ def test_damaged_or_mismatched_pair_refused_before_training(tiny_config, word_to
         with pytest.raises(ConfigError, match="data.data_path: " + words):
             _build(cfg)
     cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{tmp_path / 'missing'}]")
-    with pytest.raises(ConfigError, match="missing.bin and .*missing.idx missing"):
+    with pytest.raises(ConfigError, match=r"missing.bin and .*missing.idx missing \(give the prefix, without "
+                                          r"\.bin/\.idx\)$"):
+        _build(cfg)
+
+
+def test_output_prefix_instead_of_the_dataset_prefix_names_the_dataset(tiny_config, word_tok, blend_data, tmp_path):
+    # the classic Megatron mistake: data.data_path=[data/train] for data/train_text_document.{bin,idx}
+    dataset = _copy(blend_data[0], str(tmp_path / "train_text_document"))
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{tmp_path / 'train'}]")
+    with pytest.raises(ConfigError) as info:
+        _build(cfg)
+    message = str(info.value)
+    assert message.startswith(f"data.data_path: no indexed dataset at {str(tmp_path / 'train')!r}")
+    assert f"but {dataset}.{{bin,idx}} exists" in message and f"the dataset prefix is {dataset!r}" in message
+    cfg = _config(tiny_config, word_tok, tmp_path, f"data.data_path=[{dataset}.bin]")
+    with pytest.raises(ConfigError, match=rf"; {dataset}.{{bin,idx}} exists: the prefix is '{dataset}'"):
         _build(cfg)
 
 
@@ -209,6 +276,57 @@ def test_dataset_without_sidecar_passes(tiny_config, tiny_data, tmp_path, caplog
     with caplog.at_level(logging.INFO):
         train, _ = _build(cfg, 8)
     assert len(train) >= 8 and "no tokenizer recorded" in caplog.text
+
+
+def _tiny_copy(tiny_data, to, sidecar=None):
+    """A copy of the tiny dataset (ids up to 255, no sidecar), with ``sidecar`` written when given."""
+    for ext in (".bin", ".idx"):
+        with open(tiny_data + ext, "rb") as src, open(to + ext, "wb") as dst:
+            dst.write(src.read())
+    if sidecar is not None:
+        with open(to + ".json", "w", encoding="utf-8") as handle:
+            json.dump(sidecar, handle)
+    return to
+
+
+def test_unrecorded_tokenizer_ids_beyond_the_padded_vocabulary_refused(tiny_config, tiny_data, tmp_path, caplog,
+                                                                         capfd):
+    # no sidecar (Megatron-LM's own tool), or a merge of datasets of different tokenizers ("tokenizer": null):
+    # an id >= the padded vocabulary used to crash step 1 inside F.embedding (IndexError / device-side assert)
+    from helpers import tiny_overrides
+
+    bare = _tiny_copy(tiny_data, str(tmp_path / "bare_text_document"))
+    merged = _tiny_copy(tiny_data, str(tmp_path / "merged"), {"tokenizer": None, "merged_from": [{}, {}]})
+    largest = max(int(np.fromfile(bare + ".bin", dtype=np.uint16).max()), 0)
+    assert largest == 255
+    for prefix, why in [(bare, f"no sidecar {bare}.json"),
+                        (merged, f"its sidecar {merged}.json records no single tokenizer: a merge of datasets "
+                                 "made with different tokenizers")]:
+        cfg = load_config(tiny_config, tiny_overrides(prefix, **{"data.data_cache_path": tmp_path / "cache",
+                                                                 "data.split": "100,0,0", "model.vocab_size": 100}))
+        with pytest.raises(ConfigError) as info:
+            _build(cfg, 8)
+        message = str(info.value)
+        assert message.startswith(f"data.data_path: {prefix} holds token id 255, but the padded vocabulary has "
+                                  "128 ids (0..127; model.vocab_size 100)"), message
+        assert why in message
+    # ids beyond the vocabulary but within its padding: a warning, the run goes on
+    cfg = load_config(tiny_config, tiny_overrides(merged, **{"data.data_cache_path": tmp_path / "cache",
+                                                             "data.split": "100,0,0", "model.vocab_size": 200}))
+    with caplog.at_level(logging.INFO):
+        _build(cfg, 8)
+    assert f"{merged}: holds token id 255, beyond the vocabulary of 200" in caplog.text
+    assert f"no sidecar {merged}.json" not in caplog.text
+    # the command line: exit 2 with the one line, before any model is built
+    from megatron_apex.cli import main
+
+    capfd.readouterr()
+    code = main(["train", tiny_config, *tiny_overrides(bare, **{"model.vocab_size": 100,
+                                                                "data.data_cache_path": tmp_path / "cache"}),
+                 "checkpoint.save=null"])
+    err = capfd.readouterr().err
+    assert code == 2 and f"configuration error: data.data_path: {bare} holds token id 255" in err
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------------- finding 12: tokenizer kind

@@ -4,6 +4,7 @@ accounting, crash safety, merge and inspect."""
 import gzip
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -403,15 +404,40 @@ def test_inspect_and_merge_refuse_damaged_datasets(tmp_path, sp_model):
 
 
 def test_inspect_merged_dataset_of_two_tokenizers(tmp_path, sp_model, hf_tokenizer):
-    # the merged sidecar records no tokenizer then; inspect must say so instead of failing
+    # refused (exit 2, nothing written) naming both tokenizers, unless --allow-mixed-tokenizers
     prefixes = []
     for name, tok in (("s", sp_model), ("h", hf_tokenizer)):
         _write_jsonl(tmp_path / f"{name}.jsonl", [{"text": t} for t in _corpus_texts(5)])
         preprocess_jsonl([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), None, tok, progress="none")
         prefixes.append(str(tmp_path / f"{name}_text_document"))
-    assert _run_cli("--merge", *prefixes, "--output-prefix", tmp_path / "m").returncode == 0
+    refused = _run_cli("--merge", *prefixes, "--output-prefix", tmp_path / "m")
+    assert refused.returncode == 2, refused.stderr
+    assert "cannot merge datasets made with different tokenizers" in refused.stderr
+    assert f"{prefixes[0]} was made with the tokenizer {sp_model!r}" in refused.stderr
+    assert f"{prefixes[1]} with the tokenizer {hf_tokenizer!r}" in refused.stderr, refused.stderr
+    assert "--allow-mixed-tokenizers" in refused.stderr
+    assert not list(tmp_path.glob("m.*"))
+    # with the flag: merged, and the merged sidecar records no tokenizer; inspect must say so instead of failing
+    assert _run_cli("--merge", *prefixes, "--output-prefix", tmp_path / "m",
+                    "--allow-mixed-tokenizers").returncode == 0
+    assert _sidecar(str(tmp_path / "m"))["tokenizer"] is None
     result = _run_cli("--inspect", tmp_path / "m")
     assert result.returncode == 0 and "tokenizer  not recorded" in result.stdout, result.stderr
+
+
+def test_progress_log_every_30_seconds_as_well(monkeypatch, caplog):
+    # long documents: 100,000 of them can take many minutes; a line every ~30 s of wall time as well
+    from megatron_apex.data import preprocess
+
+    clock = [1000.0]
+    monkeypatch.setattr(preprocess.time, "monotonic", lambda: clock[0])
+    progress = preprocess._Progress(10 << 20, 100000, "log")
+    with caplog.at_level(logging.INFO, logger="megatron_apex.data.preprocess"):
+        for docs, seconds in [(10, 5), (20, 31), (30, 40), (40, 62), (100000, 63), (100010, 64)]:
+            clock[0] = 1000.0 + seconds
+            progress.update(docs, docs * 1000, docs * 100, 10 << 20)
+    logged = [int(r.getMessage().split()[1]) for r in caplog.records if r.getMessage().startswith("processed")]
+    assert logged == [20, 40, 100000]  # 30 s after the start, 30 s after that, then the documents interval
 
 
 # ---------------------------------------------------------------------- compressed inputs

@@ -36,11 +36,16 @@ from megatron_apex.data.tokenizers import TokenizerError, load_tokenizer  # noqa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--merge", nargs="+", metavar="PREFIX", help="merge these datasets into --output-prefix")
+    mode.add_argument("--merge", nargs="+", metavar="PREFIX",
+                      help="merge these datasets into --output-prefix (datasets whose sidecars record different "
+                           "tokenizers are refused: see --allow-mixed-tokenizers)")
     mode.add_argument("--inspect", metavar="PREFIX", help="print counts and the first samples of a dataset")
     group = parser.add_argument_group("input / output")
     group.add_argument("--input", nargs="+", help="JSONL files (plain, .gz, .zst, .bz2, .xz) and/or directories of them")
     group.add_argument("--output-prefix", help="outputs are {prefix}_{key}_document.{bin,idx,json} (merge: {prefix}.{bin,idx})")
+    group.add_argument("--allow-mixed-tokenizers", action="store_true",
+                       help="--merge: merge datasets made with different tokenizers anyway (the merged sidecar then "
+                            "records no tokenizer, and training checks only that its ids fit the vocabulary)")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     group.add_argument("--prepend-bos", action="store_true",
@@ -54,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tokenizer-model", help="sentencepiece .model, tokenizer.json, or a directory with one")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    group.add_argument("--log-interval", type=int, default=100000, help="log a progress line every N documents")
+    group.add_argument("--log-interval", type=int, default=100000, help="log a progress line every N documents (and at least every 30 s)")
     group.add_argument("--block-size-mb", type=float, default=4.0, help="MB of input lines per work item")
     group.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
     group.add_argument("--num-samples", type=int, default=3, help="--inspect: samples to decode")
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
         if not args.output_prefix:
             return _fail("--output-prefix is required", 2)
         if args.merge:
-            counts = merge_datasets(args.merge, args.output_prefix)
+            counts = merge_datasets(args.merge, args.output_prefix, args.allow_mixed_tokenizers)
             print(json.dumps(counts, indent=2))
             return 0
         if not args.input or not args.tokenizer_model:

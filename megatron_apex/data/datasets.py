@@ -11,8 +11,10 @@ samples whatever the layout.
 :class:`~megatron_apex.config.ConfigError` naming the dataset and the reason: the ``.bin``/``.idx``
 pair must be consistent (:class:`~megatron_apex.data.indexed.IndexedDatasetReader`), the tokenizer
 its sidecar records must be the configured one (vocabulary size and end-of-document id; another
-tokenizer file with the same ones is a warning; datasets without a sidecar pass), and every part
-of the split that is read must hold documents. Index caches are keyed by each dataset's ``.idx``
+tokenizer file with the same ones is a warning), a dataset whose tokenizer is not recorded (no
+sidecar, or a merge of datasets of different tokenizers) must hold no token id beyond the padded
+vocabulary (its ``.bin`` is scanned once: such an id would crash the first step inside the
+embedding), and every part of the split that is read must hold documents. Index caches are keyed by each dataset's ``.idx``
 contents (:class:`FingerprintedGPTDataset`), so re-preprocessing into the same prefix never reuses
 indices built for the old data.
 """
@@ -23,14 +25,17 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
 
 from megatron_apex.config import Config, ConfigError, parse_blend
-from megatron_apex.data.indexed import IndexedDatasetError, IndexedDatasetReader, index_fingerprint, read_sidecar
+from megatron_apex.data.indexed import (IndexedDatasetError, IndexedDatasetReader, index_fingerprint, max_token_id,
+                                        read_sidecar)
 from megatron_apex.data.tokenizers import TokenizerError, file_sha256, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -69,7 +74,33 @@ class FingerprintedGPTDataset(GPTDataset):
                                                  default=lambda obj: obj.unique_identifiers)
             self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
                                                        usedforsecurity=False).hexdigest()
-        return super()._build_document_sample_shuffle_indices()
+        cache = self._index_cache_to_build()
+        if cache is None:
+            return super()._build_document_sample_shuffle_indices()
+        # megatron-core says so at INFO under its own logger, which the run keeps at WARNING; on a large
+        # corpus this takes minutes while the other ranks wait in a barrier, so the run says it itself.
+        split = self.index_split.name
+        logger.info("%s: building the %s sample indices (%d samples of %d tokens; megatron-core GPTDataset), "
+                    "cached in %s", self.dataset_path, split, self.num_samples, self.config.sequence_length, cache)
+        start = time.monotonic()
+        indices = super()._build_document_sample_shuffle_indices()
+        logger.info("%s: built the %s sample indices in %.1f s", self.dataset_path, split, time.monotonic() - start)
+        return indices
+
+    def _index_cache_to_build(self) -> Optional[str]:
+        """The cache directory when this rank builds the indices afresh (megatron-core's own test: no
+        complete cached set, and rank 0 or no process group), else None."""
+        if self.config.defer_npy_index_mmap or self.config.fast_cache_load or self.config.mock:
+            return None
+        path = self.config.path_to_cache or os.path.join(self.dataset.path_prefix, "cache",
+                                                         f"{type(self).__name__}_indices")
+        base = os.path.join(path, f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}")
+        if all(os.path.isfile(f"{base}-{affix}") for affix in ("description.txt", "document_index.npy",
+                                                                "sample_index.npy", "shuffle_index.npy")):
+            return None
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return None
+        return path
 
 
 class RandomTokensDataset(torch.utils.data.Dataset):
@@ -109,16 +140,17 @@ class _DatasetChecks:
             self.sequences[prefix] = reader.sequence_count
             logger.info("%s: %d documents, %d tokens (%s)", prefix, reader.document_count, reader.token_count,
                         reader.dtype)
+            dtype = reader.dtype
             reader.close()
-            self._check_tokenizer(field, prefix)
+            self._check_tokenizer(field, prefix, dtype)
         self.blends[field] = (prefixes, weights)
         return prefixes, weights
 
-    def _check_tokenizer(self, field: str, prefix: str) -> None:
-        recorded = (read_sidecar(prefix) or {}).get("tokenizer")
+    def _check_tokenizer(self, field: str, prefix: str, dtype: np.dtype) -> None:
+        sidecar = read_sidecar(prefix)
+        recorded = (sidecar or {}).get("tokenizer")
         if not isinstance(recorded, dict):
-            logger.info("%s: no tokenizer recorded (no sidecar %s.json from tools/preprocess_data.py); its token ids "
-                        "are not checked", prefix, prefix)
+            self._check_token_ids(field, prefix, dtype, sidecar)
             return
         tok = self.tokenizer
         made = f"{field}: {prefix} was made with the tokenizer {recorded.get('path')!r}"
@@ -143,6 +175,37 @@ class _DatasetChecks:
                                "(sha256 %s...): same vocabulary size and end-of-document id, but the ids may stand "
                                "for other pieces", prefix, recorded.get("path"), sha[:12], tok.path, self._sha256[:12])
 
+    def _check_token_ids(self, field: str, prefix: str, dtype: np.dtype, sidecar: Optional[dict]) -> None:
+        """A dataset whose tokenizer is not recorded: its largest id must fit the padded vocabulary, or the
+        first step fails inside the embedding (IndexError on CPU, a device-side assert on GPU) without
+        naming the data. The .bin is scanned once (:func:`max_token_id`), unless its dtype cannot hold an
+        id that large."""
+        if sidecar is None:
+            why = f"no sidecar {prefix}.json from tools/preprocess_data.py"
+        elif sidecar.get("merged_from"):
+            why = (f"its sidecar {prefix}.json records no single tokenizer: a merge of datasets made with "
+                   "different tokenizers")
+        else:
+            why = f"its sidecar {prefix}.json records no tokenizer"
+        padded = self.cfg.padded_vocab_size(self.vocab_size)
+        if dtype.kind in "iu" and np.iinfo(dtype).max < padded:
+            logger.info("%s: no tokenizer recorded (%s); its %s ids all fit the padded vocabulary of %d",
+                        prefix, why, dtype, padded)
+            return
+        largest = max_token_id(prefix)
+        if largest is not None and largest >= padded:
+            raise ConfigError(f"{field}: {prefix} holds token id {largest}, but the padded vocabulary has {padded} "
+                              f"ids (0..{padded - 1}; model.vocab_size {self.vocab_size}): the data was made with "
+                              f"another tokenizer ({why}); preprocess it with the configured tokenizer, or "
+                              "configure the one it was made with")
+        if largest is not None and largest >= self.vocab_size:
+            logger.warning("%s: holds token id %d, beyond the vocabulary of %d (only the padding rows of the "
+                           "embedding hold it): made with another tokenizer? (%s)", prefix, largest, self.vocab_size,
+                           why)
+            return
+        logger.info("%s: no tokenizer recorded (%s); its largest token id, %s, fits the vocabulary of %d", prefix,
+                    why, largest, self.vocab_size)
+
     def require_documents(self, field: str, prefixes: list, parts: dict, split: Optional[str] = None) -> None:
         """Refuse a dataset with no documents in a part that is read: megatron-core would loop
         forever looking for its tokens. ``parts``: split name -> (begin, end) fractions of the
@@ -158,11 +221,37 @@ class _DatasetChecks:
                                   f"them for {name}: give {name} a larger share or use more data"
                                   + (", or set data.valid_data_path" if name == "valid" else ""))
 
+    def require_parts(self, valid_samples: int) -> Optional[list]:
+        """:meth:`require_documents` for every part a build reading ``valid_samples`` validation samples
+        reads. Returns megatron-core's split matrix with the unread parts None (None with
+        data.valid_data_path, where data.split is not used)."""
+        d = self.cfg.data
+        if d.valid_data_path:
+            self.require_documents("data.data_path", self.blends["data.data_path"][0], {"train": (0.0, 1.0)})
+            if valid_samples:
+                self.require_documents("data.valid_data_path", self.blends["data.valid_data_path"][0],
+                                       {"valid": (0.0, 1.0)})
+            return None
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
-def check_datasets(cfg: Config, vocab_size: int, eod_id: int) -> Optional[_DatasetChecks]:
+        # Only the parts that are read count (train; valid when asked for): an unread part can neither stall
+        # megatron-core (no documents) nor cost an index.
+        full = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
+        matrix = [part if name == "train" or (name == "valid" and valid_samples) else None
+                  for name, part in zip(_SPLITS, full)]
+        self.require_documents("data.data_path", self.blends["data.data_path"][0],
+                               {name: part for name, part in zip(_SPLITS, matrix) if part is not None}, d.split)
+        return matrix
+
+
+def check_datasets(cfg: Config, vocab_size: int, eod_id: int,
+                   valid_samples: Optional[int] = None) -> Optional[_DatasetChecks]:
     """The start-up checks of :func:`build_datasets` alone (module doc), without building any index: for
-    the dry run, and to stop a run on bad data before its model is built. Returns what they found
-    (None with mock data), which :func:`build_datasets` takes instead of checking again."""
+    the dry run, and to stop a run on bad data before its model is built. With ``valid_samples`` (the
+    validation samples the run reads), also that every part of the split it reads holds documents, as
+    :func:`build_datasets` requires. Returns what they found (None with mock data), which
+    :func:`build_datasets` takes instead of checking again."""
     d = cfg.data
     if d.mock:
         return None
@@ -170,6 +259,8 @@ def check_datasets(cfg: Config, vocab_size: int, eod_id: int) -> Optional[_Datas
     checks.blend("data.data_path", d.data_path)
     if d.valid_data_path:
         checks.blend("data.valid_data_path", d.valid_data_path)
+    if valid_samples is not None:
+        checks.require_parts(valid_samples)
     return checks
 
 
@@ -210,21 +301,38 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         mmap_bin_files=True,
         **kwargs,
     )
-    if d.valid_data_path:
-        checks.require_documents("data.data_path", blend[0], {"train": (0.0, 1.0)})
-        if valid_samples:
-            checks.require_documents("data.valid_data_path", valid_blend[0], {"valid": (0.0, 1.0)})
-    else:
-        # Index only the parts that are read (train; valid when asked for), so that an unread part can
-        # neither stall megatron-core (no documents) nor cost an index. The matrix is part of the cache
-        # key: switching validation on or off indexes the train part once more (in the same order).
-        ds_config.split_matrix = [part if name == "train" or (name == "valid" and valid_samples) else None
-                                  for name, part in zip(_SPLITS, ds_config.split_matrix)]
-        parts = {name: part for name, part in zip(_SPLITS, ds_config.split_matrix) if part is not None}
-        checks.require_documents("data.data_path", blend[0], parts, d.split)
+    matrix = checks.require_parts(valid_samples)
+    if matrix is not None:
+        # The matrix is part of the cache key: switching validation on or off indexes the train part once
+        # more (in the same order).
+        ds_config.split_matrix = matrix
     train, valid, _ = BlendedMegatronDatasetBuilder(
         FingerprintedGPTDataset, [train_samples, valid_samples, 0], is_built_on_rank, ds_config).build()
+    _log_epochs(train, train_samples, d.seq_length)
     return train, (valid if valid_samples else None)
+
+
+def _log_epochs(train, train_samples: int, seq_length: int) -> None:
+    """Say how many epochs of each training dataset the run reads when that is more than one: megatron-core
+    repeats a small corpus silently (each epoch shuffled anew), which looks like a healthy run while the
+    model memorizes it."""
+    if train is None:
+        return
+    if hasattr(train, "datasets"):  # a BlendedDataset: dataset i gives about weights[i] of the samples
+        parts = list(zip(train.datasets, train.weights))
+    else:
+        parts = [(train, 1.0)]
+    for dataset, weight in parts:
+        if not isinstance(dataset, GPTDataset):
+            continue
+        tokens = int(dataset._get_num_tokens_per_epoch())
+        per_epoch = (tokens - dataset.config.add_extra_token_to_sequence) // seq_length
+        if per_epoch <= 0:
+            continue
+        epochs = weight * train_samples / per_epoch
+        if epochs > 1:
+            logger.info("the run reads %.1f epochs of %s (its training split holds %d samples of %d tokens)",
+                        epochs, dataset.dataset_path, per_epoch, seq_length)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

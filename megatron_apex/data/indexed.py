@@ -39,6 +39,7 @@ __all__ = [
     "IndexedDatasetReader",
     "IndexedDatasetError",
     "index_fingerprint",
+    "max_token_id",
     "read_sidecar",
     "optimal_dtype",
     "merge_datasets",
@@ -268,6 +269,25 @@ class IndexedDatasetWriter:
             self.abort()
 
 
+def _prefix_hint(prefix: str) -> str:
+    """What the user probably meant by a prefix with no dataset: the classic mistake is the preprocessing
+    ``--output-prefix`` (which writes ``{output_prefix}_{key}_document``), or a file name with its extension."""
+    def complete(p):
+        return os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")
+
+    found = sorted(p[: -len(".idx")] for p in glob.glob(glob.escape(prefix) + "_*_document.idx")
+                   if complete(p[: -len(".idx")]))
+    if found:
+        return (f"; but {found[0]}.{{bin,idx}} exists" + (f" (and {len(found) - 1} more {prefix}_*_document)"
+                                                           if len(found) > 1 else "")
+                + f": tools/preprocess_data.py writes {{output-prefix}}_{{key}}_document, so the dataset prefix is "
+                f"{found[0]!r}, not the --output-prefix")
+    stem, ext = os.path.splitext(prefix)
+    if ext in (".bin", ".idx") and complete(stem):
+        return f"; {stem}.{{bin,idx}} exists: the prefix is {stem!r}"
+    return ""
+
+
 class IndexedDatasetReader:
     """Minimal memory-mapped reader (no torch import) for merge, inspect, training's start-up check
     and tests.
@@ -290,7 +310,7 @@ class IndexedDatasetReader:
         missing = [p for p in (self.bin_path, self.idx_path) if not os.path.isfile(p)]
         if missing:
             raise IndexedDatasetError(f"no indexed dataset at {prefix!r}: {' and '.join(missing)} missing "
-                                      "(give the prefix, without .bin/.idx)")
+                                      "(give the prefix, without .bin/.idx)" + _prefix_hint(prefix))
         idx_size = os.path.getsize(self.idx_path)
         with open(self.idx_path, "rb") as handle:
             header = handle.read(_HEADER_BYTES)
@@ -389,11 +409,68 @@ def _file_sha1(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
+def max_token_id(prefix: str) -> Optional[int]:
+    """The largest token id in ``{prefix}.bin`` (None when it holds no tokens).
+
+    For a dataset whose tokenizer is not recorded, this is the only way to know that the model's
+    embedding can hold its ids: one read of the ``.bin`` in chunks over a memmap (numpy, several GB/s
+    from the page cache), with an INFO line for files over 1 GiB and every ~30 s while it runs. The
+    result is memoized per file size and modification time (the dry run and the run's start-up in one
+    process read the file once).
+    """
+    path = prefix + ".bin"
+    stat = os.stat(path)
+    return _bin_max(path, _CODE_TO_DTYPE[_read_dtype_code(prefix + ".idx")].str, stat.st_size, stat.st_mtime_ns)
+
+
+def _read_dtype_code(idx_path: str) -> int:
+    with open(idx_path, "rb") as handle:
+        return handle.read(_HEADER_BYTES)[17]
+
+
+@functools.lru_cache(maxsize=256)
+def _bin_max(path: str, dtype: str, size: int, mtime_ns: int) -> Optional[int]:
+    import time
+
+    if size == 0:
+        return None
+    data = np.memmap(path, mode="r", dtype=np.dtype(dtype))
+    chunk = 64 << 20  # elements
+    big = size > (1 << 30)
+    if big:
+        logger.info("%s: scanning %.1f GiB for its largest token id (no tokenizer recorded)", path, size / (1 << 30))
+    start = last_log = time.monotonic()
+    largest = None
+    for begin in range(0, len(data), chunk):
+        value = int(data[begin : begin + chunk].max())
+        largest = value if largest is None else max(largest, value)
+        now = time.monotonic()
+        if now - last_log >= 30:
+            last_log = now
+            logger.info("%s: scanned %.0f%% for its largest token id (%.0f s)", path,
+                        100 * min(begin + chunk, len(data)) / len(data), now - start)
+    if big:
+        logger.info("%s: largest token id %d (scanned in %.0f s)", path, largest, time.monotonic() - start)
+    del data
+    return largest
+
+
+def _describe_tokenizer(tokenizer) -> str:
+    if not isinstance(tokenizer, dict):
+        return "no single tokenizer (itself a merge of different tokenizers)"
+    sha = str(tokenizer.get("sha256") or "")[:12]
+    return (f"the tokenizer {tokenizer.get('path')!r} (vocab_size {tokenizer.get('vocab_size')}, eod_id "
+            f"{tokenizer.get('eod_id')}" + (f", sha256 {sha}..." if sha else "") + ")")
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str, allow_mixed_tokenizers: bool = False) -> dict:
     """Concatenate datasets (documents kept in order) into ``output_prefix.{bin,idx}``.
 
     Like Megatron-LM's ``tools/merge_datasets.py`` but streamed and published atomically.
-    Returns counts of the merged dataset.
+    Datasets whose sidecars record different tokenizers are refused (:class:`IndexedDatasetError`,
+    nothing written): their ids stand for different pieces, so the merge is almost always a mistake,
+    and its sidecar could record no tokenizer for training to check. ``allow_mixed_tokenizers``
+    merges them anyway, with ``"tokenizer": null`` in the sidecar. Returns counts of the merged dataset.
     """
     if not prefixes:
         raise ValueError("nothing to merge")
@@ -407,7 +484,17 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
     sidecars = [read_sidecar(p) for p in prefixes]
     tokenizers = {json.dumps(s.get("tokenizer"), sort_keys=True) for s in sidecars if s}
     if len(tokenizers) > 1:
-        logger.warning("merging datasets made with different tokenizers (per their sidecars)")
+        recorded = [(p, s.get("tokenizer")) for p, s in zip(prefixes, sidecars) if s]
+        first = recorded[0]
+        other = next(r for r in recorded if json.dumps(r[1], sort_keys=True) != json.dumps(first[1], sort_keys=True))
+        what = (f"{first[0]} was made with {_describe_tokenizer(first[1])} and {other[0]} with "
+                f"{_describe_tokenizer(other[1])} (per their sidecars)")
+        if not allow_mixed_tokenizers:
+            raise IndexedDatasetError(f"cannot merge datasets made with different tokenizers: {what}; their ids stand "
+                                      "for different pieces. Preprocess them with one tokenizer, or pass "
+                                      "--allow-mixed-tokenizers (the merged sidecar then records no tokenizer)")
+        logger.warning("merging datasets made with different tokenizers (--allow-mixed-tokenizers): %s; the merged "
+                       "sidecar records no tokenizer", what)
     directory = os.path.dirname(os.path.abspath(output_prefix))
     try:
         os.makedirs(directory, exist_ok=True)

@@ -207,11 +207,14 @@ def _process_block(task: tuple) -> dict:
 # Main process
 # ---------------------------------------------------------------------------------------------
 class _Progress:
-    """tqdm bar on a terminal, otherwise an INFO log line every ``log_interval`` documents."""
+    """tqdm bar on a terminal, otherwise an INFO log line every ``log_interval`` documents and at least
+    every ``log_seconds`` of wall time (checked as each block completes): a corpus of long documents can
+    take many minutes per ``log_interval`` documents, which looked like a hang."""
 
-    def __init__(self, total_bytes: int, log_interval: int, mode: str = "auto"):
-        self.start = time.monotonic()
+    def __init__(self, total_bytes: int, log_interval: int, mode: str = "auto", log_seconds: float = 30.0):
+        self.start = self.last_log = time.monotonic()
         self.log_interval = max(1, int(log_interval))
+        self.log_seconds = log_seconds
         self.next_log = self.log_interval
         self.bar = None
         if mode == "auto":
@@ -223,13 +226,15 @@ class _Progress:
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess")
 
     def update(self, docs: int, tokens: int, done_bytes: int, total_bytes: int) -> None:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        now = time.monotonic()
+        elapsed = max(now - self.start, 1e-9)
         if self.bar is not None:
             self.bar.n = done_bytes
             self.bar.set_postfix(docs=docs, tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
             self.bar.refresh()
-        elif self.mode == "log" and docs >= self.next_log:
+        elif self.mode == "log" and (docs >= self.next_log or now - self.last_log >= self.log_seconds):
             self.next_log = (docs // self.log_interval + 1) * self.log_interval
+            self.last_log = now
             logger.info(
                 "processed %d documents, %d tokens (%.0f docs/s, %.0f tokens/s, %.1f MB/s, %.1f%% of input)",
                 docs, tokens, docs / elapsed, tokens / elapsed, done_bytes / elapsed / 1e6,

@@ -126,7 +126,8 @@ class Trainer:
         self.vocab_size, self.eod_id = resolve_vocab(cfg)
         # The datasets' start-up checks first: bad data stops a run before any model is built or loaded (the
         # datasets themselves are built after the load, which gives the data position).
-        data_checks = check_datasets(cfg, self.vocab_size, self.eod_id)
+        data_checks = check_datasets(cfg, self.vocab_size, self.eod_id,
+                                     valid_samples=cfg.train.eval_steps * cfg.train.global_batch_size)
         self.padded_vocab = cfg.padded_vocab_size(self.vocab_size)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
         self.params_dtype = torch.bfloat16 if bf16 else torch.float32
