@@ -177,3 +177,25 @@ def tensorboard_losses(event_file: str, tag: str = "train/loss") -> dict:
 
 def event_files(directory: str) -> list:
     return sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*")))
+
+
+def setup_error_and_scans(config_path: str, overrides: list) -> dict:
+    """The ConfigError a trainer's set-up raises in this rank, and how many .bin scans this rank made."""
+    from megatron_apex.config import ConfigError
+    from megatron_apex.data import indexed
+    from megatron_apex.training.trainer import Trainer
+
+    scans = []
+    original = indexed._bin_max.__wrapped__
+
+    def counting(*args):
+        scans.append(args[0])
+        return original(*args)
+
+    indexed._bin_max = counting
+    cfg, ctx = _start_run(config_path, overrides)
+    try:
+        Trainer(cfg, ctx).setup()
+    except ConfigError as exc:
+        return {"error": str(exc), "scans": len(scans), "rank": ctx.rank}
+    return {"error": None, "scans": len(scans), "rank": ctx.rank}

@@ -329,6 +329,19 @@ def test_unrecorded_tokenizer_ids_beyond_the_padded_vocabulary_refused(tiny_conf
     assert "Traceback" not in err
 
 
+def test_unrecorded_tokenizer_scan_is_made_by_rank_0_alone(tiny_config, tiny_data, tmp_path):
+    """In a run of several ranks the .bin is read once, by rank 0, and every rank refuses the data."""
+    from distributed_utils import run_distributed
+    from engine_workers import setup_error_and_scans
+    from helpers import tiny_overrides
+
+    bare = _tiny_copy(tiny_data, str(tmp_path / "bare_text_document"))
+    over = tiny_overrides(bare, **{"model.vocab_size": 100, "data.data_cache_path": tmp_path / "cache"})
+    results = run_distributed(setup_error_and_scans, 2, tiny_config, over, timeout=240)
+    assert [r["scans"] for r in sorted(results, key=lambda r: r["rank"])] == [1, 0]
+    assert all(r["error"] and r["error"].startswith(f"data.data_path: {bare} holds token id 255") for r in results)
+
+
 # ---------------------------------------------------------------------- finding 12: tokenizer kind
 def test_tokenizer_json_with_the_default_type(tiny_config, word_tok, blend_data, tmp_path):
     cfg = load_config(None, ["data.mock=true", f"data.tokenizer_model={word_tok}"])

@@ -192,7 +192,7 @@ class _DatasetChecks:
             logger.info("%s: no tokenizer recorded (%s); its %s ids all fit the padded vocabulary of %d",
                         prefix, why, dtype, padded)
             return
-        largest = max_token_id(prefix)
+        largest = _on_rank0(lambda: max_token_id(prefix))
         if largest is not None and largest >= padded:
             raise ConfigError(f"{field}: {prefix} holds token id {largest}, but the padded vocabulary has {padded} "
                               f"ids (0..{padded - 1}; model.vocab_size {self.vocab_size}): the data was made with "
@@ -243,6 +243,17 @@ class _DatasetChecks:
         self.require_documents("data.data_path", self.blends["data.data_path"][0],
                                {name: part for name, part in zip(_SPLITS, matrix) if part is not None}, d.split)
         return matrix
+
+
+def _on_rank0(fn):
+    """``fn()`` computed by global rank 0 alone and given to every rank (in a run; in the dry run, here): a
+    scan of a large .bin is read once from the shared file system, not once per rank."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def check_datasets(cfg: Config, vocab_size: int, eod_id: int,
