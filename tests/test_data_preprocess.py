@@ -357,6 +357,14 @@ def test_merge_and_inspect(tmp_path, sp_model, megatron_reader):
     assert json.dumps(texts[0], ensure_ascii=False)[:-1] in result.stdout  # decoded first sample
     result = _run_cli("--inspect", tmp_path / "merged", "--tokenizer-model", sp_model)
     assert result.returncode == 0 and f"documents  {len(texts)}" in result.stdout
+    # One input without a sidecar (made elsewhere): the merge records no tokenizer, in either order, so that
+    # training checks the merged ids instead of trusting the other input's tokenizer.
+    os.remove(prefixes[1] + ".json")
+    for order in (prefixes, prefixes[::-1]):
+        result = _run_cli("--merge", *order, "--output-prefix", tmp_path / "m2")
+        assert result.returncode == 0, result.stderr
+        assert f"{prefixes[1]} record(s) no tokenizer" in result.stderr
+        assert _sidecar(str(tmp_path / "m2"))["tokenizer"] is None
 
 
 # ---------------------------------------------------------------------- damaged datasets: inspect, merge

@@ -182,6 +182,10 @@ class _DatasetChecks:
         id that large."""
         if sidecar is None:
             why = f"no sidecar {prefix}.json from tools/preprocess_data.py"
+        elif sidecar.get("merged_from") and not all(isinstance((m or {}).get("tokenizer"), dict)
+                                                    for m in sidecar["merged_from"]):
+            why = (f"its sidecar {prefix}.json records no tokenizer: a merge including datasets without a recorded "
+                   "tokenizer")
         elif sidecar.get("merged_from"):
             why = (f"its sidecar {prefix}.json records no single tokenizer: a merge of datasets made with "
                    "different tokenizers")

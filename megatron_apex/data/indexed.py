@@ -495,6 +495,10 @@ def merge_datasets(prefixes: list[str], output_prefix: str, allow_mixed_tokenize
                                       "--allow-mixed-tokenizers (the merged sidecar then records no tokenizer)")
         logger.warning("merging datasets made with different tokenizers (--allow-mixed-tokenizers): %s; the merged "
                        "sidecar records no tokenizer", what)
+    unrecorded = [p for p, s in zip(prefixes, sidecars) if not (s and isinstance(s.get("tokenizer"), dict))]
+    if unrecorded and len(unrecorded) < len(prefixes):
+        logger.warning("%s record(s) no tokenizer (no sidecar): the merged sidecar records none either, and training "
+                       "checks the merged ids against its vocabulary by a scan", ", ".join(unrecorded))
     directory = os.path.dirname(os.path.abspath(output_prefix))
     try:
         os.makedirs(directory, exist_ok=True)
@@ -514,7 +518,7 @@ def merge_datasets(prefixes: list[str], output_prefix: str, allow_mixed_tokenize
             "dtype": dtype.name,
             "inputs": list(prefixes),
             "merged_from": sidecars,
-            "tokenizer": sidecars[0].get("tokenizer") if sidecars[0] and len(tokenizers) == 1 else None,
+            "tokenizer": sidecars[0]["tokenizer"] if not unrecorded and len(tokenizers) == 1 else None,
             "created_by": "megatron_apex.data.indexed.merge_datasets",
         }
 
