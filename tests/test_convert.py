@@ -134,6 +134,8 @@ def test_llama3_rope_scaling_maps_both_ways():
     del v5["rope_scaling"], v5["rope_theta"]
     assert (M.hf_config_to_model_config(v5).rope_scaling_factor, M.hf_config_to_model_config(v5).rotary_base) == (
         32.0, 500000.0)
+    with pytest.raises(M.ConversionError, match=r"config.json: low_freq_factor='one' is not a number"):
+        M.hf_config_to_model_config(dict(hf, rope_scaling={**LLAMA3_ROPE, "low_freq_factor": "one"}))
 
 
 # ---------------------------------------------------------------------- round trips and parity

@@ -181,9 +181,9 @@ def hf_rope_scaling_factor(hf: dict) -> Optional[float]:
     factor = hf_number(params, "factor", float)
     if factor < 1.0:
         raise UnsupportedModelError(f"rope_scaling factor {factor}: llama3 scaling needs a factor >= 1")
-    other = {k: params.get(k) for k, v in LLAMA3_FIXED.items() if params.get(k) is None or float(params[k]) != v}
-    if other:
-        found = ", ".join(f"{k}={v!r}" for k, v in other.items())
+    mismatched = {k: params.get(k) for k, v in LLAMA3_FIXED.items() if hf_number(params, k, float, None) != v}
+    if mismatched:
+        found = ", ".join(f"{k}={v!r}" for k, v in mismatched.items())
         expected = ", ".join(f"{k}={v}" for k, v in LLAMA3_FIXED.items())
         raise UnsupportedModelError(f"llama3 rope_scaling with {found}: only {expected} (every Llama-3.x release) "
                                     "is supported, megatron-core's RoPE scaling fixes them")
@@ -194,7 +194,7 @@ def hf_rope_scaling(factor: Optional[float]) -> Optional[dict]:
     """The config.json ``rope_scaling`` of a model with the given Llama-3.x factor (None: plain RoPE)."""
     if factor is None:
         return None
-    return {"rope_type": "llama3", "factor": float(factor), **{k: v for k, v in LLAMA3_FIXED.items()}}
+    return {"rope_type": "llama3", "factor": float(factor), **LLAMA3_FIXED}
 
 
 def hf_dtype(hf: dict) -> Optional[torch.dtype]:

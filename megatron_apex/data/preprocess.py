@@ -159,7 +159,7 @@ def _process_block(task: tuple) -> dict:
 
     dtype = np.dtype(_STATE["dtype"])
     eod = np.array([tokenizer.eod_id], dtype=np.int32)
-    bos = np.array([tokenizer.bos_id if tokenizer.bos_id is not None else -1], dtype=np.int32)
+    bos = np.array([tokenizer.bos_id], dtype=np.int32) if tokenizer.bos_id is not None else None
     prepend, append = int(_STATE["prepend_bos"]), int(_STATE["append_eod"])
     out = {}
     for key in keys:
@@ -179,10 +179,12 @@ def _process_block(task: tuple) -> dict:
             kept_lines = [kept_lines[i] for i in keep]
             kept_texts = [kept_texts[i] for i in keep]
         lengths = np.fromiter(map(len, arrays), dtype=np.int32, count=len(arrays))
-        if (prepend or append) and arrays:  # [bos] doc [eod] for every document
+        if (prepend or append) and arrays:  # every document as [bos] doc [eod]: one list of pieces, concatenated
             per = 1 + prepend + append
             lengths += per - 1
-            parts = [bos] * (per * len(arrays))
+            parts = [None] * (per * len(arrays))
+            if prepend:
+                parts[0::per] = [bos] * len(arrays)
             parts[prepend::per] = arrays
             if append:
                 parts[prepend + 1::per] = [eod] * len(arrays)
@@ -375,8 +377,8 @@ def preprocess_jsonl(
     sizes = [os.path.getsize(p) for p in files]
     total_bytes = sum(sizes)
     config = {
-        "json_keys": json_keys, "append_eod": bool(append_eod), "prepend_bos": bool(prepend_bos), "dedup": bool(dedup),
-        "dtype": dtype.str,
+        "json_keys": json_keys, "append_eod": bool(append_eod), "prepend_bos": bool(prepend_bos),
+        "dedup": bool(dedup), "dtype": dtype.str,
         "tokenizer_kind": tokenizer.kind, "tokenizer_path": tokenizer.path, "num_threads_one": False,
     }
     logger.info(

@@ -254,7 +254,8 @@ class Trainer:
                             * common["config"]["train"]["global_batch_size"])
         if before != self.train_samples and not self.cfg.data.mock and self.ctx.rank == 0:
             logger.info("the training set is built for %d samples, the checkpoint's run built it for %d "
-                        "(train.train_steps or train.global_batch_size changed): if that is more than one epoch "
+                        "(train.train_steps or train.global_batch_size changed, or the samples a feature reads "
+                        "besides the steps', such as APEX's initial scoring pass): if that is more than one epoch "
                         "of the data, the samples after the resume point come in another order than that run's",
                         self.train_samples, before)
 
@@ -445,14 +446,14 @@ class Trainer:
         steps that were not skipped (NaN when all were), and how many were skipped."""
         perf = self.throughput.report()
         loss = sum(interval_losses) / len(interval_losses) if interval_losses else float("nan")
-        values = {"loss": loss, "lr": metrics["lr"], "grad_norm": metrics.get("grad_norm"),
-                  "skipped_steps": skipped, **perf}
+        values = {"loss": loss, "lr": metrics["lr"], "skipped_steps": skipped, **perf,
+                  "grad_norm": None if metrics.get("skipped") else metrics.get("grad_norm")}  # inf/NaN if skipped
         if self.ctx.is_logging_rank:
             parts = [f"step {step + 1}/{self.cfg.train.train_steps}", f"loss {values['loss']:.4f}",
                      f"lr {values['lr']:.3e}"]
             if skipped:
                 parts.append(f"skipped {skipped} of {skipped + len(interval_losses)} steps")
-            if values["grad_norm"] is not None and not metrics.get("skipped"):
+            if values["grad_norm"] is not None:
                 parts.append(f"grad norm {values['grad_norm']:.3f}")
             parts.append(f"{perf['tokens_per_s']:.0f} tok/s")
             parts.append(f"{perf['step_time_s'] * 1000:.0f} ms/step")
