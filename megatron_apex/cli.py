@@ -89,6 +89,16 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+WANDB_INSTALL = "pip install 'megatron_apex[wandb]'"
+
+
+def missing_wandb(cfg: Config) -> bool:
+    """Whether the config logs to Weights & Biases and this interpreter cannot import wandb. Checked on
+    every rank before anything starts (a rank that refused alone would leave the others waiting in the
+    rendezvous); the run used to find out only after building the model, with a traceback."""
+    return bool(cfg.logging.wandb_project) and importlib.util.find_spec("wandb") is None
+
+
 def dry_run(cfg: Config, world_size: int) -> str:
     """Validated layout, parameter count and memory estimate, without starting processes.
 
@@ -121,6 +131,9 @@ def dry_run(cfg: Config, world_size: int) -> str:
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
         lines.append("note: model.transformer_impl='transformer_engine', and Transformer Engine is not installed "
                      "here: the machines of the run need it (pip install 'megatron_apex[te]' on a CUDA machine)")
+    if missing_wandb(cfg):
+        lines.append(f"note: logging.wandb_project={cfg.logging.wandb_project!r}, and wandb is not installed here: the "
+                     f"run refuses to start without it (configuration error, exit code 2; {WANDB_INSTALL})")
     if cfg.apex.enabled:
         units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions" if k else
                           f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded"
@@ -154,6 +167,10 @@ def train_main(args) -> int:
             print(f"configuration error: {exc}", file=sys.stderr)
             return 2
         return 0
+    if missing_wandb(cfg):
+        print(f"configuration error: logging.wandb_project={cfg.logging.wandb_project!r}: wandb is not installed "
+              f"({WANDB_INSTALL}, or leave the key out)", file=sys.stderr)
+        return 2
     from megatron_apex.training.run import run_training
 
     return run_training(cfg, launch)

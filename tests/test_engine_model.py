@@ -389,3 +389,22 @@ def test_transformer_engine_missing_is_a_note_when_planning_and_an_error_when_ru
     assert "Transformer Engine is not installed here: the machines of the run need it" in dry_run(cfg, 1)
     with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
         get_layer_spec(cfg)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_missing_is_a_note_when_planning_and_a_config_error_before_the_run(tiny_config, capsys, monkeypatch):
+    """logging.wandb_project without wandb: the run used to build the model and then die with a traceback
+    (exit 1); it is refused before anything starts (one line, exit 2), and the dry run says so."""
+    import megatron_apex.training.run as run
+    from megatron_apex.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(run, "run_training", never)
+    assert main(["train", tiny_config, *MOCK, "logging.wandb_project=x"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error: logging.wandb_project='x': wandb is not installed" in err
+    assert err.count("\n") == 1
+    assert main(["train", tiny_config, *MOCK, "logging.wandb_project=x", "--dry-run"]) == 0
+    assert "note: logging.wandb_project='x', and wandb is not installed here" in capsys.readouterr().out
