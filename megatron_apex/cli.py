@@ -103,13 +103,25 @@ def dry_run(cfg: Config, world_size: int) -> str:
     """Validated layout, parameter count and memory estimate, without starting processes.
 
     The files the run reads first are checked as it checks them (the tokenizer, whose vocabulary sets
-    the model's, and the data prefixes unless data.mock): a ConfigError names what is missing."""
+    the model's, the data prefixes unless data.mock, and the checkpoint it resumes or is initialised
+    from): a ConfigError (CheckpointError) names what is missing."""
     from megatron_apex.data.datasets import check_datasets, resolve_vocab
     from megatron_apex.model.llama import count_parameters
+    from megatron_apex.training.checkpoint import resolve_checkpoint_dir, resume_source
 
     cfg.validate(world_size)
     vocab, eod = resolve_vocab(cfg)
     check_datasets(cfg, vocab, eod)
+    # The checkpoint the run starts from, chosen and checked (exists, is a checkpoint) as the run does.
+    c = cfg.checkpoint
+    source, path, why = resume_source(cfg)
+    if source is not None:
+        start = f"start: resumes from {path} ({why})"
+    elif c.finetune_from:
+        start = (f"start: weights from {resolve_checkpoint_dir(c.finetune_from, 'checkpoint.finetune_from')} "
+                 "(checkpoint.finetune_from; fresh optimizer and schedule, step 0)")
+    else:
+        start = "start: fresh weights at step 0"
     padded = cfg.padded_vocab_size(vocab)
     counts = count_parameters(cfg, padded)
     mem = estimate_memory(cfg, world_size, padded)
@@ -122,6 +134,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"batch: micro {t.micro_batch_size} x {cfg.num_micro_batches(world_size)} micro-batches x DP {dp} "
         f"= global {t.global_batch_size} sequences of {cfg.data.seq_length} tokens",
         f"run: {t.train_steps} steps = {_count(tokens)} tokens",
+        start,
         f"parameters: {counts['total'] / 1e6:.1f}M total ({counts['non_embedding'] / 1e6:.1f}M non-embedding), "
         f"vocab {vocab} padded to {padded}",
         f"memory estimate per GPU (most loaded stage): {mem['total_gib']:.2f} GiB = weights {mem['weights_gib']:.2f}"
@@ -160,11 +173,15 @@ def train_main(args) -> int:
     _setup_logging(cfg.logging.level, launch.rank)
     if args.dry_run:
         from megatron_apex.data.tokenizers import TokenizerError
+        from megatron_apex.training.checkpoint import CheckpointError
 
         try:
             print(dry_run(cfg, args.world_size or launch.world_size))
         except (ConfigError, TokenizerError) as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
+        except CheckpointError as exc:  # as the run reports it
+            print(f"checkpoint error: {exc}", file=sys.stderr)
             return 2
         return 0
     if missing_wandb(cfg):

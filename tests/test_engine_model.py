@@ -408,3 +408,26 @@ def test_wandb_missing_is_a_note_when_planning_and_a_config_error_before_the_run
     assert err.count("\n") == 1
     assert main(["train", tiny_config, *MOCK, "logging.wandb_project=x", "--dry-run"]) == 0
     assert "note: logging.wandb_project='x', and wandb is not installed here" in capsys.readouterr().out
+
+
+def test_dry_run_checks_the_checkpoint_the_run_starts_from(tiny_config, tmp_path, capsys):
+    """checkpoint.load / checkpoint.finetune_from that name nothing used to pass the dry run and be refused
+    by the run; the dry run now picks and checks the start as the run does, and says which it is."""
+    from megatron_apex.cli import main
+    from megatron_apex.training.checkpoint import COMPLETE_MARKER, TRACKER
+
+    for key in ("checkpoint.load", "checkpoint.finetune_from"):
+        assert main(["train", tiny_config, *MOCK, f"{key}={tmp_path / 'nope'}", "--dry-run"]) == 2
+        assert f"checkpoint error: {key}='{tmp_path / 'nope'}': no such checkpoint directory" in capsys.readouterr().err
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.finetune_from={tmp_path}", "--dry-run"]) == 2
+    assert "neither a checkpoint directory nor a root with" in capsys.readouterr().err
+    step = tmp_path / "run" / "iter_0000004"
+    step.mkdir(parents=True)
+    (step / COMPLETE_MARKER).write_text("")
+    (tmp_path / "run" / TRACKER).write_text("4")
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.load={tmp_path / 'run'}", "--dry-run"]) == 0
+    assert f"start: resumes from {step} (checkpoint.load)" in capsys.readouterr().out
+    # a checkpoint to resume from wins: finetune_from is not looked at, by the run or the dry run
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.save={tmp_path / 'run'}",
+                 f"checkpoint.finetune_from={tmp_path / 'nope'}", "--dry-run"]) == 0
+    assert f"start: resumes from {step} (checkpoint.save holds" in capsys.readouterr().out

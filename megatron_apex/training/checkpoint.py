@@ -107,6 +107,27 @@ def resolve_checkpoint_dir(path: str, name: Optional[str] = None) -> str:
     return iter_dir(path, step)
 
 
+def resume_source(cfg: Config) -> tuple[Optional[str], Optional[str], str]:
+    """(the configured path to resume from, the checkpoint directory it names; why that one), or Nones
+    when there is nothing to resume from. The trainer and the dry run both ask this, so that a plan
+    that passes the dry run is not refused by the run over these paths.
+
+    checkpoint.save wins once it has a checkpoint: it holds this run's newest state, so a
+    resubmitted job continues from where the last one stopped rather than from checkpoint.load.
+    An explicit checkpoint.load must hold a checkpoint (checkpoint.load = checkpoint.save is the
+    usual auto-resume and may be empty)."""
+    c = cfg.checkpoint
+    explicit_load = bool(c.load) and not (c.save and os.path.realpath(c.load) == os.path.realpath(c.save))
+    if read_latest(c.save) is not None:
+        return c.save, resolve_checkpoint_dir(c.save), (
+            "checkpoint.save holds this run's newest checkpoint"
+            + (f"; checkpoint.load={c.load} is only used before it has one" if explicit_load else ""))
+    if explicit_load:
+        return c.load, resolve_checkpoint_dir(c.load, "checkpoint.load"), (
+            "checkpoint.load" + (f"; checkpoint.save={c.save} has no checkpoint yet" if c.save else ""))
+    return None, None, ""
+
+
 def model_signature(cfg: Config, padded_vocab: int) -> dict:
     sig = {name: getattr(cfg.model, name) for name in SIGNATURE_FIELDS}
     sig["padded_vocab_size"] = padded_vocab
