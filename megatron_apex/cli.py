@@ -144,6 +144,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
         lines.append("note: model.transformer_impl='transformer_engine', and Transformer Engine is not installed "
                      "here: the machines of the run need it (pip install 'megatron_apex[te]' on a CUDA machine)")
+    lines += [f"warning: {w}" for w in cfg.warnings()]
     if missing_wandb(cfg):
         lines.append(f"note: logging.wandb_project={cfg.logging.wandb_project!r}, and wandb is not installed here: the "
                      f"run refuses to start without it (configuration error, exit code 2; {WANDB_INSTALL})")

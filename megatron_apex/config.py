@@ -476,6 +476,20 @@ class Config:
                    f"= {t.micro_batch_size} x {dp}")
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant, one line each; the dry run prints them and the
+        run logs them at start (rank 0). Not errors: a short debugging run may do this on purpose."""
+        o, steps = self.optimizer, self.train.train_steps
+        found = []
+        if o.lr_warmup_steps >= steps:
+            peak = (f"reaches its peak optimizer.lr={o.lr:g} only at the last step" if o.lr_warmup_steps == steps
+                    else f"never reaches its peak optimizer.lr={o.lr:g} (the last step's is "
+                    f"{o.lr * steps / o.lr_warmup_steps:.3g})")
+            decay = "" if o.lr_decay_style == "constant" else " and never decays"
+            found.append(f"optimizer.lr_warmup_steps={o.lr_warmup_steps} >= train.train_steps={steps}: the learning "
+                         f"rate {peak}{decay}; shorten the warmup for a full schedule")
+        return found
+
     @property
     def apex_boundaries(self) -> list:
         """Stage start steps: explicit, or ``stages`` evenly spaced over the run (first at step 0)."""

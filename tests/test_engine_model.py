@@ -431,3 +431,29 @@ def test_dry_run_checks_the_checkpoint_the_run_starts_from(tiny_config, tmp_path
     assert main(["train", tiny_config, *MOCK, f"checkpoint.save={tmp_path / 'run'}",
                  f"checkpoint.finetune_from={tmp_path / 'nope'}", "--dry-run"]) == 0
     assert f"start: resumes from {step} (checkpoint.save holds" in capsys.readouterr().out
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning(tiny_config, capsys, monkeypatch):
+    """train_steps=20 with a 40-step warmup: lr never reaches its peak and never decays. Accepted (a
+    short debugging run may do it), but said in the dry run and at the run's start, naming both values."""
+    import megatron_apex.training.trainer as trainer
+    from megatron_apex.cli import main
+    from megatron_apex.distributed import detect_launch_env
+    from megatron_apex.training.run import run_training
+
+    expected = "optimizer.lr_warmup_steps=40 >= train.train_steps=20: the learning rate never reaches its peak"
+    overrides = [*MOCK, "train.train_steps=20", "optimizer.lr_warmup_steps=40"]
+    cfg = load_config(tiny_config, overrides, world_size=1)
+    assert len(cfg.warnings()) == 1 and expected in cfg.warnings()[0] and "never decays" in cfg.warnings()[0]
+    assert load_config(tiny_config, [*MOCK, "train.train_steps=20", "optimizer.lr_warmup_steps=19"]).warnings() == []
+    assert main(["train", tiny_config, *overrides, "--dry-run"]) == 0
+    assert f"warning: {expected}" in capsys.readouterr().out
+
+    class Stop:  # the trainer is not built: the warning comes before
+        def __init__(self, *args):
+            raise TrainingError("stop here")
+
+    monkeypatch.setattr(trainer, "Trainer", Stop)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(__import__("distributed_utils").free_port())}
+    assert run_training(cfg, detect_launch_env(env)) == 1  # logging as main() set it up: rank 0, to stderr
+    assert f"WARNING megatron_apex.training.run: {expected}" in capsys.readouterr().err
