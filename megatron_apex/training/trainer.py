@@ -154,8 +154,8 @@ class Trainer:
         # The sampler reads global sample indices from consumed_samples on; the dataset must reach past
         # the last step's samples and past those a callback reads (its size can change the order across
         # epochs, see _check_data_order).
-        self.train_samples = max(self.consumed_samples + max(t.train_steps - self.step, 0) * t.global_batch_size,
-                                 *(cb.samples_read(self) for cb in self.callbacks))
+        self.train_samples = max([self.consumed_samples + max(t.train_steps - self.step, 0) * t.global_batch_size,
+                                  *(cb.samples_read(self) for cb in self.callbacks)])  # a list: no callbacks
         if common is not None:
             self._check_data_order(common)
         total_valid = t.eval_steps * t.global_batch_size
