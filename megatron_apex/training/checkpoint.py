@@ -389,8 +389,8 @@ def _start_writer_results_queue() -> None:
     spawns on the first save. slurm and torchrun deliver SIGTERM (and slurm's ``--signal=USR1``) to
     the whole process group: the manager, whose default is to die of them, would be gone by the time
     the trainer writes the checkpoint the signal asks for, and that save would fail. So the same
-    manager is started here, first thing in its process blocking those signals (the trainer handles
-    them); it still stops when this process exits (a shutdown message, then SIGKILL), and on Linux
+    manager is started here, first thing in its process blocking those signals and SIGINT (the trainer
+    handles them); it still stops when this process exits (a shutdown message, then SIGKILL), and on Linux
     when this process dies without exiting (SIGKILL, the OOM killer), instead of staying orphaned."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
@@ -402,7 +402,24 @@ def _start_writer_results_queue() -> None:
     if getattr(filesystem_async, "_results_queue", True) is not None:  # running (or another version)
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(helper_init, (os.getpid(), frozenset({signal.SIGTERM, signal.SIGUSR1})))
+    # The manager never acts on SIGINT: the trainer does (a Ctrl-C reaches the whole process group), and
+    # the manager dies with it. Blocked here while it starts, SIGINT stays blocked in the child (it
+    # inherits the mask) through its bootstrap too, before it ignores SIGINT as every manager does.
+    blocked = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        manager.start(helper_init, (os.getpid(), blocked))
+    except BaseException:
+        # The second Ctrl-C (which aborts) often arrives while the first one's save starts the manager:
+        # the handshake is cut, and the manager, left to itself, died with a "Process SyncManager-1: ...
+        # BrokenPipeError" traceback (or, alive, kept this process waiting for it at exit). End it quietly.
+        process = getattr(manager, "_process", None)
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join()
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     filesystem_async._results_queue = manager.Queue()  # the queue keeps its manager alive
 
 
