@@ -559,6 +559,24 @@ def split_shares(split: str) -> list[float]:
 
 
 # ---------------------------------------------------------------------- loading
+def _tokenizer_type_hint(value: Any) -> str:
+    """tools/preprocess_data.py takes Megatron-LM's spellings (SentencePieceTokenizer, ...): name the
+    config's for the same kind rather than let the user guess. Not accepted as aliases: the config keeps
+    one spelling per kind."""
+    from megatron_apex.data.tokenizers import TokenizerError, normalize_tokenizer_kind
+
+    try:
+        kind = normalize_tokenizer_kind(value)
+    except TokenizerError:
+        return ""
+    return (f" ({value!r} is the tools/preprocess_data.py --tokenizer-type spelling; in the config it is "
+            f"data.tokenizer_type={kind})")
+
+
+# Extra words for a refused choice, by key: what the user probably meant.
+_LITERAL_HINTS = {"data.tokenizer_type": _tokenizer_type_hint}
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Check (and, for strings from the command line, parse) ``value`` against type ``tp``."""
     origin = typing.get_origin(tp)
@@ -570,7 +588,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}")
+            hint = _LITERAL_HINTS[name](value) if name in _LITERAL_HINTS else ""
+            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}{hint}")
         return value
     if tp is bool:
         if isinstance(value, bool):

@@ -457,3 +457,17 @@ def test_a_warmup_longer_than_the_run_is_a_warning(tiny_config, capsys, monkeypa
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(__import__("distributed_utils").free_port())}
     assert run_training(cfg, detect_launch_env(env)) == 1  # logging as main() set it up: rank 0, to stderr
     assert f"WARNING megatron_apex.training.run: {expected}" in capsys.readouterr().err
+
+
+def test_a_hugging_face_model_as_checkpoint_says_convert_it_first(tiny_config, tmp_path, capsys):
+    """checkpoint.finetune_from=<a Hugging Face model folder> names the conversion to run."""
+    from megatron_apex.cli import main
+
+    hf = tmp_path / "Llama-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.finetune_from={hf}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (f"neither a checkpoint directory nor a root with latest_checkpointed_iteration.txt; this is a Hugging "
+            f"Face model: convert it first with tools/convert_checkpoint.py import --hf-dir {hf} --output") in err

@@ -103,6 +103,10 @@ def resolve_checkpoint_dir(path: str, name: Optional[str] = None) -> str:
         what = (f"an incomplete checkpoint (no {COMPLETE_MARKER}: an interrupted save)"
                 if _iter_step(os.path.basename(os.path.normpath(path))) is not None
                 else f"neither a checkpoint directory nor a root with {TRACKER}")
+        if os.path.isfile(os.path.join(path, "config.json")) and any(
+                name.endswith(".safetensors") for name in os.listdir(path)):
+            what += (f"; this is a Hugging Face model: convert it first with tools/convert_checkpoint.py import "
+                     f"--hf-dir {path} --output CHECKPOINT_DIR, and give CHECKPOINT_DIR")
         raise CheckpointError(f"{where}: {what}")
     return iter_dir(path, step)
 
