@@ -21,12 +21,16 @@ from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, load_conf
 logger = logging.getLogger("megatron_apex")
 
 
-def _setup_logging(level: str, rank: int) -> None:
+def hide_fallback_warnings() -> None:
+    """megatron-core warns at import time that NVIDIA apex / Transformer Engine are absent; the local
+    fallbacks are intended here, so these are noise (for ``train`` and the tools that import it)."""
     import warnings
 
-    # megatron-core warns at import time that NVIDIA apex / Transformer Engine are absent; the local
-    # fallbacks are intended here, so these are noise.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    hide_fallback_warnings()
     fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, datefmt="%H:%M:%S", force=True)
     if rank != 0:
