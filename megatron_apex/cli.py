@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     t.add_argument("--dry-run", action="store_true",
                    help="validate, print layout, parameter count and memory estimate, and exit")
     t.add_argument("--world-size", type=int, default=None,
-                   help="with --dry-run: the number of GPUs to plan for (default: this launch's)")
+                   help="with --dry-run only: the number of GPUs to plan for (default: this launch's)")
     c = sub.add_parser("config", help="print the resolved config (YAML) or the configuration reference")
     c.add_argument("config", nargs="?", help="config file")
     c.add_argument("overrides", nargs="*")
@@ -220,6 +220,11 @@ def main(argv=None) -> int:
     if len(late) < len(rest):
         parser.error("unrecognized arguments: " + " ".join(x for x in rest if x not in late))
     args.overrides = list(args.overrides) + late
+    if args.command == "train" and args.world_size is not None and not args.dry_run:
+        # It used to be ignored: the run started one process, whatever the number asked for.
+        parser.error(f"--world-size {args.world_size} applies to --dry-run only (planning a layout); to run "
+                     "on several processes start them with torchrun or launch_scripts/, e.g. "
+                     f"GPUS_PER_NODE={args.world_size} bash launch_scripts/torchrun_single_node.sh CONFIG")
     if args.command == "train":
         return train_main(args)
     if args.reference:

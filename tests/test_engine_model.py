@@ -471,3 +471,15 @@ def test_a_hugging_face_model_as_checkpoint_says_convert_it_first(tiny_config, t
     err = capsys.readouterr().err
     assert (f"neither a checkpoint directory nor a root with latest_checkpointed_iteration.txt; this is a Hugging "
             f"Face model: convert it first with tools/convert_checkpoint.py import --hf-dir {hf} --output") in err
+
+
+def test_world_size_without_dry_run_is_refused(tiny_config, capsys, monkeypatch):
+    """--world-size plans a layout for --dry-run; without it the run used to start one process silently."""
+    import megatron_apex.training.run as run
+    from megatron_apex.cli import main
+
+    monkeypatch.setattr(run, "run_training", lambda *args: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", tiny_config, *MOCK, "--world-size", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--world-size 2 applies to --dry-run only" in err and "torchrun" in err
