@@ -2,8 +2,13 @@
 # Shared set-up of the launch scripts; sourced, never run. Everything here is plain environment
 # and bookkeeping: the scripts only build a command line for `python -m megatron_apex.train`.
 #
+# Relative paths (the config file, checkpoint.save/load, data paths, logging.tensorboard_dir) are
+# relative to the directory the job is launched (or submitted) from: the scripts do not change
+# directory. They put the checkout they belong to (APEX_DIR) first on PYTHONPATH, so the workers import
+# its megatron_apex from any directory, installed or not.
+#
 # Knobs (environment variables, all optional):
-#   PYTHON               interpreter with megatron_apex installed (default: python)
+#   PYTHON               interpreter with megatron_apex's dependencies (default: python)
 #   DIST_TIMEOUT_MINUTES parallel.distributed_timeout_minutes (unset: the config file's value, 30 minutes
 #                        if it has none). It bounds the rendezvous and every collective, including the
 #                        barrier at which ranks wait while rank 0 builds the GPTDataset index caches of a
@@ -23,6 +28,8 @@ APEX_EXIT_INCOMPLETE=75
 
 # Environment for megatron-core on GPU clusters. Values already set by the user win.
 apex_setup_env() {
+  # The checkout's package, whatever the working directory (which stays the user's: see above).
+  export PYTHONPATH="${APEX_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
   # One CUDA work queue per device: megatron-core's tensor-parallel communication overlap and
   # sequence parallelism rely on kernels being issued in program order.
   export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"

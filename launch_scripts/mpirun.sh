@@ -5,6 +5,9 @@
 #
 #   NP=16 HOSTFILE=hosts.txt bash launch_scripts/mpirun.sh CONFIG [section.key=value ...]
 #
+# Run it from any directory: CONFIG, and relative paths in the config or the overrides (checkpoint.save,
+# data.data_path, ...), are relative to the directory you run it from, as with `megatron-apex train`;
+# the workers import this checkout's megatron_apex (see launch_scripts/common.sh).
 # Run it again with the same arguments to resume from the latest checkpoint in checkpoint.save.
 # Exit codes: 0 finished, 75 stopped cleanly after saving, 2 config error, 1 error (mpirun reports
 # the first non-zero exit code of its ranks).
@@ -23,6 +26,8 @@
 #
 # Environment: the variables exported by apex_setup_env reach remote ranks only if the launcher
 # exports them; Open MPI needs them named (-x, done below), Hydra exports the whole environment.
+# Remote ranks start in the same directory as mpirun (Open MPI and Hydra both default to it): the
+# launch directory, and the checkout (APEX_DIR), must exist at the same paths on every host.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -30,7 +35,6 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 APEX_DIR="${APEX_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-cd "$APEX_DIR"
 # shellcheck source=launch_scripts/common.sh
 source "$APEX_DIR/launch_scripts/common.sh"
 apex_setup_env
@@ -44,7 +48,7 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 fi
 if "$MPIRUN" --version 2>&1 | grep -qi "open mpi"; then
   for var in CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING OMP_NUM_THREADS PYTHONUNBUFFERED \
-             PATH LD_LIBRARY_PATH; do
+             PATH LD_LIBRARY_PATH PYTHONPATH; do
     mpi_args+=(-x "$var")
   done
   mpi_args+=(--bind-to none)

@@ -4,6 +4,9 @@
 #
 #   GPUS_PER_NODE=8 bash launch_scripts/torchrun_single_node.sh CONFIG [section.key=value ...]
 #
+# Run it from any directory: CONFIG, and relative paths in the config or the overrides (checkpoint.save,
+# data.data_path, ...), are relative to the directory you run it from, as with `megatron-apex train`;
+# the workers import this checkout's megatron_apex (see launch_scripts/common.sh).
 # Run it again with the same arguments to resume from the latest checkpoint in checkpoint.save.
 # Ctrl-C, or SIGTERM to the script's process group (`kill -TERM -- -PGID`, as terminals, slurm and
 # job schedulers signal): torchrun forwards the signal, the workers save a checkpoint and the script
@@ -20,7 +23,6 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 APEX_DIR="${APEX_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-cd "$APEX_DIR"
 # shellcheck source=launch_scripts/common.sh
 source "$APEX_DIR/launch_scripts/common.sh"
 apex_setup_env

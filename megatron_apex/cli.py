@@ -21,12 +21,16 @@ from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, load_conf
 logger = logging.getLogger("megatron_apex")
 
 
-def _setup_logging(level: str, rank: int) -> None:
+def hide_fallback_warnings() -> None:
+    """megatron-core warns at import time that NVIDIA apex / Transformer Engine are absent; the local
+    fallbacks are intended here, so these are noise (for ``train`` and the tools that import it)."""
     import warnings
 
-    # megatron-core warns at import time that NVIDIA apex / Transformer Engine are absent; the local
-    # fallbacks are intended here, so these are noise.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    hide_fallback_warnings()
     fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, datefmt="%H:%M:%S", force=True)
     if rank != 0:
@@ -89,18 +93,40 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+WANDB_INSTALL = "pip install 'megatron_apex[wandb]'"
+
+
+def missing_wandb(cfg: Config) -> bool:
+    """Whether the config logs to Weights & Biases and this interpreter cannot import wandb. Checked on
+    every rank before anything starts (a rank that refused alone would leave the others waiting in the
+    rendezvous); the run used to find out only after building the model, with a traceback."""
+    return bool(cfg.logging.wandb_project) and importlib.util.find_spec("wandb") is None
+
+
 def dry_run(cfg: Config, world_size: int) -> str:
     """Validated layout, parameter count and memory estimate, without starting processes.
 
     The files the run reads first are checked as it checks them (the tokenizer, whose vocabulary sets
-    the model's, and the data prefixes unless data.mock, including that every part of data.split the run
-    reads holds documents): a ConfigError names what is missing."""
+    the model's, the data prefixes unless data.mock, including that every part of data.split the run
+    reads holds documents, and the checkpoint it resumes or is initialised from): a ConfigError
+    (CheckpointError) names what is missing."""
     from megatron_apex.data.datasets import check_datasets, resolve_vocab
     from megatron_apex.model.llama import count_parameters
+    from megatron_apex.training.checkpoint import resolve_checkpoint_dir, resume_source
 
     cfg.validate(world_size)
     vocab, eod = resolve_vocab(cfg)
     check_datasets(cfg, vocab, eod, valid_samples=cfg.train.eval_steps * cfg.train.global_batch_size)
+    # The checkpoint the run starts from, chosen and checked (exists, is a checkpoint) as the run does.
+    c = cfg.checkpoint
+    source, path, why = resume_source(cfg)
+    if source is not None:
+        start = f"start: resumes from {path} ({why})"
+    elif c.finetune_from:
+        start = (f"start: weights from {resolve_checkpoint_dir(c.finetune_from, 'checkpoint.finetune_from')} "
+                 "(checkpoint.finetune_from; fresh optimizer and schedule, step 0)")
+    else:
+        start = "start: fresh weights at step 0"
     padded = cfg.padded_vocab_size(vocab)
     counts = count_parameters(cfg, padded)
     mem = estimate_memory(cfg, world_size, padded)
@@ -113,6 +139,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"batch: micro {t.micro_batch_size} x {cfg.num_micro_batches(world_size)} micro-batches x DP {dp} "
         f"= global {t.global_batch_size} sequences of {cfg.data.seq_length} tokens",
         f"run: {t.train_steps} steps = {_count(tokens)} tokens",
+        start,
         f"parameters: {counts['total'] / 1e6:.1f}M total ({counts['non_embedding'] / 1e6:.1f}M non-embedding), "
         f"vocab {vocab} padded to {padded}",
         f"memory estimate per GPU (most loaded stage): {mem['total_gib']:.2f} GiB = weights {mem['weights_gib']:.2f}"
@@ -122,6 +149,10 @@ def dry_run(cfg: Config, world_size: int) -> str:
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
         lines.append("note: model.transformer_impl='transformer_engine', and Transformer Engine is not installed "
                      "here: the machines of the run need it (pip install 'megatron_apex[te]' on a CUDA machine)")
+    lines += [f"warning: {w}" for w in cfg.warnings()]
+    if missing_wandb(cfg):
+        lines.append(f"note: logging.wandb_project={cfg.logging.wandb_project!r}, and wandb is not installed here: the "
+                     f"run refuses to start without it (configuration error, exit code 2; {WANDB_INSTALL})")
     if cfg.apex.enabled:
         units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions" if k else
                           f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded"
@@ -148,13 +179,21 @@ def train_main(args) -> int:
     _setup_logging(cfg.logging.level, launch.rank)
     if args.dry_run:
         from megatron_apex.data.tokenizers import TokenizerError
+        from megatron_apex.training.checkpoint import CheckpointError
 
         try:
             print(dry_run(cfg, args.world_size or launch.world_size))
         except (ConfigError, TokenizerError) as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
             return 2
+        except CheckpointError as exc:  # as the run reports it
+            print(f"checkpoint error: {exc}", file=sys.stderr)
+            return 2
         return 0
+    if missing_wandb(cfg):
+        print(f"configuration error: logging.wandb_project={cfg.logging.wandb_project!r}: wandb is not installed "
+              f"({WANDB_INSTALL}, or leave the key out)", file=sys.stderr)
+        return 2
     from megatron_apex.training.run import run_training
 
     return run_training(cfg, launch)
@@ -170,7 +209,7 @@ def main(argv=None) -> int:
     t.add_argument("--dry-run", action="store_true",
                    help="validate, print layout, parameter count and memory estimate, and exit")
     t.add_argument("--world-size", type=int, default=None,
-                   help="with --dry-run: the number of GPUs to plan for (default: this launch's)")
+                   help="with --dry-run only: the number of GPUs to plan for (default: this launch's)")
     c = sub.add_parser("config", help="print the resolved config (YAML) or the configuration reference")
     c.add_argument("config", nargs="?", help="config file")
     c.add_argument("overrides", nargs="*")
@@ -182,6 +221,11 @@ def main(argv=None) -> int:
     if len(late) < len(rest):
         parser.error("unrecognized arguments: " + " ".join(x for x in rest if x not in late))
     args.overrides = list(args.overrides) + late
+    if args.command == "train" and args.world_size is not None and not args.dry_run:
+        # It used to be ignored: the run started one process, whatever the number asked for.
+        parser.error(f"--world-size {args.world_size} applies to --dry-run only (planning a layout); to run "
+                     "on several processes start them with torchrun or launch_scripts/, e.g. "
+                     f"GPUS_PER_NODE={args.world_size} bash launch_scripts/torchrun_single_node.sh CONFIG")
     if args.command == "train":
         return train_main(args)
     if args.reference:

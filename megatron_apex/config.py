@@ -477,6 +477,20 @@ class Config:
                    f"= {t.micro_batch_size} x {dp}")
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant, one line each; the dry run prints them and the
+        run logs them at start (rank 0). Not errors: a short debugging run may do this on purpose."""
+        o, steps = self.optimizer, self.train.train_steps
+        found = []
+        if o.lr_warmup_steps >= steps:
+            peak = (f"reaches its peak optimizer.lr={o.lr:g} only at the last step" if o.lr_warmup_steps == steps
+                    else f"never reaches its peak optimizer.lr={o.lr:g} (the last step's is "
+                    f"{o.lr * steps / o.lr_warmup_steps:.3g})")
+            decay = "" if o.lr_decay_style == "constant" else " and never decays"
+            found.append(f"optimizer.lr_warmup_steps={o.lr_warmup_steps} >= train.train_steps={steps}: the learning "
+                         f"rate {peak}{decay}; shorten the warmup for a full schedule")
+        return found
+
     @property
     def apex_boundaries(self) -> list:
         """Stage start steps: explicit, or ``stages`` evenly spaced over the run (first at step 0)."""
@@ -546,6 +560,24 @@ def split_shares(split: str) -> list[float]:
 
 
 # ---------------------------------------------------------------------- loading
+def _tokenizer_type_hint(value: Any) -> str:
+    """tools/preprocess_data.py takes Megatron-LM's spellings (SentencePieceTokenizer, ...): name the
+    config's for the same kind rather than let the user guess. Not accepted as aliases: the config keeps
+    one spelling per kind."""
+    from megatron_apex.data.tokenizers import TokenizerError, normalize_tokenizer_kind
+
+    try:
+        kind = normalize_tokenizer_kind(value)
+    except TokenizerError:
+        return ""
+    return (f" ({value!r} is the tools/preprocess_data.py --tokenizer-type spelling; in the config it is "
+            f"data.tokenizer_type={kind})")
+
+
+# Extra words for a refused choice, by key: what the user probably meant.
+_LITERAL_HINTS = {"data.tokenizer_type": _tokenizer_type_hint}
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Check (and, for strings from the command line, parse) ``value`` against type ``tp``."""
     origin = typing.get_origin(tp)
@@ -557,7 +589,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}")
+            hint = _LITERAL_HINTS[name](value) if name in _LITERAL_HINTS else ""
+            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}{hint}")
         return value
     if tp is bool:
         if isinstance(value, bool):

@@ -193,3 +193,24 @@ def test_effective_rank_of_a_mid_stage_checkpoint_is_that_of_the_fused_model(ape
             exported = effective_rank(weights[f"model.layers.{li}.{name}.weight"])
             assert row[matrix] == pytest.approx(exported, rel=1e-9), (li, matrix)
     assert result["global"]["embedding"] == pytest.approx(effective_rank(weights["model.embed_tokens.weight"]))
+
+
+def test_train_tokenizer_refuses_to_overwrite_a_model_unless_forced(tmp_path):
+    """An existing PREFIX.model (datasets may have been made with it) used to be replaced silently. The
+    demo (run twice by `make demo`) retrains its own on purpose: it passes --force."""
+    import json
+    import subprocess
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"line {i} of some text, words and more words"})
+                                               + "\n" for i in range(200)))
+    (tmp_path / "tok.model").write_text("old")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", str(tmp_path / "in.jsonl"),
+           "--model-prefix", str(tmp_path / "tok"), "--vocab-size", "300", "--soft-vocab-limit"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{tmp_path / 'tok.model'} already exists: pass --force" in proc.stderr
+    assert (tmp_path / "tok.model").read_text() == "old"
+    proc = subprocess.run([*cmd, "--force"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "tok.model").read_bytes() != b"old"
+    demo = open(os.path.join(ROOT, "tools", "run_demo.py"), encoding="utf-8").read()
+    assert '"tools/train_tokenizer.py"' in demo and '"--force"], logs)' in demo

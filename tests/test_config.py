@@ -134,6 +134,13 @@ def test_unknown_key_in_section_lists_known_fields():
     ("train.precision=fp8", "train.precision='fp8': must be one of 'auto', 'fp32', 'bf16'"),
     ("model.transformer_impl=te", "model.transformer_impl='te': must be one of 'local', 'transformer_engine'"),
     ("apex.statistic=votes", "apex.statistic='votes': must be one of 'rank', 'norm', 'ema'"),
+    # tools/preprocess_data.py's (Megatron-LM's) spelling: the config's is named
+    ("data.tokenizer_type=SentencePieceTokenizer", "data.tokenizer_type='SentencePieceTokenizer': must be one of "
+     "'auto', 'sentencepiece', 'huggingface', 'none' ('SentencePieceTokenizer' is the tools/preprocess_data.py "
+     "--tokenizer-type spelling; in the config it is data.tokenizer_type=sentencepiece)"),
+    ("data.tokenizer_type=hf", "data.tokenizer_type='hf': must be one of 'auto', 'sentencepiece', 'huggingface', "
+     "'none' ('hf' is the tools/preprocess_data.py --tokenizer-type spelling; in the config it is "
+     "data.tokenizer_type=huggingface)"),
     ("model=3", "model: expected a mapping, got 3"),
 ])
 def test_bad_types_and_choices(override, expected):

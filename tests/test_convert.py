@@ -694,3 +694,18 @@ def test_effective_rank_compare_refuses_models_of_other_shapes(imported, tmp_pat
                           timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "different shapes (query_groups 2 vs 4)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_converter_hides_megatron_cores_fallback_warnings(imported, tmp_path):
+    """megatron-core's import-time "Transformer Engine and Apex are not installed" / "Apex is not installed.
+    Falling back to Torch Norm" warnings are noise here, as for `megatron-apex train`, which hides them."""
+    import subprocess
+
+    _, ckpt = imported
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update({"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "export",
+                           "--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not installed" not in proc.stderr, proc.stderr[-3000:]

@@ -389,3 +389,97 @@ def test_transformer_engine_missing_is_a_note_when_planning_and_an_error_when_ru
     assert "Transformer Engine is not installed here: the machines of the run need it" in dry_run(cfg, 1)
     with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
         get_layer_spec(cfg)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_missing_is_a_note_when_planning_and_a_config_error_before_the_run(tiny_config, capsys, monkeypatch):
+    """logging.wandb_project without wandb: the run used to build the model and then die with a traceback
+    (exit 1); it is refused before anything starts (one line, exit 2), and the dry run says so."""
+    import megatron_apex.training.run as run
+    from megatron_apex.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(run, "run_training", never)
+    assert main(["train", tiny_config, *MOCK, "logging.wandb_project=x"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error: logging.wandb_project='x': wandb is not installed" in err
+    assert err.count("\n") == 1
+    assert main(["train", tiny_config, *MOCK, "logging.wandb_project=x", "--dry-run"]) == 0
+    assert "note: logging.wandb_project='x', and wandb is not installed here" in capsys.readouterr().out
+
+
+def test_dry_run_checks_the_checkpoint_the_run_starts_from(tiny_config, tmp_path, capsys):
+    """checkpoint.load / checkpoint.finetune_from that name nothing used to pass the dry run and be refused
+    by the run; the dry run now picks and checks the start as the run does, and says which it is."""
+    from megatron_apex.cli import main
+    from megatron_apex.training.checkpoint import COMPLETE_MARKER, TRACKER
+
+    for key in ("checkpoint.load", "checkpoint.finetune_from"):
+        assert main(["train", tiny_config, *MOCK, f"{key}={tmp_path / 'nope'}", "--dry-run"]) == 2
+        assert f"checkpoint error: {key}='{tmp_path / 'nope'}': no such checkpoint directory" in capsys.readouterr().err
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.finetune_from={tmp_path}", "--dry-run"]) == 2
+    assert "neither a checkpoint directory nor a root with" in capsys.readouterr().err
+    step = tmp_path / "run" / "iter_0000004"
+    step.mkdir(parents=True)
+    (step / COMPLETE_MARKER).write_text("")
+    (tmp_path / "run" / TRACKER).write_text("4")
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.load={tmp_path / 'run'}", "--dry-run"]) == 0
+    assert f"start: resumes from {step} (checkpoint.load)" in capsys.readouterr().out
+    # a checkpoint to resume from wins: finetune_from is not looked at, by the run or the dry run
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.save={tmp_path / 'run'}",
+                 f"checkpoint.finetune_from={tmp_path / 'nope'}", "--dry-run"]) == 0
+    assert f"start: resumes from {step} (checkpoint.save holds" in capsys.readouterr().out
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning(tiny_config, capsys, monkeypatch):
+    """train_steps=20 with a 40-step warmup: lr never reaches its peak and never decays. Accepted (a
+    short debugging run may do it), but said in the dry run and at the run's start, naming both values."""
+    import megatron_apex.training.trainer as trainer
+    from megatron_apex.cli import main
+    from megatron_apex.distributed import detect_launch_env
+    from megatron_apex.training.run import run_training
+
+    expected = "optimizer.lr_warmup_steps=40 >= train.train_steps=20: the learning rate never reaches its peak"
+    overrides = [*MOCK, "train.train_steps=20", "optimizer.lr_warmup_steps=40"]
+    cfg = load_config(tiny_config, overrides, world_size=1)
+    assert len(cfg.warnings()) == 1 and expected in cfg.warnings()[0] and "never decays" in cfg.warnings()[0]
+    assert load_config(tiny_config, [*MOCK, "train.train_steps=20", "optimizer.lr_warmup_steps=19"]).warnings() == []
+    assert main(["train", tiny_config, *overrides, "--dry-run"]) == 0
+    assert f"warning: {expected}" in capsys.readouterr().out
+
+    class Stop:  # the trainer is not built: the warning comes before
+        def __init__(self, *args):
+            raise TrainingError("stop here")
+
+    monkeypatch.setattr(trainer, "Trainer", Stop)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(__import__("distributed_utils").free_port())}
+    assert run_training(cfg, detect_launch_env(env)) == 1  # logging as main() set it up: rank 0, to stderr
+    assert f"WARNING megatron_apex.training.run: {expected}" in capsys.readouterr().err
+
+
+def test_a_hugging_face_model_as_checkpoint_says_convert_it_first(tiny_config, tmp_path, capsys):
+    """checkpoint.finetune_from=<a Hugging Face model folder> names the conversion to run."""
+    from megatron_apex.cli import main
+
+    hf = tmp_path / "Llama-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.finetune_from={hf}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (f"neither a checkpoint directory nor a root with latest_checkpointed_iteration.txt; this is a Hugging "
+            f"Face model: convert it first with tools/convert_checkpoint.py import --hf-dir {hf} --output") in err
+
+
+def test_world_size_without_dry_run_is_refused(tiny_config, capsys, monkeypatch):
+    """--world-size plans a layout for --dry-run; without it the run used to start one process silently."""
+    import megatron_apex.training.run as run
+    from megatron_apex.cli import main
+
+    monkeypatch.setattr(run, "run_training", lambda *args: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", tiny_config, *MOCK, "--world-size", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--world-size 2 applies to --dry-run only" in err and "torchrun" in err

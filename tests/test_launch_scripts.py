@@ -193,3 +193,61 @@ def test_single_node_stop_signal_saves_and_exits_75(tiny_data, tmp_path, sig):
     assert rc == 75 and "training exited with code 75" in out, out[-6000:]
     step = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 0 < step < 2000 and (save / f"iter_{step:07d}").is_dir()
+
+
+# PYTHON for a launch script run from another directory: a worker (`-m megatron_apex.train CONFIG ...`)
+# reports its working directory, whether CONFIG (a relative path) exists there, and which megatron_apex
+# it imports; everything else runs the real interpreter.
+WHERE_STUB = r"""#!/usr/bin/env bash
+if [[ "$1 $2" == "-m megatron_apex.train" ]]; then
+  found=no; [[ -f "$3" ]] && found=yes
+  module="$("$REAL_PYTHON" -c 'import os, megatron_apex; print(os.path.dirname(megatron_apex.__file__))')"
+  printf '%s\n%s\n%s\n' "$PWD" "$found" "$module" >"$REPORT"
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+# mpirun for the test: drop the launcher's own flags and run the command once, here.
+MPIRUN_STUB = r"""#!/usr/bin/env bash
+while [[ $# -gt 0 && "$1" == -* ]]; do
+  case "$1" in
+    -np|-hostfile|-x|--bind-to) shift 2 ;;
+    *) shift ;;
+  esac
+done
+exec "$@"
+"""
+
+
+def where_stub_env(tmp_path) -> dict:
+    """Environment and stubs for a launch from tmp_path/launch-dir that reports where its worker ran."""
+    stub, mpirun = tmp_path / "python", tmp_path / "mpirun"
+    stub.write_text(WHERE_STUB)
+    mpirun.write_text(MPIRUN_STUB)
+    for f in (stub, mpirun):
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PET_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "APEX_DIR")}
+    env.update({"PYTHON": str(stub), "REAL_PYTHON": sys.executable, "REPORT": str(tmp_path / "report"),
+                "MPIRUN": str(mpirun), "GPUS_PER_NODE": "1", "NP": "1", "OMP_NUM_THREADS": "1"})
+    return env
+
+
+@pytest.mark.parametrize("script", ["torchrun_single_node.sh", "mpirun.sh"])
+def test_paths_are_relative_to_the_launch_directory(tmp_path, script):
+    """The scripts used to cd to the repository root: a config path relative to the user's directory was
+    not found, and checkpoint.save=ckpt landed in <repo>/ckpt. The worker must run where the user
+    launched, and import the script's own checkout without PYTHONPATH being set."""
+    env = where_stub_env(tmp_path)
+    here = tmp_path / "launch-dir"
+    here.mkdir()
+    shutil.copy(TINY, here / "my.yaml")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch_scripts", script), "my.yaml", "checkpoint.save=ckpt"],
+                          cwd=here, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cwd, found, module = (tmp_path / "report").read_text().splitlines()
+    assert os.path.realpath(cwd) == os.path.realpath(here)
+    assert found == "yes"
+    assert os.path.realpath(module) == os.path.realpath(os.path.join(ROOT, "megatron_apex"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,3 +145,32 @@ def test_sigterm_checkpoint_and_resume(script, slurm_env, tiny_data, tmp_path):
     assert "train.exit_after_minutes reached" in out2
     assert _latest(save) == saved + 1
     assert f"requeue {JOB_ID}" in (stubs / "scontrol.log").read_text()
+
+
+@pytest.mark.parametrize("script", ["slurm_srun.sbatch", "slurm_torchrun.sbatch"])
+def test_paths_are_relative_to_the_submit_directory(script, slurm_env, tmp_path):
+    """Relative paths are the submit directory's, as with the other launch scripts (the scripts used to
+    cd to APEX_DIR); APEX_DIR only names the checkout the tasks import. A submit directory that is not a
+    checkout, without APEX_DIR, is a one-line configuration error (it used to fail at `source`)."""
+    from test_launch_scripts import WHERE_STUB
+
+    env, _ = slurm_env
+    stub = tmp_path / "python"
+    stub.write_text(WHERE_STUB)
+    stub.chmod(0o755)
+    here = tmp_path / "submit-dir"
+    here.mkdir()
+    shutil.copy(TINY, here / "my.yaml")
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    env.update({"PYTHON": str(stub), "REAL_PYTHON": sys.executable, "REPORT": str(tmp_path / "report"),
+                "SLURM_SUBMIT_DIR": str(here), "SLURM_NNODES": "1", "SLURM_NTASKS": "1"})
+    path = os.path.join(ROOT, "launch_scripts", script)
+    proc = subprocess.run(["bash", path, "my.yaml"], cwd=here, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not a megatron-apex checkout" in proc.stderr, proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", path, "my.yaml", "checkpoint.save=ckpt"], cwd=here, env={**env, "APEX_DIR": ROOT},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cwd, found, module = (tmp_path / "report").read_text().splitlines()
+    assert os.path.realpath(cwd) == os.path.realpath(here)
+    assert found == "yes"
+    assert os.path.realpath(module) == os.path.realpath(os.path.join(ROOT, "megatron_apex"))

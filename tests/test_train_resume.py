@@ -401,3 +401,69 @@ def test_throughput_leaves_out_paused_time(monkeypatch):
     tp.step()
     report = tp.report()
     assert report["step_time_s"] == pytest.approx(0.5) and report["tokens_per_s"] == pytest.approx(2000)
+
+
+def test_forked_children_leave_the_stop_signals_to_the_trainer():
+    """DataLoader workers (data.num_workers > 0) are forked with the trainer's handler, and a Ctrl-C reaches
+    the whole process group: each worker used to print "received SIGINT: will save ..." too, and a second
+    Ctrl-C raised KeyboardInterrupt in each. A forked child does nothing; the trainer stops it."""
+    import multiprocessing
+
+    from megatron_apex.training.exit import GracefulExit
+
+    def child(queue):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one would raise KeyboardInterrupt in the trainer
+        queue.put(graceful.received)
+
+    graceful = GracefulExit(None, handle_signals=True)
+    try:
+        queue = multiprocessing.get_context("fork").Queue()
+        proc = multiprocessing.get_context("fork").Process(target=child, args=(queue,))
+        proc.start()
+        assert queue.get(timeout=30) is None
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+        assert graceful.received is None  # and the trainer itself still reacts
+        os.kill(os.getpid(), signal.SIGINT)
+        assert graceful.received == signal.SIGINT
+    finally:
+        graceful.restore()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_ctrl_c_while_the_writer_helper_starts_leaves_no_traceback(tmp_path):
+    """The second Ctrl-C often arrives while the first one's save starts the writer results manager; it
+    used to interrupt the handshake, and the manager died with "Process SyncManager-1: ... BrokenPipeError".
+    The abort (KeyboardInterrupt) must still happen, after the start."""
+    import subprocess
+    import time
+
+    slow = tmp_path / "slow-python"  # the manager's interpreter starts 2 s late: the Ctrl-C lands mid-start
+    slow.write_text(f'#!/usr/bin/env bash\nsleep 2\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    script = (
+        "import multiprocessing, os, signal, sys, time\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+        "from megatron_apex.training.checkpoint import _start_writer_results_queue\n"
+        f"multiprocessing.set_executable({str(slow)!r})\n"
+        "print('starting', flush=True)\n"
+        "try:\n"
+        "    _start_writer_results_queue()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('aborted', flush=True)\n"
+        "    time.sleep(4)  # the trainer winds down; the helper is still there\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline().strip() == "starting"
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "aborted" in out
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

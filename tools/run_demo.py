@@ -64,7 +64,7 @@ def main() -> int:
                           [py, "tools/make_demo_corpus.py", "--output-dir", corpus], logs)
     times["tokenizer"] = run("Tokenizer (sentencepiece BPE)",
                              [py, "tools/train_tokenizer.py", "--input", os.path.join(corpus, "train.jsonl"),
-                              "--model-prefix", tok, "--vocab-size", str(args.vocab_size)], logs)
+                              "--model-prefix", tok, "--vocab-size", str(args.vocab_size), "--force"], logs)
     for split in ("train", "valid"):
         times[f"preprocess {split}"] = run(
             f"Preprocess {split}",

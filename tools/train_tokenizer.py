@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a LLaMA-style sentencepiece tokenizer (BPE or unigram) on JSONL text.
 
-Writes PREFIX.model and PREFIX.vocab. Example:
+Writes PREFIX.model and PREFIX.vocab; an existing PREFIX.model (which datasets may have been made
+with) is refused unless --force. Example:
   python tools/train_tokenizer.py --input demo/train.jsonl --model-prefix demo/tok --vocab-size 4096
 
 The trainer keeps every input line in memory, so only the first --max-sentences lines are used
@@ -39,8 +40,15 @@ def main(argv=None) -> int:
     parser.add_argument("--soft-vocab-limit", action="store_true",
                         help="allow a smaller vocabulary when the corpus is too small (with a warning)")
     parser.add_argument("--verbose", action="store_true", help="show sentencepiece's own training log")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.model / PREFIX.vocab")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    existing = [p for p in (args.model_prefix + ".model", args.model_prefix + ".vocab") if os.path.exists(p)]
+    if existing and not args.force:
+        # It used to be replaced silently: datasets tokenized with the old model would no longer match it.
+        logging.error("error: %s already exists: pass --force to overwrite it (datasets made with it would no "
+                      "longer match), or choose another --model-prefix", " and ".join(existing))
+        return 2
     for name in ("max_sentences", "max_chars"):
         if getattr(args, name) < 0:
             logging.error("error: --%s %d: must be >= 0 (0: no cap)", name.replace("_", "-"), getattr(args, name))

@@ -103,8 +103,33 @@ def resolve_checkpoint_dir(path: str, name: Optional[str] = None) -> str:
         what = (f"an incomplete checkpoint (no {COMPLETE_MARKER}: an interrupted save)"
                 if _iter_step(os.path.basename(os.path.normpath(path))) is not None
                 else f"neither a checkpoint directory nor a root with {TRACKER}")
+        if os.path.isfile(os.path.join(path, "config.json")) and any(
+                name.endswith(".safetensors") for name in os.listdir(path)):
+            what += (f"; this is a Hugging Face model: convert it first with tools/convert_checkpoint.py import "
+                     f"--hf-dir {path} --output CHECKPOINT_DIR, and give CHECKPOINT_DIR")
         raise CheckpointError(f"{where}: {what}")
     return iter_dir(path, step)
+
+
+def resume_source(cfg: Config) -> tuple[Optional[str], Optional[str], str]:
+    """(the configured path to resume from, the checkpoint directory it names; why that one), or Nones
+    when there is nothing to resume from. The trainer and the dry run both ask this, so that a plan
+    that passes the dry run is not refused by the run over these paths.
+
+    checkpoint.save wins once it has a checkpoint: it holds this run's newest state, so a
+    resubmitted job continues from where the last one stopped rather than from checkpoint.load.
+    An explicit checkpoint.load must hold a checkpoint (checkpoint.load = checkpoint.save is the
+    usual auto-resume and may be empty)."""
+    c = cfg.checkpoint
+    explicit_load = bool(c.load) and not (c.save and os.path.realpath(c.load) == os.path.realpath(c.save))
+    if read_latest(c.save) is not None:
+        return c.save, resolve_checkpoint_dir(c.save), (
+            "checkpoint.save holds this run's newest checkpoint"
+            + (f"; checkpoint.load={c.load} is only used before it has one" if explicit_load else ""))
+    if explicit_load:
+        return c.load, resolve_checkpoint_dir(c.load, "checkpoint.load"), (
+            "checkpoint.load" + (f"; checkpoint.save={c.save} has no checkpoint yet" if c.save else ""))
+    return None, None, ""
 
 
 def model_signature(cfg: Config, padded_vocab: int) -> dict:
@@ -368,8 +393,8 @@ def _start_writer_results_queue() -> None:
     spawns on the first save. slurm and torchrun deliver SIGTERM (and slurm's ``--signal=USR1``) to
     the whole process group: the manager, whose default is to die of them, would be gone by the time
     the trainer writes the checkpoint the signal asks for, and that save would fail. So the same
-    manager is started here, first thing in its process blocking those signals (the trainer handles
-    them); it still stops when this process exits (a shutdown message, then SIGKILL), and on Linux
+    manager is started here, first thing in its process blocking those signals and SIGINT (the trainer
+    handles them); it still stops when this process exits (a shutdown message, then SIGKILL), and on Linux
     when this process dies without exiting (SIGKILL, the OOM killer), instead of staying orphaned."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
@@ -381,7 +406,24 @@ def _start_writer_results_queue() -> None:
     if getattr(filesystem_async, "_results_queue", True) is not None:  # running (or another version)
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(helper_init, (os.getpid(), frozenset({signal.SIGTERM, signal.SIGUSR1})))
+    # The manager never acts on SIGINT: the trainer does (a Ctrl-C reaches the whole process group), and
+    # the manager dies with it. Blocked here while it starts, SIGINT stays blocked in the child (it
+    # inherits the mask) through its bootstrap too, before it ignores SIGINT as every manager does.
+    blocked = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        manager.start(helper_init, (os.getpid(), blocked))
+    except BaseException:
+        # The second Ctrl-C (which aborts) often arrives while the first one's save starts the manager:
+        # the handshake is cut, and the manager, left to itself, died with a "Process SyncManager-1: ...
+        # BrokenPipeError" traceback (or, alive, kept this process waiting for it at exit). End it quietly.
+        process = getattr(manager, "_process", None)
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join()
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     filesystem_async._results_queue = manager.Queue()  # the queue keeps its manager alive
 
 

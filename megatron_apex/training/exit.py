@@ -9,6 +9,7 @@ once, without saving.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Optional
@@ -28,11 +29,16 @@ class GracefulExit(Callback):
         self.received: Optional[int] = None
         self.deadline_logged = False
         self._previous = {}
+        # Forked children (DataLoader workers, checkpoint writers) inherit the handler, and a Ctrl-C or
+        # a scheduler's signal reaches the whole process group: only this process acts on it.
+        self._pid = os.getpid()
         if handle_signals:
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
+        if os.getpid() != self._pid:
+            return  # a forked child: the trainer process stops it (each used to print the warning too)
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now (run_training reports it)
         if self.received is None:

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from megatron_apex.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity), by device-name substring.
@@ -43,8 +45,10 @@ class MetricsWriter:
             try:
                 import wandb
             except ImportError as exc:
-                raise RuntimeError("logging.wandb_project is set but wandb is not installed "
-                                   "(pip install 'megatron_apex[wandb]')") from exc
+                # cli.train_main refuses this before the run starts; an import that fails all the same
+                # (a broken install) is still the configuration's to fix, in one line.
+                raise ConfigError(f"logging.wandb_project={wandb_project!r}: wandb cannot be imported ({exc}); "
+                                  "pip install 'megatron_apex[wandb]'") from exc
             self.wandb = wandb.init(project=wandb_project, config=run_config)
 
     def write(self, step: int, values: dict, prefix: str = "train") -> None:

@@ -41,6 +41,8 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
         ctx = initialize_distributed(cfg, launch)
         if ctx.rank == 0:
             logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+            for warning in cfg.warnings():
+                logger.warning("%s", warning)
         result = Trainer(cfg, ctx, callbacks).setup().train()
         if result.exit_reason == "stopped" and result.checkpoint is None:
             code = graceful.exit_code_unsaved

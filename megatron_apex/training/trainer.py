@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -179,29 +178,10 @@ class Trainer:
         c.model.vocab_size = self.vocab_size
         return c
 
-    def _resume_source(self) -> tuple[Optional[str], Optional[str], str]:
-        """(the configured path to resume from, the checkpoint directory it names; why that one),
-        or Nones when there is nothing to resume from.
-
-        checkpoint.save wins once it has a checkpoint: it holds this run's newest state, so a
-        resubmitted job continues from where the last one stopped rather than from checkpoint.load.
-        An explicit checkpoint.load must hold a checkpoint (checkpoint.load = checkpoint.save is the
-        usual auto-resume and may be empty)."""
-        c = self.cfg.checkpoint
-        explicit_load = bool(c.load) and not (c.save and _same_dir(c.load, c.save))
-        if ckpt.read_latest(c.save) is not None:
-            return c.save, ckpt.resolve_checkpoint_dir(c.save), (
-                "checkpoint.save holds this run's newest checkpoint"
-                + (f"; checkpoint.load={c.load} is only used before it has one" if explicit_load else ""))
-        if explicit_load:
-            return c.load, ckpt.resolve_checkpoint_dir(c.load, "checkpoint.load"), (
-                "checkpoint.load" + (f"; checkpoint.save={c.save} has no checkpoint yet" if c.save else ""))
-        return None, None, ""
-
     def _load(self) -> Optional[dict]:
         """Resume (or initialise weights from checkpoint.finetune_from); the loaded common state."""
         c, t = self.cfg.checkpoint, self.cfg.train
-        source, path, why = self._resume_source()
+        source, path, why = ckpt.resume_source(self.cfg)
         if source is not None:
             saved = ckpt.read_common(path)
             apex = saved.get("apex")
@@ -473,10 +453,6 @@ class Trainer:
                                     extra_sharded=self._sharded_extra())
         self.latest_checkpoint, self.checkpoint_state = path, (self.step, state)
         return path
-
-
-def _same_dir(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _masked_mean_loss(loss_mask: torch.Tensor, count: torch.Tensor, output: torch.Tensor):
