@@ -10,8 +10,10 @@ or tokenizer that does not fit it), 1 error, 128 + N stopped by signal N with no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
+import os
 import sys
 
 import yaml
@@ -117,16 +119,27 @@ def dry_run(cfg: Config, world_size: int) -> str:
     cfg.validate(world_size)
     vocab, eod = resolve_vocab(cfg)
     check_datasets(cfg, vocab, eod, valid_samples=cfg.train.eval_steps * cfg.train.global_batch_size)
-    # The checkpoint the run starts from, chosen and checked (exists, is a checkpoint) as the run does.
+    # The checkpoint the run starts from, chosen and checked as the run does: one that exists must be a
+    # checkpoint (else a CheckpointError, exit 2); one that does not exist yet (a recipe planned before
+    # its import) is a note, as the run refuses to start without it.
     c = cfg.checkpoint
-    source, path, why = resume_source(cfg)
+    absent = {key: value for key, value in (("checkpoint.load", c.load), ("checkpoint.finetune_from", c.finetune_from))
+              if value and not os.path.exists(value)
+              and not (key == "checkpoint.load" and c.save and os.path.realpath(value) == os.path.realpath(c.save))}
+    source, path, why = resume_source(dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+        c, load=None if "checkpoint.load" in absent else c.load)))
     if source is not None:
         start = f"start: resumes from {path} ({why})"
+    elif "checkpoint.load" in absent:
+        start = f"start: resumes from {c.load} (checkpoint.load)"
     elif c.finetune_from:
-        start = (f"start: weights from {resolve_checkpoint_dir(c.finetune_from, 'checkpoint.finetune_from')} "
-                 "(checkpoint.finetune_from; fresh optimizer and schedule, step 0)")
+        where = c.finetune_from if c.finetune_from in absent.values() else resolve_checkpoint_dir(
+            c.finetune_from, "checkpoint.finetune_from")
+        start = f"start: weights from {where} (checkpoint.finetune_from; fresh optimizer and schedule, step 0)"
     else:
         start = "start: fresh weights at step 0"
+    notes = [f"note: {key}={value!r} does not exist here: the run refuses to start without it (checkpoint error, "
+             "exit code 2)" for key, value in absent.items() if source is None]
     padded = cfg.padded_vocab_size(vocab)
     counts = count_parameters(cfg, padded)
     mem = estimate_memory(cfg, world_size, padded)
@@ -149,6 +162,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
         lines.append("note: model.transformer_impl='transformer_engine', and Transformer Engine is not installed "
                      "here: the machines of the run need it (pip install 'megatron_apex[te]' on a CUDA machine)")
+    lines += notes
     lines += [f"warning: {w}" for w in cfg.warnings()]
     if missing_wandb(cfg):
         lines.append(f"note: logging.wandb_project={cfg.logging.wandb_project!r}, and wandb is not installed here: the "

@@ -411,14 +411,17 @@ def test_wandb_missing_is_a_note_when_planning_and_a_config_error_before_the_run
 
 
 def test_dry_run_checks_the_checkpoint_the_run_starts_from(tiny_config, tmp_path, capsys):
-    """checkpoint.load / checkpoint.finetune_from that name nothing used to pass the dry run and be refused
-    by the run; the dry run now picks and checks the start as the run does, and says which it is."""
+    """checkpoint.load / checkpoint.finetune_from that name nothing used to pass the dry run silently and be
+    refused by the run; the dry run now picks and checks the start as the run does and says which it is: a
+    path that does not exist yet is a note (a recipe is planned before its import), one that is not a
+    checkpoint an error."""
     from megatron_apex.cli import main
     from megatron_apex.training.checkpoint import COMPLETE_MARKER, TRACKER
 
-    for key in ("checkpoint.load", "checkpoint.finetune_from"):
-        assert main(["train", tiny_config, *MOCK, f"{key}={tmp_path / 'nope'}", "--dry-run"]) == 2
-        assert f"checkpoint error: {key}='{tmp_path / 'nope'}': no such checkpoint directory" in capsys.readouterr().err
+    for key in ("checkpoint.load", "checkpoint.finetune_from"):  # not there yet (planned before the import)
+        assert main(["train", tiny_config, *MOCK, f"{key}={tmp_path / 'nope'}", "--dry-run"]) == 0
+        assert (f"note: {key}='{tmp_path / 'nope'}' does not exist here: the run refuses to start without it"
+                in capsys.readouterr().out)
     assert main(["train", tiny_config, *MOCK, f"checkpoint.finetune_from={tmp_path}", "--dry-run"]) == 2
     assert "neither a checkpoint directory nor a root with" in capsys.readouterr().err
     step = tmp_path / "run" / "iter_0000004"

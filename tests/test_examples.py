@@ -61,8 +61,11 @@ def test_recipe_dry_run_matches_readme(config, capsys):
     readme = _readme(config)
     for line in expected:
         assert line in out
-    # The README pastes this very output: keep them in sync.
+    # The README pastes this very output: keep them in sync (but for the note that the recipe's imported
+    # checkpoint does not exist here: the README plans after the import, the test before it).
     for line in out.strip().splitlines():
+        if line.startswith("note: checkpoint.finetune_from=") and "does not exist here" in line:
+            continue
         assert line in readme, f"{config}: README lacks the dry-run line {line!r}"
 
 
