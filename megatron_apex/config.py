@@ -143,7 +143,7 @@ class DataConfig:
     tokenizer_type: Literal["auto", "sentencepiece", "huggingface", "none"] = doc(
         "auto", "Tokenizer kind; 'auto' tells it from data.tokenizer_model (a .model file: sentencepiece; a .json "
         "file or a directory with tokenizer.json: huggingface), as tools/preprocess_data.py does; 'none' needs "
-        "model.vocab_size and data.eod_id (mock data, benchmarks).")
+        "model.vocab_size, and data.eod_id with real data (mock data, benchmarks).")
     tokenizer_model: Optional[str] = doc(None, "Path to a sentencepiece .model or a Hugging Face tokenizer.json.")
     eod_id: Optional[int] = doc(None, "End-of-document id when there is no tokenizer.")
     mock: bool = doc(False, "Use random tokens instead of files (smoke tests and benchmarks).")
