@@ -296,12 +296,17 @@ def test_unrecorded_tokenizer_ids_beyond_the_padded_vocabulary_refused(tiny_conf
     from helpers import tiny_overrides
 
     bare = _tiny_copy(tiny_data, str(tmp_path / "bare_text_document"))
-    merged = _tiny_copy(tiny_data, str(tmp_path / "merged"), {"tokenizer": None, "merged_from": [{}, {}]})
+    merged = _tiny_copy(tiny_data, str(tmp_path / "merged"), {"tokenizer": None, "merged_from": [
+        {"tokenizer": {"path": "a.model"}}, {"tokenizer": {"path": "b.model"}}]})
+    partial = _tiny_copy(tiny_data, str(tmp_path / "partial"), {"tokenizer": None, "merged_from": [
+        {"tokenizer": {"path": "a.model"}}, None]})
     largest = max(int(np.fromfile(bare + ".bin", dtype=np.uint16).max()), 0)
     assert largest == 255
     for prefix, why in [(bare, f"no sidecar {bare}.json"),
                         (merged, f"its sidecar {merged}.json records no single tokenizer: a merge of datasets "
-                                 "made with different tokenizers")]:
+                                 "made with different tokenizers"),
+                        (partial, f"its sidecar {partial}.json records no tokenizer: a merge including datasets "
+                                  "without a recorded tokenizer")]:
         cfg = load_config(tiny_config, tiny_overrides(prefix, **{"data.data_cache_path": tmp_path / "cache",
                                                                  "data.split": "100,0,0", "model.vocab_size": 100}))
         with pytest.raises(ConfigError) as info:
