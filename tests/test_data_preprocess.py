@@ -357,6 +357,14 @@ def test_merge_and_inspect(tmp_path, sp_model, megatron_reader):
     assert json.dumps(texts[0], ensure_ascii=False)[:-1] in result.stdout  # decoded first sample
     result = _run_cli("--inspect", tmp_path / "merged", "--tokenizer-model", sp_model)
     assert result.returncode == 0 and f"documents  {len(texts)}" in result.stdout
+    assert "delimiters start with BOS: no; end with EOD: yes" in result.stdout
+    # inputs delimited differently: merged with a warning, and --inspect says "mixed"
+    preprocess_jsonl([str(tmp_path / "p1.jsonl")], str(tmp_path / "b1"), "sentencepiece", sp_model,
+                     append_eod=True, prepend_bos=True, progress="none")
+    result = _run_cli("--merge", prefixes[0], tmp_path / "b1_text_document", "--output-prefix", tmp_path / "mixed")
+    assert result.returncode == 0 and "differ in whether they begin with BOS" in result.stderr, result.stderr
+    result = _run_cli("--inspect", tmp_path / "mixed")
+    assert "delimiters start with BOS: mixed; end with EOD: yes" in result.stdout, result.stdout
     # One input without a sidecar (made elsewhere): the merge records no tokenizer, in either order, so that
     # training checks the merged ids instead of trusting the other input's tokenizer.
     os.remove(prefixes[1] + ".json")

@@ -27,6 +27,7 @@ from megatron_apex.data.indexed import merge_datasets  # noqa: E402
 from megatron_apex.data.preprocess import (  # noqa: E402
     PreprocessError,
     TooManyBadLinesError,
+    document_delimiters,
     inspect_dataset,
     preprocess_jsonl,
 )
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
                 print(f"tokenizer  {tok.get('kind')} {tok.get('path')} (vocab {tok.get('vocab_size')}, "
                       f"sha256 {str(tok.get('sha256'))[:12]})" if isinstance(tok, dict) else "tokenizer  not recorded")
                 print(f"skipped    {json.dumps(side.get('skipped', {}), sort_keys=True)}")
+                print(f"delimiters {document_delimiters(side)}")
             for sample in info["samples"]:
                 shown = json.dumps(sample["text"], ensure_ascii=False) if "text" in sample else sample["ids"]
                 print(f"[{sample['index']}] {sample['length']} tokens: {shown}")

@@ -495,6 +495,12 @@ def merge_datasets(prefixes: list[str], output_prefix: str, allow_mixed_tokenize
                                       "--allow-mixed-tokenizers (the merged sidecar then records no tokenizer)")
         logger.warning("merging datasets made with different tokenizers (--allow-mixed-tokenizers): %s; the merged "
                        "sidecar records no tokenizer", what)
+    for key, what in (("prepend_bos", "begin with BOS"), ("append_eod", "end with the end-of-document token")):
+        flags = {bool(s.get(key, False)) for s in sidecars if s}
+        if len(flags) > 1:
+            logger.warning("merging datasets whose documents differ in whether they %s (per their sidecars): %s",
+                           what, ", ".join(f"{p}: {'yes' if (s or {}).get(key) else 'no'}"
+                                           for p, s in zip(prefixes, sidecars) if s))
     unrecorded = [p for p, s in zip(prefixes, sidecars) if not (s and isinstance(s.get("tokenizer"), dict))]
     if unrecorded and len(unrecorded) < len(prefixes):
         logger.warning("%s record(s) no tokenizer (no sidecar): the merged sidecar records none either, and training "

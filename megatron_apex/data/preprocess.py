@@ -500,6 +500,20 @@ def preprocess_jsonl(
         raise
 
 
+def document_delimiters(sidecar: dict) -> str:
+    """How a dataset's documents are delimited, from its sidecar (a merge's: from its inputs'):
+    ``start with BOS: yes|no|mixed|unknown; end with EOD: ...`` (unknown for an input without a sidecar)."""
+    sources = sidecar.get("merged_from") or [sidecar]
+    parts = []
+    for key, what in (("prepend_bos", "start with BOS"), ("append_eod", "end with EOD")):
+        # sidecars written before --prepend-bos existed hold documents without one
+        values = {None if not source else bool(source.get(key, False)) for source in sources}
+        answer = ("unknown" if None in values else "mixed" if len(values) > 1
+                  else "yes" if values == {True} else "no")
+        parts.append(f"{what}: {answer}")
+    return "; ".join(parts)
+
+
 def inspect_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None, num_samples: int = 3,
                     max_chars: int = 300) -> dict:
     """Counts of an existing dataset and the decoded start of its first ``num_samples`` documents.
