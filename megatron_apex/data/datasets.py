@@ -196,7 +196,7 @@ class _DatasetChecks:
             logger.info("%s: no tokenizer recorded (%s); its %s ids all fit the padded vocabulary of %d",
                         prefix, why, dtype, padded)
             return
-        largest = _on_rank0(lambda: max_token_id(prefix))
+        largest = _on_rank0(lambda: max_token_id(prefix, dtype))
         if largest is not None and largest >= padded:
             raise ConfigError(f"{field}: {prefix} holds token id {largest}, but the padded vocabulary has {padded} "
                               f"ids (0..{padded - 1}; model.vocab_size {self.vocab_size}): the data was made with "

@@ -409,8 +409,9 @@ def _file_sha1(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def max_token_id(prefix: str) -> Optional[int]:
-    """The largest token id in ``{prefix}.bin`` (None when it holds no tokens).
+def max_token_id(prefix: str, dtype: np.dtype) -> Optional[int]:
+    """The largest token id in ``{prefix}.bin``, whose tokens are ``dtype`` (:attr:`IndexedDatasetReader.dtype`,
+    read from the checked ``.idx``); None when it holds no tokens.
 
     For a dataset whose tokenizer is not recorded, this is the only way to know that the model's
     embedding can hold its ids: one read of the ``.bin`` in chunks over a memmap (numpy, several GB/s
@@ -420,12 +421,7 @@ def max_token_id(prefix: str) -> Optional[int]:
     """
     path = prefix + ".bin"
     stat = os.stat(path)
-    return _bin_max(path, _CODE_TO_DTYPE[_read_dtype_code(prefix + ".idx")].str, stat.st_size, stat.st_mtime_ns)
-
-
-def _read_dtype_code(idx_path: str) -> int:
-    with open(idx_path, "rb") as handle:
-        return handle.read(_HEADER_BYTES)[17]
+    return _bin_max(path, np.dtype(dtype).str, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=256)
