@@ -10,7 +10,6 @@ or tokenizer that does not fit it), 1 error, 128 + N stopped by signal N with no
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -114,7 +113,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     (CheckpointError) names what is missing."""
     from megatron_apex.data.datasets import check_datasets, resolve_vocab
     from megatron_apex.model.llama import count_parameters
-    from megatron_apex.training.checkpoint import resolve_checkpoint_dir, resume_source
+    from megatron_apex.training.checkpoint import CheckpointError, resolve_checkpoint_dir, resume_source
 
     cfg.validate(world_size)
     vocab, eod = resolve_vocab(cfg)
@@ -123,23 +122,30 @@ def dry_run(cfg: Config, world_size: int) -> str:
     # checkpoint (else a CheckpointError, exit 2); one that does not exist yet (a recipe planned before
     # its import) is a note, as the run refuses to start without it.
     c = cfg.checkpoint
-    absent = {key: value for key, value in (("checkpoint.load", c.load), ("checkpoint.finetune_from", c.finetune_from))
-              if value and not os.path.exists(value)
-              and not (key == "checkpoint.load" and c.save and os.path.realpath(value) == os.path.realpath(c.save))}
-    source, path, why = resume_source(dataclasses.replace(cfg, checkpoint=dataclasses.replace(
-        c, load=None if "checkpoint.load" in absent else c.load)))
+
+    def not_yet(key: str, value: str) -> str:
+        return (f"note: {key}={value!r} does not exist here: the run refuses to start without it (checkpoint "
+                "error, exit code 2)")
+
+    notes = []
+    try:
+        source, path, why = resume_source(cfg)
+    except CheckpointError:
+        if not c.load or os.path.exists(c.load):
+            raise
+        source, path, why = c.load, c.load, "checkpoint.load"
+        notes.append(not_yet("checkpoint.load", c.load))
     if source is not None:
         start = f"start: resumes from {path} ({why})"
-    elif "checkpoint.load" in absent:
-        start = f"start: resumes from {c.load} (checkpoint.load)"
     elif c.finetune_from:
-        where = c.finetune_from if c.finetune_from in absent.values() else resolve_checkpoint_dir(
-            c.finetune_from, "checkpoint.finetune_from")
+        if os.path.exists(c.finetune_from):
+            where = resolve_checkpoint_dir(c.finetune_from, "checkpoint.finetune_from")
+        else:
+            where = c.finetune_from
+            notes.append(not_yet("checkpoint.finetune_from", c.finetune_from))
         start = f"start: weights from {where} (checkpoint.finetune_from; fresh optimizer and schedule, step 0)"
     else:
         start = "start: fresh weights at step 0"
-    notes = [f"note: {key}={value!r} does not exist here: the run refuses to start without it (checkpoint error, "
-             "exit code 2)" for key, value in absent.items() if source is None]
     padded = cfg.padded_vocab_size(vocab)
     counts = count_parameters(cfg, padded)
     mem = estimate_memory(cfg, world_size, padded)
