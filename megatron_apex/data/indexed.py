@@ -499,8 +499,9 @@ def merge_datasets(prefixes: list[str], output_prefix: str, allow_mixed_tokenize
                                            for p, s in zip(prefixes, sidecars) if s))
     unrecorded = [p for p, s in zip(prefixes, sidecars) if not (s and isinstance(s.get("tokenizer"), dict))]
     if unrecorded and len(unrecorded) < len(prefixes):
-        logger.warning("%s record(s) no tokenizer (no sidecar): the merged sidecar records none either, and training "
-                       "checks the merged ids against its vocabulary by a scan", ", ".join(unrecorded))
+        logger.warning("%s record(s) no tokenizer (no sidecar, or a merge of several): the merged sidecar records "
+                       "none either, and training checks the merged ids against its vocabulary by a scan",
+                       ", ".join(unrecorded))
     directory = os.path.dirname(os.path.abspath(output_prefix))
     try:
         os.makedirs(directory, exist_ok=True)
