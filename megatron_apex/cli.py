@@ -174,12 +174,21 @@ def dry_run(cfg: Config, world_size: int) -> str:
         lines.append(f"note: logging.wandb_project={cfg.logging.wandb_project!r}, and wandb is not installed here: the "
                      f"run refuses to start without it (configuration error, exit code 2; {WANDB_INSTALL})")
     if cfg.apex.enabled:
-        units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions" if k else
-                          f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded"
+        layers, n_layers = cfg.apex_layers, cfg.model.num_layers
+        units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions"
+                          + (f" in {layers[kind]} of {n_layers} layers per stage" if layers[kind] < n_layers else "")
+                          if k else f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded"
                           + (", not tuned)" if cfg.apex.mode == "selected" else ")")
                           for kind, (n, k, b) in cfg.apex_geometry.items())
         lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {cfg.apex_boundaries}; "
                      f"per layer: {units}")
+        for kind, count in layers.items():
+            if 0 < count < n_layers:  # a budget below one unit per layer: the layers of every stage
+                lines.append(f"APEX: {APEX_UNIT_NAMES[kind]}: budget round({cfg.apex.kind_ratio(kind)} x "
+                             f"{cfg.apex_geometry[kind][0]} x {n_layers} layers) = {count} P/N pairs per stage, one "
+                             "in each of the layers " + "; ".join(
+                                 f"stage {s + 1}: {cfg.apex_stage_layers(s)[kind]}"
+                                 for s in range(len(cfg.apex_boundaries))) + " (drawn from train.seed)")
         if cfg.apex.progressive:
             lines.append("APEX progressive: k per stage: " + "; ".join(
                 f"{APEX_UNIT_NAMES[kind]} {ks}" for kind, ks in cfg.apex_stage_ks.items()))

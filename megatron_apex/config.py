@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import re
 import typing
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ def apex_partitions(n_units: int, partitions: int, k: int = 0) -> int:
     """B = gcd(``apex.partitions``, n_units, k): the operator's partitions of a layer's units of one kind.
 
     B divides the units and the k selected units (k = 0 leaves k out), so every partition holds k/B P
-    and k/B N units and no selected unit is lost to rounding. B does not depend on the TP degree, which
-    must divide it (every partition lives on one rank). 32 heads, k = 4, partitions 8: B = 4.
+    and k/B N units and no selected unit is lost to rounding. B does not depend on the TP degree: every
+    block lies on one rank (:func:`apex_block_ranks`). 32 heads, k = 4, partitions 8: B = 4.
     """
     if n_units <= 0 or partitions <= 0 or k < 0:
         raise ValueError(f"apex_partitions needs positive n_units and partitions and k >= 0, got "
@@ -45,11 +46,58 @@ def apex_partitions(n_units: int, partitions: int, k: int = 0) -> int:
     return math.gcd(partitions, n_units, k)
 
 
-def apex_units(ratio: float, n_units: int, partitions: int) -> tuple[int, int]:
+def apex_budget_layers(ratio: float, n_units: int, n_layers: int) -> int:
+    """Layers in which a unit kind expands at every stage.
+
+    All ``n_layers`` when floor(ratio x n_units) selects at least one unit per layer. Below that (4 query
+    groups at ratio 0.125) the kind is not dropped: the model-wide budget round(ratio x n_units x n_layers)
+    is spent as one P/N pair in that many layers, as the released code does for small head budgets
+    (:func:`apex_expanded_layers` picks them). TinyLlama's 4 groups x 22 layers at 0.125: 11 layers.
+    """
+    if unit_share(ratio, n_units) >= 1:
+        return n_layers
+    return min(n_layers, int(math.floor(ratio * n_units * n_layers + 0.5)))
+
+
+def apex_expanded_layers(seed: int, stage: int, kind: str, n_layers: int, count: int) -> list[int]:
+    """The global indices of the ``count`` layers that expand unit kind ``kind`` in stage ``stage``
+    (0-based), ascending: every layer when ``count == n_layers``, else a draw determined by
+    (``train.seed``, stage, kind) alone, so every rank and every parallel layout picks the same."""
+    if count >= n_layers:
+        return list(range(n_layers))
+    rng = random.Random(f"apex-layers:{seed}:{stage}:{kind}")  # str seeds hash with SHA-512: stable
+    return sorted(rng.sample(range(n_layers), count))
+
+
+def apex_units(ratio: float, n_units: int, partitions: int, n_layers: int = 0) -> tuple[int, int]:
     """(k, B) of one unit kind at the first stage: k = floor(ratio * n_units) P (and N) units per layer,
-    over B = :func:`apex_partitions` partitions."""
+    over B = :func:`apex_partitions` partitions. With ``n_layers`` a budget below one unit per layer
+    that still spends at least one model-wide (:func:`apex_budget_layers`) gives k = 1 (in those layers)."""
     k = unit_share(ratio, n_units)
+    if k == 0 and n_layers and apex_budget_layers(ratio, n_units, n_layers):
+        k = 1
     return k, apex_partitions(n_units, partitions, k)
+
+
+def apex_block_ranks(n_units: int, partitions: int, k: int, tp_size: int) -> Optional[list[int]]:
+    """The tensor-parallel rank that holds each of the B operator blocks of a unit kind, or None when
+    a block cannot lie on one rank.
+
+    After the stage's permutation the k/B P and k/B N units of block b are packed at the start of its
+    partition, units [b x U, b x U + 2k/B) with U = n/B; rank q holds units [q x n/t, (q+1) x n/t). When t
+    divides B every rank holds B/t blocks; with fewer blocks than ranks some ranks hold none and do no
+    operator work. Either way TP=1 computes the same function, so the layout never changes the method.
+    """
+    if k == 0:
+        return []
+    size, per_rank, span = n_units // partitions, n_units // tp_size, 2 * (k // partitions)
+    ranks = []
+    for b in range(partitions):
+        q = b * size // per_rank
+        if b * size + span > (q + 1) * per_rank:
+            return None
+        ranks.append(q)
+    return ranks
 
 
 def apex_stage_k(k: int, stage: int, progressive: bool, partitions: int = 1) -> int:
@@ -243,7 +291,9 @@ class ApexConfig:
     mode: Literal["all", "selected"] = doc(
         "all", "'all': base weights and operator train (pre-training); 'selected': base frozen, deltas "
         "on selected units (instruction-tuning setting).")
-    ratio: float = doc(0.125, "Expansion ratio k/n per layer and unit type, in (0, 0.5].")
+    ratio: float = doc(0.125, "Expansion ratio k/n per layer and unit type, in (0, 0.5]. Below one unit per layer "
+                        "(4 query groups at 0.125) round(ratio x units x layers) layers expand one P/N pair each, "
+                        "drawn from train.seed and the stage.")
     attn_ratio: Optional[float] = doc(
         None, "Ratio of the attention units (heads; query groups under GQA) alone, in [0, 0.5]: null = "
         "apex.ratio, 0 = attention not expanded.")
@@ -263,8 +313,9 @@ class ApexConfig:
         1, "Take the statistics in every n-th training step of a stage, counted from its start (1 = every "
         "step, the method as specified); n > 1 divides the scoring cost and the number of votes by about n.")
     partitions: int = doc(
-        8, "Operator blocks per layer, a multiple of the TP degree: each unit kind uses B = gcd(partitions, "
-        "units, k) blocks, which the TP degree must divide; fixed so every layout computes the same.")
+        8, "Operator blocks per layer: each unit kind uses B = gcd(partitions, units, k) blocks, M block-diagonal "
+        "over them (1 = one operator mixing all of P into every N slot, as the paper). Independent of the TP "
+        "degree, so every layout computes the same; each block lies on one tensor-parallel rank.")
     monarch_blocks: int = doc(
         0, "Monarch block count nb of each operator matrix (m x m): 0 = the divisor of m closest to sqrt(m) (as "
         "released), n > 0 = the divisor of m closest to n (m varies by operator and stage).")
@@ -414,27 +465,27 @@ class Config:
             for kind in ("attn", "ffn"):
                 own = getattr(a, f"{kind}_ratio")
                 _check(own is None or 0 <= own <= 0.5, f"apex.{kind}_ratio", own, "must lie in [0, 0.5] (or null)")
-            _check(a.partitions > 0 and a.partitions % tp == 0, "apex.partitions", a.partitions,
-                   f"must be a positive multiple of parallel.tensor_model_parallel_size={tp}")
+            _check(a.partitions > 0, "apex.partitions", a.partitions, "must be positive")
             geometry = self.apex_geometry
             names = APEX_UNIT_NAMES
             if not any(k for _, k, _ in geometry.values()):
                 keys = {kind: f"apex.{kind}_ratio" if getattr(a, f"{kind}_ratio") is not None else "apex.ratio"
                         for kind in geometry}
+                layers = m.num_layers
                 raise ConfigError(
-                    "APEX selects no unit: floor(ratio x units) is 0 for the " + " and the ".join(
-                        f"{n} {names[kind]} ({keys[kind]}={a.kind_ratio(kind)}; >= {1 / n:.4g} selects one)"
+                    "APEX selects no unit: round(ratio x units x layers) is 0 for the " + " and the ".join(
+                        f"{n} {names[kind]} ({keys[kind]}={a.kind_ratio(kind)}; >= {0.5 / (n * layers):.4g} "
+                        f"selects one in one of the {layers} layers, >= {1 / n:.4g} one in every layer)"
                         for kind, (n, _, _) in geometry.items()) + "; raise one of them, or set apex.enabled=false")
             for kind, (n, k, b) in geometry.items():
-                if k and b % tp:
-                    k_fit = -(-k // tp) * tp  # the next k that TP divides (n, partitions are multiples of TP)
-                    fit = f"apex.{kind}_ratio={k_fit / n:g} (k={k_fit}), " if 2 * k_fit <= n else ""
+                if apex_block_ranks(n, b, k, tp) is None:
                     raise ConfigError(
-                        f"apex.{kind}_ratio={a.kind_ratio(kind)}: the k={k} {names[kind]} selected per layer (of {n}) "
-                        f"split into B={b} operator partitions (gcd of apex.partitions={a.partitions}, {n} and {k}), "
-                        f"which parallel.tensor_model_parallel_size={tp} does not divide (every partition lives on "
-                        f"one rank); use {fit}apex.{kind}_ratio=0 (the {names[kind]} not expanded) or a smaller "
-                        "tensor-parallel degree")
+                        f"apex.{kind}_ratio={a.kind_ratio(kind)}: each of the B={b} operator blocks (gcd of "
+                        f"apex.partitions={a.partitions}, {n} and k={k}) mixes {k // b} P into {k // b} N "
+                        f"{names[kind]}, {2 * (k // b)} units that must lie on one tensor-parallel rank, but "
+                        f"parallel.tensor_model_parallel_size={tp} leaves each rank {n // tp} of the {n}; use a "
+                        f"tensor-parallel degree of at most {n // (2 * (k // b))}, a larger apex.partitions, or "
+                        f"apex.{kind}_ratio=0 (the {names[kind]} not expanded)")
             _check(a.lr_scale > 0, "apex.lr_scale", a.lr_scale, "must be positive")
             _check(a.init_scoring_samples >= 0, "apex.init_scoring_samples", a.init_scoring_samples, "must be >= 0")
             _check(0 < a.ema_decay < 1, "apex.ema_decay", a.ema_decay, "must lie in (0, 1)")
@@ -511,8 +562,24 @@ class Config:
         """Per unit kind ('attn': query groups, 'ffn': channels): (units per layer n, k, partitions B) of
         the first stage (:func:`apex_units`; progressive stages halve k, see :func:`apex_stage_k`)."""
         a = self.apex
-        return {kind: (n, *apex_units(a.kind_ratio(kind), n, a.partitions))
+        layers = self.model.num_layers
+        return {kind: (n, *apex_units(a.kind_ratio(kind), n, a.partitions, layers))
                 for kind, n in (("attn", self.model.query_groups), ("ffn", self.model.ffn_hidden_size))}
+
+    @property
+    def apex_layers(self) -> dict:
+        """Per unit kind: in how many of the model's layers it expands at every stage
+        (:func:`apex_budget_layers`; fewer than all when its budget is below one unit per layer)."""
+        layers = self.model.num_layers
+        return {kind: apex_budget_layers(self.apex.kind_ratio(kind), n, layers) if k else 0
+                for kind, (n, k, _) in self.apex_geometry.items()}
+
+    def apex_stage_layers(self, stage: int) -> dict:
+        """Per unit kind: the global layer indices expanding it in stage ``stage`` (0-based)
+        (:func:`apex_expanded_layers`)."""
+        layers = self.model.num_layers
+        return {kind: apex_expanded_layers(self.train.seed, stage, kind, layers, count)
+                for kind, count in self.apex_layers.items()}
 
 
 def _check(ok: bool, name: str, value: Any, problem: str) -> None:

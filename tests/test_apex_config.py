@@ -24,7 +24,8 @@ def _cfg(tiny_config, tiny_data, world=1, **extra):
     ({"apex.stages": 0}, "apex.stages"),
     ({"apex.stages": 7}, "apex.stages"),
     ({"apex.partitions": 0}, "apex.partitions"),
-    ({"apex.partitions": 3, "parallel.tensor_model_parallel_size": 2}, "apex.partitions"),
+    ({"model.num_query_groups": 4, "apex.attn_ratio": 0.25, "parallel.tensor_model_parallel_size": 4},
+     "tensor_model_parallel_size=4"),
     ({"apex.lr_scale": 0.0}, "apex.lr_scale"),
     ({"apex.init_scoring_samples": -1}, "apex.init_scoring_samples"),
     ({"apex.ema_decay": 1.0}, "apex.ema_decay"),
@@ -47,7 +48,10 @@ def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
     assert cfg.apex_boundaries == [0, 3, 6]
     cfg = _cfg(tiny_config, tiny_data, **{"apex.boundaries": "[0, 2, 5]"})
     assert cfg.apex_boundaries == [0, 2, 5]
-    _cfg(tiny_config, tiny_data, 2, **{"apex.partitions": 4, "parallel.tensor_model_parallel_size": 2})
+    _cfg(tiny_config, tiny_data, 2, **{"apex.partitions": 4, "parallel.tensor_model_parallel_size": 2,
+                                       "model.num_query_groups": 4})
+    _cfg(tiny_config, tiny_data, 2, **{"apex.partitions": 3, "parallel.tensor_model_parallel_size": 2,
+                                       "model.num_query_groups": 4})  # B = 1: not a multiple of TP, and runs
     cfg = _cfg(tiny_config, tiny_data)
     assert (cfg.apex.statistic, cfg.apex.ema_decay, cfg.apex.monarch_blocks) == ("rank", 0.99, 0)
     cfg = _cfg(tiny_config, tiny_data, **{"apex.statistic": "ema", "apex.ema_decay": 0.5, "apex.monarch_blocks": 3})
@@ -60,8 +64,11 @@ def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
 
 def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
     """B = gcd(apex.partitions, units, k): 32 heads at ratio 0.125 select k = 4 in 4 partitions (one P and
-    one N head each) instead of rounding k down to 0 in 8; a TP degree that does not divide B is refused
-    before start, with a ratio that fits; a ratio that selects nothing at all is refused."""
+    one N head each) instead of rounding k down to 0 in 8. The TP degree does not change what is valid:
+    TP=8 puts the 4 blocks on 4 of the 8 ranks; only a layout that cannot hold one block's P/N pair on a
+    rank (TP=32: one head per rank) is refused, naming the largest degree that fits. A budget below one
+    unit per layer expands one P/N pair in round(ratio x units x layers) layers; a ratio that selects
+    nothing at all is refused."""
     from megatron_apex.cli import dry_run
 
     shape = {"model.num_attention_heads": 32, "model.num_query_groups": 32, "model.ffn_hidden_size": 384,
@@ -70,28 +77,58 @@ def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
     assert cfg.apex_geometry == {"attn": (32, 4, 4), "ffn": (384, 48, 8)}
     assert "attention units k=4 of 32 in 4 partitions, FFN channels k=48 of 384 in 8 partitions" in dry_run(cfg, 1)
     _cfg(tiny_config, tiny_data, 4, **shape, **{"parallel.tensor_model_parallel_size": 4})
+    cfg8 = _cfg(tiny_config, tiny_data, 8, **shape, **{"parallel.tensor_model_parallel_size": 8})
+    assert cfg8.apex_geometry == cfg.apex_geometry  # the same method at TP=8
     with pytest.raises(ConfigError) as err:
-        _cfg(tiny_config, tiny_data, 8, **shape, **{"parallel.tensor_model_parallel_size": 8})
+        _cfg(tiny_config, tiny_data, 32, **shape, **{"parallel.tensor_model_parallel_size": 32})
     msg = str(err.value)
-    assert "k=4 attention units" in msg and "B=4" in msg and "tensor_model_parallel_size=8" in msg, msg
-    assert "apex.attn_ratio=0.25 (k=8)" in msg and "apex.attn_ratio=0" in msg, msg
-    tp8 = {"parallel.tensor_model_parallel_size": 8}
-    _cfg(tiny_config, tiny_data, 8, **{**shape, "apex.attn_ratio": 0.25}, **tp8)  # the FFN keeps 0.125
-    cfg = _cfg(tiny_config, tiny_data, 8, **{**shape, "apex.attn_ratio": 0}, **tp8)  # the FFN alone
+    assert "B=4" in msg and "mixes 1 P into 1 N attention units" in msg and "tensor_model_parallel_size=32" in msg
+    assert "at most 16" in msg and "apex.attn_ratio=0" in msg, msg
+    cfg = _cfg(tiny_config, tiny_data, **{**shape, "apex.attn_ratio": 0})  # the FFN alone
     assert cfg.apex_geometry == {"attn": (32, 0, 8), "ffn": (384, 48, 8)}
+    assert "attention units none of 32 (not expanded)" in dry_run(cfg, 1)
     with pytest.raises(ConfigError, match="apex.ffn_ratio=0.6"):
         _cfg(tiny_config, tiny_data, **{"apex.ffn_ratio": 0.6})
-    # GQA with 2 query groups: no group at ratio 0.125 (said in the dry run), the FFN still expands.
+    # GQA with 2 query groups in 4 layers at ratio 0.125: 0.25 groups per layer, so the budget
+    # round(0.125 x 2 x 4) = 1 P/N pair is spent in one layer per stage (drawn from the seed and stage).
     cfg = _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.ratio": 0.125})
-    assert cfg.apex_geometry["attn"][1] == 0 and "attention units none of 2 (not expanded)" in dry_run(cfg, 1)
-    with pytest.raises(ConfigError, match="selects no unit.*2 attention units \\(apex.ratio=0.001"):
-        _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.ratio": 0.001})
-    # The message names the keys that decide each kind, with the ratio that would select one unit.
+    assert cfg.apex_geometry["attn"] == (2, 1, 1) and cfg.apex_layers == {"attn": 1, "ffn": 4}
+    text = dry_run(cfg, 1)
+    assert "attention units k=1 of 2 in 1 partitions in 1 of 4 layers per stage" in text, text
+    assert "budget round(0.125 x 2 x 4 layers) = 1 P/N pairs per stage" in text, text
+    with pytest.raises(ConfigError, match="selects no unit.*2 attention units \\(apex.ratio=0.0005"):
+        _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.ratio": 0.0005})
+    # The message names the keys that decide each kind, with the ratios that would select one unit.
     with pytest.raises(ConfigError) as err:
-        _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.attn_ratio": 0, "apex.ffn_ratio": 0.001})
-    assert "(apex.attn_ratio=0.0; >= 0.5 selects one)" in str(err.value)
-    assert "(apex.ffn_ratio=0.001; >= 0.007812 selects one)" in str(err.value)
+        _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.attn_ratio": 0, "apex.ffn_ratio": 0.0009})
+    assert "(apex.attn_ratio=0.0; >= 0.0625 selects one in one of the 4 layers, >= 0.5 one in every layer)" in \
+        str(err.value), str(err.value)
+    assert "(apex.ffn_ratio=0.0009; >= 0.0009766 selects one" in str(err.value), str(err.value)
     assert "apex.ratio" not in str(err.value)
+
+
+def test_small_budget_layers_are_deterministic_and_spend_the_budget(tiny_config, tiny_data):
+    """TinyLlama's 4 query groups x 22 layers at ratio 0.125: 11 layers per stage expand one P/N pair;
+    the draw depends on train.seed and the stage only (the same at every TP/PP layout), differs
+    between stages, and is shown by the dry run."""
+    from megatron_apex.cli import dry_run
+    from megatron_apex.config import apex_budget_layers, apex_expanded_layers
+
+    assert apex_budget_layers(0.125, 4, 22) == 11 and apex_budget_layers(0.125, 32, 22) == 22
+    assert apex_budget_layers(0.1, 4, 2) == 1 and apex_budget_layers(0.05, 4, 2) == 0
+    over = {"model.num_layers": 22, "model.num_query_groups": 4, "apex.ratio": 0.125, "apex.stages": 3}
+    layouts = [_cfg(tiny_config, tiny_data, w, **over, **extra) for w, extra in (
+        (1, {}), (2, {"parallel.tensor_model_parallel_size": 2}), (2, {"parallel.pipeline_model_parallel_size": 2}))]
+    stages = [layouts[0].apex_stage_layers(s)["attn"] for s in range(3)]
+    assert all(len(layers) == 11 and layers == sorted(set(layers)) for layers in stages)
+    assert len({tuple(layers) for layers in stages}) == 3  # a fresh draw per stage
+    for cfg in layouts[1:]:
+        assert [cfg.apex_stage_layers(s)["attn"] for s in range(3)] == stages
+    assert all(cfg.apex_stage_layers(s)["ffn"] == list(range(22)) for cfg in layouts for s in range(3))
+    assert apex_expanded_layers(0, 0, "attn", 22, 11) == apex_expanded_layers(0, 0, "attn", 22, 11)
+    assert apex_expanded_layers(1, 0, "attn", 22, 11) != apex_expanded_layers(0, 0, "attn", 22, 11)
+    assert f"stage 1: {stages[0]}; stage 2: {stages[1]}; stage 3: {stages[2]}" in dry_run(layouts[1], 2)
+    assert "APEX: attention units: budget round(0.125 x 4 x 22 layers) = 11 P/N pairs per stage" in dry_run(layouts[0], 1)
 
 
 def test_progressive_stages_keep_one_unit_per_partition(tiny_config, tiny_data):

@@ -328,6 +328,8 @@ def _feed_step(cb, ctx, attn_norms):
 def _select_attn(cb):
     """(P, N) the boundary would select for the layer's attention units from the accumulated scores."""
     entry = cb.layers[0]
+    cb.stage = max(cb.stage, 1)  # as at a boundary: the stage's layers are drawn before selecting
+    cb._set_stage_layers()
     cb._select(entry, 0, "attn", cb.votes["attn"][0], cb.raw["attn"][0])
     return entry.selection["attn"]["P"].tolist(), entry.selection["attn"]["N"].tolist()
 

@@ -20,7 +20,15 @@ APEX = {"apex.enabled": True, "apex.init_scoring_samples": 16, "apex.ratio": 0.2
 SHAPES = {
     "gqa": {"model.num_attention_heads": 16, "model.num_query_groups": 8},  # 2 query heads per group
     "mha": {"model.num_attention_heads": 8, "model.num_query_groups": 8},
+    # One attention unit per layer (k = 1 of 4 groups, B = 1): at TP=2 the block lies on rank 0, and
+    # rank 1 does no attention operator work.
+    "one": {"model.num_attention_heads": 8, "model.num_query_groups": 4, "apex.attn_ratio": 0.25},
+    # The paper's operator (apex.partitions=1: one M over all of P) and a budget below one attention unit
+    # per layer (0.0625 x 8 groups = 0.5): one P/N pair in 2 of the 4 layers, drawn per stage.
+    "paper": {"model.num_attention_heads": 8, "model.num_query_groups": 8, "apex.partitions": 1,
+              "apex.attn_ratio": 0.0625},
 }
+SMALL_BUDGET = {"paper": 2}  # shapes whose attention expands in fewer than all 4 layers: how many
 LAYOUTS = {
     "gqa": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2}),
             ("tp2sp", 2, {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True}),
@@ -32,6 +40,9 @@ LAYOUTS = {
             ("pp2", 2, {"parallel.pipeline_model_parallel_size": 2}),
             ("dp2-distopt", 2, {"parallel.use_distributed_optimizer": True}),
             ("tp2dp2", 4, {"parallel.tensor_model_parallel_size": 2})],
+    "one": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2})],
+    "paper": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2}),
+              ("pp2", 2, {"parallel.pipeline_model_parallel_size": 2})],
 }
 
 
@@ -61,7 +72,10 @@ def test_layout_invariance(references, tiny_data, tiny_config, shape, name, worl
     assert [b["step"] for b in merged] == [0, 2, 4]
     assert sorted(merged[0]["layers"]) == [0, 1, 2, 3]
     assert _pn(merged) == _pn(ref_merged)
-    assert all(sel is not None for b in merged for layer in b["layers"].values() for sel in layer.values())
+    for b in merged:
+        assert all(layer["ffn"] is not None for layer in b["layers"].values())
+        attn = [li for li, layer in b["layers"].items() if layer["attn"] is not None]
+        assert len(attn) == SMALL_BUDGET.get(shape, 4), (b["step"], attn)
     # The same loss curve (every rank reports the same, all-reduced loss).
     for res in results:
         assert sorted(res["losses"]) == sorted(ref["losses"])

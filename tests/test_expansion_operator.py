@@ -209,7 +209,7 @@ def test_monarch_blocks_operator_matches_dense_reference(name, blocks):
     b = ffn.num_partitions_local
     if b % 2 == 0:
         half = FFNExpansion(b // 2, ffn.k_per, dtype=F64, monarch_blocks=blocks)
-        half.reset_parameters(torch.Generator().manual_seed(5), tp_rank=1, tp_size=2)
+        half.reset_parameters(torch.Generator().manual_seed(5), first_block=b // 2, num_blocks=b)
         assert torch.equal(half.monarch_r, ffn.monarch_r[b // 2:])
 
 
@@ -306,9 +306,9 @@ def test_reset_parameters_is_tp_invariant():
     full_f = FFNExpansion(4, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
     for q in range(2):
         la = AttentionExpansion(2, 1, 2, 2, dtype=F64)
-        la.reset_parameters(torch.Generator().manual_seed(5), tp_rank=q, tp_size=2)
+        la.reset_parameters(torch.Generator().manual_seed(5), first_block=2 * q, num_blocks=4)
         lf = FFNExpansion(2, 3, dtype=F64)
-        lf.reset_parameters(torch.Generator().manual_seed(5), tp_rank=q, tp_size=2)
+        lf.reset_parameters(torch.Generator().manual_seed(5), first_block=2 * q, num_blocks=4)
         for big, small in ((full, la), (full_f, lf)):
             for (n, p), (_, p_loc) in zip(big.named_parameters(), small.named_parameters()):
                 assert torch.equal(p[2 * q:2 * q + 2], p_loc), n

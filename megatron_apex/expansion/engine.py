@@ -46,13 +46,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.random import is_checkpointing
 
-from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, unit_share
+from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, apex_block_ranks, unit_share
 from megatron_apex.expansion.inplace import InPlaceLayer, InPlaceRunner
 from megatron_apex.expansion.operator import (AttentionExpansion, FFNExpansion, monarch_sq_norms, monarch_summary,
                                               state_shape_mismatches)
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
-from megatron_apex.expansion.partition import (balance_permutation, pack_partitions, permute_fc1, permute_units,
-                                               round_k_to_partitions, shard_positions)
+from megatron_apex.expansion.partition import (balance_permutation, local_blocks, pack_partitions, permute_fc1,
+                                               permute_units, round_k_to_partitions, shard_positions)
 from megatron_apex.expansion.scoring import (accumulate_scores, step_scores, unit_sq_norms_attn, unit_sq_norms_ffn,
                                              unit_sq_norms_silu)
 from megatron_apex.expansion.selection import progressive_k, select_units, select_units_partial
@@ -158,22 +158,27 @@ class ApexCallback(Callback):
     # ------------------------------------------------------------------ geometry
     def _geometry(self, ctx) -> None:
         m = self.cfg.model
-        geometry = self.cfg.apex_geometry  # kind -> (n, k, B); the config checked that TP divides B
+        geometry = self.cfg.apex_geometry  # kind -> (n, k, B); the config checked that every block fits a rank
         self.n = {kind: n for kind, (n, _, _) in geometry.items()}
         self.vote_k = {kind: k for kind, (_, k, _) in geometry.items()}
         self.parts = {kind: b for kind, (_, _, b) in geometry.items()}
-        for kind, b in self.parts.items():
-            if self.vote_k[kind] and b % ctx.tp_size:  # a config built without validate()
-                raise ConfigError(f"APEX: {b} {kind} operator partitions are not a multiple of "
-                                  f"parallel.tensor_model_parallel_size={ctx.tp_size}")
+        for kind, (n, k, b) in geometry.items():
+            if apex_block_ranks(n, b, k, ctx.tp_size) is None:  # a config built without validate()
+                raise ConfigError(f"APEX: the {b} {kind} operator blocks of k={k} do not each fit on one of "
+                                  f"parallel.tensor_model_parallel_size={ctx.tp_size} ranks")
+        self.stage_layers = {kind: set() for kind in geometry}  # global layers expanding each kind this stage
         self.r = m.num_attention_heads // m.query_groups
         self.d = m.head_dim
 
     def _log_geometry(self) -> None:
         names = APEX_UNIT_NAMES
         geometry = self.cfg.apex_geometry
+        layers = self.cfg.apex_layers
         logger.info("APEX per layer: %s", "; ".join(
-            f"{names[kind]}: k={k} of {n} in {b} partitions" for kind, (n, k, b) in geometry.items()))
+            f"{names[kind]}: k={k} of {n} in {b} partitions" + (
+                f" in {layers[kind]} of {self.cfg.model.num_layers} layers per stage (budget below one unit per "
+                f"layer; layers drawn from train.seed and the stage)" if k and layers[kind] < self.cfg.model.num_layers
+                else "") for kind, (n, k, b) in geometry.items()))
         if self.a.progressive:
             logger.info("APEX progressive: k per stage: %s", "; ".join(
                 f"{names[kind]} {ks}" for kind, ks in self.cfg.apex_stage_ks.items()))
@@ -191,8 +196,11 @@ class ApexCallback(Callback):
                                "expanded%s; apex.%s_ratio >= %.4g would select one", kind, ratio, n, names[kind], ratio,
                                n, unused, kind, 1 / n)
 
-    def _k(self, kind: str) -> tuple[int, int]:
-        """(k, k_per) of the current stage for a unit kind (a multiple of its partitions)."""
+    def _k(self, kind: str, layer: Optional[int] = None) -> tuple[int, int]:
+        """(k, k_per) of the current stage for a unit kind (a multiple of its partitions); (0, 0) in a
+        ``layer`` (global index) that does not expand the kind this stage (small budgets)."""
+        if layer is not None and layer not in self.stage_layers[kind]:
+            return 0, 0
         k0 = progressive_k(self.vote_k[kind], max(self.stage - 1, 0), self.a.progressive, self.parts[kind])
         return round_k_to_partitions(k0, self.parts[kind])
 
@@ -305,12 +313,14 @@ class ApexCallback(Callback):
             self._runner.restore(self._inplace_layers(), with_grads)
 
     def on_optimizer_step(self, trainer, step: int, skipped: bool) -> None:
-        if self.op_optimizer is None or self.finished:
+        # Decided alike on every rank: a rank (or pipeline stage) without operator blocks of its own still
+        # takes part in the clipping norm's reduction, with nothing to add.
+        if self.finished or skipped or self.stage == 0 or not self._operators_anywhere:
             return
         params = [p for p in self._op_params() if p.grad is not None]
-        if skipped or not params:
-            return
         reduce_and_clip_grads([p.grad for p in params], trainer.ctx, self.cfg.optimizer.clip_grad)
+        if self.op_optimizer is None or not params:
+            return
         for group in self.op_optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, step) * group["lr_mult"]
         self.op_optimizer.step()
@@ -430,6 +440,7 @@ class ApexCallback(Callback):
             self._runner.release()  # the stage's CUDA graphs and their buffers
         self._fuse(trainer)
         self.stage += 1
+        self._set_stage_layers()
         summary = []
         for li, entry in enumerate(self.layers):
             perms = {}
@@ -459,10 +470,17 @@ class ApexCallback(Callback):
                             100 * trained / total, total / 1e6)
         self.stats_time = 0.0
 
+    def _set_stage_layers(self) -> None:
+        """The layers that expand each unit kind in the current stage (every layer, unless the kind's
+        budget is below one unit per layer: then a draw from train.seed and the stage); none before the
+        first boundary."""
+        self.stage_layers = ({kind: set(layers) for kind, layers in self.cfg.apex_stage_layers(self.stage - 1).items()}
+                             if self.stage > 0 else {kind: set() for kind in APEX_UNIT_NAMES})
+
     def _select(self, entry: _Layer, li: int, kind: str, votes: torch.Tensor, raw: torch.Tensor):
         """Select P, N (and E) of one layer and unit kind; returns the global permutation (or None)."""
         n = self.n[kind]
-        k, k_per = self._k(kind)
+        k, k_per = self._k(kind, entry.index)
         if k_per == 0:
             entry.selection[kind] = None
             return None
@@ -512,20 +530,23 @@ class ApexCallback(Callback):
     def _build_operators(self, ctx, entry: _Layer) -> None:
         """Fresh zero-initialised operators (and deltas) for the layer's new selection."""
         dev = entry.linears["qkv"].weight.device
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.stage * 104729 + entry.index)
         entry.attn_op = entry.ffn_op = entry.deltas = entry.inplace = None
-        for kind in ("attn", "ffn"):
+        for kind_id, kind in enumerate(("attn", "ffn")):
             sel = entry.selection.get(kind)
             if sel is None:
                 continue
-            b_local = self.parts[kind] // ctx.tp_size
+            # One generator per operator: a rank without a block of it (fewer blocks than TP ranks) draws
+            # nothing, and the other operator's draw stays the same.
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.stage * 104729 + 2 * entry.index
+                                                + kind_id)
+            first, b_local = local_blocks(sel["p_pos"], ctx.tp_rank, ctx.tp_size, self.n[kind])
             k_per = sel["p_pos"].shape[1]
             if kind == "attn":
                 op = AttentionExpansion(b_local, k_per, self.d, self.r, device=dev,
                                         monarch_blocks=self.a.monarch_blocks)
             else:
                 op = FFNExpansion(b_local, k_per, device=dev, monarch_blocks=self.a.monarch_blocks)
-            op.reset_parameters(gen, ctx.tp_rank, ctx.tp_size)
+            op.reset_parameters(gen, first, sel["p_pos"].shape[0])
             p_loc, n_loc = shard_positions(sel["p_pos"], sel["n_pos"], ctx.tp_rank, ctx.tp_size, self.n[kind])
             op.set_positions(p_loc.to(dev), n_loc.to(dev))
             setattr(entry, f"{kind}_op", op)
@@ -545,6 +566,11 @@ class ApexCallback(Callback):
 
     def _op_params(self) -> list:
         return [p for entry in self.layers for op in entry.operators() for p in op.parameters()]
+
+    @property
+    def _operators_anywhere(self) -> bool:
+        """Whether the current stage expands some unit anywhere in the model (the same on every rank)."""
+        return any(layers and self._k(kind)[1] for kind, layers in self.stage_layers.items())
 
     def _build_op_optimizer(self, trainer) -> None:
         """The operators' own AdamW (fresh state at every stage, as the method prescribes)."""
@@ -706,11 +732,13 @@ class ApexCallback(Callback):
             if common.get("step", 0) > (self.boundaries[0] if self.boundaries else 0):
                 logger.warning("resuming from a checkpoint without APEX state: APEX starts at the next boundary")
                 self.stage = sum(1 for b in self.boundaries if b < common["step"])
+                self._set_stage_layers()
             return
         if not self._resume_checked:
             self.check_resume(trainer, common)
         self._resume_checked = False
         self.stage, self.finished = saved["stage"], saved["finished"]
+        self._set_stage_layers()
         self._pending_load = common.get(STATE_KEY)
 
     def _check_run_continues(self, saved: dict, step: int) -> None:

@@ -4,7 +4,7 @@ A mid-stage checkpoint holds plain (global) model weights plus, per (PP, TP, DP)
 operator state (``engine.STATE_KEY``). Exporting or analysing such a checkpoint needs the plain
 model the run would have after fusing. Here the per-rank operators of every layer are joined into
 one TP=1 operator (partitions are rank-contiguous, so parameters concatenate along the partition
-axis and selections are already global) and applied to the global weights with the same fuse
+axis, ranks without a block adding none, and selections are already global) and applied to the global weights with the same fuse
 functions the engine uses.
 """
 
@@ -48,7 +48,8 @@ def load_rank_states(checkpoint_dir: str, common: dict) -> dict:
 def _join(states: list, axis_of=lambda name: 0) -> dict:
     """Concatenate TP shards of an operator state dict (buffers p_pos/n_pos are rebuilt globally)."""
     keys = [k for k in states[0] if k not in ("p_pos", "n_pos", "attn_units", "ffn_units")]
-    return {k: torch.cat([s[k] for s in states], dim=axis_of(k)) for k in keys}
+    # A rank without a block of the operator (fewer blocks than TP ranks) holds no parameters.
+    return {k: torch.cat([s[k] for s in states if k in s], dim=axis_of(k)) for k in keys}
 
 
 def _global_operator(kind: str, selection: dict, shards: list, d: int, r: int, blocks: int = 0):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .monarch import monarch_apply, monarch_init, monarch_num_params, monarch_to_dense
-from .partition import shard_positions
+from .partition import local_blocks, shard_positions
 
 logger = logging.getLogger(__name__)
 
@@ -279,20 +279,22 @@ class FFNExpansion(_ExpansionBase):
             self.reset_parameters(generator)
 
     @torch.no_grad()
-    def reset_parameters(self, generator: Optional[torch.Generator] = None, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def reset_parameters(self, generator: Optional[torch.Generator] = None, first_block: int = 0,
+                         num_blocks: Optional[int] = None) -> None:
         """Fresh zero-M operator (L = 0, R random, alpha = beta = 1).
 
-        R is drawn for all ``B_local * tp_size`` partitions of the layer and the rank's slice kept, so with
-        the same generator state every TP layout gets the same operator as TP=1. The factors keep their
-        shapes (nb = the current block count).
+        R is drawn for all ``num_blocks`` partitions of the layer (default: the local ones) and the local
+        slice ``[first_block, first_block + B_local)`` kept, so with the same generator state every TP
+        layout gets the same operator as TP=1. The factors keep their shapes (nb = the current block count).
         """
         if not self.active:
             return
         b = self.num_partitions_local
-        lf, rf = monarch_init(b * tp_size, self.k_per, generator, self.monarch_r.dtype, self.monarch_r.device,
+        total = b if num_blocks is None else num_blocks
+        lf, rf = monarch_init(total, self.k_per, generator, self.monarch_r.dtype, self.monarch_r.device,
                               self.monarch_l.shape[-1])
-        self.monarch_l.copy_(lf[tp_rank * b:(tp_rank + 1) * b])
-        self.monarch_r.copy_(rf[tp_rank * b:(tp_rank + 1) * b])
+        self.monarch_l.copy_(lf[first_block:first_block + b])
+        self.monarch_r.copy_(rf[first_block:first_block + b])
         for p in (self.alpha, self.beta_gate, self.beta_up):
             p.fill_(1.0)
 
@@ -370,7 +372,8 @@ class AttentionExpansion(_ExpansionBase):
         return self.o_monarch_l, self.o_monarch_r, self.o_alpha
 
     @torch.no_grad()
-    def reset_parameters(self, generator: Optional[torch.Generator] = None, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def reset_parameters(self, generator: Optional[torch.Generator] = None, first_block: int = 0,
+                         num_blocks: Optional[int] = None) -> None:
         """Fresh zero-M operator; TP-layout independent draws as in :meth:`FFNExpansion.reset_parameters`.
 
         Under GQA the V side's R is drawn before the O side's. The factors keep their shapes.
@@ -378,11 +381,12 @@ class AttentionExpansion(_ExpansionBase):
         if not self.active:
             return
         b = self.num_partitions_local
-        sl = slice(tp_rank * b, (tp_rank + 1) * b)
+        total = b if num_blocks is None else num_blocks
+        sl = slice(first_block, first_block + b)
         sides = [self._v_side()] if self.shared else [self._v_side(), self._o_side()]
         for lf_p, rf_p, alpha in sides:
             m = alpha.shape[1]
-            lf, rf = monarch_init(b * tp_size, m, generator, rf_p.dtype, rf_p.device, lf_p.shape[-1])
+            lf, rf = monarch_init(total, m, generator, rf_p.dtype, rf_p.device, lf_p.shape[-1])
             lf_p.copy_(lf[sl])
             rf_p.copy_(rf[sl])
             alpha.fill_(1.0)
@@ -429,24 +433,19 @@ def shard_expansion_state(
 ) -> Dict[str, torch.Tensor]:
     """A TP=1 operator state dict -> rank ``tp_rank``'s local one.
 
-    Every parameter has the partition axis first, so it is sliced on dim 0; ``p_pos``/``n_pos`` also get
-    rebased to local positions. Used for TP-invariance tests and to reshard a checkpoint.
+    Every parameter has the partition axis first, so it is sliced on dim 0 to the rank's blocks
+    (:func:`local_blocks`); ``p_pos``/``n_pos`` also get rebased to local positions. Used for
+    TP-invariance tests and to reshard a checkpoint.
     """
     out: Dict[str, torch.Tensor] = {}
-    pos = {key: t for key, t in state.items() if key.endswith("p_pos") or key.endswith("n_pos")}
+    first, count = local_blocks(state["p_pos"], tp_rank, tp_size, n_units)
     for key, t in state.items():
-        if key in pos:
+        if key.endswith("p_pos") or key.endswith("n_pos"):
             continue
-        b = t.shape[0]
-        if b % tp_size:
-            raise ValueError(f"{key}: {b} partitions not divisible by tp_size={tp_size}")
-        bl = b // tp_size
-        out[key] = t[tp_rank * bl:(tp_rank + 1) * bl].clone()
-    for key in pos:
-        if key.endswith("p_pos"):
-            stem = key[: -len("p_pos")]
-            p_loc, n_loc = shard_positions(state[key], state[stem + "n_pos"], tp_rank, tp_size, n_units)
-            out[key], out[stem + "n_pos"] = p_loc.clone(), n_loc.clone()
+        if count:  # a rank without a block holds no parameters (an inactive operator)
+            out[key] = t[first:first + count].clone()
+    p_loc, n_loc = shard_positions(state["p_pos"], state["n_pos"], tp_rank, tp_size, n_units)
+    out["p_pos"], out["n_pos"] = p_loc.clone(), n_loc.clone()
     return out
 
 
@@ -478,9 +477,14 @@ def fuse_layer_weights(
 
 def monarch_sq_norms(ops: list) -> torch.Tensor:
     """float64 ``[n]``: the squared Frobenius norm of every dense Monarch matrix M of ``ops`` (one per
-    FFN operator, one or two per attention operator), in order; 0 right after insertion."""
+    FFN operator, one or two per attention operator), in order; 0 right after insertion. A rank's share:
+    under TP the squares of all ranks add up to the whole matrix's (inactive operators count zeros)."""
     norms = []
     for op in ops:
+        if not op.active:  # a rank without a block of this operator: zeros, as many as an active one has
+            sides = 1 if isinstance(op, FFNExpansion) or op.shared else 2
+            norms += [torch.zeros((), dtype=torch.float64)] * sides
+            continue
         for name in ("monarch_l", "v_monarch_l", "o_monarch_l"):
             if hasattr(op, name):
                 lf, rf = getattr(op, name), getattr(op, name.replace("_l", "_r"))

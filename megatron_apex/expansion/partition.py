@@ -5,8 +5,11 @@ slice of units. Rather than exchanging rows of W[P] between ranks at every step 
 apex-method.md, section 5), we permute the units of the layer once per stage (a function-preserving
 reordering of FFN channels / query groups with all their rows and columns) so that each of B contiguous
 *partitions* holds exactly k_per P units and k_per N units. The operator M is block-diagonal over
-partitions, so every block lives on one rank, and B does not depend on the TP degree t (the config
-checks t | B), so TP=1 computes exactly the same function.
+partitions, so every block lives on one rank, and B does not depend on the TP degree t, so TP=1
+computes exactly the same function. When t divides B every rank holds B/t blocks; with fewer blocks
+than ranks (B = 1 is the paper's operator) a block's P and N units are packed at its partition's start,
+which lies on one rank, and the ranks without a block do no operator work
+(:func:`megatron_apex.config.apex_block_ranks` checks that every block fits).
 
 Conventions: ``perm[new_pos] = old_unit`` ("gather" form: new = old[perm]). Positions are global unit
 positions within a layer; :func:`shard_positions` turns them into rank-local ones.
@@ -29,6 +32,7 @@ __all__ = [
     "permute_units",
     "permute_fc1",
     "permute_layer_weights",
+    "local_blocks",
     "shard_positions",
 ]
 
@@ -223,21 +227,30 @@ def permute_layer_weights(
     return out
 
 
+def local_blocks(p_pos: torch.Tensor, tp_rank: int, tp_size: int, n_units: int) -> Tuple[int, int]:
+    """(first, count): the operator blocks (rows of the global ``[B, k_per]`` positions) that lie on rank
+    ``tp_rank``. Blocks are in ascending position order, so a rank's blocks are contiguous; with fewer
+    blocks than ranks (:func:`megatron_apex.config.apex_block_ranks`) a rank may hold none."""
+    if n_units % tp_size or not 0 <= tp_rank < tp_size:
+        raise ValueError(f"local_blocks: n={n_units} must be divisible by tp_size={tp_size}, and 0 <= tp_rank="
+                         f"{tp_rank} < tp_size")
+    owner = (p_pos[:, 0].detach().cpu() // (n_units // tp_size)).tolist() if p_pos.shape[1] else []
+    mine = [b for b, q in enumerate(owner) if q == tp_rank]
+    return (mine[0] if mine else sum(1 for q in owner if q < tp_rank)), len(mine)
+
+
 def shard_positions(
     p_pos: torch.Tensor, n_pos: torch.Tensor, tp_rank: int, tp_size: int, n_units: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Global ``[B, k_per]`` positions -> the rank's local ``[B/t, k_per]`` positions.
+    """Global ``[B, k_per]`` positions -> the rank's local ``[B_local, k_per]`` positions.
 
-    Rank q holds partitions ``[q*B/t, (q+1)*B/t)`` and units ``[q*n/t, (q+1)*n/t)``.
+    Rank q holds units ``[q*n/t, (q+1)*n/t)`` and the blocks whose units lie there (:func:`local_blocks`):
+    B/t of them when t divides B, else one or none.
     """
-    num_parts = p_pos.shape[0]
-    if num_parts % tp_size or n_units % tp_size or not 0 <= tp_rank < tp_size:
-        raise ValueError(f"shard_positions: B={num_parts} and n={n_units} must be divisible by tp_size={tp_size}, "
-                         f"and 0 <= tp_rank={tp_rank} < tp_size")
-    b_loc, n_loc = num_parts // tp_size, n_units // tp_size
-    sl = slice(tp_rank * b_loc, (tp_rank + 1) * b_loc)
+    first, count = local_blocks(p_pos, tp_rank, tp_size, n_units)
+    n_loc = n_units // tp_size
     off = tp_rank * n_loc
-    p_loc, n_loc_pos = p_pos[sl] - off, n_pos[sl] - off
+    p_loc, n_loc_pos = p_pos[first:first + count] - off, n_pos[first:first + count] - off
     for x in (p_loc, n_loc_pos):
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= n_loc):
             raise ValueError("shard_positions: a partition's units straddle TP ranks (is the permutation applied?)")

@@ -151,13 +151,16 @@ def reduce_and_clip_grads(grads: list, ctx, clip: float) -> None:
     gradient is its chunks' part, scaled by CP in the loss), then scaled so their global norm (over TP
     and PP too) is at most ``clip`` (0: off). Clipping happens on the device, without a host
     synchronisation."""
-    if ctx.dp_size * ctx.cp_size > 1:
+    if ctx.dp_size * ctx.cp_size > 1 and grads:  # data-parallel peers hold the same operators
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=ctx.dp_group)
         flat /= ctx.dp_size * ctx.cp_size
         torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
     if clip > 0:
-        sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        # A rank without operator blocks (fewer blocks than TP ranks) adds 0 to the reduction.
+        sq = (torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads
+              else torch.zeros((), dtype=torch.float64, device=ctx.device))
         if ctx.tp_size * ctx.pp_size > 1:
             dist.all_reduce(sq, group=ctx.mp_group)
-        torch._foreach_mul_(grads, torch.clamp(clip / (sq.sqrt() + 1e-6), max=1.0).to(grads[0].dtype))
+        if grads:
+            torch._foreach_mul_(grads, torch.clamp(clip / (sq.sqrt() + 1e-6), max=1.0).to(grads[0].dtype))
