@@ -327,6 +327,36 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
     return train, (valid if valid_samples else None)
 
 
+def build_eval_dataset(prefix: str, seq_length: int, num_samples: int, seed: int, vocab_size: int, eod_id: int,
+                       cache_path: Optional[str] = None):
+    """The first ``num_samples`` samples of ``prefix`` as the trainer's validation reads them from
+    ``data.valid_data_path=[prefix]`` with ``train.seed=seed``: megatron-core's GPTDataset of the valid
+    split over all of the dataset's documents (same index construction, same order). With a fixed ``seed``
+    every model is measured on the same tokens, whatever seed it was trained with. ``num_samples`` 0:
+    one pass over the dataset (every sample of one epoch)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    try:
+        reader = IndexedDatasetReader(prefix)
+    except IndexedDatasetError as exc:
+        raise ConfigError(str(exc)) from None
+    tokens, documents = reader.token_count, reader.document_count
+    reader.close()
+    epoch = (tokens - 1) // seq_length  # samples of seq_length + 1 tokens, overlapping by one
+    if documents == 0 or epoch < 1:
+        raise ConfigError(f"{prefix}: {tokens} tokens in {documents} documents, fewer than one sample of "
+                          f"{seq_length + 1} tokens")
+    num_samples = num_samples or epoch
+    ds_config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, tokenizer=_TokenInfo(vocab_size=vocab_size, eod=eod_id),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        path_to_cache=cache_path, mmap_bin_files=True, blend_per_split=[None, ([prefix], None), None])
+    _, valid, _ = BlendedMegatronDatasetBuilder(FingerprintedGPTDataset, [0, num_samples, 0], lambda: True,
+                                                ds_config).build()
+    return valid, num_samples
+
+
 def _log_epochs(train, train_samples: int, seq_length: int) -> None:
     """Say how many epochs of each training dataset the run reads when that is more than one: megatron-core
     repeats a small corpus silently (each epoch shuffled anew), which looks like a healthy run while the
