@@ -71,7 +71,8 @@ def _debian_documents(work: str) -> dict:
     for packages in DEBIAN_PACKAGES.values():
         for pkg in packages:
             if not glob.glob(os.path.join(deb_dir, f"{pkg}_*.deb")):
-                rc = subprocess.call(["apt-get", "download", pkg], cwd=deb_dir, stdout=subprocess.DEVNULL)
+                rc = subprocess.call(["apt-get", "download", pkg], cwd=deb_dir, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)  # apt's note that root downloads unsandboxed
                 if rc != 0:  # package lists not there yet (a fresh machine)
                     subprocess.check_call(["apt-get", "update", "-qq"])
                     subprocess.check_call(["apt-get", "download", pkg], cwd=deb_dir, stdout=subprocess.DEVNULL)
@@ -81,8 +82,11 @@ def _debian_documents(work: str) -> dict:
     root = os.path.join(work, "root")
     docs = os.path.join(root, "usr/share/doc/python3.11/html/_sources")
     code = os.path.join(root, "usr/lib/python3.11")
-    out = {"A": [(os.path.relpath(p, docs), p) for p in glob.glob(os.path.join(docs, "**/*.rst.txt"), recursive=True)],
-           "B": [(os.path.relpath(p, code), p) for p in glob.glob(os.path.join(code, "**/*.py"), recursive=True)]}
+    # Dangling links (to files of other packages) are left out.
+    out = {"A": [(os.path.relpath(p, docs), p) for p in glob.glob(os.path.join(docs, "**/*.rst.txt"), recursive=True)
+                 if os.path.isfile(p)],
+           "B": [(os.path.relpath(p, code), p) for p in glob.glob(os.path.join(code, "**/*.py"), recursive=True)
+                 if os.path.isfile(p)]}
     return out, versions
 
 
@@ -95,6 +99,16 @@ def _local_documents() -> dict:
 
 def _held_out(name: str, every: int) -> bool:
     return int(hashlib.sha1(name.encode()).hexdigest(), 16) % every == 0
+
+
+def _token_count(prefix: str) -> int:
+    from megatron_apex.data.indexed import IndexedDatasetReader
+
+    reader = IndexedDatasetReader(prefix)
+    try:
+        return int(reader.token_count)
+    finally:
+        reader.close()
 
 
 def prepare(study: dict, out: str) -> dict:
@@ -136,9 +150,8 @@ def prepare(study: dict, out: str) -> dict:
         sh([sys.executable, "tools/preprocess_data.py", "--input", os.path.join(data, f"{name}.jsonl"),
             "--output-prefix", os.path.join(data, name), "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", tok + ".model", "--append-eod", "--workers", "2", "--progress", "none"], logs)
-        with open(os.path.join(data, f"{name}_text_document.json"), encoding="utf-8") as f:
-            sidecar = json.load(f)
-        manifest["datasets"][name.replace("a_", "A_").replace("b_", "B_")]["tokens"] = sidecar.get("num_tokens")
+        manifest["datasets"][name.replace("a_", "A_").replace("b_", "B_")]["tokens"] = _token_count(
+            os.path.join(data, f"{name}_text_document"))
     with open(manifest_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     return manifest
