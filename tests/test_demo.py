@@ -1,5 +1,6 @@
 """`make demo` end to end (the same script, fewer steps): corpus -> tokenizer -> preprocess -> APEX training
-through two stage boundaries -> heat map -> Hugging Face export verified against transformers."""
+through two stage boundaries -> the plain baseline and both evaluated on the same tokens -> heat map ->
+Hugging Face export verified against transformers."""
 
 import json
 import os
@@ -35,3 +36,10 @@ def test_demo_pipeline(tmp_path):
     assert (hf / "tokenizer.model").exists()
     assert any(name.endswith(".safetensors") for name in os.listdir(hf))
     assert os.listdir(out / "tensorboard")
+    # The plain baseline: the same steps, both final models on the same held-out samples, side by side.
+    assert (out / "checkpoints_plain" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    apex, plain = (json.loads((out / f"eval_{n}.json").read_text())["datasets"][0] for n in ("apex", "plain"))
+    assert apex["samples"] == plain["samples"] == 64 and apex["loss"] != plain["loss"]
+    assert f"validation loss   APEX {apex['loss']:.4f}   plain {plain['loss']:.4f}" in log, log[-3000:]
+    assert "One seed of a model this small is not evidence" in log and "docs/evidence.md" in log
+    assert (out / "apex_vs_plain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,8 +5,10 @@
 2. train a sentencepiece tokenizer on it                           (tools/train_tokenizer.py)
 3. preprocess train/valid JSONL to Megatron .bin/.idx              (tools/preprocess_data.py)
 4. train a tiny LLaMA with APEX through three stages               (megatron-apex train)
-5. render the APEX votes/selection heat map of a mid-stage ckpt    (tools/apex_report.py)
-6. export the final (fused) checkpoint to Hugging Face and verify  (tools/convert_checkpoint.py)
+5. train the same model plainly (the baseline), same data and steps (megatron-apex train apex.enabled=false)
+6. both final models on the same held-out tokens, and their curves   (tools/evaluate.py, tools/compare_runs.py)
+7. render the APEX votes/selection heat map of a mid-stage ckpt    (tools/apex_report.py)
+8. export the final (fused) checkpoint to Hugging Face and verify  (tools/convert_checkpoint.py)
 
 Each step is a subprocess running the same command a user would type; a step whose tool is not
 present is reported as skipped, never faked. Outputs go under --output (default demo_output/).
@@ -15,6 +17,7 @@ present is reported as skipped, never faked. Outputs go under --output (default 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -90,6 +93,24 @@ def main() -> int:
            "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"), "OMP_NUM_THREADS": "2"}
     times["train"] = run("Train tiny LLaMA with APEX",
                          [py, "-m", "megatron_apex.train", "examples/tiny_cpu.yaml", *overrides], logs, env)
+    plain_ckpt, plain_tb = os.path.join(out, "checkpoints_plain"), os.path.join(out, "tensorboard_plain")
+    times["train plain"] = run("Train the same model plainly (the baseline)",
+                               [py, "-m", "megatron_apex.train", "examples/tiny_cpu.yaml", *overrides,
+                                "apex.enabled=false", f"checkpoint.save={plain_ckpt}", "checkpoint.save_interval=0",
+                                f"logging.tensorboard_dir={plain_tb}"], logs, env, log="train_plain")
+    valid = os.path.join(data, "valid_text_document")
+    finals = {}
+    for name, path in (("apex", ckpt), ("plain", plain_ckpt)):
+        result = os.path.join(out, f"eval_{name}.json")
+        times[f"evaluate {name}"] = run(f"Evaluate the {name} model on the held-out set",
+                                        [py, "tools/evaluate.py", "--model", path, "--data", valid, "--samples", "64",
+                                         "--json", result], logs, env, log=f"evaluate_{name}")
+        with open(result, encoding="utf-8") as f:
+            finals[name] = json.load(f)["datasets"][0]["loss"]
+    curves = os.path.join(out, "apex_vs_plain")
+    times["compare"] = run("Loss curves, APEX and plain",
+                           [py, "tools/compare_runs.py", "--group", "apex/demo", tb, "--group", "plain/demo", plain_tb,
+                            "--metric", "valid/loss", "--curve", "valid/loss", "--out", curves], logs, env)
 
     mid_stage = os.path.join(ckpt, f"iter_{third + third // 2:07d}")
     if os.path.exists(os.path.join(ROOT, "tools", "apex_report.py")) and os.path.isdir(mid_stage):
@@ -107,6 +128,13 @@ def main() -> int:
         hf = None
         print("\n=== Export to Hugging Face: skipped (tools/convert_checkpoint.py not available)")
 
+    print(f"\n=== APEX and plain, {args.steps} steps each, the same 64 held-out samples:\n"
+          f"  validation loss   APEX {finals['apex']:.4f}   plain {finals['plain']:.4f}   "
+          f"(difference {finals['apex'] - finals['plain']:+.4f})\n"
+          f"  curves            {curves}.png\n"
+          "  One seed of a model this small is not evidence either way: the differences between seeds are as\n"
+          "  large. What APEX buys, measured over seeds, budgets and ablations: docs/evidence.md\n"
+          "  (examples/apex_cpt_study).")
     print(f"\n=== Done in {time.time() - t_start:.0f}s")
     for step, secs in times.items():
         print(f"  {step:<20s} {secs:6.1f}s")
