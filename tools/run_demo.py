@@ -132,9 +132,8 @@ def main() -> int:
           f"  validation loss   APEX {finals['apex']:.4f}   plain {finals['plain']:.4f}   "
           f"(difference {finals['apex'] - finals['plain']:+.4f})\n"
           f"  curves            {curves}.png\n"
-          "  One seed of a model this small is not evidence either way: the differences between seeds are as\n"
-          "  large. What APEX buys, measured over seeds, budgets and ablations: docs/evidence.md\n"
-          "  (examples/apex_cpt_study).")
+          "  One seed of a model this small is not evidence either way. What APEX buys, measured over\n"
+          "  seeds, budgets and ablations: docs/evidence.md (examples/apex_cpt_study).")
     print(f"\n=== Done in {time.time() - t_start:.0f}s")
     for step, secs in times.items():
         print(f"  {step:<20s} {secs:6.1f}s")
