@@ -269,6 +269,10 @@ class CheckpointConfig:
         "rank (CPU memory) at every save, every rank reads it whole at a load, and it resumes under any TP/PP/DP. "
         "A load reads the format the checkpoint was saved in.")
     load_rng: bool = doc(True, "Restore RNG states when resuming.")
+    verify: Literal["checksums", "sizes"] = doc(
+        "checksums", "Before loading, check every file of the checkpoint against what its save recorded: its size "
+        "and CRC-32 ('checksums', reads the checkpoint once on global rank 0) or its size only ('sizes'). A damaged "
+        "latest checkpoint falls back to the newest intact one (a warning says why); none intact is an error.")
     keep_last: Optional[int] = doc(
         None, "After each save, delete all but the newest N complete checkpoints up to the one just saved (None "
         "keeps all); incomplete directories and steps newer than the one saved are left alone, with a warning.")

@@ -441,10 +441,13 @@ def imported(tmp_path_factory):
 
 def _edit_common(root, edit) -> None:
     """Rewrite the common state (config, ...) of a checkpoint's iter_0000000 in place with ``edit(common)``."""
+    from megatron_apex.training.integrity import update_manifest
+
     path = os.path.join(root, "iter_0000000", "common.pt")
     common = torch.load(path, weights_only=False)
     edit(common)
     torch.save(common, path)
+    update_manifest(os.path.dirname(path), ["common.pt"])  # rewritten on purpose: its record follows
 
 
 def _copy(src, dst) -> str:

@@ -30,14 +30,12 @@ def ensure_process_group() -> bool:
 
 
 def checkpoint_dir(path: str) -> str:
-    """A checkpoint root (with the tracker file) or an ``iter_*`` directory -> the ``iter_*`` directory,
-    whose files are all there (a partial copy is refused naming the missing or truncated file)."""
-    from megatron_apex.convert.runtime import checkpoint_metadata
+    """A checkpoint root (with the tracker file) or an ``iter_*`` directory -> the intact ``iter_*``
+    directory (every file as the save wrote it, checksums compared; a root falls back to its newest
+    intact checkpoint; a damaged one is refused naming the file)."""
     from megatron_apex.training.checkpoint import resolve_checkpoint_dir
 
-    path = resolve_checkpoint_dir(path)
-    checkpoint_metadata(path)
-    return path
+    return resolve_checkpoint_dir(path, checksums=True)
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -84,11 +82,13 @@ def load_model_tensors(path: str) -> dict:
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_apex.training.checkpoint import load_sharded
+
     path = checkpoint_dir(path)
     ensure_process_group()
     meta = dist_checkpointing.load_tensors_metadata(path)
     wanted = {k: v for k, v in meta.items() if not k.startswith("optimizer") and "rng" not in k}
-    loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)
+    loaded = load_sharded(wanted, path, validate_access_integrity=False)
     return {k.removeprefix("module."): v for k, v in loaded.items() if torch.is_tensor(v)}
 
 
@@ -99,8 +99,9 @@ def load_apex_states(path: str) -> tuple[dict, dict]:
     ([local layers, units], identical on the TP ranks of a pipeline stage, different across DP ranks),
     and per local layer its global index and selection.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_apex.training.checkpoint import load_sharded
 
     path = checkpoint_dir(path)
     common = load_common(path)
@@ -111,7 +112,7 @@ def load_apex_states(path: str) -> tuple[dict, dict]:
     ensure_process_group()
     sd = {f"r{a}_{b}_{c}": ShardedObject(APEX_STATE_KEY, None, shape, (a, b, c), replica_id=0)
           for a in range(shape[0]) for b in range(shape[1]) for c in range(shape[2])}
-    loaded = dist_checkpointing.load(sd, path, validate_access_integrity=False)
+    loaded = load_sharded(sd, path, validate_access_integrity=False)
     states = {}
     for key in sd:
         a, b, c = (int(x) for x in key[1:].split("_"))

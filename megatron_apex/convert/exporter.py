@@ -19,7 +19,7 @@ from megatron_apex.config import Config, config_from_dict
 from megatron_apex.convert import mapping as M
 from megatron_apex.convert.hf_io import (SafetensorsShardWriter, copy_tokenizer, parse_size, staged_output,
                                          tokenizer_files, write_json)
-from megatron_apex.convert.runtime import (build_cpu_model, checkpoint_dtype, checkpoint_metadata, single_layout,
+from megatron_apex.convert.runtime import (build_cpu_model, checkpoint_dtype, single_layout,
                                            single_process)
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def resolve_export_config(checkpoint: str, vocab_size: Optional[int] = None) -> 
 
     if not os.path.exists(checkpoint):
         raise M.ConversionError(f"{checkpoint}: no such checkpoint directory")
-    path = resolve_checkpoint_dir(checkpoint)
-    checkpoint_metadata(path)  # every file there in full, before anything is read or written
+    path = resolve_checkpoint_dir(checkpoint, checksums=True)  # every file as saved, before anything is read
     common = read_common(path)
     cfg: Config = single_layout(config_from_dict(common["config"]))
     padded = int(common["model_signature"]["padded_vocab_size"])

@@ -69,36 +69,11 @@ def build_cpu_model(cfg: Config, dtype: torch.dtype, padded_vocab: int, initiali
     return model
 
 
-def checkpoint_metadata(path: str):
-    """The torch_dist metadata of an ``iter_*`` directory, after checking that every file it names is
-    there in full: a checkpoint that lost or truncated a file (a partial copy) is refused here, with
-    the file named, instead of failing midway through a load."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from megatron_apex.training.checkpoint import CheckpointError
-
-    for name in (".metadata", "common.pt"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise CheckpointError(f"{path}: {name} is missing, the checkpoint is incomplete")
-    try:
-        meta = FileSystemReader(path).read_metadata()
-    except Exception as exc:  # a truncated or foreign .metadata: pickle, EOF or attribute errors
-        raise CheckpointError(f"{os.path.join(path, '.metadata')}: unreadable ({type(exc).__name__}: {exc})") from None
-    needed = {}
-    for info in meta.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(needed.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{file}: missing, the checkpoint is incomplete (its .metadata names it)")
-        if os.path.getsize(file) < end:
-            raise CheckpointError(f"{file}: {os.path.getsize(file)} bytes where .metadata needs {end}: truncated")
-    return meta
-
-
 def checkpoint_dtype(path: str) -> torch.dtype:
     """The dtype the model weights are stored in (read from the torch_dist metadata, no tensors)."""
-    meta = checkpoint_metadata(path).state_dict_metadata
+    from megatron_apex.training.integrity import read_metadata
+
+    meta = read_metadata(path).state_dict_metadata
     for key in ("model.embedding.word_embeddings.weight", "embedding.word_embeddings.weight"):
         if key in meta:
             return meta[key].properties.dtype

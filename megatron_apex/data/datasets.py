@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
 
+from megatron_apex.compat import safe_load
 from megatron_apex.config import Config, ConfigError, parse_blend
 from megatron_apex.data.indexed import (IndexedDatasetError, IndexedDatasetReader, index_fingerprint, max_token_id,
                                         read_sidecar)
 from megatron_apex.data.tokenizers import TokenizerError, file_sha256, load_tokenizer
 
 logger = logging.getLogger(__name__)
+safe_load.install_index_cache_reader()  # an index cache never unpickles
 
 _SPLITS = ("train", "valid", "test")
 
@@ -76,7 +78,10 @@ class FingerprintedGPTDataset(GPTDataset):
                                                        usedforsecurity=False).hexdigest()
         cache = self._index_cache_to_build()
         if cache is None:
-            return super()._build_document_sample_shuffle_indices()
+            try:
+                return super()._build_document_sample_shuffle_indices()
+            except safe_load.UnsafeFileError as exc:  # a cache file that holds pickled objects
+                raise ConfigError(str(exc)) from None
         # megatron-core says so at INFO under its own logger, which the run keeps at WARNING; on a large
         # corpus this takes minutes while the other ranks wait in a barrier, so the run says it itself.
         split = self.index_split.name
@@ -402,14 +407,26 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             yield list(range(first, first + self.mbs))
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave the stop signals to the trainer. slurm and torchrun send SIGTERM (and
+    slurm's --signal USR1) to the whole process group: torch's workers die of a SIGTERM that their parent
+    did not send, and the trainer would then fail on its next batch instead of saving and exiting 75.
+    Workers still end with the trainer (torch's watchdog ends them when their parent is gone)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_loader(dataset, cfg: Config, consumed_samples: int, total_samples: int, dp_rank: int, dp_size: int):
     """A DataLoader over this rank's micro-batches, starting after ``consumed_samples``."""
     if dataset is None:
         return None
     sampler = GlobalBatchSampler(total_samples, consumed_samples, cfg.train.micro_batch_size, dp_rank, dp_size)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                       pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=cfg.data.num_workers > 0)
+    workers = cfg.data.num_workers
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                       worker_init_fn=_worker_ignores_stop_signals if workers else None)
 
 
 def configured_tokenizer(cfg: Config):

@@ -33,15 +33,16 @@ def has_active_operators(common: dict) -> bool:
 
 def load_rank_states(checkpoint_dir: str, common: dict) -> dict:
     """{(pp, tp): operator state} of data-parallel rank 0 (all DP replicas hold the same operators)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_apex.training.checkpoint import load_sharded
 
     layout = common["layout"]
     shape = (layout["pp"], layout["tp"], layout["dp"])
     request = {f"{pp}_{tp}": ShardedObject(STATE_KEY, None, shape, (pp, tp, 0), replica_id=0)
                for pp in range(layout["pp"]) for tp in range(layout["tp"])}
     # Only DP rank 0's shards are asked for: the access check would call the other replicas missing.
-    loaded = dist_checkpointing.load(request, checkpoint_dir, validate_access_integrity=False)
+    loaded = load_sharded(request, checkpoint_dir, validate_access_integrity=False)
     return {(pp, tp): loaded[f"{pp}_{tp}"] for pp in range(layout["pp"]) for tp in range(layout["tp"])}
 
 

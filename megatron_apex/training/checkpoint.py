@@ -32,10 +32,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_apex.compat import safe_load
 from megatron_apex.config import Config
 from megatron_apex.distributed import ParallelContext
+from megatron_apex.training.integrity import record_manifest
 
 logger = logging.getLogger(__name__)
+safe_load.install()  # reading a checkpoint never runs code from it
 
 TRACKER = "latest_checkpointed_iteration.txt"
 COMPLETE_MARKER = "metadata.json"  # megatron-core's dist_checkpointing writes it after all shards
@@ -88,18 +91,47 @@ def read_latest(root: Optional[str]) -> Optional[int]:
     return step
 
 
-def resolve_checkpoint_dir(path: str, name: Optional[str] = None) -> str:
-    """The checkpoint directory ``path`` names: a root with a tracker or an ``iter_*`` directory.
+def _complete_steps(root: str) -> list:
+    """Steps of the complete ``iter_*`` directories under ``root``, newest first."""
+    steps = [_iter_step(name) for name in os.listdir(root)]
+    return sorted((s for s in steps if s is not None and is_complete(iter_dir(root, s))), reverse=True)
 
-    Raises :class:`CheckpointError` when there is no such directory or it holds no checkpoint; the
-    message starts with ``name=path`` when the path comes from a config field ``name``."""
+
+def has_checkpoint(root: Optional[str]) -> bool:
+    """Whether ``root`` holds a checkpoint to resume from: a tracker, or a complete ``iter_*`` directory
+    (a tracker lost or deleted must not make a run start again from step 0 over its checkpoints)."""
+    return bool(root) and os.path.isdir(root) and (os.path.isfile(os.path.join(root, TRACKER))
+                                                   or bool(_complete_steps(root)))
+
+
+def resolve_checkpoint_dir(path: str, name: Optional[str] = None, checksums: bool = False) -> str:
+    """The intact checkpoint directory ``path`` names: an ``iter_*`` directory, or a root's newest intact
+    checkpoint (integrity.checkpoint_problem; ``checksums`` also compares every file's CRC-32 with what
+    the save recorded, else sizes only).
+
+    A root whose tracker names a damaged, incomplete or missing checkpoint, or that has lost its
+    tracker, falls back to its newest intact ``iter_*`` directory, with a warning that says why.
+    Raises :class:`CheckpointError` when there is no such directory, it holds no checkpoint, an
+    ``iter_*`` directory given by name is damaged, or nothing under a root is intact; the message
+    starts with ``name=path`` when the path comes from a config field ``name``."""
     where = f"{name}={path!r}" if name else path
+    try:
+        return _resolve_intact(path, where, checksums)
+    except safe_load.UnsafeFileError as exc:  # refused outright: a tampered directory is not one to fall back in
+        raise CheckpointError(str(exc)) from None
+
+
+def _resolve_intact(path: str, where: str, checksums: bool) -> str:
+    from megatron_apex.training.integrity import checkpoint_problem
+
     if not os.path.isdir(path):
         raise CheckpointError(f"{where}: no such checkpoint directory")
     if is_complete(path):
+        problem = checkpoint_problem(path, checksums)
+        if problem:
+            raise CheckpointError(f"{where}: damaged checkpoint: {problem}")
         return path
-    step = read_latest(path)
-    if step is None:
+    if not has_checkpoint(path):
         what = (f"an incomplete checkpoint (no {COMPLETE_MARKER}: an interrupted save)"
                 if _iter_step(os.path.basename(os.path.normpath(path))) is not None
                 else f"neither a checkpoint directory nor a root with {TRACKER}")
@@ -108,10 +140,26 @@ def resolve_checkpoint_dir(path: str, name: Optional[str] = None) -> str:
             what += (f"; this is a Hugging Face model: convert it first with tools/convert_checkpoint.py import "
                      f"--hf-dir {path} --output CHECKPOINT_DIR, and give CHECKPOINT_DIR")
         raise CheckpointError(f"{where}: {what}")
-    return iter_dir(path, step)
+    problems = []
+    try:
+        latest = read_latest(path)
+    except CheckpointError as exc:  # the tracker names an incomplete or missing directory
+        latest, problems = None, [str(exc)]
+    if latest is None and not problems:
+        problems.append(f"{os.path.join(path, TRACKER)} is missing")
+    candidates = ([latest] if latest is not None else []) + [s for s in _complete_steps(path) if s != latest]
+    for step in candidates:
+        target = iter_dir(path, step)
+        problem = checkpoint_problem(target, checksums)
+        if problem is None:
+            if problems:
+                logger.warning("%s: %s; using the newest intact checkpoint, %s", where, "; ".join(problems), target)
+            return target
+        problems.append(f"{target} is damaged ({problem})")
+    raise CheckpointError(f"{where}: no intact checkpoint: " + "; ".join(problems))
 
 
-def resume_source(cfg: Config) -> tuple[Optional[str], Optional[str], str]:
+def resume_source(cfg: Config, checksums: bool = True) -> tuple[Optional[str], Optional[str], str]:
     """(the configured path to resume from, the checkpoint directory it names; why that one), or Nones
     when there is nothing to resume from. The trainer and the dry run both ask this, so that a plan
     that passes the dry run is not refused by the run over these paths.
@@ -119,15 +167,16 @@ def resume_source(cfg: Config) -> tuple[Optional[str], Optional[str], str]:
     checkpoint.save wins once it has a checkpoint: it holds this run's newest state, so a
     resubmitted job continues from where the last one stopped rather than from checkpoint.load.
     An explicit checkpoint.load must hold a checkpoint (checkpoint.load = checkpoint.save is the
-    usual auto-resume and may be empty)."""
+    usual auto-resume and may be empty). The directory returned is intact (:func:`resolve_checkpoint_dir`,
+    ``checksums`` as there)."""
     c = cfg.checkpoint
     explicit_load = bool(c.load) and not (c.save and os.path.realpath(c.load) == os.path.realpath(c.save))
-    if read_latest(c.save) is not None:
-        return c.save, resolve_checkpoint_dir(c.save), (
+    if has_checkpoint(c.save):
+        return c.save, resolve_checkpoint_dir(c.save, "checkpoint.save", checksums), (
             "checkpoint.save holds this run's newest checkpoint"
             + (f"; checkpoint.load={c.load} is only used before it has one" if explicit_load else ""))
     if explicit_load:
-        return c.load, resolve_checkpoint_dir(c.load, "checkpoint.load"), (
+        return c.load, resolve_checkpoint_dir(c.load, "checkpoint.load", checksums), (
             "checkpoint.load" + (f"; checkpoint.save={c.save} has no checkpoint yet" if c.save else ""))
     return None, None, ""
 
@@ -376,6 +425,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
     _share_cpu_slices(sd)
     dist_checkpointing.save(sd, staging)
     dist.barrier()
+    record_manifest(staging, ctx.rank, ctx.world_size)  # what the save wrote, checked before every load
     if ctx.rank == 0:
         _move_into_place(staging, target)
         _write_atomic(os.path.join(root, TRACKER), f"{step}\n")
@@ -563,13 +613,34 @@ def _prune(root: str, keep: int, saved: int) -> None:
 
 def read_common(path: str) -> dict:
     """The non-tensor state of a checkpoint (step, config, signature...), without loading tensors."""
+    import pickle
+
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{os.path.join(path, 'common.pt')}: refusing to read it: not plain checkpoint data "
+                              f"({first[:200]})") from None
     if common.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {common.get('format_version')!r}, this "
                               f"version of megatron-apex reads {FORMAT_VERSION}")
     return common
+
+
+def load_sharded(sd: dict, path: str, **kwargs) -> dict:
+    """megatron-core's ``dist_checkpointing.load``, a file that asks to run code refused in one line
+    (torch's reader wraps the refusal of ``compat.safe_load`` in its own exception)."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(sd, path, **kwargs)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        unsafe = safe_load.find_unsafe(exc)
+        if unsafe is not None:
+            raise CheckpointError(str(unsafe)) from None
+        raise
 
 
 def check_compatible(common: dict, cfg: Config, padded_vocab: int, path: str) -> None:
@@ -625,7 +696,7 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     """Load into ``model`` (and ``optimizer``); returns the checkpoint's common state."""
     from megatron.core import dist_checkpointing
 
-    path = resolve_checkpoint_dir(path)
+    path = resolve_checkpoint_dir(path)  # the caller chose it intact; the metadata and sizes again, cheaply
     common = read_common(path)
     check_compatible(common, cfg, padded_vocab, path)
     if load_optimizer and not common.get("has_optimizer", True):
@@ -648,7 +719,7 @@ def load_checkpoint(path: str, model, optimizer, cfg: Config, ctx: ParallelConte
     sd = build_state_dict(model, optimizer, ctx, is_loading=True, with_optimizer=load_optimizer,
                           with_rng=load_rng, extra_sharded=extra_sharded, optimizer_format=saved_format)
     _merge_in_place(sd)
-    loaded = dist_checkpointing.load(sd, path)
+    loaded = load_sharded(sd, path)
     unwrap(model).load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
         # no_grad: the distributed optimizer copies fp32 main params into views of fp32 weights (leaves

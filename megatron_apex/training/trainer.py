@@ -8,6 +8,7 @@ that every rank takes the same decision at the same step.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from megatron_apex.distributed import ParallelContext
 from megatron_apex.model.init import initialize_weights
 from megatron_apex.model.llama import build_model, build_transformer_config, flops_per_token
 from megatron_apex.training import checkpoint as ckpt
+from megatron_apex.training.lock import LockHeldError, RunLock
 from megatron_apex.training.metrics import MetricsWriter, Throughput, gpu_peak_tflops
 from megatron_apex.training.optim import apply_lr, build_optimizer, wrap_ddp
 
@@ -115,6 +117,7 @@ class Trainer:
         self.latest_checkpoint = None  # the newest checkpoint saved or loaded by this run...
         self.checkpoint_state = None   # ...and the (step, callback state) it holds
         self.hf_import = None  # what the imported Hugging Face model's ids and generation config were
+        self.lock: Optional[RunLock] = None  # checkpoint.save's run lock (global rank 0)
         self.result = TrainResult()
 
     # ------------------------------------------------------------------ set-up
@@ -178,10 +181,34 @@ class Trainer:
         c.model.vocab_size = self.vocab_size
         return c
 
+    def _start_point(self) -> tuple:
+        """(resume source, its directory, why), or (None, the finetune_from directory or None, ''): chosen and
+        checked (checkpoint.verify) by global rank 0 alone, one read of the checkpoint, and broadcast."""
+        c = self.cfg.checkpoint
+        checksums = c.verify == "checksums"
+        result = [None]
+        if self.ctx.rank == 0:
+            try:
+                if c.save and self.lock is None:  # held until the run ends (or its process does)
+                    self.lock = RunLock(c.save).acquire()
+                    atexit.register(self.lock.release)
+                source, path, why = ckpt.resume_source(self.cfg, checksums)
+                if source is None and c.finetune_from:
+                    path = ckpt.resolve_checkpoint_dir(c.finetune_from, "checkpoint.finetune_from", checksums)
+                result = [(source, path, why, None)]
+            except (ckpt.CheckpointError, LockHeldError) as exc:
+                result = [(None, None, None, str(exc))]
+        if self.ctx.world_size > 1:
+            dist.broadcast_object_list(result, src=0)
+        source, path, why, error = result[0]
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        return source, path, why
+
     def _load(self) -> Optional[dict]:
         """Resume (or initialise weights from checkpoint.finetune_from); the loaded common state."""
         c, t = self.cfg.checkpoint, self.cfg.train
-        source, path, why = ckpt.resume_source(self.cfg)
+        source, path, why = self._start_point()
         if source is not None:
             saved = ckpt.read_common(path)
             apex = saved.get("apex")
@@ -208,8 +235,7 @@ class Trainer:
                                "sample %d, where the checkpoint's run stopped reading", saved_gbs,
                                t.global_batch_size, self.consumed_samples)
             return common
-        if c.finetune_from:
-            path = ckpt.resolve_checkpoint_dir(c.finetune_from, "checkpoint.finetune_from")
+        if path is not None:  # checkpoint.finetune_from
             saved = ckpt.read_common(path)
             apex = saved.get("apex")
             if apex is not None and not apex["finished"]:
@@ -408,6 +434,8 @@ class Trainer:
             self.result.checkpoint = self.latest_checkpoint
         self.result.step = self.step
         self.metrics.close()
+        if self.lock is not None:  # after the last save: the directory is free for the next run
+            self.lock.release()
         return self.result
 
     def _validate(self) -> None:
