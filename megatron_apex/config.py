@@ -680,9 +680,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{name}={value!r}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{name}={value!r}: expected a number") from None
+        if not math.isfinite(number):  # inf/nan parse as floats, and a run with one dies of NaN later
+            raise ConfigError(f"{name}={value!r}: expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}={value!r}: expected a string")
@@ -745,15 +748,26 @@ def _read_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".toml":
-        return _load_yaml(text, f"config file {path}") or {}
-    import tomllib
-
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:  # a parse error: say which file
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not a text file (byte {exc.start} is not UTF-8); give a YAML or "
+                          "TOML config") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path}: not a text file (it holds NUL bytes); give a YAML or TOML config")
+    if path.suffix != ".toml":
+        values = _load_yaml(text, f"config file {path}") or {}
+    else:
+        import tomllib
+
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:  # a parse error: say which file
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: its top level is a {type(values).__name__}, not a mapping of "
+                          "sections (model:, train:, ...)")
+    return values
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

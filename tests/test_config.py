@@ -36,6 +36,9 @@ def test_base_config_is_valid():
 
 
 @pytest.mark.parametrize("overrides, world_size, field_value, words", [
+    # non-finite numbers (they parse as floats; a run with one dies of NaN later)
+    (["optimizer.lr=inf"], None, "optimizer.lr='inf'", "finite number"),
+    (["optimizer.weight_decay=nan"], None, "optimizer.weight_decay='nan'", "finite number"),
     # heads not divisible by TP (query groups set divisible, so the heads check is the one hit)
     (["model.num_attention_heads=6", "model.hidden_size=96", "parallel.tensor_model_parallel_size=4",
       "model.num_query_groups=2"], None, "model.num_attention_heads=6", "tensor_model_parallel_size=4"),
@@ -378,3 +381,15 @@ def test_comma_list_overrides_parse_items_like_the_bracket_form():
     cfg = _load("data.valid_data_path=0.7,a/b,0.3,c")
     assert cfg.data.valid_data_path == [0.7, "a/b", 0.3, "c"]
     assert _error("data.data_path=[0.5, a").startswith("cannot parse data.data_path='[0.5, a':")
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"- model\n- train\n", "its top level is a list, not a mapping of sections"),
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00\xff\xfe", "not a text file"),
+    (b"model:\n  num_layers: 2\x00\n", "not a text file"),
+])
+def test_config_file_that_is_not_a_mapping_of_sections(tmp_path, content, words):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(str(path), BASE)

@@ -266,6 +266,37 @@ def test_max_bad_fraction_fails_without_output(tmp_path, sp_model):
         preprocess_jsonl([str(tmp_path / "bad.jsonl")], str(tmp_path / "o"), None, sp_model, progress="none")
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "2"])
+def test_max_bad_fraction_outside_zero_one_is_refused(tmp_path, sp_model, value):
+    _bad_corpus(tmp_path / "bad.jsonl", 10)
+    result = _run_cli("--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "o",
+                      "--tokenizer-model", sp_model, "--max-bad-fraction", value)
+    assert result.returncode == 2 and f"--max-bad-fraction {float(value)}: must lie in [0, 1]" in result.stderr
+    assert "Traceback" not in result.stderr and sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_a_full_disk_is_one_line_and_publishes_nothing(tmp_path, sp_model):
+    """Writing fails part-way (a file size limit stands in for a full disk: no root needed): one line naming
+    the output, exit 2, nothing left behind."""
+    import resource
+    import signal as signal_mod
+
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": f"document {i} " * 200} for i in range(2000)])
+
+    def limit():
+        signal_mod.signal(signal_mod.SIGXFSZ, signal_mod.SIG_IGN)  # write() then fails with EFBIG, as with ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, CLI, "--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o",
+                             "--tokenizer-model", sp_model, "--workers", "1"], capture_output=True, text=True,
+                            timeout=120, env=env, preexec_fn=limit)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line or "Traceback" in line]
+    assert len(errors) == 1 and "File too large" in errors[0] and "nothing was published" in errors[0], result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
 def test_fail_fast_on_missing_input_bad_tokenizer_unwritable_output(tmp_path, sp_model):
     good = tmp_path / "in.jsonl"
     _write_jsonl(good, [{"text": "hello"}])

@@ -15,6 +15,7 @@ temporary files and leaves existing outputs as they were.
 """
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
             return _fail("--input and --tokenizer-model are required", 2)
         if args.workers < 1:
             return _fail(f"--workers {args.workers}: must be >= 1", 2)
+        if not 0.0 <= args.max_bad_fraction <= 1.0:  # also refuses nan (every comparison with it is false)
+            return _fail(f"--max-bad-fraction {args.max_bad_fraction}: must lie in [0, 1] (a share of the records)", 2)
         block_bytes = int(args.block_size_mb * (1 << 20))
         if block_bytes < 1:
             return _fail(f"--block-size-mb {args.block_size_mb}: must be > 0 (it is the size of one work item)", 2)
@@ -129,6 +132,11 @@ def main(argv=None) -> int:
         return 0
     except (PreprocessError, TokenizerError, FileNotFoundError, ValueError) as exc:
         return _fail(f"error: {exc}", 2)
+    except OSError as exc:  # disk full, no permission, quota: what and where, in one line
+        if exc.errno == errno.ENOSPC:
+            return _fail(f"error: no space left on the device while writing {exc.filename or args.output_prefix}; "
+                         "nothing was published (the partial output was removed); free space and run again", 2)
+        return _fail(f"error: {exc.strerror or exc} ({exc.filename or args.output_prefix}); nothing was published", 2)
     except TooManyBadLinesError as exc:
         return _fail(f"error: {exc}", 3)
     except KeyboardInterrupt as exc:
