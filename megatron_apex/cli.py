@@ -3,8 +3,10 @@
 The same entry point runs under torchrun, slurm (srun, one task per GPU) and mpirun; see
 ``megatron_apex.distributed``. Exit codes: 0 finished, 75 stopped cleanly with a checkpoint
 (signal or ``train.exit_after_minutes``: resubmit to continue), 2 bad configuration (or a checkpoint
-or tokenizer that does not fit it), 1 error, 128 + N stopped by signal N with nothing saved (no
-``checkpoint.save``; 130 also when a second Ctrl-C aborts).
+or tokenizer that does not fit it, a damaged checkpoint, a file that tries to run code, a checkpoint
+directory in use by another run), 74 a checkpoint could not be written (disk full: the previous one is
+intact), 1 error, 128 + N stopped by signal N with nothing saved (no ``checkpoint.save``; 130 also when a
+second Ctrl-C aborts).
 """
 
 from __future__ import annotations

@@ -237,3 +237,104 @@ def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_75(tiny_
     assert "received SIGTERM" in text and "DataLoader worker" not in text and "Traceback" not in text, text[-3000:]
     step = read_latest(str(ckpt))
     assert step is not None and step > 5 and f"stopped at step {step}" in text, text[-2000:]
+
+
+def _descendants(pid: int) -> set:
+    children, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children", encoding="utf-8") as f:
+                kids = {int(x) for x in f.read().split()}
+        except OSError:
+            continue
+        children |= kids
+        todo += list(kids)
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_kill_9_of_the_trainer_alone_leaves_no_process_behind(tiny_data, tmp_path):
+    """kill -9 of the trainer's pid alone (not its group) while megatron-core's forked checkpoint writers
+    work (saving every step): every process it started (the writers, their results manager) is gone
+    within seconds, none left orphaned."""
+    import signal
+    import time as time_mod
+
+    from helpers import tiny_overrides
+
+    ckpt = tmp_path / "ckpt"
+    over = tiny_overrides(tiny_data, **{"train.train_steps": 100000, "checkpoint.save": str(ckpt),
+                                        "checkpoint.save_interval": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_apex.cli", "train",
+                             os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *over], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, seen, writer = time_mod.time() + 300, set(), None
+        own = _cmdline(proc.pid)
+        while writer is None:  # a forked child (the trainer's own command line) is a checkpoint writer
+            assert proc.poll() is None and time_mod.time() < deadline, "no checkpoint writer seen"
+            kids = _descendants(proc.pid)
+            seen |= kids
+            writer = next((k for k in kids if own and _cmdline(k) == own), None)
+            time_mod.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time_mod.sleep(8)
+        left = [p for p in seen if _alive(p)]
+        assert not left, f"left behind: {left} (the writer was {writer})"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_save_that_cannot_write_is_one_line_and_keeps_the_previous_checkpoint(tiny_data, tmp_path):
+    """A save whose files cannot be written (a file size limit stands in for a full disk: no root needed):
+    one line, exit 74, the staging directory removed at once, the previous checkpoint intact and resumable."""
+    import resource
+    import signal as signal_mod
+
+    from helpers import tiny_overrides
+
+    from megatron_apex.training.checkpoint import read_latest
+
+    ckpt = tmp_path / "ckpt"
+    rc, log = _train(tiny_data, ckpt, 2)
+    assert rc == 0, log
+    size = max(f.stat().st_size for f in (ckpt / "iter_0000002").iterdir())
+
+    def limit():
+        signal_mod.signal(signal_mod.SIGXFSZ, signal_mod.SIG_IGN)  # write() then fails (EFBIG), as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    over = tiny_overrides(tiny_data, **{"train.train_steps": 4, "checkpoint.save": str(ckpt),
+                                        "checkpoint.save_interval": 2})
+    proc = subprocess.run([sys.executable, "-m", "megatron_apex.cli", "train",
+                           os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *over], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, preexec_fn=limit)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 74, log[-3000:]
+    errors = _errors(log)
+    assert len(errors) == 1 and "could not write the checkpoint of step 4" in errors[0], log[-3000:]
+    assert "the last checkpoint (step 2) is intact" in errors[0]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert read_latest(str(ckpt)) == 2
+    rc, log = _train(tiny_data, ckpt, 4)
+    assert rc == 0 and "at step 2" in log, log

@@ -37,3 +37,25 @@ def helper_init(parent_pid: int, blocked: frozenset = frozenset()) -> None:
     if blocked:
         signal.pthread_sigmask(signal.SIG_BLOCK, set(blocked))
     die_with_parent(parent_pid)
+
+
+_FORK_HOOK = []
+
+
+def forked_children_die_with_parent() -> None:
+    """Every process this one forks from now on (checkpoint writers, DataLoader workers) asks Linux to
+    kill it when this process dies: a trainer killed with SIGKILL (the OOM killer, ``kill -9``) while
+    megatron-core's forked checkpoint writers wait on it must not leave them behind, orphaned, holding
+    their memory. Idempotent."""
+    if _FORK_HOOK:
+        return
+    parent = []
+
+    def before() -> None:
+        parent[:] = [os.getpid()]
+
+    def after_in_child() -> None:
+        die_with_parent(parent[0])
+
+    os.register_at_fork(before=before, after_in_child=after_in_child)
+    _FORK_HOOK.append(True)

@@ -54,6 +54,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used with the current configuration (the message says why)."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A save could not write its files (disk full, quota, file size limit); the staging directory is gone
+    and the previous checkpoint is untouched. The run exits with :data:`EXIT_WRITE_FAILED`."""
+
+
+EXIT_WRITE_FAILED = 74  # sysexits' EX_IOERR
+
+
 def iter_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
@@ -423,7 +431,31 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
                "config": cfg.to_dict(), "layout": _layout(ctx),
                "model_signature": model_signature(cfg, padded_vocab), **(extra_common or {})})
     _share_cpu_slices(sd)
-    dist_checkpointing.save(sd, staging)
+    need = _expected_size(root, sd)
+    free = shutil.disk_usage(root).free
+    if ctx.rank == 0 and free < need:
+        logger.warning("%s: %.2f GiB free, and a checkpoint takes about %.2f GiB: this save (step %d) will probably "
+                       "fail", root, free / 2**30, need / 2**30, step)
+    writers = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = writers.level
+    writers.setLevel(logging.CRITICAL)  # a writer's failure is reported once, below, with what to do
+    try:
+        dist_checkpointing.save(sd, staging)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException; its errors lose the errno
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # its space back at once; the tracker's checkpoint untouched
+        free = shutil.disk_usage(root).free
+        what = (f"no space left on the device ({free / 2**30:.2f} GiB free, a checkpoint takes about "
+                f"{need / 2**30:.2f} GiB)" if free < need else _write_failure(exc))
+        latest = read_latest(root)
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} into {root}: {what}; the "
+                                   f"staging directory was removed, "
+                                   + (f"the last checkpoint (step {latest}) is intact" if latest is not None
+                                      else "no earlier checkpoint exists") + f" (exit code {EXIT_WRITE_FAILED})"
+                                   ) from None
+    finally:
+        writers.setLevel(level)
     dist.barrier()
     record_manifest(staging, ctx.rank, ctx.world_size)  # what the save wrote, checked before every load
     if ctx.rank == 0:
@@ -434,6 +466,44 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
     dist.barrier()
     logger.info("saved checkpoint %s", target)
     return target
+
+
+def _write_failure(exc: BaseException) -> str:
+    """The reason a save failed, in words: torch's writers report a short write as "unexpected pos"."""
+    failures = getattr(exc, "failures", None)
+    inner = next(iter(failures.values()))[0] if isinstance(failures, dict) and failures else exc
+    text = (str(inner).strip().splitlines() or [type(inner).__name__])[-1][:200]
+    if "unexpected pos" in text or isinstance(inner, OSError):
+        return f"a file could not be written in full (disk full, quota or file size limit; {text})"
+    return f"{type(inner).__name__}: {text}"
+
+
+def _expected_size(root: str, sd: dict) -> int:
+    """Bytes a save is expected to take: the newest checkpoint's files, else this rank's tensors times the
+    number of ranks (an estimate, for the free-space warning and the disk-full message)."""
+    latest = read_latest(root) if os.path.isfile(os.path.join(root, TRACKER)) else None
+    if latest is not None:
+        path = iter_dir(root, latest)
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    total = 0
+
+    def visit(x):
+        nonlocal total
+        if isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, ShardedTensor) and x.replica_id in (0, (0, 0, 0)) and x.data is not None:
+            total += x.data.numel() * x.data.element_size()
+        elif isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+
+    visit(sd)
+    return total * (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def _start_writer_results_queue() -> None:

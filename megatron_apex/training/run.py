@@ -31,7 +31,7 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
     """Train; returns the exit code. Errors a user can fix (configuration, checkpoint, tokenizer) are
     one line each (the traceback at logging level DEBUG), not a traceback."""
     from megatron_apex.data.tokenizers import TokenizerError
-    from megatron_apex.training.checkpoint import CheckpointError
+    from megatron_apex.training.checkpoint import EXIT_WRITE_FAILED, CheckpointError, CheckpointWriteError
     from megatron_apex.training.exit import GracefulExit
     from megatron_apex.training.trainer import Trainer, TrainingError
 
@@ -57,6 +57,9 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
     except TrainingError as exc:
         logger.error("%s", exc)
         return 1
+    except CheckpointWriteError as exc:
+        logger.error("checkpoint error: %s", exc)
+        return EXIT_WRITE_FAILED
     except (ConfigError, CheckpointError, TokenizerError) as exc:
         kind = "checkpoint error" if isinstance(exc, CheckpointError) else "configuration error"
         logger.error("%s: %s", kind, exc)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_apex.compat.host_memory import keep_freed_memory
+from megatron_apex.compat.process import forked_children_die_with_parent
 from megatron_apex.config import Config, ConfigError
 from megatron_apex.data.datasets import build_datasets, build_loader, check_datasets, resolve_vocab
 from megatron_apex.distributed import ParallelContext
@@ -125,6 +126,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if ctx.device.type == "cpu":  # every step frees and re-allocates the same tensors: keep their pages
             keep_freed_memory()
+        forked_children_die_with_parent()  # checkpoint writers and data workers never outlive this process
         self.vocab_size, self.eod_id = resolve_vocab(cfg)
         # The datasets' start-up checks first: bad data stops a run before any model is built or loaded (the
         # datasets themselves are built after the load, which gives the data position).
