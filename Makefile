@@ -22,7 +22,7 @@ demo: install
 	$(PY) tools/run_demo.py
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 from typing import Optional
 
 import torch
@@ -139,12 +138,6 @@ def gathered_initial_weights(config_path: str, runs: list) -> list:
 
 
 # ---------------------------------------------------------------------- in-process (world size 1)
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop_single_process() -> None:
     from megatron_apex.distributed import destroy_distributed
 
@@ -159,6 +152,8 @@ def trainer_in_process(config_path: str, overrides: list, callbacks=None):
 
     torch.set_num_threads(1)  # the same arithmetic as a one-thread spawned rank
     cfg = load_config(config_path, overrides, world_size=1)
+    from distributed_utils import free_port
+
     ctx = initialize_distributed(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
     return Trainer(cfg, ctx, callbacks).setup()
 

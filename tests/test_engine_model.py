@@ -29,7 +29,7 @@ def world1(tiny_config):
     """torch.distributed and megatron-core's parallel state at world size 1, in this process."""
     from megatron_apex.distributed import LaunchEnv, destroy_distributed, initialize_distributed
 
-    from engine_workers import free_port
+    from distributed_utils import free_port
 
     torch.set_num_threads(1)
     cfg = load_config(tiny_config, MOCK, world_size=1)

@@ -33,3 +33,18 @@ def test_readme_tools_exist():
 def test_sync_tool_check_mode_agrees():
     rc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sync_readme.py"), "--check"]).returncode
     assert rc == 0
+
+
+def test_every_tool_runs_as_a_command():
+    """tools/*.py start with '#!/usr/bin/env python3' and have their run bit, so ./tools/X.py --help works
+    in the activated virtual environment."""
+    import glob
+    import os
+    import stat
+
+    tools = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "*.py")))
+    assert tools
+    for path in tools:
+        with open(path, encoding="utf-8") as f:
+            assert f.readline().rstrip("\n") == "#!/usr/bin/env python3", path
+        assert os.stat(path).st_mode & stat.S_IXUSR, f"{path} has no run bit"

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from engine_workers import free_port, trainer_in_process
+from distributed_utils import free_port
+from engine_workers import trainer_in_process
 from helpers import tiny_overrides
 from megatron_apex.training import checkpoint as ckpt
 from megatron_apex.training import trainer as trainer_module

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Heat map of the APEX scores and P/N selections stored in a checkpoint saved during APEX training.
 
   python tools/apex_report.py --checkpoint ckpts/run1 --output heatmap.png [--json votes.json]

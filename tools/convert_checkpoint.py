@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Convert between Hugging Face LLaMA/Mistral directories and megatron_apex checkpoints.
 
   # HF -> megatron_apex (weights only; train from it with checkpoint.finetune_from=CKPT)

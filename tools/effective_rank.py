@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Effective rank (Roy & Vetterli) of every weight matrix of a checkpoint, per layer.
 
   python tools/effective_rank.py --checkpoint ckpts/plain [--compare ckpts/apex] [--json out.json]

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Build the offline demo corpus (train.jsonl / valid.jsonl) from Python's standard library source."""
 
 import argparse

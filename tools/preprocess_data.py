@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Tokenize JSONL corpora into Megatron .bin/.idx datasets; also merge and inspect them.
 
 Flags follow Megatron-LM's tools/preprocess_data.py where they overlap. Examples:

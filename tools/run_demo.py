@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """The end-to-end demo behind ``make demo``: every step a user would run, on CPU, offline.
 
 1. build the embedded corpus from Python's standard library      (tools/make_demo_corpus.py)

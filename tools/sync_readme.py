@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Regenerate the README's configuration reference from megatron_apex/config.py (--check: fail on drift)."""
 
 import argparse

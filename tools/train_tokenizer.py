@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Train a LLaMA-style sentencepiece tokenizer (BPE or unigram) on JSONL text.
 
 Writes PREFIX.model and PREFIX.vocab; an existing PREFIX.model (which datasets may have been made
