@@ -1,7 +1,6 @@
 """Run megatron-core on machines without CUDA (the test suite, CI, laptops).
 
-megatron-core 0.16.1 assumes CUDA in a handful of ways (measured, see the project's
-``megatron-core-on-cpu`` notes):
+megatron-core 0.16.1 assumes CUDA in a handful of ways (measured, see docs/cpu.md):
 
 1. ``torch.cuda.current_device()`` used as a device for new tensors;
 2. ``torch.cuda.synchronize()`` in p2p communication and checkpoint writers;

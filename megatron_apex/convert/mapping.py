@@ -1,7 +1,7 @@
 """Pure mappings between Hugging Face LLaMA tensors/configs and megatron-core (local spec) ones.
 
 Everything here is a function of tensors and dicts: no files, no process groups. The layouts are
-documented in ``docs/formats.md`` §2.2-2.3; in short (h = hidden, nh = heads, ng = query groups,
+documented in ``docs/formats.md`` ("Hugging Face LLaMA"); in short (h = hidden, nh = heads, ng = query groups,
 d = head dim, r = nh / ng, f = ffn size, V = vocab, Vp = padded vocab):
 
 * ``linear_qkv.weight`` [(nh + 2 ng) d, h] is group-major: for each group g, its r query heads,

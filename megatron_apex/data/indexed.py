@@ -1,6 +1,6 @@
 """Streaming writer and light reader for Megatron's indexed dataset (``.bin`` / ``.idx``).
 
-The byte layout is megatron-core's ``MMIDIDX`` version 1 (see docs/formats.md section 2.1); files
+The byte layout is megatron-core's ``MMIDIDX`` version 1 (see docs/formats.md, "Indexed datasets"); files
 written here are read by ``megatron.core.datasets.indexed_dataset.IndexedDataset`` unchanged.
 
 Why not megatron-core's ``IndexedDatasetBuilder``?

@@ -3,7 +3,7 @@
 The whole method plugs into the trainer as one :class:`ApexCallback`; the mathematics lives in the
 pure modules beside this one (scoring, selection, partition, monarch, operator, partial).
 
-Design (apex-method.md section 5):
+Design (docs/method.md, "At scale"):
 
 * **Operators live beside the model, not in it.** Each stage's operators (Monarch factors, alpha,
   beta; deltas in ``selected`` mode) are side modules held here, trained by their own small AdamW

@@ -1,6 +1,6 @@
 """The APEX expansion operator on weights: W_eff = f(W, M, alpha, beta), and fusing it back into W.
 
-Formulas (apex-method.md, section 3), per partition b with P and N paired by ascending position:
+Formulas (docs/method.md, "The operator"), per partition b with P and N paired by ascending position:
 
     column-type (V rows of linear_qkv, gate and up rows of linear_fc1):
         W_eff[N] = diag(alpha) W[N] + M W[P];   W_eff[P] = diag(beta) W[P];   other rows unchanged

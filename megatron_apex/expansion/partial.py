@@ -1,6 +1,6 @@
 """Selected (partial) training mode: frozen base weights plus dense deltas on the tuned units.
 
-In the released instruction-tuning setting (apex-method.md, section 4) base weights are frozen and only
+In the released instruction-tuning setting (docs/method.md, "Two modes") base weights are frozen and only
 the P, N and E units are trained directly: zero-initialised dense deltas on all their rows of Q, K, V
 (the group's rows in linear_qkv), gate and up, and their columns of linear_proj and linear_fc2. The
 expansion operator then acts on W' = W + scatter(delta). Embeddings and the output layer stay trainable.

@@ -1,8 +1,8 @@
 """Partitions of a layer's units and the balancing permutation that lets expansion cross TP ranks.
 
 Why: P and N are chosen globally per layer, but under tensor parallelism each rank holds a contiguous
-slice of units. Rather than exchanging rows of W[P] between ranks at every step (design (b) of
-apex-method.md, section 5), we permute the units of the layer once per stage (a function-preserving
+slice of units. Rather than exchanging rows of W[P] between ranks at every step, we permute the units
+of the layer once per stage (docs/method.md, "At scale"; a function-preserving
 reordering of FFN channels / query groups with all their rows and columns) so that each of B contiguous
 *partitions* holds exactly k_per P units and k_per N units. The operator M is block-diagonal over
 partitions, so every block lives on one rank, and B does not depend on the TP degree t, so TP=1

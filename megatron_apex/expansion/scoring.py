@@ -1,7 +1,7 @@
 """APEX advantage scoring: per-unit activation statistics and rank votes.
 
 The paper scores a unit not by the magnitude of its activations but by how often it ranks among the
-top-K (+1) or bottom-K (-1) units of its layer in a micro-batch (apex-method.md, section 1). The hooks
+top-K (+1) or bottom-K (-1) units of its layer in a micro-batch (docs/method.md, "Units and scores"). The hooks
 record squared L2 norms (the ranking needs only their order); :func:`step_scores` turns a step's into
 votes and into the sum of the (non-squared) norms, the raw score. ``apex.statistic`` chooses what the
 selection ranks by: ``rank`` (votes, ties by the summed norms), ``norm`` (the summed norms alone) or

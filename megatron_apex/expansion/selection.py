@@ -1,7 +1,7 @@
 """APEX selection of advantageous (P), disadvantageous (N) and extra-tuned (E) units.
 
 At a stage boundary the k units with the highest accumulated score become P and the k lowest become N
-(apex-method.md, section 2). Every rank and every parallel layout must select the same units, so the
+(docs/method.md, "Selection and budget"). Every rank and every parallel layout must select the same units, so the
 ranking is a *total* order, documented once here and used by every function of this module:
 
     unit u ranks above unit v  iff  (votes[u], raw[u], -u) > (votes[v], raw[v], -v)   (lexicographic)

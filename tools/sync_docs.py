@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the README's configuration reference from megatron_apex/config.py (--check: fail on drift)."""
+"""Regenerate docs/configuration.md's reference from megatron_apex/config.py (--check: fail on drift)."""
 
 import argparse
 import os
@@ -9,7 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_apex.config import reference_markdown  # noqa: E402
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.md")
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
@@ -22,14 +22,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    text = open(README, encoding="utf-8").read()
+    text = open(DOC, encoding="utf-8").read()
     new = render(text)
     if args.check:
         if new != text:
-            print("README configuration reference is out of date: run python tools/sync_readme.py")
+            print("docs/configuration.md is out of date: run python tools/sync_docs.py")
             return 1
         return 0
-    open(README, "w", encoding="utf-8").write(new)
+    open(DOC, "w", encoding="utf-8").write(new)
     return 0
 
 
