@@ -24,24 +24,30 @@ from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, load_conf
 logger = logging.getLogger("megatron_apex")
 
 
-def hide_fallback_warnings() -> None:
-    """megatron-core warns at import time that NVIDIA apex / Transformer Engine are absent; the local
-    fallbacks are intended here, so these are noise (for ``train`` and the tools that import it)."""
+def quiet_third_party_output() -> None:
+    """Keep the console to what this project says (for ``train`` and the tools; call before megatron-core
+    is imported). megatron-core warns at import time that NVIDIA apex / Transformer Engine are absent
+    (the local fallbacks are intended here) and logs at INFO which FSDP variant it would use; it and
+    torch's distributed checkpoint emit deprecation warnings about their own internals (FutureWarning,
+    megatron's "full scope is deprecated"), whose source lines print as stray fragments. None of these
+    is something a user can act on."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron)\.")
+    warnings.filterwarnings("ignore", message="full scope is deprecated", module=r"megatron\.")
+    for noisy in ("megatron.core", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _setup_logging(level: str, rank: int) -> None:
-    hide_fallback_warnings()
+    quiet_third_party_output()
     fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, datefmt="%H:%M:%S", force=True)
     if rank != 0:
         # Other ranks report warnings and errors only; the logging rank reports metrics itself.
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("megatron_apex.training.trainer").setLevel(logging.INFO)
-    for noisy in ("megatron.core", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:

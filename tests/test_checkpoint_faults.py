@@ -41,6 +41,18 @@ def _train(tiny_data, ckpt, steps, *extra, cache=None):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def _background_run(tiny_data, ckpt, save_interval, out=subprocess.DEVNULL, **extra):
+    """A long run (100,000 steps) in its own session, saving every ``save_interval`` steps."""
+    from helpers import tiny_overrides
+
+    over = tiny_overrides(tiny_data, **{"train.train_steps": 100000, "checkpoint.save": str(ckpt),
+                                        "checkpoint.save_interval": save_interval, **extra})
+    return subprocess.Popen([sys.executable, "-m", "megatron_apex.cli", "train",
+                             os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *over], cwd=ROOT, stdout=out,
+                            stderr=subprocess.STDOUT if out is not subprocess.DEVNULL else subprocess.DEVNULL,
+                            start_new_session=True)
+
+
 def _errors(log):
     return [line for line in log.splitlines() if " ERROR " in line or line.startswith("Traceback")]
 
@@ -184,14 +196,8 @@ def test_two_runs_on_one_checkpoint_directory(tiny_data, tmp_path):
     import signal
     import time as time_mod
 
-    from helpers import tiny_overrides
-
     ckpt = tmp_path / "ckpt"
-    over = tiny_overrides(tiny_data, **{"train.train_steps": 100000, "checkpoint.save": str(ckpt),
-                                        "checkpoint.save_interval": 5})
-    first = subprocess.Popen([sys.executable, "-m", "megatron_apex.cli", "train",
-                              os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *over], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = _background_run(tiny_data, ckpt, 5)
     try:
         deadline = time_mod.time() + 300
         while not (ckpt / "latest_checkpointed_iteration.txt").exists():
@@ -214,18 +220,12 @@ def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_75(tiny_
     import signal
     import time as time_mod
 
-    from helpers import tiny_overrides
-
     from megatron_apex.training.checkpoint import read_latest
 
     ckpt = tmp_path / "ckpt"
-    over = tiny_overrides(tiny_data, **{"train.train_steps": 100000, "checkpoint.save": str(ckpt),
-                                        "checkpoint.save_interval": 5, "data.num_workers": 2})
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "megatron_apex.cli", "train",
-                                 os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *over], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _background_run(tiny_data, ckpt, 5, out, **{"data.num_workers": 2})
         deadline = time_mod.time() + 300
         while not (ckpt / "latest_checkpointed_iteration.txt").exists():
             assert proc.poll() is None and time_mod.time() < deadline, log.read_text()[-3000:]
@@ -239,20 +239,6 @@ def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_75(tiny_
     assert step is not None and step > 5 and f"stopped at step {step}" in text, text[-2000:]
 
 
-def _descendants(pid: int) -> set:
-    children, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children", encoding="utf-8") as f:
-                kids = {int(x) for x in f.read().split()}
-        except OSError:
-            continue
-        children |= kids
-        todo += list(kids)
-    return children
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
@@ -261,46 +247,43 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
+_FORKING_PARENT = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from megatron_apex.compat.process import forked_children_die_with_parent
+if {hook}:
+    forked_children_die_with_parent()
+pid = os.fork()
+if pid == 0:  # as megatron-core's checkpoint writer: forked, then busy or waiting on its parent
+    time.sleep(120)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(120)
+"""
 
 
-def test_kill_9_of_the_trainer_alone_leaves_no_process_behind(tiny_data, tmp_path):
-    """kill -9 of the trainer's pid alone (not its group) while megatron-core's forked checkpoint writers
-    work (saving every step): every process it started (the writers, their results manager) is gone
-    within seconds, none left orphaned."""
+@pytest.mark.parametrize("hook", [True, False], ids=["trainer", "without-the-hook"])
+def test_forked_children_die_with_the_trainer(hook):
+    """What the trainer installs (compat.process.forked_children_die_with_parent): a child it forks (a
+    checkpoint writer, a data worker) is killed by Linux when the trainer dies of SIGKILL, instead of
+    living on orphaned; without it the child stays (the case the hook is for)."""
     import signal
     import time as time_mod
 
-    from helpers import tiny_overrides
-
-    ckpt = tmp_path / "ckpt"
-    over = tiny_overrides(tiny_data, **{"train.train_steps": 100000, "checkpoint.save": str(ckpt),
-                                        "checkpoint.save_interval": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_apex.cli", "train",
-                             os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *over], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parent = subprocess.Popen([sys.executable, "-c", _FORKING_PARENT.format(root=ROOT, hook=hook)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(parent.stdout.readline())
     try:
-        deadline, seen, writer = time_mod.time() + 300, set(), None
-        own = _cmdline(proc.pid)
-        while writer is None:  # a forked child (the trainer's own command line) is a checkpoint writer
-            assert proc.poll() is None and time_mod.time() < deadline, "no checkpoint writer seen"
-            kids = _descendants(proc.pid)
-            seen |= kids
-            writer = next((k for k in kids if own and _cmdline(k) == own), None)
-            time_mod.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        time_mod.sleep(8)
-        left = [p for p in seen if _alive(p)]
-        assert not left, f"left behind: {left} (the writer was {writer})"
+        assert _alive(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time_mod.time() + 10
+        while _alive(child) and time_mod.time() < deadline:
+            time_mod.sleep(0.1)
+        assert _alive(child) != hook, "the forked child outlived its parent" if hook else "no orphan to show"
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -334,7 +317,8 @@ def test_a_save_that_cannot_write_is_one_line_and_keeps_the_previous_checkpoint(
     errors = _errors(log)
     assert len(errors) == 1 and "could not write the checkpoint of step 4" in errors[0], log[-3000:]
     assert "the last checkpoint (step 2) is intact" in errors[0]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != "logs") == ["iter_0000002",
+                                                                         "latest_checkpointed_iteration.txt"]
     assert read_latest(str(ckpt)) == 2
     rc, log = _train(tiny_data, ckpt, 4)
     assert rc == 0 and "at step 2" in log, log

@@ -43,3 +43,10 @@ def test_demo_pipeline(tmp_path):
     assert f"validation loss   APEX {apex['loss']:.4f}   plain {plain['loss']:.4f}" in log, log[-3000:]
     assert "One seed of a model this small is not evidence" in log and "docs/evidence.md" in log
     assert (out / "apex_vs_plain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Console hygiene: the resolved config is one line (its file), no third-party INFO lines or warning
+    # fragments.
+    assert log.count("resolved config: ") == 2 and "resolved config:\n" not in log
+    assert (out / "checkpoints" / "logs").is_dir() and list((out / "checkpoints" / "logs").glob("config-*.yaml"))
+    for noise in ("megatron_fsdp", "Megatron-FSDP", "checkpoint.load_state_dict(", "md.size != obj.size()",
+                  "warnings.warn(", "FutureWarning", "full scope is deprecated"):
+        assert noise not in log, noise

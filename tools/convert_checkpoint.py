@@ -140,9 +140,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from megatron_apex.cli import hide_fallback_warnings
+    from megatron_apex.cli import quiet_third_party_output
 
-    hide_fallback_warnings()  # before megatron-core is imported, as `megatron-apex train` does
+    quiet_third_party_output()  # before megatron-core is imported, as `megatron-apex train` does
     from megatron_apex.config import ConfigError
     from megatron_apex.convert.mapping import ConversionError
     from megatron_apex.convert.verify import VerifyFailed

@@ -38,11 +38,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     from megatron_apex.analysis.checkpoint_io import check_output_file, write_json
     from megatron_apex.analysis.evaluate import evaluate, format_table
-    from megatron_apex.cli import hide_fallback_warnings
+    from megatron_apex.cli import quiet_third_party_output
     from megatron_apex.convert.mapping import ConversionError
     from megatron_apex.training.checkpoint import CheckpointError
 
-    hide_fallback_warnings()
+    quiet_third_party_output()
     try:
         if args.json:
             check_output_file(args.json, "--json")

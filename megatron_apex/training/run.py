@@ -27,6 +27,29 @@ def build_callbacks(cfg: Config) -> list:
     return callbacks
 
 
+def _log_resolved_config(cfg: Config) -> None:
+    """The resolved config (every field, defaults included) goes to a file beside the run's checkpoints,
+    ``{checkpoint.save}/logs/config-{time}-{pid}.yaml``, and the console gets one line with its path (every
+    checkpoint stores it too); without checkpoint.save it is printed at logging.level=DEBUG."""
+    import os
+    import time
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if not cfg.checkpoint.save:
+        logger.info("resolved config: logging.level=DEBUG prints it (megatron-apex config CONFIG [overrides] too)")
+        logger.debug("resolved config:\n%s", text.rstrip())
+        return
+    path = os.path.join(cfg.checkpoint.save, "logs", f"config-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:  # not fatal: the checkpoints store it as well
+        logger.warning("resolved config: could not write %s (%s)", path, exc)
+        return
+    logger.info("resolved config: %s", path)
+
+
 def run_training(cfg: Config, launch: LaunchEnv) -> int:
     """Train; returns the exit code. Errors a user can fix (configuration, checkpoint, tokenizer) are
     one line each (the traceback at logging level DEBUG), not a traceback."""
@@ -40,10 +63,12 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
     try:
         ctx = initialize_distributed(cfg, launch)
         if ctx.rank == 0:
-            logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
             for warning in cfg.warnings():
                 logger.warning("%s", warning)
-        result = Trainer(cfg, ctx, callbacks).setup().train()
+        trainer = Trainer(cfg, ctx, callbacks).setup()
+        if ctx.rank == 0:  # after set-up: the run holds checkpoint.save now (a refused run writes nothing there)
+            _log_resolved_config(cfg)
+        result = trainer.train()
         if result.exit_reason == "stopped" and result.checkpoint is None:
             code = graceful.exit_code_unsaved
             if ctx.rank == 0:
