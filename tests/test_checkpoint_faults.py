@@ -162,12 +162,23 @@ def test_run_lock_liveness(tmp_path, monkeypatch):
 
     from megatron_apex.training import lock as L
 
-    first = L.RunLock(str(tmp_path)).acquire()
+    # A live process on this host (this test's parent) holds it: refused, naming the holder.
+    live = {"host": L.socket.gethostname(), "pid": os.getppid(), "process_start": L._process_start(os.getppid()),
+            "started": time_mod.time(), "token": "z"}
+    (tmp_path / L.LOCK_NAME).write_text(json.dumps(live))
     with pytest.raises(L.LockHeldError) as err:
         L.RunLock(str(tmp_path)).acquire()
     msg = str(err.value)
-    assert f"pid {os.getpid()}" in msg and "started 20" in msg and "its own checkpoint.save" in msg, msg
+    assert f"pid {os.getppid()}" in msg and "started 20" in msg and "its own checkpoint.save" in msg, msg
+    os.remove(tmp_path / L.LOCK_NAME)
+    # This process's own earlier run that ended without releasing (an exception) is taken over; release
+    # removes the lock.
+    first = L.RunLock(str(tmp_path)).acquire()
+    second = L.RunLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / L.LOCK_NAME).read_text())["token"] == second.token
     first.release()
+    assert (tmp_path / L.LOCK_NAME).exists()  # not first's any more
+    second.release()
     assert not (tmp_path / L.LOCK_NAME).exists()
     # A dead process on this host (pid 2**22 + 1 exists on no Linux default pid range).
     dead = {"host": L.socket.gethostname(), "pid": 2 ** 22 + 1, "process_start": "1", "started": 0, "token": "x"}

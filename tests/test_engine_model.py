@@ -424,14 +424,26 @@ def test_dry_run_checks_the_checkpoint_the_run_starts_from(tiny_config, tmp_path
                 in capsys.readouterr().out)
     assert main(["train", tiny_config, *MOCK, f"checkpoint.finetune_from={tmp_path}", "--dry-run"]) == 2
     assert "neither a checkpoint directory nor a root with" in capsys.readouterr().err
+    # a directory that only looks like a checkpoint (marker and tracker, no files) is refused, saying why
+    fake = tmp_path / "fake" / "iter_0000004"
+    fake.mkdir(parents=True)
+    (fake / COMPLETE_MARKER).write_text("")
+    (tmp_path / "fake" / TRACKER).write_text("4")
+    assert main(["train", tiny_config, *MOCK, f"checkpoint.load={tmp_path / 'fake'}", "--dry-run"]) == 2
+    assert f"{fake}: .metadata is missing" in capsys.readouterr().err
     step = tmp_path / "run" / "iter_0000004"
-    step.mkdir(parents=True)
-    (step / COMPLETE_MARKER).write_text("")
-    (tmp_path / "run" / TRACKER).write_text("4")
-    assert main(["train", tiny_config, *MOCK, f"checkpoint.load={tmp_path / 'run'}", "--dry-run"]) == 0
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "megatron_apex.cli", "train", tiny_config, *MOCK, "train.train_steps=4",
+                    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "data.seq_length=64",
+                    f"checkpoint.save={tmp_path / 'run'}"], check=True, capture_output=True, timeout=300)
+    assert main(["train", tiny_config, *MOCK, "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+                 "data.seq_length=64", f"checkpoint.load={tmp_path / 'run'}", "--dry-run"]) == 0
     assert f"start: resumes from {step} (checkpoint.load)" in capsys.readouterr().out
     # a checkpoint to resume from wins: finetune_from is not looked at, by the run or the dry run
-    assert main(["train", tiny_config, *MOCK, f"checkpoint.save={tmp_path / 'run'}",
+    assert main(["train", tiny_config, *MOCK, "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+                 "data.seq_length=64", f"checkpoint.save={tmp_path / 'run'}",
                  f"checkpoint.finetune_from={tmp_path / 'nope'}", "--dry-run"]) == 0
     assert f"start: resumes from {step} (checkpoint.save holds" in capsys.readouterr().out
 

@@ -7,8 +7,9 @@ on local and network file systems (NFS v3 and later, Lustre, GPFS), and says who
 process start time, job id. Its holder touches it every :data:`HEARTBEAT_S` seconds.
 
 A second run is refused with one line naming the holder. A lock whose holder is gone is taken over
-with a warning: on the same host, when no process with that pid and start time is alive; on another
-host, when the file has not been touched for :data:`STALE_S` seconds (its heartbeat stopped).
+with a warning: on the same host, when no process with that pid and start time is alive (or it is this
+very process: an earlier run in it that ended with an exception); on another host, when the file has not
+been touched for :data:`STALE_S` seconds (its heartbeat stopped).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _process_start(pid: int) -> Optional[str]:
 
 def _holder_alive(holder: dict, path: str) -> bool:
     if holder.get("host") == socket.gethostname():
+        if int(holder.get("pid", -1)) == os.getpid():
+            return False  # an earlier run of this very process that ended without releasing (an exception)
         return _process_start(int(holder.get("pid", -1))) == holder.get("process_start")
     try:
         return time.time() - os.path.getmtime(path) < STALE_S
