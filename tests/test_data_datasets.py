@@ -337,7 +337,7 @@ def test_unrecorded_tokenizer_ids_beyond_the_padded_vocabulary_refused(tiny_conf
 def test_unrecorded_tokenizer_scan_is_made_by_rank_0_alone(tiny_config, tiny_data, tmp_path):
     """In a run of several ranks the .bin is read once, by rank 0, and every rank refuses the data."""
     from distributed_utils import run_distributed
-    from engine_workers import setup_error_and_scans
+    from training_workers import setup_error_and_scans
     from helpers import tiny_overrides
 
     bare = _tiny_copy(tiny_data, str(tmp_path / "bare_text_document"))

@@ -19,7 +19,7 @@ import torch
 
 from conftest import ROOT
 from distributed_utils import free_port
-from engine_workers import trainer_in_process
+from training_workers import trainer_in_process
 from helpers import tiny_overrides
 from megatron_apex.training import checkpoint as ckpt
 from megatron_apex.training import trainer as trainer_module

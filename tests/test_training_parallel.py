@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from distributed_utils import run_distributed
-from engine_workers import train_many, trainer_in_process
+from training_workers import train_many, trainer_in_process
 from helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from distributed_utils import free_port, run_distributed
-from engine_workers import (event_files, optimizer_shards, tensorboard_losses, train_and_evaluate,
+from training_workers import (event_files, optimizer_shards, tensorboard_losses, train_and_evaluate,
                             train_many_with_optimizer_state, trainer_in_process)
 from helpers import tiny_overrides
 from megatron_apex.training import checkpoint as ckpt
@@ -277,7 +277,7 @@ def test_two_rank_checkpoint_loads_in_one_process(tiny_config, tiny_data, tmp_pa
 # ---------------------------------------------------------------------- distributed optimizer
 DISTOPT_STEPS = 4
 FORMATS = ("dp_reshardable", "fully_reshardable")
-TOL = 1e-5  # fp32 losses of two layouts (reduction order only), as in test_engine_parallel.py
+TOL = 1e-5  # fp32 losses of two layouts (reduction order only), as in test_training_parallel.py
 
 
 def _distopt(tiny_data, save=None, fmt="dp_reshardable", **extra):

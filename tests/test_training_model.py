@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distributed_utils import run_distributed
-from engine_workers import gathered_initial_weights, trainer_in_process
+from training_workers import gathered_initial_weights, trainer_in_process
 from helpers import tiny_overrides
 from megatron_apex.config import load_config
 from megatron_apex.training.trainer import Callback, TrainingError
