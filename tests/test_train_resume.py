@@ -468,3 +468,20 @@ def test_a_ctrl_c_while_the_writer_helper_starts_leaves_no_traceback(tmp_path):
             proc.kill()
     assert "aborted" in out
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_save_warns_early_when_free_space_is_short(tiny_config, tiny_data, two_steps, tmp_path, monkeypatch, caplog):
+    """Before writing, a save compares the free space with the last checkpoint's size and warns (it still
+    tries: the estimate may be pessimistic)."""
+    import collections
+    import shutil
+
+    root = _copy(two_steps, tmp_path)
+    trainer = _trainer(tiny_config, tiny_data, **{"checkpoint.save": root, "train.train_steps": 3})
+    usage = collections.namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(*real(path)[:2], 1000))
+    with caplog.at_level(logging.WARNING, "megatron_apex.training.checkpoint"):
+        trainer.train()
+    assert "GiB free, and a checkpoint takes about" in caplog.text and "will probably fail" in caplog.text
+    assert ckpt.read_latest(root) == 3

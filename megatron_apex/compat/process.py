@@ -42,20 +42,45 @@ def helper_init(parent_pid: int, blocked: frozenset = frozenset()) -> None:
 _FORK_HOOK = []
 
 
+def _libc_prctl():
+    """libc's ``prctl``, or None where there is none (not Linux, no libc found)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def forked_children_die_with_parent() -> None:
     """Every process this one forks from now on (checkpoint writers, DataLoader workers) asks Linux to
     kill it when this process dies: a trainer killed with SIGKILL (the OOM killer, ``kill -9``) while
     megatron-core's forked checkpoint writers wait on it must not leave them behind, orphaned, holding
-    their memory. Idempotent."""
+    their memory (checkpoint writers and DataLoader workers are forked by the main thread). Idempotent.
+
+    libc is looked up here, once: the child, right after fork (in a process with threads), only makes
+    the one system call (``ctypes.util.find_library`` runs a subprocess and must not run there)."""
     if _FORK_HOOK:
         return
+    prctl = _libc_prctl()
+    if prctl is None:
+        return
+    import threading
+
     parent = []
 
     def before() -> None:
-        parent[:] = [os.getpid()]
+        parent[:] = [os.getpid(), threading.current_thread() is threading.main_thread()]
 
     def after_in_child() -> None:
-        die_with_parent(parent[0])
+        # Linux sends the signal when the *thread* that forked exits: only a fork from the main thread,
+        # which lives as long as the process, may ask for it (a multiprocessing.Pool's handler thread
+        # forks replacement workers, and its exit must not kill them while they hold the pool's locks).
+        if not parent[1]:
+            return
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent[0]:  # the parent died before the request took effect
+            os._exit(1)
 
     os.register_at_fork(before=before, after_in_child=after_in_child)
     _FORK_HOOK.append(True)
