@@ -58,13 +58,17 @@ def record_manifest(directory: str, rank: int, world_size: int) -> None:
     else:
         parts = [own]
     if rank == 0:
-        files = {name: entry for part in parts for name, entry in part.items()}
-        tmp = os.path.join(directory, f".{MANIFEST}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"version": 1, "files": files}, f, indent=0, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, MANIFEST))
+        _write_manifest(directory, {"version": 1, "files": {name: entry for part in parts for name, entry in part.items()}})
+
+
+def _write_manifest(directory: str, manifest: dict) -> None:
+    """``checksums.json``, atomically (a temporary file, synced, renamed over it)."""
+    tmp = os.path.join(directory, f".{MANIFEST}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, MANIFEST))
 
 
 def read_metadata(path: str):
@@ -128,7 +132,4 @@ def update_manifest(directory: str, names: list) -> None:
     for name in names:
         file = os.path.join(directory, name)
         manifest["files"][name] = {"size": os.path.getsize(file), "crc32": file_crc32(file)}
-    tmp = f"{record}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=0, sort_keys=True)
-    os.replace(tmp, record)
+    _write_manifest(directory, manifest)
