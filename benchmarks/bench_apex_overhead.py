@@ -94,10 +94,13 @@ def child(args) -> None:
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(args.port)})
     torch.set_num_threads(args.threads)
+    from megatron_apex.compat.cpu import apply_cpu_patches
     from megatron_apex.config import load_config
     from megatron_apex.distributed import destroy_distributed, initialize_distributed
+    from megatron_apex.expansion import boundary as apex_boundary
     from megatron_apex.expansion import engine
-    from megatron_apex.training.run import build_callbacks
+    from megatron_apex.expansion import votes as apex_votes
+    from megatron_apex.run import build_callbacks
     from megatron_apex.training.trainer import Callback, Trainer
     from memory_phases import PhasePeaks
 
@@ -106,6 +109,7 @@ def child(args) -> None:
     # On a GPU the step's work is asynchronous: every clock read below is preceded by a synchronize.
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = load_config(None, overrides(args, apex))
+    apply_cpu_patches()  # a no-op with CUDA
     ctx = initialize_distributed(cfg)
     cbs = build_callbacks(cfg)
     times, steal, boundary, boundary_steal, faults = {}, {}, {}, {}, {}
@@ -114,7 +118,7 @@ def child(args) -> None:
         from megatron_apex.expansion import inplace
 
         cb = next(c for c in cbs if isinstance(c, engine.ApexCallback))
-        orig_b, orig_opt, orig_eff = cb._boundary, cb.on_optimizer_step, engine._Layer.effective
+        orig_b, orig_opt, orig_eff = cb._boundary, cb.on_optimizer_step, apex_boundary.Layer.effective
 
         def timed(fn, key):
             def wrapper(*a, **k):
@@ -128,12 +132,12 @@ def child(args) -> None:
         inplace.InPlaceRunner.materialize = timed(inplace.InPlaceRunner.materialize, "w_eff")
         inplace.InPlaceRunner.restore = timed(inplace.InPlaceRunner.restore, "w_eff")
         # The per-micro-batch statistics computed in the scoring hooks.
-        engine.unit_sq_norms_ffn = timed(engine.unit_sq_norms_ffn, "hooks")  # fallback path (not used here)
-        engine.unit_sq_norms_silu = timed(engine.unit_sq_norms_silu, "hooks")
-        engine.unit_sq_norms_attn = timed(engine.unit_sq_norms_attn, "hooks")
+        apex_votes.unit_sq_norms_ffn = timed(apex_votes.unit_sq_norms_ffn, "hooks")  # fallback path (not used here)
+        apex_votes.unit_sq_norms_silu = timed(apex_votes.unit_sq_norms_silu, "hooks")
+        apex_votes.unit_sq_norms_attn = timed(apex_votes.unit_sq_norms_attn, "hooks")
 
         def timed_boundary(trainer, step):
-            parts["scoring"] = parts.get("scoring", 0.0) + cb.stats_time  # reset by the boundary
+            parts["scoring"] = parts.get("scoring", 0.0) + cb.recorder.stats_time  # reset by the boundary
             sync()
             t0, s0 = time.perf_counter(), steal_seconds(cpus)
             orig_b(trainer, step)
@@ -153,10 +157,10 @@ def child(args) -> None:
             return out
 
         cb._boundary, cb.on_optimizer_step = timed_boundary, timed_opt
-        engine._Layer.effective = timed_eff
+        apex_boundary.Layer.effective = timed_eff
         # Diagnostics only (the figures are then not APEX's overhead): leave one part of APEX out.
         if args.ablate == "scoring":  # no statistics and no ranking; the boundary selects from zero votes
-            cb._recording = lambda: False
+            cb.recorder._recording = lambda: False
         elif args.ablate == "operator":  # W_eff never written in, no chain rule, no operator AdamW
             inplace.InPlaceRunner.materialize = lambda self, layers: None
             inplace.InPlaceRunner.restore = lambda self, layers, with_grads: None

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_apex.compat.cpu import apply_cpu_patches  # noqa: E402
 from megatron_apex.config import load_config  # noqa: E402
 from megatron_apex.distributed import LaunchEnv, destroy_distributed, initialize_distributed  # noqa: E402
 
@@ -139,6 +140,7 @@ def run(args) -> None:
     total_steps = warmup + args.reps * steps_per_block
     overrides.append(f"train.train_steps={total_steps}")
     cfg = load_config(None, overrides, world_size=1)
+    apply_cpu_patches()  # a no-op with CUDA
     ctx = initialize_distributed(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single"))
     try:
         trainer = Trainer(cfg, ctx).setup()

@@ -19,7 +19,10 @@ import sys
 
 import yaml
 
-from megatron_apex.config import APEX_UNIT_NAMES, Config, ConfigError, load_config
+from megatron_apex.config import Config, ConfigError
+from megatron_apex.expansion import geometry
+from megatron_apex.expansion.geometry import UNIT_NAMES
+from megatron_apex.run import checked_config
 
 logger = logging.getLogger("megatron_apex")
 
@@ -124,6 +127,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     from megatron_apex.training.checkpoint import CheckpointError, resolve_checkpoint_dir, resume_source
 
     cfg.validate(world_size)
+    g = geometry.check(cfg)
     vocab, eod = resolve_vocab(cfg)
     check_datasets(cfg, vocab, eod, valid_samples=cfg.train.eval_steps * cfg.train.global_batch_size)
     # The checkpoint the run starts from, chosen and checked as the run does: one that exists must be a
@@ -182,24 +186,24 @@ def dry_run(cfg: Config, world_size: int) -> str:
         lines.append(f"note: logging.wandb_project={cfg.logging.wandb_project!r}, and wandb is not installed here: the "
                      f"run refuses to start without it (configuration error, exit code 2; {WANDB_INSTALL})")
     if cfg.apex.enabled:
-        layers, n_layers = cfg.apex_layers, cfg.model.num_layers
-        units = ", ".join(f"{APEX_UNIT_NAMES[kind]} k={k} of {n} in {b} partitions"
+        layers, n_layers = g.layers, cfg.model.num_layers
+        units = ", ".join(f"{UNIT_NAMES[kind]} k={k} of {n} in {b} partitions"
                           + (f" in {layers[kind]} of {n_layers} layers per stage" if layers[kind] < n_layers else "")
-                          if k else f"{APEX_UNIT_NAMES[kind]} none of {n} (not expanded"
+                          if k else f"{UNIT_NAMES[kind]} none of {n} (not expanded"
                           + (", not tuned)" if cfg.apex.mode == "selected" else ")")
-                          for kind, (n, k, b) in cfg.apex_geometry.items())
-        lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {cfg.apex_boundaries}; "
+                          for kind, (n, k, b) in g.units.items())
+        lines.append(f"APEX: mode {cfg.apex.mode}, ratio {cfg.apex.ratio}, stage boundaries {g.boundaries}; "
                      f"per layer: {units}")
         for kind, count in layers.items():
             if 0 < count < n_layers:  # a budget below one unit per layer: the layers of every stage
-                lines.append(f"APEX: {APEX_UNIT_NAMES[kind]}: budget round({cfg.apex.kind_ratio(kind)} x "
-                             f"{cfg.apex_geometry[kind][0]} x {n_layers} layers) = {count} P/N pairs per stage, one "
+                lines.append(f"APEX: {UNIT_NAMES[kind]}: budget round({cfg.apex.kind_ratio(kind)} x "
+                             f"{g.units[kind][0]} x {n_layers} layers) = {count} P/N pairs per stage, one "
                              "in each of the layers " + "; ".join(
-                                 f"stage {s + 1}: {cfg.apex_stage_layers(s)[kind]}"
-                                 for s in range(len(cfg.apex_boundaries))) + " (drawn from train.seed)")
+                                 f"stage {s + 1}: {g.stage_layers(s)[kind]}"
+                                 for s in range(len(g.boundaries))) + " (drawn from train.seed)")
         if cfg.apex.progressive:
             lines.append("APEX progressive: k per stage: " + "; ".join(
-                f"{APEX_UNIT_NAMES[kind]} {ks}" for kind, ks in cfg.apex_stage_ks.items()))
+                f"{UNIT_NAMES[kind]} {ks}" for kind, ks in g.stage_ks.items()))
     return "\n".join(lines)
 
 
@@ -208,8 +212,8 @@ def train_main(args) -> int:
 
     launch = detect_launch_env()
     try:
-        cfg = load_config(args.config, args.overrides, world_size=launch.world_size if not args.world_size
-                          else args.world_size)
+        cfg = checked_config(args.config, args.overrides, world_size=launch.world_size if not args.world_size
+                             else args.world_size)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -231,7 +235,7 @@ def train_main(args) -> int:
         print(f"configuration error: logging.wandb_project={cfg.logging.wandb_project!r}: wandb is not installed "
               f"({WANDB_INSTALL}, or leave the key out)", file=sys.stderr)
         return 2
-    from megatron_apex.training.run import run_training
+    from megatron_apex.run import run_training
 
     return run_training(cfg, launch)
 
@@ -271,7 +275,7 @@ def main(argv=None) -> int:
         print(reference_markdown())
         return 0
     try:
-        print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+        print(yaml.safe_dump(checked_config(args.config, args.overrides).to_dict(), sort_keys=False))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

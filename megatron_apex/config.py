@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import re
 import typing
 from dataclasses import dataclass, field
@@ -23,91 +22,6 @@ from typing import Any, Literal, Optional
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or inconsistent with another."""
-
-
-APEX_UNIT_NAMES = {"attn": "attention units", "ffn": "FFN channels"}  # the unit kinds, as messages name them
-
-
-def unit_share(frac: float, n_units: int) -> int:
-    """floor(frac * n_units), robust to binary rounding (0.1875 * 32 is exactly 6, not 5)."""
-    return int(math.floor(frac * n_units + 1e-9))
-
-
-def apex_partitions(n_units: int, partitions: int, k: int = 0) -> int:
-    """B = gcd(``apex.partitions``, n_units, k): the operator's partitions of a layer's units of one kind.
-
-    B divides the units and the k selected units (k = 0 leaves k out), so every partition holds k/B P
-    and k/B N units and no selected unit is lost to rounding. B does not depend on the TP degree: every
-    block lies on one rank (:func:`apex_block_ranks`). 32 heads, k = 4, partitions 8: B = 4.
-    """
-    if n_units <= 0 or partitions <= 0 or k < 0:
-        raise ValueError(f"apex_partitions needs positive n_units and partitions and k >= 0, got "
-                         f"{n_units}, {partitions}, {k}")
-    return math.gcd(partitions, n_units, k)
-
-
-def apex_budget_layers(ratio: float, n_units: int, n_layers: int) -> int:
-    """Layers in which a unit kind expands at every stage.
-
-    All ``n_layers`` when floor(ratio x n_units) selects at least one unit per layer. Below that (4 query
-    groups at ratio 0.125) the kind is not dropped: the model-wide budget round(ratio x n_units x n_layers)
-    is spent as one P/N pair in that many layers, as the released code does for small head budgets
-    (:func:`apex_expanded_layers` picks them). TinyLlama's 4 groups x 22 layers at 0.125: 11 layers.
-    """
-    if unit_share(ratio, n_units) >= 1:
-        return n_layers
-    return min(n_layers, int(math.floor(ratio * n_units * n_layers + 0.5)))
-
-
-def apex_expanded_layers(seed: int, stage: int, kind: str, n_layers: int, count: int) -> list[int]:
-    """The global indices of the ``count`` layers that expand unit kind ``kind`` in stage ``stage``
-    (0-based), ascending: every layer when ``count == n_layers``, else a draw determined by
-    (``train.seed``, stage, kind) alone, so every rank and every parallel layout picks the same."""
-    if count >= n_layers:
-        return list(range(n_layers))
-    rng = random.Random(f"apex-layers:{seed}:{stage}:{kind}")  # str seeds hash with SHA-512: stable
-    return sorted(rng.sample(range(n_layers), count))
-
-
-def apex_units(ratio: float, n_units: int, partitions: int, n_layers: int = 0) -> tuple[int, int]:
-    """(k, B) of one unit kind at the first stage: k = floor(ratio * n_units) P (and N) units per layer,
-    over B = :func:`apex_partitions` partitions. With ``n_layers`` a budget below one unit per layer
-    that still spends at least one model-wide (:func:`apex_budget_layers`) gives k = 1 (in those layers)."""
-    k = unit_share(ratio, n_units)
-    if k == 0 and n_layers and apex_budget_layers(ratio, n_units, n_layers):
-        k = 1
-    return k, apex_partitions(n_units, partitions, k)
-
-
-def apex_block_ranks(n_units: int, partitions: int, k: int, tp_size: int) -> Optional[list[int]]:
-    """The tensor-parallel rank that holds each of the B operator blocks of a unit kind, or None when
-    a block cannot lie on one rank.
-
-    After the stage's permutation the k/B P and k/B N units of block b are packed at the start of its
-    partition, units [b x U, b x U + 2k/B) with U = n/B; rank q holds units [q x n/t, (q+1) x n/t). When t
-    divides B every rank holds B/t blocks; with fewer blocks than ranks some ranks hold none and do no
-    operator work. Either way TP=1 computes the same function, so the layout never changes the method.
-    """
-    if k == 0:
-        return []
-    size, per_rank, span = n_units // partitions, n_units // tp_size, 2 * (k // partitions)
-    ranks = []
-    for b in range(partitions):
-        q = b * size // per_rank
-        if b * size + span > (q + 1) * per_rank:
-            return None
-        ranks.append(q)
-    return ranks
-
-
-def apex_stage_k(k: int, stage: int, progressive: bool, partitions: int = 1) -> int:
-    """k of stage ``stage`` (0-based) of a unit kind whose first stage selects ``k`` in ``partitions``
-    partitions (B, which divides k): k throughout, or with ``apex.progressive`` halved at every stage,
-    rounded down to a multiple of B and never below B (one unit per partition, so a halved stage still
-    expands). 32 heads, k = 4, B = 4: 4, 4, 4. 128 channels, k = 16, B = 8: 16, 8, 8."""
-    if not progressive or k == 0:
-        return k
-    return max(partitions, (k >> stage) // partitions * partitions)
 
 
 def doc(default: Any, help: str, factory: bool = False):
@@ -156,6 +70,28 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads if self.kv_channels is None else self.kv_channels
 
+    def validate(self) -> None:
+        positive = {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
+                    "ffn_hidden_size": self.ffn_hidden_size, "num_attention_heads": self.num_attention_heads,
+                    "max_position_embeddings": self.max_position_embeddings,
+                    "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by, "rotary_base": self.rotary_base}
+        _all(positive, "model", lambda v: v > 0, "must be positive")
+        # None means "derived"; 0 is not a silent synonym for it.
+        _all({"vocab_size": self.vocab_size, "num_query_groups": self.num_query_groups, "kv_channels": self.kv_channels},
+             "model", lambda v: v is None or v > 0, "must be positive (or null)")
+        _all({"norm_epsilon": self.norm_epsilon, "init_method_std": self.init_method_std}, "model", lambda v: v >= 0,
+             "must be >= 0")
+        if self.rope_scaling_factor is not None:
+            _check(self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", self.rope_scaling_factor,
+                   "must be >= 1 (the factor the low frequencies are divided by), or null for plain RoPE")
+        _check(self.num_attention_heads % self.query_groups == 0, "model.num_query_groups", self.num_query_groups,
+               f"must divide model.num_attention_heads={self.num_attention_heads}")
+        if self.kv_channels is None:
+            _check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size", self.hidden_size,
+                   f"must be divisible by model.num_attention_heads={self.num_attention_heads} (or set "
+                   "model.kv_channels)")
+        _check(self.head_dim % 2 == 0, "model.kv_channels", self.head_dim, "must be even for RoPE")
+
 
 @dataclass
 class ParallelConfig:
@@ -169,6 +105,15 @@ class ParallelConfig:
     overlap_grad_reduce: bool = doc(False, "Overlap the data-parallel gradient reduction with backward (GPU).")
     backend: Literal["auto", "nccl", "gloo"] = doc("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
     distributed_timeout_minutes: float = doc(30.0, "Timeout of collectives and of the rendezvous, in minutes.")
+
+    def validate(self) -> None:
+        _all({"tensor_model_parallel_size": self.tensor_model_parallel_size,
+              "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
+              "context_parallel_size": self.context_parallel_size,
+              "distributed_timeout_minutes": self.distributed_timeout_minutes}, "parallel", lambda v: v > 0,
+             "must be positive")
+        _check(not self.sequence_parallel or self.tensor_model_parallel_size > 1, "parallel.sequence_parallel", True,
+               "needs parallel.tensor_model_parallel_size > 1")
 
 
 @dataclass
@@ -203,6 +148,18 @@ class DataConfig:
     reset_position_ids: bool = doc(False, "Restart position ids at every end-of-document token.")
     eod_mask_loss: bool = doc(False, "Exclude end-of-document tokens from the loss.")
 
+    def validate(self) -> None:
+        _all({"seq_length": self.seq_length}, "data", lambda v: v > 0, "must be positive")
+        _all({"num_workers": self.num_workers}, "data", lambda v: v >= 0, "must be >= 0")
+        split_shares(self.split)
+        if not self.mock:
+            _check(len(self.data_path) > 0, "data.data_path", self.data_path, "is empty (or set data.mock=true)")
+            parse_blend("data.data_path", self.data_path)
+            if self.valid_data_path:
+                parse_blend("data.valid_data_path", self.valid_data_path)
+        if self.tokenizer_type == "none" and not self.mock:
+            _check(self.eod_id is not None, "data.eod_id", None, "must be set when data.tokenizer_type='none'")
+
 
 @dataclass
 class OptimizerConfig:
@@ -219,6 +176,19 @@ class OptimizerConfig:
     adam_beta2: float = doc(0.95, "Adam beta2.")
     adam_eps: float = doc(1e-8, "Adam epsilon.")
     clip_grad: float = doc(1.0, "Clip the global gradient norm to this value (0 disables).")
+
+    def validate(self) -> None:
+        _all({"lr": self.lr, "adam_eps": self.adam_eps}, "optimizer", lambda v: v > 0, "must be positive")
+        _all({"lr_decay_steps": self.lr_decay_steps}, "optimizer", lambda v: v is None or v > 0,
+             "must be positive (or null)")
+        _all({"lr_warmup_steps": self.lr_warmup_steps, "weight_decay": self.weight_decay,
+              "clip_grad": self.clip_grad}, "optimizer", lambda v: v >= 0, "must be >= 0")
+        _check(0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, f"must lie in [0, optimizer.lr={self.lr}]")
+        _check(self.lr_decay_steps is None or self.lr_decay_steps > self.lr_warmup_steps, "optimizer.lr_decay_steps",
+               self.lr_decay_steps, f"must exceed optimizer.lr_warmup_steps={self.lr_warmup_steps}: it counts from the "
+               "start, warmup included (None decays until train.train_steps)")
+        for name, beta in (("optimizer.adam_beta1", self.adam_beta1), ("optimizer.adam_beta2", self.adam_beta2)):
+            _check(0 <= beta < 1, name, beta, "must lie in [0, 1)")
 
 
 @dataclass
@@ -246,6 +216,17 @@ class TrainConfig:
     gpu_peak_tflops: Optional[float] = doc(
         None, "Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the device name up (H100/H200/A100).")
     recompute_activations: bool = doc(False, "Full activation recomputation of each layer (saves memory).")
+
+    def validate(self) -> None:
+        _all({"micro_batch_size": self.micro_batch_size, "global_batch_size": self.global_batch_size,
+              "train_steps": self.train_steps, "log_interval": self.log_interval}, "train", lambda v: v > 0,
+             "must be positive")
+        _all({"exit_after_minutes": self.exit_after_minutes, "gpu_peak_tflops": self.gpu_peak_tflops}, "train",
+             lambda v: v is None or v > 0, "must be positive (or null)")
+        _all({"seed": self.seed, "eval_interval": self.eval_interval, "eval_steps": self.eval_steps,
+              "max_skipped_steps": self.max_skipped_steps}, "train", lambda v: v >= 0, "must be >= 0")
+        _check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size", self.global_batch_size,
+               f"must be divisible by train.micro_batch_size={self.micro_batch_size}")
 
 
 @dataclass
@@ -276,6 +257,14 @@ class CheckpointConfig:
     keep_last: Optional[int] = doc(
         None, "After each save, delete all but the newest N complete checkpoints up to the one just saved (None "
         "keeps all); incomplete directories and steps newer than the one saved are left alone, with a warning.")
+
+    def validate(self) -> None:
+        _all({"keep_last": self.keep_last}, "checkpoint", lambda v: v is None or v > 0, "must be positive (or null)")
+        _all({"save_interval": self.save_interval}, "checkpoint", lambda v: v >= 0, "must be >= 0")
+        for key in ("save", "load", "finetune_from"):
+            value = getattr(self, key)
+            _check(value is None or value.strip() != "", f"checkpoint.{key}", value,
+                   "is empty (an unset shell variable?): give a directory, or leave the key out")
 
 
 @dataclass
@@ -332,6 +321,32 @@ class ApexConfig:
         own = self.attn_ratio if kind == "attn" else self.ffn_ratio
         return self.ratio if own is None else own
 
+    def validate(self) -> None:
+        """The APEX fields' own ranges; what they ask of the model, the layout and the run is checked by
+        ``megatron_apex.expansion.geometry.check``."""
+        _check(0 < self.ratio <= 0.5, "apex.ratio", self.ratio, "must lie in (0, 0.5]")
+        for kind in ("attn", "ffn"):
+            own = getattr(self, f"{kind}_ratio")
+            _check(own is None or 0 <= own <= 0.5, f"apex.{kind}_ratio", own, "must lie in [0, 0.5] (or null)")
+        _check(self.partitions > 0, "apex.partitions", self.partitions, "must be positive")
+        _check(self.lr_scale > 0, "apex.lr_scale", self.lr_scale, "must be positive")
+        _check(self.init_scoring_samples >= 0, "apex.init_scoring_samples", self.init_scoring_samples, "must be >= 0")
+        _check(0 < self.ema_decay < 1, "apex.ema_decay", self.ema_decay, "must lie in (0, 1)")
+        _check(self.score_interval >= 1, "apex.score_interval", self.score_interval, "must be >= 1")
+        _check(self.monarch_blocks >= 0, "apex.monarch_blocks", self.monarch_blocks,
+               "must be >= 0 (0: closest to sqrt(m))")
+        if self.boundaries:
+            b = list(self.boundaries)
+            _check(all(type(x) is int for x in b) and b == sorted(set(b)), "apex.boundaries", b,
+                   "must be strictly increasing integers")
+        else:
+            _check(self.stages >= 1, "apex.stages", self.stages, "must be >= 1")
+        if self.mode == "selected":
+            for kind in ("attn", "ffn"):
+                name, v = f"apex.{kind}_tuned_ratio", getattr(self, f"{kind}_tuned_ratio")
+                _check(2 * self.kind_ratio(kind) <= v <= 1, name, v,
+                       f"must lie in [2 x the {kind} ratio {self.kind_ratio(kind)}, 1]")
+
 
 @dataclass
 class Config:
@@ -366,58 +381,17 @@ class Config:
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: Optional[int] = None) -> "Config":
-        """Check consistency (and, given the world size, the parallel layout). Returns self."""
-        m, p, t, d, o, a = self.model, self.parallel, self.train, self.data, self.optimizer, self.apex
-        c = self.checkpoint
-        positive = {
-            "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
-            "model.ffn_hidden_size": m.ffn_hidden_size, "model.num_attention_heads": m.num_attention_heads,
-            "model.max_position_embeddings": m.max_position_embeddings,
-            "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by, "model.rotary_base": m.rotary_base,
-            "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
-            "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-            "parallel.context_parallel_size": p.context_parallel_size,
-            "parallel.distributed_timeout_minutes": p.distributed_timeout_minutes,
-            "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
-            "train.train_steps": t.train_steps, "data.seq_length": d.seq_length,
-            "train.log_interval": t.log_interval, "optimizer.lr": o.lr, "optimizer.adam_eps": o.adam_eps,
-        }
-        for name, value in positive.items():
-            _check(value > 0, name, value, "must be positive")
-        # None means "derived" (or "off"); 0 is not a silent synonym for it.
-        positive_or_none = {
-            "model.vocab_size": m.vocab_size, "model.num_query_groups": m.num_query_groups,
-            "model.kv_channels": m.kv_channels, "optimizer.lr_decay_steps": o.lr_decay_steps,
-            "train.exit_after_minutes": t.exit_after_minutes, "train.gpu_peak_tflops": t.gpu_peak_tflops,
-            "checkpoint.keep_last": c.keep_last,
-        }
-        for name, value in positive_or_none.items():
-            _check(value is None or value > 0, name, value, "must be positive (or null)")
-        non_negative = {
-            "model.norm_epsilon": m.norm_epsilon, "model.init_method_std": m.init_method_std,
-            "optimizer.lr_warmup_steps": o.lr_warmup_steps, "optimizer.weight_decay": o.weight_decay,
-            "optimizer.clip_grad": o.clip_grad, "train.seed": t.seed, "train.eval_interval": t.eval_interval,
-            "train.eval_steps": t.eval_steps, "train.max_skipped_steps": t.max_skipped_steps,
-            "checkpoint.save_interval": c.save_interval, "data.num_workers": d.num_workers,
-        }
-        for name, value in non_negative.items():
-            _check(value >= 0, name, value, "must be >= 0")
-        if m.rope_scaling_factor is not None:
-            _check(m.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", m.rope_scaling_factor,
-                   "must be >= 1 (the factor the low frequencies are divided by), or null for plain RoPE")
+        """Check every section, then what the sections ask of each other (and, given the world size, the
+        parallel layout). Returns self. APEX is checked against the model and layout by
+        ``megatron_apex.expansion.geometry.check`` (the entry points run both)."""
+        m, p, t, d, o, c = self.model, self.parallel, self.train, self.data, self.optimizer, self.checkpoint
+        for section in (m, p, d, o, t, c, self.apex if self.apex.enabled else None):
+            if section is not None:
+                section.validate()
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        _check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups", m.num_query_groups,
-               f"must divide model.num_attention_heads={m.num_attention_heads}")
-        if m.kv_channels is None:
-            _check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
-                   f"must be divisible by model.num_attention_heads={m.num_attention_heads} (or set model.kv_channels)")
-        _check(m.head_dim % 2 == 0, "model.kv_channels", m.head_dim, "must be even for RoPE")
-        _check(m.num_attention_heads % tp == 0, "model.num_attention_heads", m.num_attention_heads,
-               f"must be divisible by parallel.tensor_model_parallel_size={tp}")
-        _check(m.query_groups % tp == 0, "model.num_query_groups", m.query_groups,
-               f"must be divisible by parallel.tensor_model_parallel_size={tp}")
-        _check(m.ffn_hidden_size % tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
-               f"must be divisible by parallel.tensor_model_parallel_size={tp}")
+        for name, value in (("model.num_attention_heads", m.num_attention_heads),
+                            ("model.num_query_groups", m.query_groups), ("model.ffn_hidden_size", m.ffn_hidden_size)):
+            _check(value % tp == 0, name, value, f"must be divisible by parallel.tensor_model_parallel_size={tp}")
         _check(m.num_layers % pp == 0, "model.num_layers", m.num_layers,
                f"must be divisible by parallel.pipeline_model_parallel_size={pp}")
         _check(d.seq_length <= m.max_position_embeddings, "data.seq_length", d.seq_length,
@@ -425,103 +399,24 @@ class Config:
         _check(d.seq_length % (2 * p.context_parallel_size) == 0 or p.context_parallel_size == 1,
                "data.seq_length", d.seq_length, f"must be divisible by 2 x parallel.context_parallel_size="
                f"{2 * p.context_parallel_size} (every CP rank holds two of 2 x CP equal chunks)")
-        _check(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", True,
-               "needs parallel.tensor_model_parallel_size > 1")
         _check(not p.sequence_parallel or d.seq_length % (tp * p.context_parallel_size) == 0, "data.seq_length",
                d.seq_length, f"must be divisible by tensor_model_parallel_size x context_parallel_size="
                f"{tp * p.context_parallel_size} under parallel.sequence_parallel")
-        _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
-               f"must be divisible by train.micro_batch_size={t.micro_batch_size}")
         if m.vocab_size is None:
             _check(d.tokenizer_type != "none" and d.tokenizer_model is not None or d.mock, "model.vocab_size", None,
                    "must be set when there is no tokenizer (data.tokenizer_model)")
-        if d.tokenizer_type == "none" and not d.mock:
-            _check(d.eod_id is not None, "data.eod_id", None, "must be set when data.tokenizer_type='none'")
-        shares = split_shares(d.split)
-        if not d.mock:
-            _check(len(d.data_path) > 0, "data.data_path", d.data_path, "is empty (or set data.mock=true)")
-            parse_blend("data.data_path", d.data_path)
-            if d.valid_data_path:
-                parse_blend("data.valid_data_path", d.valid_data_path)
-            else:
-                _check(shares[0] > 0, "data.split", d.split, "gives training no share of data.data_path")
-                _check(shares[1] > 0 or t.eval_steps == 0, "data.split", d.split,
-                       f"gives validation no share, but train.eval_steps={t.eval_steps} asks for validation "
-                       "(give valid a share, set data.valid_data_path, or set train.eval_steps=0)")
-        _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, f"must lie in [0, optimizer.lr={o.lr}]")
-        _check(o.lr_decay_steps is None or o.lr_decay_steps > o.lr_warmup_steps, "optimizer.lr_decay_steps",
-               o.lr_decay_steps, f"must exceed optimizer.lr_warmup_steps={o.lr_warmup_steps}: it counts from the "
-               "start, warmup included (None decays until train.train_steps)")
-        for key in ("save", "load", "finetune_from"):
-            value = getattr(c, key)
-            _check(value is None or value.strip() != "", f"checkpoint.{key}", value,
-                   "is empty (an unset shell variable?): give a directory, or leave the key out")
-        for name, beta in (("optimizer.adam_beta1", o.adam_beta1), ("optimizer.adam_beta2", o.adam_beta2)):
-            _check(0 <= beta < 1, name, beta, "must lie in [0, 1)")
+        if not d.mock and not d.valid_data_path:
+            shares = split_shares(d.split)
+            _check(shares[0] > 0, "data.split", d.split, "gives training no share of data.data_path")
+            _check(shares[1] > 0 or t.eval_steps == 0, "data.split", d.split,
+                   f"gives validation no share, but train.eval_steps={t.eval_steps} asks for validation "
+                   "(give valid a share, set data.valid_data_path, or set train.eval_steps=0)")
         _check(t.exit_after_minutes is None or c.save is not None, "train.exit_after_minutes", t.exit_after_minutes,
                "needs checkpoint.save: the run stops with exit code 75 (resubmit to continue), which needs a "
                "checkpoint to continue from")
         if m.transformer_impl == "local" and p.context_parallel_size > 1:
             _check(m.attention_backend == "sdpa", "parallel.context_parallel_size", p.context_parallel_size,
                    "needs model.attention_backend='sdpa' (or model.transformer_impl='transformer_engine')")
-        if a.enabled:
-            _check(0 < a.ratio <= 0.5, "apex.ratio", a.ratio, "must lie in (0, 0.5]")
-            for kind in ("attn", "ffn"):
-                own = getattr(a, f"{kind}_ratio")
-                _check(own is None or 0 <= own <= 0.5, f"apex.{kind}_ratio", own, "must lie in [0, 0.5] (or null)")
-            _check(a.partitions > 0, "apex.partitions", a.partitions, "must be positive")
-            geometry = self.apex_geometry
-            names = APEX_UNIT_NAMES
-            if not any(k for _, k, _ in geometry.values()):
-                keys = {kind: f"apex.{kind}_ratio" if getattr(a, f"{kind}_ratio") is not None else "apex.ratio"
-                        for kind in geometry}
-                layers = m.num_layers
-                raise ConfigError(
-                    "APEX selects no unit: round(ratio x units x layers) is 0 for the " + " and the ".join(
-                        f"{n} {names[kind]} ({keys[kind]}={a.kind_ratio(kind)}; >= {0.5 / (n * layers):.4g} "
-                        f"selects one in one of the {layers} layers, >= {1 / n:.4g} one in every layer)"
-                        for kind, (n, _, _) in geometry.items()) + "; raise one of them, or set apex.enabled=false")
-            for kind, (n, k, b) in geometry.items():
-                if apex_block_ranks(n, b, k, tp) is None:
-                    raise ConfigError(
-                        f"apex.{kind}_ratio={a.kind_ratio(kind)}: each of the B={b} operator blocks (gcd of "
-                        f"apex.partitions={a.partitions}, {n} and k={k}) mixes {k // b} P into {k // b} N "
-                        f"{names[kind]}, {2 * (k // b)} units that must lie on one tensor-parallel rank, but "
-                        f"parallel.tensor_model_parallel_size={tp} leaves each rank {n // tp} of the {n}; use a "
-                        f"tensor-parallel degree of at most {n // (2 * (k // b))}, a larger apex.partitions, or "
-                        f"apex.{kind}_ratio=0 (the {names[kind]} not expanded)")
-            _check(a.lr_scale > 0, "apex.lr_scale", a.lr_scale, "must be positive")
-            _check(a.init_scoring_samples >= 0, "apex.init_scoring_samples", a.init_scoring_samples, "must be >= 0")
-            _check(0 < a.ema_decay < 1, "apex.ema_decay", a.ema_decay, "must lie in (0, 1)")
-            _check(a.score_interval >= 1, "apex.score_interval", a.score_interval, "must be >= 1")
-            _check(a.monarch_blocks >= 0, "apex.monarch_blocks", a.monarch_blocks, "must be >= 0 (0: closest to sqrt(m))")
-            if a.boundaries:
-                b = list(a.boundaries)
-                _check(all(type(x) is int for x in b) and b == sorted(set(b)), "apex.boundaries", b,
-                       "must be strictly increasing integers")
-                _check(b[0] >= 0 and b[-1] < t.train_steps, "apex.boundaries", b,
-                       f"must lie in [0, train.train_steps={t.train_steps})")
-            else:
-                _check(1 <= a.stages <= t.train_steps, "apex.stages", a.stages,
-                       f"must lie in [1, train.train_steps={t.train_steps}]")
-            if a.mode == "selected":
-                for kind in ("attn", "ffn"):
-                    name, v = f"apex.{kind}_tuned_ratio", getattr(a, f"{kind}_tuned_ratio")
-                    _check(2 * a.kind_ratio(kind) <= v <= 1, name, v,
-                           f"must lie in [2 x the {kind} ratio {a.kind_ratio(kind)}, 1]")
-            if a.progressive:  # every stage picks its P and N (and E) among units not yet used as N
-                ks = self.apex_stage_ks
-                for kind, (n_u, _, _) in geometry.items():
-                    tuned = unit_share(getattr(a, f"{kind}_tuned_ratio"), n_u) if a.mode == "selected" else 0
-                    used = 0
-                    for stage, k in enumerate(ks[kind]):
-                        need = max(2 * k, tuned if k else 0)
-                        _check(need <= n_u - used, "apex.progressive", True,
-                               f"stage {stage + 1} of {len(ks[kind])} would select {need} of the {n_u} {names[kind]} "
-                               f"per layer, but only {n_u - used} have not been N units of an earlier stage (k per "
-                               f"stage: {ks[kind]}); use fewer stages, a smaller ratio"
-                               + (" or tuned ratio" if a.mode == "selected" else "") + ", or apex.progressive=false")
-                        used += k
         if world_size is not None:
             model_parallel = tp * pp * p.context_parallel_size
             _check(world_size % model_parallel == 0, "parallel", f"TP={tp} x PP={pp} x CP={p.context_parallel_size}",
@@ -546,49 +441,16 @@ class Config:
                          f"rate {peak}{decay}; shorten the warmup for a full schedule")
         return found
 
-    @property
-    def apex_boundaries(self) -> list:
-        """Stage start steps: explicit, or ``stages`` evenly spaced over the run (first at step 0)."""
-        if self.apex.boundaries:
-            return list(self.apex.boundaries)
-        n = self.apex.stages
-        return [round(i * self.train.train_steps / n) for i in range(n)]
-
-    @property
-    def apex_stage_ks(self) -> dict:
-        """Per unit kind: the k of every stage (:func:`apex_stage_k`)."""
-        stages = len(self.apex_boundaries)
-        return {kind: [apex_stage_k(k, s, self.apex.progressive, b) for s in range(stages)]
-                for kind, (_, k, b) in self.apex_geometry.items()}
-
-    @property
-    def apex_geometry(self) -> dict:
-        """Per unit kind ('attn': query groups, 'ffn': channels): (units per layer n, k, partitions B) of
-        the first stage (:func:`apex_units`; progressive stages halve k, see :func:`apex_stage_k`)."""
-        a = self.apex
-        layers = self.model.num_layers
-        return {kind: (n, *apex_units(a.kind_ratio(kind), n, a.partitions, layers))
-                for kind, n in (("attn", self.model.query_groups), ("ffn", self.model.ffn_hidden_size))}
-
-    @property
-    def apex_layers(self) -> dict:
-        """Per unit kind: in how many of the model's layers it expands at every stage
-        (:func:`apex_budget_layers`; fewer than all when its budget is below one unit per layer)."""
-        layers = self.model.num_layers
-        return {kind: apex_budget_layers(self.apex.kind_ratio(kind), n, layers) if k else 0
-                for kind, (n, k, _) in self.apex_geometry.items()}
-
-    def apex_stage_layers(self, stage: int) -> dict:
-        """Per unit kind: the global layer indices expanding it in stage ``stage`` (0-based)
-        (:func:`apex_expanded_layers`)."""
-        layers = self.model.num_layers
-        return {kind: apex_expanded_layers(self.train.seed, stage, kind, layers, count)
-                for kind, count in self.apex_layers.items()}
-
 
 def _check(ok: bool, name: str, value: Any, problem: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r}: {problem}")
+
+
+def _all(values: dict, section: str, ok, problem: str) -> None:
+    """_check every ``{key: value}`` of a section."""
+    for key, value in values.items():
+        _check(ok(value), f"{section}.{key}", value, problem)
 
 
 def _number(x: Any) -> Optional[float]:
@@ -631,15 +493,24 @@ def split_shares(split: str) -> list[float]:
 
 
 # ---------------------------------------------------------------------- loading
+_TOKENIZER_KINDS = {  # the spellings tools/preprocess_data.py accepts (ours and Megatron-LM's), by kind
+    "sentencepiece": "sentencepiece", "sentencepiecetokenizer": "sentencepiece", "sp": "sentencepiece",
+    "gptsentencepiecetokenizer": "sentencepiece", "llama2tokenizer": "sentencepiece",
+    "huggingface": "huggingface", "huggingfacetokenizer": "huggingface", "hf": "huggingface",
+}
+
+
+def tokenizer_kind(name: Any) -> Optional[str]:
+    """The canonical tokenizer kind a spelling names ('SentencePieceTokenizer', 'hf', ...), or None."""
+    return _TOKENIZER_KINDS.get(str(name).strip().lower().replace("-", "").replace("_", ""))
+
+
 def _tokenizer_type_hint(value: Any) -> str:
     """tools/preprocess_data.py takes Megatron-LM's spellings (SentencePieceTokenizer, ...): name the
     config's for the same kind rather than let the user guess. Not accepted as aliases: the config keeps
     one spelling per kind."""
-    from megatron_apex.data.tokenizers import TokenizerError, normalize_tokenizer_kind
-
-    try:
-        kind = normalize_tokenizer_kind(value)
-    except TokenizerError:
+    kind = tokenizer_kind(value)
+    if kind is None:
         return ""
     return (f" ({value!r} is the tools/preprocess_data.py --tokenizer-type spelling; in the config it is "
             f"data.tokenizer_type={kind})")

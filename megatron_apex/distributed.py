@@ -145,12 +145,13 @@ def initialize_distributed(cfg: Config, launch: Optional[LaunchEnv] = None) -> P
     from megatron.core import tensor_parallel
 
     launch = launch or detect_launch_env()
+    from megatron_apex.compat.cpu import cpu_patches_needed
+
     cfg.validate(launch.world_size)  # layout errors before any process group starts
     cuda = torch.cuda.is_available()
-    if not cuda:
-        from megatron_apex.compat.cpu import apply_cpu_patches
-
-        apply_cpu_patches()
+    if cpu_patches_needed():
+        raise RuntimeError("no CUDA here, and megatron-core assumes it: call "
+                           "megatron_apex.compat.cpu.apply_cpu_patches() first (the entry points do, see docs/cpu.md)")
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise ConfigError("parallel.backend='nccl' needs CUDA; use 'gloo' or 'auto' on this machine")

@@ -35,6 +35,6 @@ def step_batch_loss(checkpoint: str, config_path: str, overrides: list, step: in
 
 
 def apex_callbacks(cfg):
-    from megatron_apex.training.run import build_callbacks
+    from megatron_apex.run import build_callbacks
 
     return build_callbacks(cfg)

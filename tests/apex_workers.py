@@ -11,36 +11,47 @@ from typing import Optional
 
 import torch
 
-from megatron_apex.expansion import engine
+from megatron_apex.expansion import votes as apex_votes
+from megatron_apex.expansion.boundary import StageBoundary
 from megatron_apex.expansion.engine import ApexCallback
 from megatron_apex.training.trainer import Callback
+
+
+class RecordingBoundary(StageBoundary):
+    """The stage boundary, recording the permutation of every layer and the finished stage's operator norm."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.op_norms = []       # per boundary: the finished stage's operator norm, as logged
+        self.cur_perms = {}
+
+    def operator_norm(self, ctx=None):
+        norm = super().operator_norm(ctx)
+        if ctx is not None:  # the boundary's log line
+            self.op_norms.append(norm)
+        return norm
+
+    def select(self, entry, li, kind, votes, raw):
+        perm = super().select(entry, li, kind, votes, raw)
+        self.cur_perms.setdefault(entry.index, {})[kind] = None if perm is None else perm.tolist()
+        return perm
 
 
 class RecordingApex(ApexCallback):
     """ApexCallback that records its selections and permutations at every boundary."""
 
+    Boundary = RecordingBoundary
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.record = []         # one dict per boundary: {global layer: {kind: {"P", "N", "p_pos", "n_pos"}}}
         self.perms = []          # one dict per boundary: {global layer: {kind: perm list or None}}
-        self.op_norms = []       # per boundary: the finished stage's operator norm, as logged
-        self._cur_perms = {}
-
-    def _operator_norm(self, ctx=None):
-        norm = super()._operator_norm(ctx)
-        if ctx is not None:  # the boundary's log line
-            self.op_norms.append(norm)
-        return norm
-
-    def _select(self, entry, li, kind, votes, raw):
-        perm = super()._select(entry, li, kind, votes, raw)
-        self._cur_perms.setdefault(entry.index, {})[kind] = None if perm is None else perm.tolist()
-        return perm
+        self.op_norms = self.boundary.op_norms
 
     def _boundary(self, trainer, step):
-        self._cur_perms = {}
-        votes = {kind: v.tolist() for kind, v in self.votes.items()}  # the votes this boundary selects on
-        vote_steps = self.vote_steps
+        self.boundary.cur_perms = {}
+        votes = {kind: v.tolist() for kind, v in self.recorder.votes.items()}  # the votes this boundary selects on
+        vote_steps = self.recorder.vote_steps
         super()._boundary(trainer, step)
         rec = {}
         for e in self.layers:
@@ -49,9 +60,9 @@ class RecordingApex(ApexCallback):
                 sel = e.selection.get(kind)
                 rec[e.index][kind] = None if sel is None else {
                     k: sel[k].reshape(-1).tolist() for k in ("P", "N", "E", "p_pos", "n_pos")}
-        self.record.append({"step": step, "stage": self.stage, "layers": rec, "votes": votes,
+        self.record.append({"step": step, "stage": self.boundary.stage, "layers": rec, "votes": votes,
                             "vote_steps": vote_steps})
-        self.perms.append(self._cur_perms)
+        self.perms.append(self.boundary.cur_perms)
 
 
 class StopAt(Callback):
@@ -69,7 +80,7 @@ class StopAt(Callback):
 
 
 def _callbacks(cfg, stop_at: Optional[int] = None):
-    from megatron_apex.training.run import build_callbacks
+    from megatron_apex.run import build_callbacks
 
     cbs = [RecordingApex(cfg) if isinstance(cb, ApexCallback) else cb for cb in build_callbacks(cfg)]
     if stop_at is not None:
@@ -98,12 +109,12 @@ def _apex(cbs) -> Optional[RecordingApex]:
 def op_state_summary(apex: ApexCallback) -> dict:
     """Operator norm and operator-optimizer step counts (evidence of a real restore)."""
     steps = []
-    if apex.op_optimizer is not None:
-        for st in apex.op_optimizer.state.values():
+    if apex.boundary.op_optimizer is not None:
+        for st in apex.boundary.op_optimizer.state.values():
             s = st.get("step")
             steps.append(int(s.item() if torch.is_tensor(s) else s))
-    params = [p.detach().clone() for p in apex._op_params()]
-    return {"op_norm": apex._operator_norm(), "opt_steps": sorted(set(steps)),
+    params = [p.detach().clone() for p in apex.boundary.op_params()]
+    return {"op_norm": apex.boundary.operator_norm(), "opt_steps": sorted(set(steps)),
             "op_params": [p.tolist() for p in params[:6]]}
 
 
@@ -144,7 +155,7 @@ def apex_train_worker(config_path: str, overrides: list, stop_at: Optional[int] 
            "checkpoint": result.checkpoint, "memory": memory}
     if apex is not None:
         out.update({"record": apex.record, "perms": apex.perms, "op_norms": apex.op_norms, "start_state": start, "stop_state": stop_state,
-                    "stage": apex.stage, "finished": apex.finished,
+                    "stage": apex.boundary.stage, "finished": apex.boundary.finished,
                     "graph_replays": apex._runner.replays if apex._runner is not None else 0,
                     "silu_recorded": [e.layer.mlp.config.activation_func is not torch.nn.functional.silu
                                       for e in apex.layers]})
@@ -170,12 +181,12 @@ def merge_records(results: list) -> list:
 def _eval_loss(trainer, batches: list) -> float:
     """Forward-only mean loss on a fixed list of micro-batches (no scoring recorded)."""
     apex = _apex(trainer.callbacks)
-    rec, apex.recording = apex.recording, False
+    rec, apex.recorder.recording = apex.recorder.recording, False
     apex.on_evaluate(trainer, begin=True)  # the engine's contract for forward-only passes
     with torch.no_grad():
-        losses = trainer._run_microbatches(iter(list(batches)), forward_only=True)
+        losses = trainer.forward_only(iter(list(batches)))
     apex.on_evaluate(trainer, begin=False)
-    apex.recording = rec
+    apex.recorder.recording = rec
     return trainer._reduce(losses, False)[0]
 
 
@@ -198,40 +209,40 @@ def function_preservation_worker(config_path: str, overrides: list) -> dict:
     cfg, trainer, apex = _started_trainer(config_path, overrides)
     it = iter(build_loader(trainer.valid_ds or trainer.train_ds, cfg, 0, cfg.train.global_batch_size, 0, 1))
     batches = [next(it) for _ in range(trainer.num_micro)]
-    b1 = apex.boundaries[1]
+    b1 = apex.geometry.boundaries[1]
     out = {"plain_step0": _eval_loss(trainer, batches)}
     _manual_steps(trainer, range(b1))
     out["with_op"] = _eval_loss(trainer, batches)
-    out["op_norm"] = apex._operator_norm()
+    out["op_norm"] = apex.boundary.operator_norm()
 
-    orig_fuse, orig_build_opt = apex._fuse, apex._build_op_optimizer
+    orig_fuse, orig_build_opt = apex.boundary.fuse, apex.boundary.build_op_optimizer
 
-    def fuse_then_measure(tr):
-        orig_fuse(tr)
+    def fuse_then_measure():
+        orig_fuse()
         # The fused weights now hold W_eff: the old operators must not act again (the boundary
         # replaces them by fresh ones right after), so evaluate the plain fused model.
         for e in apex.layers:
             e.attn_op = e.ffn_op = e.deltas = e.inplace = None
-        out["fused"] = _eval_loss(tr, batches)
+        out["fused"] = _eval_loss(trainer, batches)
 
-    def measure_insertion(tr):
-        out["inserted"] = _eval_loss(tr, batches)
+    def measure_insertion():
+        out["inserted"] = _eval_loss(trainer, batches)
         saved = [(e.attn_op, e.ffn_op, e.deltas, e.inplace) for e in apex.layers]
         out["n_fresh_ops"] = sum(len(e.operators()) for e in apex.layers)
         for e in apex.layers:
             e.attn_op = e.ffn_op = e.deltas = e.inplace = None
-        out["removed"] = _eval_loss(tr, batches)
+        out["removed"] = _eval_loss(trainer, batches)
         for e, (a, f, d, i) in zip(apex.layers, saved):
             e.attn_op, e.ffn_op, e.deltas, e.inplace = a, f, d, i
-        orig_build_opt(tr)
+        orig_build_opt()
 
-    apex._fuse, apex._build_op_optimizer = fuse_then_measure, measure_insertion
+    apex.boundary.fuse, apex.boundary.build_op_optimizer = fuse_then_measure, measure_insertion
     apex.on_step_start(trainer, b1)
-    apex._fuse, apex._build_op_optimizer = orig_fuse, orig_build_opt
+    apex.boundary.fuse, apex.boundary.build_op_optimizer = orig_fuse, orig_build_opt
     out["perms"] = apex.perms
     _manual_steps_after_start(trainer, b1)
     out["with_op2"] = _eval_loss(trainer, batches)
-    out["op_norm2"] = apex._operator_norm()
+    out["op_norm2"] = apex.boundary.operator_norm()
     apex.on_train_end(trainer)
     out["final_fused"] = _eval_loss(trainer, batches)
     out["ops_left"] = sum(len(e.operators()) for e in apex.layers)
@@ -288,8 +299,8 @@ def selected_mode_worker(config_path: str, overrides: list) -> dict:
                               for p in e.deltas.parameters()]
     out["fraction"] = apex.trainable_fraction(trainer)
     out["record"] = apex.record
-    out["n"] = dict(apex.n)
-    out["parts"] = dict(apex.parts)
+    out["n"] = dict(apex.boundary.n)
+    out["parts"] = dict(apex.boundary.parts)
     return out
 
 
@@ -300,14 +311,14 @@ def functional_path_callbacks(cfg):
     cbs = apex_callbacks(cfg)
     for cb in cbs:
         if hasattr(cb, "inplace"):
-            cb.inplace = False
+            cb.inplace = cb.boundary.inplace = False
     return cbs
 
 
 def apex_train_worker_fc1_hook(config_path: str, overrides: list) -> dict:
     """apex_train_worker with the FFN statistic taken by the fallback forward hook on linear_fc1
     (SiLU recomputed) instead of from megatron-core's own SiLU."""
-    engine._record_silu = lambda mlp, recorder: False
+    apex_votes._record_silu = lambda mlp, recorder: False
     return apex_train_worker(config_path, overrides)
 
 

@@ -20,7 +20,10 @@ def _entry(rank, world_size, port, fn, args, queue):
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     import torch
 
+    from megatron_apex.compat.cpu import apply_cpu_patches
+
     torch.set_num_threads(1)
+    apply_cpu_patches()  # as the entry points do (a no-op with CUDA)
     try:
         queue.put((rank, "ok", fn(*args)))
     except BaseException:  # report any failure to the parent, with the traceback

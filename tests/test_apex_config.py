@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_apex.config import ConfigError, load_config
+from megatron_apex.config import ConfigError
+from megatron_apex.expansion import geometry
+from megatron_apex.run import checked_config
 
 
 def _cfg(tiny_config, tiny_data, world=1, **extra):
     from helpers import tiny_overrides
 
-    return load_config(tiny_config, tiny_overrides(tiny_data, **{"apex.enabled": True, **extra}), world)
+    return checked_config(tiny_config, tiny_overrides(tiny_data, **{"apex.enabled": True, **extra}), world)
 
 
 @pytest.mark.parametrize("extra,field", [
@@ -45,9 +47,9 @@ def test_apex_config_rejected(tiny_config, tiny_data, extra, field):
 
 def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
     cfg = _cfg(tiny_config, tiny_data, **{"apex.stages": 3, "train.train_steps": 9})
-    assert cfg.apex_boundaries == [0, 3, 6]
+    assert geometry.of(cfg).boundaries == [0, 3, 6]
     cfg = _cfg(tiny_config, tiny_data, **{"apex.boundaries": "[0, 2, 5]"})
-    assert cfg.apex_boundaries == [0, 2, 5]
+    assert geometry.of(cfg).boundaries == [0, 2, 5]
     _cfg(tiny_config, tiny_data, 2, **{"apex.partitions": 4, "parallel.tensor_model_parallel_size": 2,
                                        "model.num_query_groups": 4})
     _cfg(tiny_config, tiny_data, 2, **{"apex.partitions": 3, "parallel.tensor_model_parallel_size": 2,
@@ -59,7 +61,7 @@ def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
     # Disabled APEX is not validated (its defaults may not fit a tiny run).
     from helpers import tiny_overrides
 
-    load_config(tiny_config, tiny_overrides(tiny_data, **{"apex.enabled": False, "apex.ratio": 0.9}), 1)
+    checked_config(tiny_config, tiny_overrides(tiny_data, **{"apex.enabled": False, "apex.ratio": 0.9}), 1)
 
 
 def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
@@ -74,25 +76,25 @@ def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
     shape = {"model.num_attention_heads": 32, "model.num_query_groups": 32, "model.ffn_hidden_size": 384,
              "apex.ratio": 0.125, "apex.partitions": 8}
     cfg = _cfg(tiny_config, tiny_data, **shape)
-    assert cfg.apex_geometry == {"attn": (32, 4, 4), "ffn": (384, 48, 8)}
+    assert geometry.of(cfg).units == {"attn": (32, 4, 4), "ffn": (384, 48, 8)}
     assert "attention units k=4 of 32 in 4 partitions, FFN channels k=48 of 384 in 8 partitions" in dry_run(cfg, 1)
     _cfg(tiny_config, tiny_data, 4, **shape, **{"parallel.tensor_model_parallel_size": 4})
     cfg8 = _cfg(tiny_config, tiny_data, 8, **shape, **{"parallel.tensor_model_parallel_size": 8})
-    assert cfg8.apex_geometry == cfg.apex_geometry  # the same method at TP=8
+    assert geometry.of(cfg8).units == geometry.of(cfg).units  # the same method at TP=8
     with pytest.raises(ConfigError) as err:
         _cfg(tiny_config, tiny_data, 32, **shape, **{"parallel.tensor_model_parallel_size": 32})
     msg = str(err.value)
     assert "B=4" in msg and "mixes 1 P into 1 N attention units" in msg and "tensor_model_parallel_size=32" in msg
     assert "at most 16" in msg and "apex.attn_ratio=0" in msg, msg
     cfg = _cfg(tiny_config, tiny_data, **{**shape, "apex.attn_ratio": 0})  # the FFN alone
-    assert cfg.apex_geometry == {"attn": (32, 0, 8), "ffn": (384, 48, 8)}
+    assert geometry.of(cfg).units == {"attn": (32, 0, 8), "ffn": (384, 48, 8)}
     assert "attention units none of 32 (not expanded)" in dry_run(cfg, 1)
     with pytest.raises(ConfigError, match="apex.ffn_ratio=0.6"):
         _cfg(tiny_config, tiny_data, **{"apex.ffn_ratio": 0.6})
     # GQA with 2 query groups in 4 layers at ratio 0.125: 0.25 groups per layer, so the budget
     # round(0.125 x 2 x 4) = 1 P/N pair is spent in one layer per stage (drawn from the seed and stage).
     cfg = _cfg(tiny_config, tiny_data, **{"model.num_query_groups": 2, "apex.ratio": 0.125})
-    assert cfg.apex_geometry["attn"] == (2, 1, 1) and cfg.apex_layers == {"attn": 1, "ffn": 4}
+    assert geometry.of(cfg).units["attn"] == (2, 1, 1) and geometry.of(cfg).layers == {"attn": 1, "ffn": 4}
     text = dry_run(cfg, 1)
     assert "attention units k=1 of 2 in 1 partitions in 1 of 4 layers per stage" in text, text
     assert "budget round(0.125 x 2 x 4 layers) = 1 P/N pairs per stage" in text, text
@@ -112,21 +114,21 @@ def test_small_budget_layers_are_deterministic_and_spend_the_budget(tiny_config,
     the draw depends on train.seed and the stage only (the same at every TP/PP layout), differs
     between stages, and is shown by the dry run."""
     from megatron_apex.cli import dry_run
-    from megatron_apex.config import apex_budget_layers, apex_expanded_layers
+    from megatron_apex.expansion.geometry import budget_layers, expanded_layers
 
-    assert apex_budget_layers(0.125, 4, 22) == 11 and apex_budget_layers(0.125, 32, 22) == 22
-    assert apex_budget_layers(0.1, 4, 2) == 1 and apex_budget_layers(0.05, 4, 2) == 0
+    assert budget_layers(0.125, 4, 22) == 11 and budget_layers(0.125, 32, 22) == 22
+    assert budget_layers(0.1, 4, 2) == 1 and budget_layers(0.05, 4, 2) == 0
     over = {"model.num_layers": 22, "model.num_query_groups": 4, "apex.ratio": 0.125, "apex.stages": 3}
     layouts = [_cfg(tiny_config, tiny_data, w, **over, **extra) for w, extra in (
         (1, {}), (2, {"parallel.tensor_model_parallel_size": 2}), (2, {"parallel.pipeline_model_parallel_size": 2}))]
-    stages = [layouts[0].apex_stage_layers(s)["attn"] for s in range(3)]
+    stages = [geometry.of(layouts[0]).stage_layers(s)["attn"] for s in range(3)]
     assert all(len(layers) == 11 and layers == sorted(set(layers)) for layers in stages)
     assert len({tuple(layers) for layers in stages}) == 3  # a fresh draw per stage
     for cfg in layouts[1:]:
-        assert [cfg.apex_stage_layers(s)["attn"] for s in range(3)] == stages
-    assert all(cfg.apex_stage_layers(s)["ffn"] == list(range(22)) for cfg in layouts for s in range(3))
-    assert apex_expanded_layers(0, 0, "attn", 22, 11) == apex_expanded_layers(0, 0, "attn", 22, 11)
-    assert apex_expanded_layers(1, 0, "attn", 22, 11) != apex_expanded_layers(0, 0, "attn", 22, 11)
+        assert [geometry.of(cfg).stage_layers(s)["attn"] for s in range(3)] == stages
+    assert all(geometry.of(cfg).stage_layers(s)["ffn"] == list(range(22)) for cfg in layouts for s in range(3))
+    assert expanded_layers(0, 0, "attn", 22, 11) == expanded_layers(0, 0, "attn", 22, 11)
+    assert expanded_layers(1, 0, "attn", 22, 11) != expanded_layers(0, 0, "attn", 22, 11)
     assert f"stage 1: {stages[0]}; stage 2: {stages[1]}; stage 3: {stages[2]}" in dry_run(layouts[1], 2)
     assert "APEX: attention units: budget round(0.125 x 4 x 22 layers) = 11 P/N pairs per stage" in dry_run(layouts[0], 1)
 
@@ -139,11 +141,11 @@ def test_progressive_stages_keep_one_unit_per_partition(tiny_config, tiny_data):
     over = {"model.num_attention_heads": 32, "model.num_query_groups": 32, "model.hidden_size": 256,
             "apex.ratio": 0.125, "apex.partitions": 8, "apex.progressive": True, "apex.stages": 4}
     cfg = _cfg(tiny_config, tiny_data, **over)
-    assert cfg.apex_geometry["attn"] == (32, 4, 4) and cfg.apex_geometry["ffn"] == (128, 16, 8)
-    assert cfg.apex_stage_ks == {"attn": [4, 4, 4, 4], "ffn": [16, 8, 8, 8]}
+    assert geometry.of(cfg).units["attn"] == (32, 4, 4) and geometry.of(cfg).units["ffn"] == (128, 16, 8)
+    assert geometry.of(cfg).stage_ks == {"attn": [4, 4, 4, 4], "ffn": [16, 8, 8, 8]}
     assert "APEX progressive: k per stage: attention units [4, 4, 4, 4]; FFN channels [16, 8, 8, 8]" in dry_run(cfg, 1)
-    assert _cfg(tiny_config, tiny_data, **{**over, "apex.progressive": False}).apex_stage_ks["ffn"] == [16] * 4
+    assert geometry.of(_cfg(tiny_config, tiny_data, **{**over, "apex.progressive": False})).stage_ks["ffn"] == [16] * 4
     # Every stage picks P and N among units never used as N: 32 heads allow 7 stages of k = 4, not 8.
-    assert _cfg(tiny_config, tiny_data, **{**over, "apex.stages": 7, "train.train_steps": 8}).apex_stage_ks
+    assert geometry.of(_cfg(tiny_config, tiny_data, **{**over, "apex.stages": 7, "train.train_steps": 8})).stage_ks
     with pytest.raises(ConfigError, match=r"apex.progressive=True: stage 8 of 8 would select 8 of the 32 attention"):
         _cfg(tiny_config, tiny_data, **{**over, "apex.stages": 8, "train.train_steps": 8})

@@ -270,27 +270,31 @@ def test_skipped_step_casts_no_votes(tiny_data, tiny_config):
     assert any(v != 0 for row in rec["votes"]["attn"] for v in row)
 
 
-def test_finalize_wrapper_installed_once(tiny_data, tiny_config):
-    """The step's votes are ranked in the wrapped finalize_model_grads; a second on_train_start (training
-    started again on the same trainer) must not wrap it twice, which would rank an empty step over them."""
+def test_votes_are_ranked_before_the_gradient_reduction(tiny_data, tiny_config):
+    """The step's votes are ranked in the trainer's hook before the gradient reduction
+    (Callback.before_grad_reduction, which the trainer calls from megatron-core's finalize_model_grads);
+    the engine wraps nothing of megatron-core's, so training started again on the same trainer (a second
+    on_train_start) cannot rank an empty step over them."""
     import types
 
     from megatron_apex.config import load_config
     from megatron_apex.expansion.engine import ApexCallback
 
     cb = ApexCallback(load_config(tiny_config, _over(tiny_data)))
-    calls = []
+
+    def finalize(*args):
+        pass
+
     trainer = types.SimpleNamespace(optimizer=object(), ctx=types.SimpleNamespace(dp_group=None),
-                                    tconfig=types.SimpleNamespace(finalize_model_grads_func=lambda *a: calls.append(a)))
+                                    tconfig=types.SimpleNamespace(finalize_model_grads_func=finalize))
     ranked = iter([{"ffn": "votes"}, None])
-    cb._rank_step = lambda ctx: next(ranked)
+    cb.recorder.rank_step = lambda ctx: next(ranked)
     cb.on_train_start(trainer)
-    wrapped = trainer.tconfig.finalize_model_grads_func
     cb.on_train_start(trainer)
-    assert trainer.tconfig.finalize_model_grads_func is wrapped
-    cb.recording = True
-    wrapped("model")
-    assert calls == [("model",)] and cb._ranked == {"ffn": "votes"}
+    assert trainer.tconfig.finalize_model_grads_func is finalize
+    cb.recorder.recording = True
+    cb.before_grad_reduction(trainer)
+    assert cb.recorder.ranked == {"ffn": "votes"}
 
 
 # ---------------------------------------------------------------------- apex.statistic
@@ -310,7 +314,7 @@ def _scoring_callback(tiny_config, tiny_data, statistic, **extra):
                mlp=ns(linear_fc1=lin(), linear_fc2=lin(), config=ns(use_te_activation_func=True)))
     ctx = ns(rank=0, tp_size=1, cp_size=1, device=torch.device("cpu"))
     cb.on_model_built(ns(ctx=ctx), ns(decoder=ns(layers=[layer])))
-    assert cb.n["attn"] == 8 and cb._k("attn") == (2, 1)
+    assert cb.boundary.n["attn"] == 8 and cb.boundary.k("attn") == (2, 1)
     return cb, ctx
 
 
@@ -320,17 +324,17 @@ def _feed_step(cb, ctx, attn_norms):
     import torch
 
     for norms in attn_norms:
-        cb._stats[0]["attn"].append(torch.tensor(norms, dtype=torch.float32).square())
-        cb._stats[0]["ffn"].append(torch.ones(cb.n["ffn"]))
-    cb._commit_votes(cb._rank_step(ctx))
+        cb.recorder._stats[0]["attn"].append(torch.tensor(norms, dtype=torch.float32).square())
+        cb.recorder._stats[0]["ffn"].append(torch.ones(cb.boundary.n["ffn"]))
+    cb.recorder.commit(cb.recorder.rank_step(ctx))
 
 
 def _select_attn(cb):
     """(P, N) the boundary would select for the layer's attention units from the accumulated scores."""
     entry = cb.layers[0]
-    cb.stage = max(cb.stage, 1)  # as at a boundary: the stage's layers are drawn before selecting
-    cb._set_stage_layers()
-    cb._select(entry, 0, "attn", cb.votes["attn"][0], cb.raw["attn"][0])
+    cb.boundary.stage = max(cb.boundary.stage, 1)  # as at a boundary: the stage's layers are drawn before selecting
+    cb.boundary.set_stage_layers()
+    cb.boundary.select(entry, 0, "attn", cb.recorder.votes["attn"][0], cb.recorder.raw["attn"][0])
     return entry.selection["attn"]["P"].tolist(), entry.selection["attn"]["N"].tolist()
 
 
@@ -341,9 +345,9 @@ def test_rank_statistic_breaks_vote_ties_by_summed_norm(tiny_config, tiny_data):
 
     cb, ctx = _scoring_callback(tiny_config, tiny_data, "rank")
     _feed_step(cb, ctx, [[0, 3, 1, 4, 5, 6, 10, 11], [5.9, 3.2, 1, 4, 5, 6, 10, 11]])
-    assert cb.votes["attn"][0].tolist() == [-1, -1, -2, 0, 0, 0, 2, 2]
+    assert cb.recorder.votes["attn"][0].tolist() == [-1, -1, -2, 0, 0, 0, 2, 2]
     expected = torch.tensor([5.9, 6.2, 2, 8, 10, 12, 20, 22], dtype=torch.float64)
-    torch.testing.assert_close(cb.raw["attn"][0], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cb.recorder.raw["attn"][0], expected, rtol=1e-6, atol=1e-6)
     assert _select_attn(cb) == ([6, 7], [0, 2])
 
 
@@ -357,13 +361,13 @@ def test_norm_statistic_selects_by_summed_norm(tiny_config, tiny_data):
 
     rank, ctx = _scoring_callback(tiny_config, tiny_data, "rank")
     _feed_step(rank, ctx, VOTES_VS_NORMS)
-    assert rank.votes["attn"][0].tolist() == [-1, -1, -2, 0, 0, 0, 1, 3]
+    assert rank.recorder.votes["attn"][0].tolist() == [-1, -1, -2, 0, 0, 0, 1, 3]
     assert _select_attn(rank) == ([6, 7], [0, 2])
     norm, ctx = _scoring_callback(tiny_config, tiny_data, "norm")
     _feed_step(norm, ctx, VOTES_VS_NORMS)
-    assert not norm.votes["attn"].any() and not norm.votes["ffn"].any()  # no voting at all
+    assert not norm.recorder.votes["attn"].any() and not norm.recorder.votes["ffn"].any()  # no voting at all
     sums = torch.tensor(VOTES_VS_NORMS, dtype=torch.float64).sum(0)  # [50.3, 50.5, 6, 9, 12, 15, 18, 21]
-    torch.testing.assert_close(norm.raw["attn"][0], sums, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm.recorder.raw["attn"][0], sums, rtol=1e-6, atol=1e-6)
     assert _select_attn(norm) == ([0, 1], [2, 3])
 
 
@@ -381,10 +385,10 @@ def test_ema_statistic_weights_later_steps(tiny_config, tiny_data):
         for cb in (norm, ema):
             _feed_step(cb, ctx, [[x / 2 for x in step]] * 2)
     s1, s2 = (torch.tensor(s, dtype=torch.float64) for s in EMA_STEPS)
-    torch.testing.assert_close(norm.raw["attn"][0], s1 + s2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm.recorder.raw["attn"][0], s1 + s2, rtol=1e-6, atol=1e-6)
     # raw = d * raw + (1 - d) * step sum from 0: 0.25 s1 + 0.5 s2 = [2.5, 4, 3.75, 2.25, 2.25, 1.2, 1.125, 1.1]
-    torch.testing.assert_close(ema.raw["attn"][0], 0.25 * s1 + 0.5 * s2, rtol=1e-6, atol=1e-6)
-    assert not ema.votes["attn"].any() and ema.vote_steps == 2
+    torch.testing.assert_close(ema.recorder.raw["attn"][0], 0.25 * s1 + 0.5 * s2, rtol=1e-6, atol=1e-6)
+    assert not ema.recorder.votes["attn"].any() and ema.recorder.vote_steps == 2
     assert _select_attn(norm) == ([0, 2], [5, 6])  # sums: 10, 9 best; 2.4, 2.5 worst
     assert _select_attn(ema) == ([1, 2], [6, 7])   # recent steps count more
 
@@ -405,7 +409,7 @@ def test_statistic_change_refused_when_resuming_mid_stage(tiny_config, tiny_data
     assert "apex.statistic='norm'" in str(err.value) and "apex.statistic='rank'" in str(err.value)
     rank, _ = _scoring_callback(tiny_config, tiny_data, "rank")
     rank.load_state(trainer, old)  # no name saved: 'rank'
-    assert rank.stage == 1
+    assert rank.boundary.stage == 1
     saved_ema = {**old, "apex": {**old["apex"], "statistic": "ema"}}
     with pytest.raises(ConfigError, match="apex.statistic='ema'"):
         rank.load_state(trainer, saved_ema)
@@ -423,12 +427,12 @@ def test_ema_decay_change_warned_when_resuming_mid_stage(tiny_config, tiny_data,
     ema, _ = _scoring_callback(tiny_config, tiny_data, "ema")  # apex.ema_decay 0.99 (the default)
     saved = {"version": 1, "stage": 1, "finished": False, "boundaries": [0, 2, 4], "statistic": "ema"}
     common = {"step": 2, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1}, "apex": saved}
-    with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
+    with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.resume"):
         ema.load_state(trainer, {**common, "apex": {**saved, "ema_decay": ema.a.ema_decay}})
         assert "ema_decay" not in caplog.text
         ema.load_state(trainer, {**common, "apex": {**saved, "ema_decay": 0.5}})
     assert "apex.ema_decay=0.99" in caplog.text and "taken with 0.5" in caplog.text
-    assert ema.stage == 1
+    assert ema.boundary.stage == 1
     # The saved value is in the common state a checkpoint writes.
     assert ema.common_state(trainer)["apex"]["ema_decay"] == ema.a.ema_decay
 
@@ -447,12 +451,12 @@ def test_resume_before_final_fuse_refuses_changed_selection_settings(tiny_config
     common = {"step": 3, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1}, **cb.common_state(trainer)}
     common["apex"].update(stage=2)
     cb.load_state(trainer, common)  # the same settings resume
-    assert cb.stage == 2
+    assert cb.boundary.stage == 2
     for key, saved_value in (("mode", "selected"), ("ratio", 0.125), ("partitions", 4), ("progressive", True)):
         changed = {**common, "apex": {**common["apex"], key: saved_value}}
         with pytest.raises(ConfigError, match=f"apex.{key}=.*saved .*with apex.{key}={saved_value!r}"):
             cb.load_state(trainer, changed)
-        with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
+        with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.resume"):
             cb.load_state(trainer, {**changed, "apex": {**changed["apex"], "finished": True}})  # fused: no matter
         assert "holds a finished APEX run" in caplog.text and "apex.* has no effect" in caplog.text
         caplog.clear()
@@ -466,7 +470,7 @@ def test_resume_before_final_fuse_refuses_changed_selection_settings(tiny_config
             cb.load_state(trainer, {**common, "apex": {**common["apex"], "boundaries": saved_boundaries}})
     with pytest.raises(ConfigError, match="cannot come before step 5"):  # boundary 4 would be in the past
         cb.load_state(trainer, {**common, "step": 5})
-    with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.engine"):
+    with caplog.at_level(logging.WARNING, logger="megatron_apex.expansion.resume"):
         cb.load_state(trainer, {**common, "apex": {**common["apex"], "boundaries": [0, 2, 5]}})
     assert "boundaries still to come change from [5] to [4]" in caplog.text
 

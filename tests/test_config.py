@@ -15,13 +15,15 @@ import pytest
 from megatron_apex.config import (
     Config, ConfigError, apply_overrides, config_from_dict, load_config, reference_markdown,
 )
+from megatron_apex.expansion import geometry
+from megatron_apex.run import checked_config
 
 # A valid base: mock data needs no files and no tokenizer.
 BASE = ["data.mock=true", "model.vocab_size=256", "data.tokenizer_type=none"]
 
 
 def _load(*overrides, world_size=None, path=None):
-    return load_config(path, [*BASE, *overrides], world_size=world_size)
+    return checked_config(path, [*BASE, *overrides], world_size=world_size)
 
 
 def _error(*overrides, world_size=None) -> str:
@@ -280,7 +282,7 @@ def test_derived_values():
     cfg1 = _load("model.vocab_size=1000")
     assert cfg1.padded_vocab_size() == cfg.padded_vocab_size()
     apex = _load("apex.enabled=true", "apex.stages=3", "train.train_steps=90")
-    assert apex.apex_boundaries == [0, 30, 60]
+    assert geometry.of(apex).boundaries == [0, 30, 60]
 
 
 def _all_fields():

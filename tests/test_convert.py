@@ -410,18 +410,18 @@ def test_checkpoint_saves_and_loads_swiglu_halves_without_copies():
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-    from megatron_apex.training.checkpoint import _merge_in_place, _share_cpu_slices
+    from megatron_apex.compat.dist_checkpoint import merge_in_place, share_cpu_slices
 
     w = torch.randn(8, 3)
     sd = {"fc1": apply_swiglu_sharded_factory(ShardedTensor.from_rank_offsets("fc1", w), ())}
-    _share_cpu_slices(sd)
+    share_cpu_slices(sd)
     for half, expected, offset in zip(sd["fc1"], w.chunk(2), (0, 12)):
         t = half.data
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size() == 48
         assert t.data_ptr() == w.data_ptr() + offset * 4 and torch.equal(t, expected)
 
     factory = apply_swiglu_sharded_factory(ShardedTensor.from_rank_offsets("fc1", w), ())
-    _merge_in_place({"model": {"fc1": factory}})
+    merge_in_place({"model": {"fc1": factory}})
     assert factory.merge_fn([h.data for h in factory.build()]) is w  # loaded in place: nothing to merge
     merged = factory.merge_fn([h.data.clone() for h in factory.build()])  # elsewhere: the factory's own merge
     assert merged is not w and torch.equal(merged, w)

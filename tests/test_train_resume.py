@@ -46,7 +46,7 @@ def _trainer(tiny_config, tiny_data, callbacks=None, **extra):
 
 
 def _iters(root) -> list:
-    return sorted(s for s in (ckpt._iter_step(name) for name in os.listdir(root)) if s is not None)
+    return sorted(s for s in (ckpt.iter_step(name) for name in os.listdir(root)) if s is not None)
 
 
 def _weights(trainer) -> dict:
@@ -276,7 +276,7 @@ def _run(tiny_config, tiny_data, monkeypatch, caplog, *signals, **extra) -> int:
     """run_training (the command line's path) in this process, with signals sent during step 0."""
     from megatron_apex.config import load_config
     from megatron_apex.distributed import LaunchEnv
-    from megatron_apex.training import run
+    from megatron_apex import run
 
     build = run.build_callbacks
     monkeypatch.setattr(run, "build_callbacks", lambda cfg: [*build(cfg), SendSignal(0, *signals)])
@@ -354,8 +354,8 @@ def test_the_checkpoint_writer_helper_dies_with_a_killed_trainer(tmp_path):
     script = (
         "import os, sys, time\n"
         "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
-        "from megatron_apex.training.checkpoint import _start_writer_results_queue\n"
-        "_start_writer_results_queue()\n"
+        "from megatron_apex.compat.dist_checkpoint import start_writer_results_queue\n"
+        "start_writer_results_queue()\n"
         "print(filesystem_async._results_queue._manager._process.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -446,11 +446,11 @@ def test_a_ctrl_c_while_the_writer_helper_starts_leaves_no_traceback(tmp_path):
     script = (
         "import multiprocessing, os, signal, sys, time\n"
         "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
-        "from megatron_apex.training.checkpoint import _start_writer_results_queue\n"
+        "from megatron_apex.compat.dist_checkpoint import start_writer_results_queue\n"
         f"multiprocessing.set_executable({str(slow)!r})\n"
         "print('starting', flush=True)\n"
         "try:\n"
-        "    _start_writer_results_queue()\n"
+        "    start_writer_results_queue()\n"
         "except KeyboardInterrupt:\n"
         "    print('aborted', flush=True)\n"
         "    time.sleep(4)  # the trainer winds down; the helper is still there\n"

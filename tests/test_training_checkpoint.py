@@ -187,6 +187,7 @@ def test_finetune_carries_the_import_on_and_refuses_a_mid_stage_apex_checkpoint(
     checkpoints (and so into its export); weights saved in the middle of an APEX stage are refused."""
     from megatron_apex.config import ConfigError
     from megatron_apex.convert.exporter import token_ids
+    from megatron_apex.expansion.resume import UnfusedCheckpointGuard
 
     source, _ = _train(tiny_config, _overrides(tiny_data, **{"train.train_steps": 1}))
     meta = {"source": "/models/x", "config": {"bos_token_id": 900, "eos_token_id": 901, "pad_token_id": 902},
@@ -208,7 +209,8 @@ def test_finetune_carries_the_import_on_and_refuses_a_mid_stage_apex_checkpoint(
     ckpt.save_checkpoint(apex, 0, source.model, None, source.cfg, source.ctx, source.padded_vocab, 0,
                          extra_common={"apex": state})
     with pytest.raises(ConfigError, match="in the middle of APEX stage 1 of 3"):
-        trainer_in_process(tiny_config, _overrides(tiny_data, **{"checkpoint.finetune_from": apex}))
+        trainer_in_process(tiny_config, _overrides(tiny_data, **{"checkpoint.finetune_from": apex}),
+                           callbacks=[UnfusedCheckpointGuard()])  # what run.build_callbacks adds without APEX
 
 
 def test_precision_change_refused_with_optimizer_state(tiny_config, tiny_data, tmp_path):

@@ -123,3 +123,20 @@ def test_mpirun_starts_two_ranks(tmp_path, tiny_config):
     assert "distributed start (mpi, gloo): world=2 TP=1 PP=1 CP=1 DP=2" in out
     assert ckpt.read_latest(save) == 2
     assert ckpt.read_common(ckpt.iter_dir(save, 2))["layout"] == {"tp": 1, "pp": 1, "dp": 2, "cp": 1}
+
+
+def test_process_groups_refuse_a_cpu_machine_without_the_cpu_patches():
+    """megatron-core's CUDA assumptions are redirected by the entry points, visibly; a library caller that
+    skips that is told what to call, rather than meeting a CUDA error deep in megatron-core."""
+    import subprocess
+    import sys
+
+    code = ("from megatron_apex.config import Config\n"
+            "from megatron_apex.distributed import LaunchEnv, initialize_distributed\n"
+            "cfg = Config()\n"
+            "cfg.data.mock, cfg.data.tokenizer_type, cfg.model.vocab_size = True, 'none', 256\n"
+            "initialize_distributed(cfg, LaunchEnv(0, 1, 0, '127.0.0.1', 29999, 'single'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode != 0
+    assert "apply_cpu_patches() first" in out.stderr, out.stderr[-2000:]

@@ -395,7 +395,7 @@ def test_transformer_engine_missing_is_a_note_when_planning_and_an_error_when_ru
 def test_wandb_missing_is_a_note_when_planning_and_a_config_error_before_the_run(tiny_config, capsys, monkeypatch):
     """logging.wandb_project without wandb: the run used to build the model and then die with a traceback
     (exit 1); it is refused before anything starts (one line, exit 2), and the dry run says so."""
-    import megatron_apex.training.run as run
+    import megatron_apex.run as run
     from megatron_apex.cli import main
 
     def never(*args, **kwargs):
@@ -454,7 +454,7 @@ def test_a_warmup_longer_than_the_run_is_a_warning(tiny_config, capsys, monkeypa
     import megatron_apex.training.trainer as trainer
     from megatron_apex.cli import main
     from megatron_apex.distributed import detect_launch_env
-    from megatron_apex.training.run import run_training
+    from megatron_apex.run import run_training
 
     expected = "optimizer.lr_warmup_steps=40 >= train.train_steps=20: the learning rate never reaches its peak"
     overrides = [*MOCK, "train.train_steps=20", "optimizer.lr_warmup_steps=40"]
@@ -471,7 +471,7 @@ def test_a_warmup_longer_than_the_run_is_a_warning(tiny_config, capsys, monkeypa
     monkeypatch.setattr(trainer, "Trainer", Stop)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(__import__("distributed_utils").free_port())}
     assert run_training(cfg, detect_launch_env(env)) == 1  # logging as main() set it up: rank 0, to stderr
-    assert f"WARNING megatron_apex.training.run: {expected}" in capsys.readouterr().err
+    assert f"WARNING megatron_apex.run: {expected}" in capsys.readouterr().err
 
 
 def test_a_hugging_face_model_as_checkpoint_says_convert_it_first(tiny_config, tmp_path, capsys):
@@ -490,7 +490,7 @@ def test_a_hugging_face_model_as_checkpoint_says_convert_it_first(tiny_config, t
 
 def test_world_size_without_dry_run_is_refused(tiny_config, capsys, monkeypatch):
     """--world-size plans a layout for --dry-run; without it the run used to start one process silently."""
-    import megatron_apex.training.run as run
+    import megatron_apex.run as run
     from megatron_apex.cli import main
 
     monkeypatch.setattr(run, "run_training", lambda *args: pytest.fail("the run started"))

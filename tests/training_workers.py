@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Optional
 
 import torch
 

@@ -15,7 +15,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-APEX_STATE_KEY = "apex_state"  # megatron_apex.expansion.engine.STATE_KEY (not imported: no megatron model deps)
+APEX_STATE_KEY = "apex_state"  # megatron_apex.expansion.resume.STATE_KEY (not imported: no megatron model deps)
 
 
 def ensure_process_group() -> bool:
@@ -95,7 +95,7 @@ def load_model_tensors(path: str) -> dict:
 def load_apex_states(path: str) -> tuple[dict, dict]:
     """(common state, {(pp, tp, dp): per-rank APEX state}) of a checkpoint saved with APEX enabled.
 
-    The per-rank state (engine.ApexCallback._rank_state) holds this stage's vote counts and raw sums
+    The per-rank state (expansion/resume.py, ApexResume.rank_state) holds this stage's vote counts and raw sums
     ([local layers, units], identical on the TP ranks of a pipeline stage, different across DP ranks),
     and per local layer its global index and selection.
     """

@@ -13,6 +13,13 @@ change any behaviour that works. :func:`apply_cpu_patches` does exactly that, on
 when ``torch.cuda.is_available()`` is False. It is the single place in the project that knows
 about these internals; the CPU test suite exercises every engine feature that relies on it,
 so a megatron-core upgrade that breaks a patch fails loudly.
+
+The entry points apply it, visibly (``run.run_training``, ``convert.runtime.single_process``, the
+benchmarks); ``distributed.initialize_distributed`` refuses to start on a CPU machine without it.
+Scope: (4) is confined to megatron-core's modules (their module-level ``torch`` is a proxy). The
+others are process-wide, as torch allows no narrower scope for them: tensor methods (``.cuda``,
+``.type``) belong to the class, and megatron-core reaches ``torch.cuda`` and its RNG functions from
+modules it imports lazily, after any per-module redirection could run.
 """
 
 from __future__ import annotations
@@ -142,6 +149,11 @@ class CpuRNGStatesTracker:
         finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(orig)
+
+
+def cpu_patches_needed() -> bool:
+    """Whether this process needs :func:`apply_cpu_patches` and has not applied it."""
+    return not torch.cuda.is_available() and not _APPLIED
 
 
 def apply_cpu_patches() -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 
 import torch
 
@@ -28,10 +27,12 @@ def single_process(cfg: Config):
     come, so the launch environment is that of a process started without any launcher."""
     import torch.distributed as dist
 
+    from megatron_apex.compat.cpu import apply_cpu_patches
     from megatron_apex.distributed import destroy_distributed, detect_launch_env, initialize_distributed
 
     started = not dist.is_initialized()
     try:
+        apply_cpu_patches()  # without CUDA: megatron-core's CUDA assumptions redirected (docs/cpu.md)
         ctx = initialize_distributed(cfg, detect_launch_env({}))
         if ctx.world_size != 1 and ctx.tp_size * ctx.pp_size != 1:
             raise ConversionError("the converter runs in a single process (TP=1, PP=1); run it without torchrun")

@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_apex.config import tokenizer_kind
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -42,16 +44,6 @@ __all__ = [
     "file_sha256",
 ]
 
-_KIND_ALIASES = {
-    "sentencepiece": "sentencepiece",
-    "sentencepiecetokenizer": "sentencepiece",
-    "sp": "sentencepiece",
-    "gptsentencepiecetokenizer": "sentencepiece",
-    "llama2tokenizer": "sentencepiece",
-    "huggingface": "huggingface",
-    "huggingfacetokenizer": "huggingface",
-    "hf": "huggingface",
-}
 
 # Candidate end-of-document tokens for HF tokenizers without a tokenizer_config.json, in order of
 # preference. LLaMA-3 base models end documents with <|end_of_text|>, LLaMA-2/Mistral with </s>.
@@ -66,13 +58,13 @@ class TokenizerError(ValueError):
 
 def normalize_tokenizer_kind(kind: str) -> str:
     """Map user-facing names (ours and Megatron-LM's ``--tokenizer-type``) to a canonical kind."""
-    key = str(kind).strip().lower().replace("-", "").replace("_", "")
-    if key not in _KIND_ALIASES:
+    canonical = tokenizer_kind(kind)
+    if canonical is None:
         raise TokenizerError(
             f"unknown tokenizer kind {kind!r}; expected one of sentencepiece, huggingface "
             "(or SentencePieceTokenizer, HuggingFaceTokenizer)"
         )
-    return _KIND_ALIASES[key]
+    return canonical
 
 
 def detect_tokenizer_kind(path: str) -> str:

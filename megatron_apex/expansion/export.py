@@ -1,7 +1,7 @@
 """Fuse the operators of a checkpoint saved in the middle of an APEX stage, in one process.
 
 A mid-stage checkpoint holds plain (global) model weights plus, per (PP, TP, DP) rank, the stage's
-operator state (``engine.STATE_KEY``). Exporting or analysing such a checkpoint needs the plain
+operator state (``resume.STATE_KEY``). Exporting or analysing such a checkpoint needs the plain
 model the run would have after fusing. Here the per-rank operators of every layer are joined into
 one TP=1 operator (partitions are rank-contiguous, so parameters concatenate along the partition
 axis, ranks without a block adding none, and selections are already global) and applied to the global weights with the same fuse
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megatron_apex.expansion.engine import STATE_KEY
+from megatron_apex.expansion.resume import STATE_KEY
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion
 from megatron_apex.expansion.partial import PartialDeltas, tuned_units
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatron_apex.config import apex_units, unit_share
+from megatron_apex.expansion.geometry import units_per_layer, unit_share
 
 from .operator import AttentionExpansion, FFNExpansion, attn_operator_num_params, ffn_operator_num_params, unit_rows
 
@@ -156,7 +156,7 @@ def selected_mode_trainable_fraction(
     total = L * (attn_layer + ffn_layer + 2 * h) + h + emb
     ua, uf = unit_share(attn_tuned_frac, ng), unit_share(ffn_tuned_frac, f)
     deltas = ua * ((r + 2) * d * h + h * r * d) + uf * 3 * h
-    (ka, b_a), (kf, b_f) = apex_units(k_frac, ng, b_cfg), apex_units(k_frac, f, b_cfg)
+    (ka, b_a), (kf, b_f) = units_per_layer(k_frac, ng, b_cfg), units_per_layer(k_frac, f, b_cfg)
     ka_per, kf_per = ka // b_a, kf // b_f
     op_ffn = ffn_operator_num_params(b_f, kf_per)
     op_attn = attn_operator_num_params(b_a, ka_per, d, r)

@@ -9,7 +9,7 @@ partitions, so every block lives on one rank, and B does not depend on the TP de
 computes exactly the same function. When t divides B every rank holds B/t blocks; with fewer blocks
 than ranks (B = 1 is the paper's operator) a block's P and N units are packed at its partition's start,
 which lies on one rank, and the ranks without a block do no operator work
-(:func:`megatron_apex.config.apex_block_ranks` checks that every block fits).
+(:func:`megatron_apex.expansion.geometry.block_ranks` checks that every block fits).
 
 Conventions: ``perm[new_pos] = old_unit`` ("gather" form: new = old[perm]). Positions are global unit
 positions within a layer; :func:`shard_positions` turns them into rank-local ones.
@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_apex.config import apex_partitions
+from megatron_apex.expansion.geometry import block_count
 
 __all__ = [
     "num_partitions",
@@ -38,9 +38,9 @@ __all__ = [
 
 
 def num_partitions(n_units: int, b_cfg: int = 8, k: int = 0) -> int:
-    """B = gcd(b_cfg, n_units, k) (:func:`megatron_apex.config.apex_partitions`): every partition holds k/B
+    """B = gcd(b_cfg, n_units, k) (:func:`geometry.block_count`): every partition holds k/B
     P and k/B N units."""
-    return apex_partitions(n_units, b_cfg, k)
+    return block_count(n_units, b_cfg, k)
 
 
 def round_k_to_partitions(k: int, num_parts: int) -> Tuple[int, int]:
@@ -230,7 +230,7 @@ def permute_layer_weights(
 def local_blocks(p_pos: torch.Tensor, tp_rank: int, tp_size: int, n_units: int) -> Tuple[int, int]:
     """(first, count): the operator blocks (rows of the global ``[B, k_per]`` positions) that lie on rank
     ``tp_rank``. Blocks are in ascending position order, so a rank's blocks are contiguous; with fewer
-    blocks than ranks (:func:`megatron_apex.config.apex_block_ranks`) a rank may hold none."""
+    blocks than ranks (:func:`megatron_apex.expansion.geometry.block_ranks`) a rank may hold none."""
     if n_units % tp_size or not 0 <= tp_rank < tp_size:
         raise ValueError(f"local_blocks: n={n_units} must be divisible by tp_size={tp_size}, and 0 <= tp_rank="
                          f"{tp_rank} < tp_size")

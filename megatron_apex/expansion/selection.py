@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_apex.config import apex_stage_k, unit_share
+from megatron_apex.expansion.geometry import stage_k, unit_share
 
 __all__ = ["rank_units", "select_units", "select_units_partial", "progressive_k", "k_from_ratio"]
 
@@ -89,8 +89,8 @@ def select_units_partial(
 def progressive_k(k0: int, stage: int, progressive: bool = True, num_parts: int = 1) -> int:
     """Budget of stage ``stage`` (0-based): halved every stage in progressive mode, rounded down to a
     multiple of ``num_parts`` (the operator's partitions, which divide ``k0``) and never below it
-    (:func:`megatron_apex.config.apex_stage_k`)."""
+    (:func:`megatron_apex.expansion.geometry.stage_k`)."""
     if stage < 0 or k0 < 0 or num_parts < 1:
         raise ValueError(f"progressive_k needs k0 >= 0, stage >= 0 and num_parts >= 1, got k0={k0}, stage={stage}, "
                          f"num_parts={num_parts}")
-    return apex_stage_k(k0, stage, progressive, num_parts)
+    return stage_k(k0, stage, progressive, num_parts)

@@ -2,7 +2,8 @@
 
 The schedule is a pure function of the step (warmup, then cosine/linear decay to ``min_lr``),
 applied to every parameter group with the group's ``lr_mult``/``wd_mult`` (megatron-core puts
-these in each group; APEX operator parameters get their own multipliers). Because it holds no
+these in each group). APEX operators are not model parameters: they have their own optimizer
+(expansion/boundary.py), stepped with this schedule times ``apex.lr_scale``. Because it holds no
 state beyond the step, resuming needs only the step, and ``finetune_from`` starts it at 0.
 """
 
@@ -14,12 +15,8 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 
 from megatron_apex.config import Config
-
-# Parameters carrying this attribute (set to True) form their own optimizer group (APEX operators).
-OPERATOR_ATTR = "apex_operator"
 
 
 def wrap_ddp(cfg: Config, model: torch.nn.Module, transformer_config) -> DistributedDataParallel:
@@ -47,11 +44,7 @@ def build_optimizer(cfg: Config, model_chunks: list, params_dtype: torch.dtype):
     )
     from megatron.core.optimizer import get_standard_config_overrides
 
-    overrides = get_standard_config_overrides(mcfg)
-    op_wd_mult = cfg.apex.operator_weight_decay / o.weight_decay if o.weight_decay > 0 else 0.0
-    is_operator = ParamPredicate(name="apex_operator", fn=lambda p: getattr(p, OPERATOR_ATTR, False))
-    overrides[ParamKey(predicate=is_operator)] = {"lr_mult": cfg.apex.lr_scale, "wd_mult": op_wd_mult}
-    return get_megatron_optimizer(mcfg, model_chunks, config_overrides=overrides)
+    return get_megatron_optimizer(mcfg, model_chunks, config_overrides=get_standard_config_overrides(mcfg))
 
 
 def lr_at(cfg: Config, step: int) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -22,7 +21,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_apex.compat.host_memory import keep_freed_memory
 from megatron_apex.compat.process import forked_children_die_with_parent
-from megatron_apex.config import Config, ConfigError
+from megatron_apex.config import Config
 from megatron_apex.data.datasets import build_datasets, build_loader, check_datasets, resolve_vocab
 from megatron_apex.distributed import ParallelContext
 from megatron_apex.model.init import initialize_weights
@@ -53,6 +52,10 @@ class Callback:
 
     def on_step_start(self, trainer: "Trainer", step: int) -> None:
         """Before the forward/backward passes of ``step``."""
+
+    def before_grad_reduction(self, trainer: "Trainer") -> None:
+        """After the backward passes of a training step, before megatron-core reduces the gradients over
+        the data-parallel ranks (from its ``finalize_model_grads``): the last moment to change them."""
 
     def on_optimizer_step(self, trainer: "Trainer", step: int, skipped: bool) -> None:
         """Right after the optimizer update of ``step`` (``skipped``: the update was dropped)."""
@@ -87,6 +90,10 @@ class Callback:
         """Refuse (raise) a checkpoint this callback cannot continue from, given its common state; called
         before any tensor is loaded, so that the refusal comes before a loader's error about them."""
 
+    def check_start(self, trainer: "Trainer", common: dict, path: str) -> None:
+        """Refuse (raise) the checkpoint ``checkpoint.finetune_from`` names (at ``path``), whose weights alone
+        start the run, given its common state; called before they are loaded."""
+
     def load_state(self, trainer: "Trainer", common: dict) -> None:
         """Restore from a checkpoint's common (and loaded sharded) state."""
 
@@ -118,6 +125,7 @@ class Trainer:
         self.latest_checkpoint = None  # the newest checkpoint saved or loaded by this run...
         self.checkpoint_state = None   # ...and the (step, callback state) it holds
         self.hf_import = None  # what the imported Hugging Face model's ids and generation config were
+        self.loading: Optional[str] = None  # the checkpoint directory the run starts from (for messages)
         self.lock: Optional[RunLock] = None  # checkpoint.save's run lock (global rank 0)
         self.result = TrainResult()
 
@@ -151,7 +159,12 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.tconfig.no_sync_func = self.model.no_sync
-        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        def finalize_grads(*args, **kwargs):
+            for cb in self.callbacks:
+                cb.before_grad_reduction(self)
+            return finalize_model_grads(*args, **kwargs)
+
+        self.tconfig.finalize_model_grads_func = finalize_grads
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
         common = self._load()
@@ -211,14 +224,9 @@ class Trainer:
         """Resume (or initialise weights from checkpoint.finetune_from); the loaded common state."""
         c, t = self.cfg.checkpoint, self.cfg.train
         source, path, why = self._start_point()
+        self.loading = path
         if source is not None:
             saved = ckpt.read_common(path)
-            apex = saved.get("apex")
-            if apex is not None and not apex["finished"] and not self.cfg.apex.enabled:
-                raise ConfigError(f"apex.enabled=false: {path} was saved during an APEX run (stage {apex['stage']} of "
-                                  f"{len(apex['boundaries'])}), before the final fuse folded its operators into the "
-                                  "weights, which alone are another model; resume it with apex.enabled=true and its "
-                                  "APEX settings, or export it (tools/convert_checkpoint.py fuses the operators)")
             for cb in self.callbacks:
                 cb.check_resume(self, saved)
             common = ckpt.load_checkpoint(
@@ -239,13 +247,8 @@ class Trainer:
             return common
         if path is not None:  # checkpoint.finetune_from
             saved = ckpt.read_common(path)
-            apex = saved.get("apex")
-            if apex is not None and not apex["finished"]:
-                raise ConfigError(f"checkpoint.finetune_from={c.finetune_from}: {path} was saved in the middle of "
-                                  f"APEX stage {apex['stage']} of {len(apex['boundaries'])}; its weights without the "
-                                  "stage's operators are another model. Resume that run (checkpoint.load), or start "
-                                  "from its export (tools/convert_checkpoint.py export fuses the operators, import "
-                                  "brings the model back)")
+            for cb in self.callbacks:
+                cb.check_start(self, saved, path)
             # The export of this run carries the imported model's token ids and generation config on.
             self.hf_import = saved.get("hf_import")
             ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.ctx, self.padded_vocab,
@@ -294,6 +297,11 @@ class Trainer:
                 self.ctx.cp_group).values()
         output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token losses
         return output, partial(_masked_mean_loss, loss_mask, count)
+
+    def forward_only(self, data_iter) -> list:
+        """Forward passes (no gradients) over one global batch from ``data_iter``, as validation runs them;
+        the micro-batches' losses. Callbacks score with it (APEX's initial scoring pass)."""
+        return self._run_microbatches(data_iter, forward_only=True)
 
     def _run_microbatches(self, data_iter, forward_only: bool) -> list:
         return self.forward_backward(
@@ -377,7 +385,7 @@ class Trainer:
         total = 0.0
         with torch.no_grad():
             for _ in range(self.cfg.train.eval_steps):
-                total += self._reduce(self._run_microbatches(it, forward_only=True), False)[0]
+                total += self._reduce(self.forward_only(it), False)[0]
         for cb in self.callbacks:
             cb.on_evaluate(self, begin=False)
         self.model.train()

@@ -1,4 +1,8 @@
-"""One training run from a validated config: start-up, callbacks, trainer, exit code."""
+"""The composition root: a checked config, the run's callbacks, the trainer, the exit code.
+
+The one module that knows every package (config, distributed, training, expansion); the packages
+below it never import each other upwards (tests/test_structure.py).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,25 @@ import logging
 
 import yaml
 
-from megatron_apex.config import Config, ConfigError
+from typing import Optional
+
+from megatron_apex.compat.cpu import apply_cpu_patches
+from megatron_apex.config import Config, ConfigError, load_config
 from megatron_apex.distributed import LaunchEnv, destroy_distributed, initialize_distributed
+from megatron_apex.expansion import geometry
 
 logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2        # the configuration (or a checkpoint or tokenizer it names) does not work
 EXIT_INTERRUPTED = 130  # aborted by a second Ctrl-C (128 + SIGINT), nothing saved
+
+
+def checked_config(path=None, overrides: Optional[list] = None, world_size: Optional[int] = None) -> Config:
+    """The config a run accepts: loaded and validated section by section and as a whole
+    (``load_config``), then what APEX asks of the model, the layout and the run (``geometry.check``)."""
+    cfg = load_config(path, overrides, world_size=world_size)
+    geometry.check(cfg)
+    return cfg
 
 
 def build_callbacks(cfg: Config) -> list:
@@ -24,6 +40,10 @@ def build_callbacks(cfg: Config) -> list:
         from megatron_apex.expansion.engine import ApexCallback
 
         callbacks.append(ApexCallback(cfg))
+    else:  # a checkpoint saved before an APEX run's final fuse is not a model without its operators
+        from megatron_apex.expansion.resume import UnfusedCheckpointGuard
+
+        callbacks.append(UnfusedCheckpointGuard())
     return callbacks
 
 
@@ -61,6 +81,7 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
     callbacks = build_callbacks(cfg)
     graceful = next(cb for cb in callbacks if isinstance(cb, GracefulExit))
     try:
+        apply_cpu_patches()  # without CUDA: megatron-core's CUDA assumptions redirected to the CPU (docs/cpu.md)
         ctx = initialize_distributed(cfg, launch)
         if ctx.rank == 0:
             for warning in cfg.warnings():
