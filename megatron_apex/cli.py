@@ -125,6 +125,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     from megatron_apex.data.datasets import check_datasets, resolve_vocab
     from megatron_apex.model.llama import count_parameters
     from megatron_apex.training.checkpoint import CheckpointError, resolve_checkpoint_dir, resume_source
+    from megatron_apex.training.schedule import describe as describe_schedule
 
     cfg.validate(world_size)
     g = geometry.check(cfg)
@@ -170,6 +171,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"batch: micro {t.micro_batch_size} x {cfg.num_micro_batches(world_size)} micro-batches x DP {dp} "
         f"= global {t.global_batch_size} sequences of {cfg.data.seq_length} tokens",
         f"run: {t.train_steps} steps = {_count(tokens)} tokens",
+        f"schedule: {describe_schedule(cfg)}",
         start,
         f"parameters: {counts['total'] / 1e6:.1f}M total ({counts['non_embedding'] / 1e6:.1f}M non-embedding), "
         f"vocab {vocab} padded to {padded}",

@@ -168,9 +168,24 @@ class OptimizerConfig:
     lr: float = doc(3e-4, "Peak learning rate.")
     min_lr: float = doc(3e-5, "Learning rate at the end of decay.")
     lr_warmup_steps: int = doc(0, "Linear warmup steps from 0 to lr.")
-    lr_decay_style: Literal["cosine", "linear", "constant"] = doc("cosine", "Decay shape after warmup.")
+    lr_decay_style: Literal["cosine", "linear", "constant", "wsd"] = doc(
+        "cosine", "Schedule after warmup: cosine or linear decay to min_lr, constant, or 'wsd' (warmup-stable-decay: "
+        "lr until a final decay over the last lr_wsd_decay_steps steps).")
     lr_decay_steps: Optional[int] = doc(None, "The step at which lr reaches min_lr, counted from the start (warmup "
                                               "included); None = train.train_steps.")
+    lr_wsd_decay_steps: Optional[int] = doc(
+        None, "wsd: steps of the final decay, ending at lr_decay_steps (None: lr_wsd_decay_fraction of the steps "
+        "after warmup). 0: no decay, lr to the end; a later run resumes from its checkpoint with more "
+        "train.train_steps and a decay, exactly as a run planned with that decay.")
+    lr_wsd_decay_fraction: float = doc(0.1, "wsd: the final decay's share of the steps after warmup, in [0, 1], when "
+                                            "lr_wsd_decay_steps is null.")
+    lr_wsd_decay_shape: Literal["1-sqrt", "linear", "cosine"] = doc(
+        "1-sqrt", "wsd: shape of the final decay: min_lr + (lr - min_lr) x (1 - sqrt(p)), (1 - p) or the cosine of p, "
+        "p the decay's progress.")
+    lr_rewarmup_start: Optional[int] = doc(
+        None, "A re-warmup: from this step (e.g. the one a run resumes at on new data) the schedule is scaled "
+        "linearly from 0 back to its own value over lr_rewarmup_steps. None: none.")
+    lr_rewarmup_steps: int = doc(0, "Steps of the re-warmup from lr_rewarmup_start (> 0 when it is set).")
     weight_decay: float = doc(0.1, "Decoupled weight decay (not applied to norms).")
     adam_beta1: float = doc(0.9, "Adam beta1.")
     adam_beta2: float = doc(0.95, "Adam beta2.")
@@ -189,6 +204,15 @@ class OptimizerConfig:
                "start, warmup included (None decays until train.train_steps)")
         for name, beta in (("optimizer.adam_beta1", self.adam_beta1), ("optimizer.adam_beta2", self.adam_beta2)):
             _check(0 <= beta < 1, name, beta, "must lie in [0, 1)")
+        _all({"lr_wsd_decay_steps": self.lr_wsd_decay_steps}, "optimizer", lambda v: v is None or v >= 0,
+             "must be >= 0 (or null)")
+        _check(0 <= self.lr_wsd_decay_fraction <= 1, "optimizer.lr_wsd_decay_fraction", self.lr_wsd_decay_fraction,
+               "must lie in [0, 1]")
+        _all({"lr_rewarmup_start": self.lr_rewarmup_start}, "optimizer", lambda v: v is None or v >= 0,
+             "must be >= 0 (or null)")
+        _check(self.lr_rewarmup_start is None or self.lr_rewarmup_steps > 0, "optimizer.lr_rewarmup_steps",
+               self.lr_rewarmup_steps, f"must be positive with optimizer.lr_rewarmup_start={self.lr_rewarmup_start}")
+        _check(self.lr_rewarmup_steps >= 0, "optimizer.lr_rewarmup_steps", self.lr_rewarmup_steps, "must be >= 0")
 
 
 @dataclass
@@ -411,6 +435,11 @@ class Config:
             _check(shares[1] > 0 or t.eval_steps == 0, "data.split", d.split,
                    f"gives validation no share, but train.eval_steps={t.eval_steps} asks for validation "
                    "(give valid a share, set data.valid_data_path, or set train.eval_steps=0)")
+        if o.lr_decay_style == "wsd" and o.lr_wsd_decay_steps is not None:
+            end = o.lr_decay_steps or t.train_steps
+            _check(o.lr_wsd_decay_steps <= end - o.lr_warmup_steps, "optimizer.lr_wsd_decay_steps",
+                   o.lr_wsd_decay_steps, f"must fit after the warmup: at most (optimizer.lr_decay_steps or "
+                   f"train.train_steps) - optimizer.lr_warmup_steps = {end} - {o.lr_warmup_steps}")
         _check(t.exit_after_minutes is None or c.save is not None, "train.exit_after_minutes", t.exit_after_minutes,
                "needs checkpoint.save: the run stops with exit code 75 (resubmit to continue), which needs a "
                "checkpoint to continue from")

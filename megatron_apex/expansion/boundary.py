@@ -26,7 +26,7 @@ from megatron_apex.expansion.partition import (balance_permutation, local_blocks
                                                permute_units, round_k_to_partitions, shard_positions)
 from megatron_apex.expansion.selection import progressive_k, select_units, select_units_partial
 from megatron_apex.expansion.state import ParamStates, reduce_and_clip_grads, tp_gather, tp_shard
-from megatron_apex.training.optim import lr_at
+from megatron_apex.training.schedule import lr_at
 
 
 class Layer:

@@ -1,15 +1,12 @@
-"""megatron-core DDP and optimizer from the config, and the learning-rate schedule.
+"""megatron-core DDP and optimizer from the config, and the learning-rate schedule applied to them.
 
-The schedule is a pure function of the step (warmup, then cosine/linear decay to ``min_lr``),
-applied to every parameter group with the group's ``lr_mult``/``wd_mult`` (megatron-core puts
-these in each group). APEX operators are not model parameters: they have their own optimizer
+The schedule (schedule.py) is a pure function of the step, applied to every parameter group with the
+group's ``lr_mult``/``wd_mult`` (megatron-core puts these in each group). APEX operators are not model parameters: they have their own optimizer
 (expansion/boundary.py), stepped with this schedule times ``apex.lr_scale``. Because it holds no
 state beyond the step, resuming needs only the step, and ``finetune_from`` starts it at 0.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -17,6 +14,7 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_apex.config import Config
+from megatron_apex.training.schedule import lr_at
 
 
 def wrap_ddp(cfg: Config, model: torch.nn.Module, transformer_config) -> DistributedDataParallel:
@@ -45,25 +43,6 @@ def build_optimizer(cfg: Config, model_chunks: list, params_dtype: torch.dtype):
     from megatron.core.optimizer import get_standard_config_overrides
 
     return get_megatron_optimizer(mcfg, model_chunks, config_overrides=get_standard_config_overrides(mcfg))
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to min_lr."""
-    o = cfg.optimizer
-    warmup = o.lr_warmup_steps
-    if warmup > 0 and step < warmup:
-        return o.lr * (step + 1) / warmup
-    if o.lr_decay_style == "constant":
-        return o.lr
-    decay_steps = (o.lr_decay_steps or cfg.train.train_steps) - warmup
-    if decay_steps <= 0:
-        return o.min_lr
-    progress = min(1.0, max(0.0, (step - warmup) / decay_steps))
-    if o.lr_decay_style == "linear":
-        coeff = 1.0 - progress
-    else:
-        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return o.min_lr + coeff * (o.lr - o.min_lr)
 
 
 def apply_lr(cfg: Config, optimizer, step: int) -> float:
