@@ -146,6 +146,11 @@ class DataConfig:
         "its .bin (the data directory must then be writable).")
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     reset_position_ids: bool = doc(False, "Restart position ids at every end-of-document token.")
+    reset_attention_mask: bool = doc(
+        False, "Document masks in packed sequences: attention does not cross end-of-document tokens (a block-diagonal "
+        "causal mask per sample, built by the data loader; attention then takes an explicit mask, slower than "
+        "plain causal attention). Pair with reset_position_ids. The local implementation, without context "
+        "parallelism.")
     eod_mask_loss: bool = doc(False, "Exclude end-of-document tokens from the loss.")
 
     def validate(self) -> None:
@@ -443,6 +448,12 @@ class Config:
         _check(t.exit_after_minutes is None or c.save is not None, "train.exit_after_minutes", t.exit_after_minutes,
                "needs checkpoint.save: the run stops with exit code 75 (resubmit to continue), which needs a "
                "checkpoint to continue from")
+        if d.reset_attention_mask:
+            _check(m.transformer_impl == "local", "data.reset_attention_mask", True,
+                   "needs model.transformer_impl='local' (the Transformer Engine path is not wired for document masks)")
+            _check(p.context_parallel_size == 1, "data.reset_attention_mask", True,
+                   f"needs parallel.context_parallel_size=1 (got {p.context_parallel_size}): the context-parallel "
+                   "attention is causal only")
         if m.transformer_impl == "local" and p.context_parallel_size > 1:
             _check(m.attention_backend == "sdpa", "parallel.context_parallel_size", p.context_parallel_size,
                    "needs model.attention_backend='sdpa' (or model.transformer_impl='transformer_engine')")

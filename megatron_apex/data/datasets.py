@@ -314,9 +314,9 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
         sequence_length=d.seq_length,
         tokenizer=_TokenInfo(vocab_size=vocab_size, eod=eod_id),
         reset_position_ids=d.reset_position_ids,
-        reset_attention_mask=False,
+        reset_attention_mask=d.reset_attention_mask,
         eod_mask_loss=d.eod_mask_loss,
-        create_attention_mask=False,  # causal attention needs no mask tensor
+        create_attention_mask=d.reset_attention_mask,  # plain causal attention needs no mask tensor
         path_to_cache=d.data_cache_path,
         mmap_bin_files=True,
         **kwargs,

@@ -295,7 +295,10 @@ class Trainer:
             tokens, labels, position_ids, loss_mask = get_batch_on_this_cp_rank(
                 {"tokens": tokens, "labels": labels, "position_ids": position_ids, "loss_mask": loss_mask},
                 self.ctx.cp_group).values()
-        output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token losses
+        mask = batch.get("attention_mask")  # data.reset_attention_mask: [b, 1, s, s], True where attention is barred
+        if mask is not None:
+            mask = mask.to(dev, non_blocking=True)
+        output = model(tokens, position_ids, mask, labels=labels)  # [b, s] per-token losses
         return output, partial(_masked_mean_loss, loss_mask, count)
 
     def forward_only(self, data_iter) -> list:
