@@ -62,9 +62,12 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
     et al. 2022): s * b * h * (10 + 24 / TP) bytes, or 34 * s * b * h / TP bytes with sequence
     parallelism (which also splits the norms' and residuals' 10 * s * b * h), s being the tokens a rank
     holds (the sequence / CP); times the micro-batches the 1F1B schedule keeps in flight on the first
-    stage (min(PP, micro-batches)). With full recomputation only each layer's input is kept (s * b * h
-    x 2 bytes, / TP under SP), plus one layer's activations while it is recomputed. The logits add
-    s * b * V/TP * 6 bytes on the last stage.
+    stage (min(PP, micro-batches)). The unfused attention backend adds its scores, 5 * a * s^2 * b / TP
+    bytes per layer (a heads; SDPA keeps none), which core-attention recomputation
+    (``train.recompute_core_attention``) removes. With full recomputation only a recomputed layer's input
+    is kept (s * b * h x 2 bytes, / TP under SP), plus one layer's activations while it is recomputed;
+    ``train.recompute_num_layers`` recomputes the first N layers of a stage, the others keep theirs. The
+    logits add s * b * V/TP * 6 bytes on the last stage. APEX adds :func:`apex_memory_bytes`.
     """
     from megatron_apex.model.llama import count_parameters
 
@@ -83,18 +86,54 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
     s, b, h = cfg.data.seq_length // p.context_parallel_size, t.micro_batch_size, m.hidden_size  # tokens per rank
     in_flight = min(pp, cfg.num_micro_batches(world_size))
     per_token = 34 / tp if p.sequence_parallel else 10 + 24 / tp
-    full_layer = per_token * s * b * h * (2 if bf16 else 4) / 2
-    if t.recompute_activations:  # each layer's input is kept; one layer's activations while it is recomputed
+    scale = (2 if bf16 else 4) / 2  # the coefficients count bf16 bytes
+    full_layer = per_token * s * b * h * scale
+    if m.transformer_impl == "local" and m.attention_backend == "unfused" and not t.recompute_core_attention:
+        full_layer += 5 * m.num_attention_heads * s * s * b / tp * scale
+    if t.recompute_activations:  # a recomputed layer keeps its input; one layer's activations while recomputed
+        recomputed = t.recompute_num_layers or layers
         kept = s * b * h * (2 if bf16 else 4) / (tp if p.sequence_parallel else 1)
-        act = kept * layers * in_flight + full_layer
+        act = (kept * recomputed + full_layer * (layers - recomputed)) * in_flight + full_layer
     else:
         act = full_layer * layers * in_flight
     act += s * b * padded_vocab / tp * 6
+    apex = apex_memory_bytes(cfg, bf16)
     gib = 1024 ** 3
     return {"parameters_per_gpu": stage_params, "weights_gib": stage_params * weight_b / gib,
             "grads_gib": stage_params * grad_b / gib, "optimizer_gib": stage_params * opt_b / gib,
-            "activations_gib": act / gib,
-            "total_gib": (stage_params * (weight_b + grad_b + opt_b) + act) / gib}
+            "activations_gib": act / gib, "apex_gib": apex / gib,
+            "total_gib": (stage_params * (weight_b + grad_b + opt_b) + act + apex) / gib}
+
+
+def apex_memory_bytes(cfg: Config, bf16: bool) -> float:
+    """APEX's own memory per GPU (most loaded pipeline stage and tensor-parallel rank): the operators'
+    fp32 parameters, gradients and two AdamW moments (16 bytes a parameter), and on the in-place path
+    (mode all without overlapped gradient reduction) the original P and N rows of every expanded weight,
+    kept while W_eff is written in (the weights' dtype). A rank holds ceil(B / TP) of a kind's B blocks
+    in each layer that expands it. Selected mode's deltas are not counted."""
+    from megatron_apex.expansion.operator import attn_operator_num_params, ffn_operator_num_params
+
+    if not cfg.apex.enabled:
+        return 0.0
+    m, p, a = cfg.model, cfg.parallel, cfg.apex
+    g = geometry.of(cfg)
+    tp, stage_layers = p.tensor_model_parallel_size, m.num_layers // p.pipeline_model_parallel_size
+    r, d, h = m.num_attention_heads // m.query_groups, m.head_dim, m.hidden_size
+    inplace = a.mode == "all" and not p.overlap_grad_reduce
+    total = 0.0
+    for kind, (_, k, blocks) in g.units.items():
+        if not k:
+            continue
+        k_per, local = k // blocks, -(-blocks // tp)
+        if kind == "attn":  # P and N units: their rows of linear_qkv ((r + 2) d each) and columns of linear_proj
+            rows = 2 * k_per * local * ((r + 2) * d + r * d) * h
+            ops = attn_operator_num_params(local, k_per, d, r, a.monarch_blocks)
+        else:  # their gate and up rows of linear_fc1 and columns of linear_fc2
+            rows = 2 * k_per * local * 3 * h
+            ops = ffn_operator_num_params(local, k_per, a.monarch_blocks)
+        per_layer = 16 * ops + (rows * (2 if bf16 else 4) if inplace else 0)
+        total += min(g.layers[kind], stage_layers) * per_layer
+    return total
 
 
 def _count(n: float) -> str:
@@ -177,13 +216,16 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"vocab {vocab} padded to {padded}",
         f"memory estimate per GPU (most loaded stage): {mem['total_gib']:.2f} GiB = weights {mem['weights_gib']:.2f}"
         f" + grads {mem['grads_gib']:.2f} + optimizer {mem['optimizer_gib']:.2f} + activations "
-        f"{mem['activations_gib']:.2f}",
+        f"{mem['activations_gib']:.2f}" + (f" + APEX {mem['apex_gib']:.2f}" if cfg.apex.enabled else ""),
     ]
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
         lines.append("note: model.transformer_impl='transformer_engine', and Transformer Engine is not installed "
                      "here: the machines of the run need it (pip install 'megatron_apex[te]' on a CUDA machine)")
     lines += notes
     lines += [f"warning: {w}" for w in cfg.warnings()]
+    if t.recompute_core_attention and (cfg.model.transformer_impl != "local" or cfg.model.attention_backend == "sdpa"):
+        lines.append("note: train.recompute_core_attention with fused attention (SDPA, Transformer Engine) saves "
+                     "little: it keeps no attention scores; train.recompute_activations saves more")
     if missing_wandb(cfg):
         lines.append(f"note: logging.wandb_project={cfg.logging.wandb_project!r}, and wandb is not installed here: the "
                      f"run refuses to start without it (configuration error, exit code 2; {WANDB_INSTALL})")

@@ -244,7 +244,16 @@ class TrainConfig:
         "signal number. A second SIGINT (Ctrl-C) aborts at once without saving.")
     gpu_peak_tflops: Optional[float] = doc(
         None, "Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the device name up (H100/H200/A100).")
-    recompute_activations: bool = doc(False, "Full activation recomputation of each layer (saves memory).")
+    recompute_activations: bool = doc(
+        False, "Full activation recomputation: a layer keeps only its input and is recomputed in the backward; "
+        "every layer, or the first train.recompute_num_layers of each pipeline stage.")
+    recompute_num_layers: Optional[int] = doc(
+        None, "With recompute_activations: recompute only the first N layers of each pipeline stage (the others "
+        "keep their activations; megatron-core's 'block' method). None: every layer.")
+    recompute_core_attention: bool = doc(
+        False, "Selective recomputation: only core attention is recomputed in the backward. Saves the attention "
+        "scores of model.attention_backend='unfused' (s x s per head); SDPA keeps none, so it saves little there. "
+        "Not with recompute_activations.")
 
     def validate(self) -> None:
         _all({"micro_batch_size": self.micro_batch_size, "global_batch_size": self.global_batch_size,
@@ -256,6 +265,13 @@ class TrainConfig:
               "max_skipped_steps": self.max_skipped_steps}, "train", lambda v: v >= 0, "must be >= 0")
         _check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size", self.global_batch_size,
                f"must be divisible by train.micro_batch_size={self.micro_batch_size}")
+        _all({"recompute_num_layers": self.recompute_num_layers}, "train", lambda v: v is None or v > 0,
+             "must be positive (or null)")
+        _check(self.recompute_num_layers is None or self.recompute_activations, "train.recompute_num_layers",
+               self.recompute_num_layers, "applies to full recomputation: set train.recompute_activations=true")
+        _check(not (self.recompute_core_attention and self.recompute_activations), "train.recompute_core_attention",
+               True, "and train.recompute_activations exclude each other (megatron-core recomputes either whole "
+               "layers or core attention); choose one")
 
 
 @dataclass
@@ -423,6 +439,9 @@ class Config:
             _check(value % tp == 0, name, value, f"must be divisible by parallel.tensor_model_parallel_size={tp}")
         _check(m.num_layers % pp == 0, "model.num_layers", m.num_layers,
                f"must be divisible by parallel.pipeline_model_parallel_size={pp}")
+        _check(t.recompute_num_layers is None or t.recompute_num_layers <= m.num_layers // pp,
+               "train.recompute_num_layers", t.recompute_num_layers,
+               f"exceeds the {m.num_layers // pp} layers of a pipeline stage")
         _check(d.seq_length <= m.max_position_embeddings, "data.seq_length", d.seq_length,
                f"exceeds model.max_position_embeddings={m.max_position_embeddings}")
         _check(d.seq_length % (2 * p.context_parallel_size) == 0 or p.context_parallel_size == 1,

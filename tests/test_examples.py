@@ -73,8 +73,16 @@ def test_plain_comparison_run_is_the_same_plan(capsys):
     config = os.path.join(ROOT, "examples", "tinyllama_1b_apex_10b", "config.yaml")
     apex = _dry_run(capsys, config, 8, PLAN)
     plain = _dry_run(capsys, config, 8, [*PLAN, "apex.enabled=false"])
-    assert "APEX:" not in plain
-    assert plain.strip().splitlines() == [ln for ln in apex.strip().splitlines() if not ln.startswith("APEX:")]
+    assert "APEX" not in plain
+    memory = "memory estimate per GPU"
+    assert [ln for ln in plain.strip().splitlines() if not ln.startswith(memory)] == [
+        ln for ln in apex.strip().splitlines() if not ln.startswith(("APEX:", memory))]
+    # The same memory but for APEX's own (operators and their AdamW, the kept P/N rows), counted on top.
+    plain_mem, apex_mem = (next(ln for ln in out.splitlines() if ln.startswith(memory)) for out in (plain, apex))
+    apex_gib = float(apex_mem.rsplit("+ APEX ", 1)[1])
+    assert apex_gib > 0 and apex_mem.rsplit(" + APEX ", 1)[0].split(" = ", 1)[1] == plain_mem.split(" = ", 1)[1]
+    total = lambda line: float(line.split(": ", 1)[1].split(" GiB")[0])  # noqa: E731
+    assert total(apex_mem) == pytest.approx(total(plain_mem) + apex_gib, abs=0.011)
 
 
 def test_every_example_config_dry_runs(capsys):

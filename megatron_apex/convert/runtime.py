@@ -50,7 +50,7 @@ def single_layout(cfg: Config) -> Config:
     p.sequence_parallel = False
     p.use_distributed_optimizer = False
     p.backend = "auto"
-    c.train.recompute_activations = False
+    c.train.recompute_activations, c.train.recompute_num_layers, c.train.recompute_core_attention = False, None, False
     # The local spec's norms are stored under the Transformer Engine names
     # (linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight), so either implementation's
     # checkpoint loads into the local model; the local one runs everywhere.

@@ -70,11 +70,21 @@ def build_transformer_config(cfg: Config, params_dtype: torch.dtype, use_cpu: bo
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        recompute_granularity="full" if cfg.train.recompute_activations else None,
-        recompute_method="uniform" if cfg.train.recompute_activations else None,
-        recompute_num_layers=1 if cfg.train.recompute_activations else None,
+        **recompute_settings(cfg),
         attention_softmax_in_fp32=True,
     )
+
+
+def recompute_settings(cfg: Config) -> dict:
+    """megatron-core's recomputation settings: whole layers (every one, or the first N of each pipeline
+    stage: the 'block' method), core attention only ('selective'), or none."""
+    t = cfg.train
+    if t.recompute_activations:
+        return {"recompute_granularity": "full", "recompute_method": "block" if t.recompute_num_layers else "uniform",
+                "recompute_num_layers": t.recompute_num_layers or 1}
+    if t.recompute_core_attention:
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {}
 
 
 def get_layer_spec(cfg: Config) -> ModuleSpec:
