@@ -295,6 +295,11 @@ class CheckpointConfig:
         "rank (CPU memory) at every save, every rank reads it whole at a load, and it resumes under any TP/PP/DP. "
         "A load reads the format the checkpoint was saved in.")
     load_rng: bool = doc(True, "Restore RNG states when resuming.")
+    async_save: bool = doc(
+        False, "Write the periodic checkpoints in the background: a forked process writes the files while training "
+        "goes on, and the checkpoint is published (renamed into place, then the tracker) at the first step after "
+        "every rank's writer is done. At most one save in flight; the final save (end of run, stop signal) is "
+        "blocking. A crash before publication leaves the previous checkpoint the latest, as for any save.")
     verify: Literal["checksums", "sizes"] = doc(
         "checksums", "Before loading, check every file of the checkpoint against what its save recorded: its size "
         "and CRC-32 ('checksums', reads the checkpoint once on global rank 0) or its size only ('sizes'). A damaged "

@@ -101,6 +101,37 @@ def test_resume_after_crash_is_exact(tiny_config, tiny_data, tmp_path, uninterru
     assert result.step == STEPS and ckpt.read_latest(str(tmp_path)) == STEPS
 
 
+class TrackerAtStepStart(Callback):
+    """What the tracker names, and whether a save is in flight, at the start of every step."""
+
+    def __init__(self, root):
+        self.root, self.seen = root, {}
+
+    def on_step_start(self, trainer, step):
+        self.seen[step] = (ckpt.read_latest(self.root), trainer.pending_save is not None)
+
+
+def test_async_save_trains_on_while_writing_and_resumes_exactly(tiny_config, tiny_data, tmp_path, uninterrupted):
+    """checkpoint.async_save: the step after a save starts while its files are being written and before the
+    checkpoint is published (the tracker still names the one before); a crash then leaves the newest
+    published checkpoint, from which the run resumes exactly."""
+    root = str(tmp_path)
+    overrides = _overrides(tiny_data, root, **{"checkpoint.save_interval": 2, "checkpoint.async_save": True})
+    probe = TrackerAtStepStart(root)
+    trainer = trainer_in_process(tiny_config, overrides, [probe, CrashAt(5)])
+    with pytest.raises(RuntimeError, match="simulated crash at step 5"):
+        trainer.train()
+    assert probe.seen[2] == (None, True)  # step 2 trained on while step 2's checkpoint was in flight
+    assert probe.seen[4][1] and probe.seen[4][0] == 2
+    assert trainer.result.losses == {k: uninterrupted["losses"][k] for k in range(5)}
+    latest = ckpt.read_latest(root)
+    assert latest in (2, 4)  # 4 once its writer was done by the end of step 4, else 2: never a partial one
+    trainer, result = _train(tiny_config, overrides)
+    assert result.losses == {k: uninterrupted["losses"][k] for k in range(latest, STEPS)}
+    assert ckpt.read_latest(root) == STEPS and trainer.pending_save is None
+    assert not any(name.startswith("saving.") for name in os.listdir(root))
+
+
 def test_crash_during_save_keeps_previous_checkpoint(tiny_config, tiny_data, tmp_path, uninterrupted,
                                                      monkeypatch):
     from megatron.core import dist_checkpointing
@@ -404,8 +435,8 @@ def cli_reference(tiny_config, tiny_data):
     return result.losses
 
 
-def _launch(tiny_config, tiny_data, root, log, new_session=False):
-    overrides = tiny_overrides(tiny_data, **CLI_EXTRA, **{
+def _launch(tiny_config, tiny_data, root, log, new_session=False, extra=()):
+    overrides = tiny_overrides(tiny_data, **CLI_EXTRA, **dict(extra), **{
         "checkpoint.save": os.path.join(root, "ckpt"), "logging.tensorboard_dir": os.path.join(root, "tb")})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
@@ -428,11 +459,11 @@ def _wait_for_checkpoint(proc, root, timeout=300.0) -> int:
     pytest.fail("no checkpoint within the time limit")
 
 
-def _restart_and_compare(tiny_config, tiny_data, root, reference, log) -> dict:
+def _restart_and_compare(tiny_config, tiny_data, root, reference, log, extra=()) -> dict:
     """Run the same command to completion; its TensorBoard losses must equal the reference's."""
     resume_step = ckpt.read_latest(os.path.join(root, "ckpt"))
     before = set(event_files(os.path.join(root, "tb")))
-    proc = _launch(tiny_config, tiny_data, root, log)
+    proc = _launch(tiny_config, tiny_data, root, log, extra=extra)
     assert proc.wait(timeout=600) == 0, open(log.name).read()[-3000:]
     (new_file,) = set(event_files(os.path.join(root, "tb"))) - before
     losses = tensorboard_losses(new_file)
@@ -443,23 +474,28 @@ def _restart_and_compare(tiny_config, tiny_data, root, reference, log) -> dict:
     return losses
 
 
-def test_cli_sigkill_between_checkpoints_then_restart(tiny_config, tiny_data, tmp_path, cli_reference):
-    root = str(tmp_path)
+SAVES = {"blocking": (), "async": (("checkpoint.async_save", True),)}
+
+
+@pytest.mark.parametrize("saves", sorted(SAVES))
+def test_cli_sigkill_between_checkpoints_then_restart(tiny_config, tiny_data, tmp_path, cli_reference, saves):
+    root, extra = str(tmp_path), SAVES[saves]
     with open(tmp_path / "run1.log", "w") as log:
-        proc = _launch(tiny_config, tiny_data, root, log)
+        proc = _launch(tiny_config, tiny_data, root, log, extra=extra)
         first = _wait_for_checkpoint(proc, root)
         proc.send_signal(signal.SIGKILL)  # no handler can run: as a node loss or an OOM kill
         assert proc.wait(timeout=60) == -signal.SIGKILL
     latest = ckpt.read_latest(os.path.join(root, "ckpt"))
     assert first <= latest < CLI_STEPS, "the run must have been killed before its end"
     with open(tmp_path / "run2.log", "w") as log:
-        _restart_and_compare(tiny_config, tiny_data, root, cli_reference, log)
+        _restart_and_compare(tiny_config, tiny_data, root, cli_reference, log, extra)
 
 
-def test_cli_sigterm_saves_exits_75_and_resumes(tiny_config, tiny_data, tmp_path, cli_reference):
-    root = str(tmp_path)
+@pytest.mark.parametrize("saves", sorted(SAVES))
+def test_cli_sigterm_saves_exits_75_and_resumes(tiny_config, tiny_data, tmp_path, cli_reference, saves):
+    root, extra = str(tmp_path), SAVES[saves]
     with open(tmp_path / "run1.log", "w") as log:
-        proc = _launch(tiny_config, tiny_data, root, log, new_session=True)
+        proc = _launch(tiny_config, tiny_data, root, log, new_session=True, extra=extra)
         first = _wait_for_checkpoint(proc, root)
         # To the whole process group, as slurm and torchrun send it: the checkpoint writer's helper
         # process (started by the first save) gets it too and must survive it.
@@ -474,4 +510,4 @@ def test_cli_sigterm_saves_exits_75_and_resumes(tiny_config, tiny_data, tmp_path
     before = tensorboard_losses(first_file)
     assert before == {k: float(np.float32(cli_reference[k])) for k in range(stopped)}
     with open(tmp_path / "run2.log", "w") as log:
-        _restart_and_compare(tiny_config, tiny_data, root, cli_reference, log)
+        _restart_and_compare(tiny_config, tiny_data, root, cli_reference, log, extra)

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 from typing import Optional
 
 import numpy as np
@@ -158,10 +159,49 @@ def build_state_dict(model, optimizer, ctx: ParallelContext, is_loading: bool, w
     return sd
 
 
+class PendingSave:
+    """An asynchronous save in flight: the files are written by a forked process while training goes
+    on; :meth:`poll` (on every rank, a collective) publishes the checkpoint once every rank's writer is
+    done, exactly as a blocking save would: manifest, rename into place, tracker, pruning."""
+
+    def __init__(self, queue, target: str, staging: str, root: str, step: int):
+        self.queue, self.target, self.staging, self.root, self.step = queue, target, staging, root, step
+        self.published = False
+
+    def poll(self, blocking: bool) -> bool:
+        """Whether the checkpoint is published (``blocking``: wait for it). A failed write raises
+        :class:`CheckpointWriteError` after removing its staging directory; the previous checkpoint stays."""
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException as exc:  # torch's CheckpointException is a BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            shutil.rmtree(self.staging, ignore_errors=True)
+            latest = read_latest(self.root)
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of step {self.step} into {self.root} (in the background): "
+                f"{_write_failure(exc)}; the staging directory was removed, "
+                + (f"the last checkpoint (step {latest}) is intact" if latest is not None
+                   else "no earlier checkpoint exists") + f" (exit code {EXIT_WRITE_FAILED})") from None
+        return self.published
+
+
+def _ignoring_stop_signals(fn):
+    """``fn`` for the background writer: it ignores the job's stop signals, which slurm and torchrun send
+    to the whole process group; the trainer handles them and waits for the write before it stops."""
+    def run(*args, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        return fn(*args, **kwargs)
+    return run
+
+
 def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: ParallelContext,
                     padded_vocab: int, consumed_samples: int, extra_common: Optional[dict] = None,
-                    extra_sharded: Optional[dict] = None) -> str:
-    """Save on every rank; the tracker is updated by rank 0 only after all ranks finished.
+                    extra_sharded: Optional[dict] = None, async_queue=None):
+    """Save on every rank; the tracker is updated by rank 0 only after all ranks finished. Returns the
+    checkpoint directory, or with ``async_queue`` (megatron-core's ``AsyncCallsQueue``) a
+    :class:`PendingSave` whose files are written in the background.
 
     ``optimizer=None`` writes a weights-only checkpoint (e.g. an imported Hugging Face model), which
     can initialise a run through ``checkpoint.finetune_from`` but not resume one.
@@ -194,7 +234,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
     level = writers.level
     writers.setLevel(logging.CRITICAL)  # a writer's failure is reported once, below, with what to do
     try:
-        dist_checkpointing.save(sd, staging)
+        request = dist_checkpointing.save(sd, staging, async_sharded_save=async_queue is not None)
     except BaseException as exc:  # torch's CheckpointException is a BaseException; its errors lose the errno
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -210,6 +250,24 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
                                    ) from None
     finally:
         writers.setLevel(level)
+    if request is None:
+        _publish(root, staging, target, step, cfg, ctx)
+        return target
+    pending = PendingSave(async_queue, target, staging, root, step)
+
+    def publish():
+        _publish(root, staging, target, step, cfg, ctx)
+        pending.published = True
+
+    request.finalize_fns.append(publish)  # after megatron-core's own (the writers' results, metadata.json)
+    if request.async_fn is not None:
+        request = request._replace(async_fn=_ignoring_stop_signals(request.async_fn))
+    async_queue.schedule_async_request(request)
+    return pending
+
+
+def _publish(root: str, staging: str, target: str, step: int, cfg: Config, ctx: ParallelContext) -> None:
+    """Every rank's files are written: record them, move the directory into place, then the tracker."""
     dist.barrier()
     record_manifest(staging, ctx.rank, ctx.world_size)  # what the save wrote, checked before every load
     if ctx.rank == 0:
@@ -219,7 +277,6 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
             prune(root, cfg.checkpoint.keep_last, step)
     dist.barrier()
     logger.info("saved checkpoint %s", target)
-    return target
 
 
 def _write_failure(exc: BaseException) -> str:

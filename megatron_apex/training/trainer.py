@@ -127,6 +127,8 @@ class Trainer:
         self.hf_import = None  # what the imported Hugging Face model's ids and generation config were
         self.loading: Optional[str] = None  # the checkpoint directory the run starts from (for messages)
         self.lock: Optional[RunLock] = None  # checkpoint.save's run lock (global rank 0)
+        self.pending_save: Optional[ckpt.PendingSave] = None  # checkpoint.async_save: the save in flight
+        self._async_queue = None
         self.result = TrainResult()
 
     # ------------------------------------------------------------------ set-up
@@ -418,6 +420,8 @@ class Trainer:
                 interval_losses.append(metrics["loss"])
             for cb in self.callbacks:
                 cb.on_step_end(self, step, metrics)
+            if self.pending_save is not None:
+                self._finish_save(blocking=False)
             if self.step % t.log_interval == 0 or self.step == t.train_steps:
                 self._log(step, metrics, interval_losses, interval_skipped)
                 interval_losses, interval_skipped = [], 0
@@ -432,7 +436,9 @@ class Trainer:
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
                     and self.step < t.train_steps:
                 with self.throughput.paused():
-                    self.save()
+                    self.save(background=cfg.checkpoint.async_save)
+        if self.pending_save is not None:  # at most one save in flight; the last one is published first
+            self._finish_save(blocking=True)
         if self.result.exit_reason == "finished":
             for cb in self.callbacks:
                 cb.on_train_end(self)
@@ -485,15 +491,35 @@ class Trainer:
             logger.info(" | ".join(parts))
         self.metrics.write(step + 1, values)
 
-    def save(self) -> str:
+    def save(self, background: bool = False) -> str:
+        """Save a checkpoint of this step; with ``background`` (checkpoint.async_save) its files are written by
+        a forked process while training goes on, and it is published at a later step (:meth:`_finish_save`).
+        At most one save is in flight: a save waits for the one before it."""
+        if self.pending_save is not None:
+            self._finish_save(blocking=True)
+        if background and self._async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_queue = AsyncCallsQueue()
         state = self._callback_state()
-        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self.model, self.optimizer, self.cfg,
-                                    self.ctx, self.padded_vocab, self.consumed_samples,
-                                    extra_common={"train_samples": self.train_samples, **state,
-                                                  **({"hf_import": self.hf_import} if self.hf_import else {})},
-                                    extra_sharded=self._sharded_extra())
-        self.latest_checkpoint, self.checkpoint_state = path, (self.step, state)
-        return path
+        saved = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self.model, self.optimizer, self.cfg,
+                                     self.ctx, self.padded_vocab, self.consumed_samples,
+                                     extra_common={"train_samples": self.train_samples, **state,
+                                                   **({"hf_import": self.hf_import} if self.hf_import else {})},
+                                     extra_sharded=self._sharded_extra(),
+                                     async_queue=self._async_queue if background else None)
+        if isinstance(saved, ckpt.PendingSave):
+            self.pending_save, self._pending_state = saved, (self.step, state)
+            return saved.target
+        self.latest_checkpoint, self.checkpoint_state = saved, (self.step, state)
+        return saved
+
+    def _finish_save(self, blocking: bool) -> None:
+        """Publish the save in flight once every rank's writer is done (a collective: every rank calls it
+        at the same step); ``blocking`` waits for them."""
+        if self.pending_save.poll(blocking):
+            self.latest_checkpoint, self.checkpoint_state = self.pending_save.target, self._pending_state
+            self.pending_save = None
 
 
 def _masked_mean_loss(loss_mask: torch.Tensor, count: torch.Tensor, output: torch.Tensor):
