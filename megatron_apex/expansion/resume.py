@@ -25,15 +25,21 @@ def mid_stage(saved: dict) -> bool:
     return not saved["finished"] and saved["stage"] < len(saved["boundaries"])
 
 
+def unfused_stage(common: dict) -> Optional[str]:
+    """'S of N' when a checkpoint was saved during an APEX run before its final fuse (its weights alone
+    are then not the model), else None."""
+    apex = common.get("apex")
+    return None if apex is None or apex["finished"] else f"{apex['stage']} of {len(apex['boundaries'])}"
+
+
 def refuse_unfused_start(saved: dict, path: str, finetune_from: str) -> None:
     """``checkpoint.finetune_from`` takes weights only: refused from the middle of an APEX stage."""
-    apex = saved.get("apex")
-    if apex is not None and not apex["finished"]:
+    stage = unfused_stage(saved)
+    if stage is not None:
         raise ConfigError(f"checkpoint.finetune_from={finetune_from}: {path} was saved in the middle of "
-                          f"APEX stage {apex['stage']} of {len(apex['boundaries'])}; its weights without the "
-                          "stage's operators are another model. Resume that run (checkpoint.load), or start "
-                          "from its export (tools/convert_checkpoint.py export fuses the operators, import "
-                          "brings the model back)")
+                          f"APEX stage {stage}; its weights without the stage's operators are another model. "
+                          "Resume that run (checkpoint.load), or start from its export "
+                          "(tools/convert_checkpoint.py export fuses the operators, import brings the model back)")
 
 
 class UnfusedCheckpointGuard(Callback):
@@ -41,12 +47,11 @@ class UnfusedCheckpointGuard(Callback):
     (its weights without the operators are another model) and to start from."""
 
     def check_resume(self, trainer, common: dict) -> None:
-        apex = common.get("apex")
-        if apex is not None and not apex["finished"]:
-            raise ConfigError(f"apex.enabled=false: {trainer.loading} was saved during an APEX run (stage "
-                              f"{apex['stage']} of {len(apex['boundaries'])}), before the final fuse folded its "
-                              "operators into the weights, which alone are another model; resume it with "
-                              "apex.enabled=true and its APEX settings, or export it "
+        stage = unfused_stage(common)
+        if stage is not None:
+            raise ConfigError(f"apex.enabled=false: {trainer.loading} was saved during an APEX run (stage {stage}), "
+                              "before the final fuse folded its operators into the weights, which alone are another "
+                              "model; resume it with apex.enabled=true and its APEX settings, or export it "
                               "(tools/convert_checkpoint.py fuses the operators)")
 
     def check_start(self, trainer, common: dict, path: str) -> None:
