@@ -199,7 +199,7 @@ def child(args) -> None:
                 step_peak[step] = mem.take()
                 if cuda:  # what stays allocated between steps (the step's peak is above)
                     step_end[step] = torch.cuda.memory_allocated()
-            parts_at[step] = dict(parts, scoring=cb.stats_time) if apex else {}
+            parts_at[step] = dict(parts, scoring=cb.recorder.stats_time) if apex else {}
             if getattr(start, "prof", None) is not None:
                 start.prof.__exit__(None, None, None)
                 os.makedirs(args.profile, exist_ok=True)
@@ -304,13 +304,16 @@ def run_pair(args, order: tuple, port: int) -> dict:
     os.write(b_to_a[1], b"t")  # order[0] holds the token first
     for fd in (*a_to_b, *b_to_a):
         os.close(fd)  # a child that dies closes its ends, and its partner sees EOF instead of hanging
-    results = {}
+    results, errors = {}, {}
     for variant, proc in procs.items():
         _, err = proc.communicate()
         if proc.returncode:
-            for other in procs.values():
-                other.kill()
-            sys.exit(f"{variant} run failed:\n{err[-4000:]}")
+            errors[variant] = err
+    if errors:  # the run that failed first, not its partner that saw it exit
+        variant = next((v for v, e in errors.items() if "the other benchmark process exited" not in e),
+                       next(iter(errors)))
+        sys.exit(f"{variant} run failed:\n{errors[variant][-4000:]}")
+    for variant in procs:
         with open(outs[variant]) as f:
             results[variant] = json.load(f)
         os.unlink(outs[variant])
