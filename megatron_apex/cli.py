@@ -22,7 +22,6 @@ import yaml
 from megatron_apex.config import Config, ConfigError
 from megatron_apex.expansion import geometry
 from megatron_apex.expansion.geometry import UNIT_NAMES
-from megatron_apex.run import checked_config
 
 logger = logging.getLogger("megatron_apex")
 
@@ -256,6 +255,8 @@ def train_main(args) -> int:
 
     launch = detect_launch_env()
     try:
+        from megatron_apex.run import checked_config
+
         cfg = checked_config(args.config, args.overrides, world_size=launch.world_size if not args.world_size
                              else args.world_size)
     except ConfigError as exc:
@@ -319,6 +320,8 @@ def main(argv=None) -> int:
         print(reference_markdown())
         return 0
     try:
+        from megatron_apex.run import checked_config
+
         print(yaml.safe_dump(checked_config(args.config, args.overrides).to_dict(), sort_keys=False))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -138,13 +138,13 @@ def start_writer_results_queue() -> None:
     if getattr(filesystem_async, "_results_queue", True) is not None:  # running (or another version)
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    # The manager never acts on SIGINT: the trainer does (a Ctrl-C reaches the whole process group), and
-    # the manager dies with it. Blocked here while it starts, SIGINT stays blocked in the child (it
-    # inherits the mask) through its bootstrap too, before it ignores SIGINT as every manager does.
-    blocked = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGINT})
+    # The manager never acts on the stop signals: the trainer does (they reach the whole process group), and
+    # the manager dies with it; its initializer ignores them. SIGINT is blocked here while it starts, so that
+    # a Ctrl-C cannot cut the handshake (the trainer takes it once the manager is up).
+    stop_signals = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGINT})
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        manager.start(helper_init, (os.getpid(), blocked))
+        manager.start(helper_init, (os.getpid(), stop_signals))
     except BaseException:
         # The second Ctrl-C (which aborts) often arrives while the first one's save starts the manager:
         # the handshake is cut, and the manager, left to itself, died with a "Process SyncManager-1: ...

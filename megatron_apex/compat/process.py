@@ -30,12 +30,15 @@ def die_with_parent(parent_pid: int) -> bool:
     return True
 
 
-def helper_init(parent_pid: int, blocked: frozenset = frozenset()) -> None:
-    """Initializer of a helper process (e.g. a ``multiprocessing`` manager): block ``blocked`` signals,
-    which the parent handles for the whole process group, and die with the parent, so that neither a
-    stop signal nor the parent's death (SIGKILL, OOM) leaves the helper behind."""
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, set(blocked))
+def helper_init(parent_pid: int, ignored: frozenset = frozenset()) -> None:
+    """Initializer of a helper process (e.g. a ``multiprocessing`` manager): ignore the ``ignored``
+    signals, which the parent handles for the whole process group, and die with the parent, so that
+    neither a stop signal nor the parent's death (SIGKILL, OOM) leaves the helper behind. Ignored, not
+    blocked: a signal mask is per thread, and threads the helper started before this ran (its bootstrap
+    imports the job's main module, and torch starts threads) would still take a SIGTERM and die of it;
+    a disposition holds for the whole process."""
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent_pid)
 
 
