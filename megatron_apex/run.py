@@ -80,6 +80,7 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
 
     callbacks = build_callbacks(cfg)
     graceful = next(cb for cb in callbacks if isinstance(cb, GracefulExit))
+    trainer = None
     try:
         apply_cpu_patches()  # without CUDA: megatron-core's CUDA assumptions redirected to the CPU (docs/cpu.md)
         ctx = initialize_distributed(cfg, launch)
@@ -115,5 +116,7 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
         logger.error("interrupted: aborted without saving")
         return EXIT_INTERRUPTED
     finally:
+        if trainer is not None:  # on an error too: the data workers ignore the stop signals
+            trainer.close_data()
         graceful.restore()
         destroy_distributed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -161,9 +162,12 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.tconfig.no_sync_func = self.model.no_sync
+        trainer = weakref.ref(self)  # no cycle through the transformer config: the trainer, and with it the
+        # data loader's workers, go as soon as the last reference does (they ignore the stop signals)
+
         def finalize_grads(*args, **kwargs):
-            for cb in self.callbacks:
-                cb.before_grad_reduction(self)
+            for cb in trainer().callbacks:
+                cb.before_grad_reduction(trainer())
             return finalize_model_grads(*args, **kwargs)
 
         self.tconfig.finalize_model_grads_func = finalize_grads
@@ -452,10 +456,19 @@ class Trainer:
         if self.checkpoint_state is not None and self.checkpoint_state[0] == self.step:
             self.result.checkpoint = self.latest_checkpoint
         self.result.step = self.step
+        self.close_data()
         self.metrics.close()
         if self.lock is not None:  # after the last save: the directory is free for the next run
             self.lock.release()
         return self.result
+
+    def close_data(self) -> None:
+        """Stop the training data loader's worker processes (they ignore the job's stop signals, so the
+        interpreter's exit, which terminates leftover children with SIGTERM, cannot)."""
+        it, self.train_iter = getattr(self, "train_iter", None), None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def _validate(self) -> None:
         with self.throughput.paused():  # tokens/s counts training only
