@@ -73,6 +73,42 @@ def test_sdpa_attention_equals_megatron_unfused(world1, tiny_config, heads, grou
     assert torch.allclose(sdpa(q, k2, v2, None)[0], out_sdpa[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+def test_document_masks_compute_each_document_as_if_alone(world1, tiny_config, tiny_data, backend):
+    """data.reset_attention_mask: in a packed sample, every document's logits are those of the document
+    computed alone (with reset_position_ids, from position 0); without the mask the later documents
+    attend to the earlier ones and differ. The masks and positions are the data loader's own."""
+    from helpers import tiny_overrides
+
+    from megatron_apex.data.datasets import build_datasets, resolve_vocab
+    from megatron_apex.model.init import initialize_weights
+    from megatron_apex.model.llama import build_model
+
+    over = tiny_overrides(tiny_data, **{"data.reset_attention_mask": True, "data.reset_position_ids": True,
+                                        "model.attention_backend": backend})
+    cfg = load_config(tiny_config, over, world_size=1)
+    vocab, eod = resolve_vocab(cfg)
+    model = build_model(cfg, _tconfig(cfg), cfg.padded_vocab_size(vocab), True, True)
+    initialize_weights(model, cfg, 0, 1)
+    model.eval()
+    train, _ = build_datasets(cfg, vocab, eod, 16, 0)
+    sample = next(train[i] for i in range(16) if (train[i]["tokens"][:-8] == eod).sum() >= 2)  # 3+ documents
+    tokens, positions, mask = sample["tokens"][None], sample["position_ids"][None], sample["attention_mask"][None]
+    assert mask.shape == (1, 1, tokens.shape[1], tokens.shape[1]) and mask.dtype == torch.bool
+    with torch.no_grad():
+        packed = model(tokens, positions, mask)       # [b, s, V]
+        leaky = model(tokens, positions, None)        # causal over the whole sample
+        ends = torch.nonzero(tokens[0] == eod).flatten().tolist()
+        starts = [0] + [e + 1 for e in ends if e + 1 < tokens.shape[1]]
+        for a, b in zip(starts, starts[1:] + [tokens.shape[1]]):
+            alone = model(tokens[:, a:b], torch.arange(b - a)[None], None)
+            assert torch.equal(positions[0, a:b], torch.arange(b - a))
+            torch.testing.assert_close(packed[:, a:b], alone, atol=2e-5, rtol=1e-5)
+        later = starts[1]
+        assert (packed[:, later:] - leaky[:, later:]).abs().max() > 1e-3  # the mask matters past document 1
+    torch.testing.assert_close(packed[:, :later], leaky[:, :later], atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_count_parameters_matches_built_model(world1, tiny_config, tie):
     from megatron_apex.model.llama import build_model, count_parameters
@@ -500,42 +536,6 @@ def test_world_size_without_dry_run_is_refused(tiny_config, capsys, monkeypatch)
         main(["train", tiny_config, *MOCK, "--world-size", "2"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--world-size 2 applies to --dry-run only" in err and "torchrun" in err
-
-
-@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
-def test_document_masks_compute_each_document_as_if_alone(world1, tiny_config, tiny_data, backend):
-    """data.reset_attention_mask: in a packed sample, every document's logits are those of the document
-    computed alone (with reset_position_ids, from position 0); without the mask the later documents
-    attend to the earlier ones and differ. The masks and positions are the data loader's own."""
-    from helpers import tiny_overrides
-
-    from megatron_apex.data.datasets import build_datasets, resolve_vocab
-    from megatron_apex.model.init import initialize_weights
-    from megatron_apex.model.llama import build_model
-
-    over = tiny_overrides(tiny_data, **{"data.reset_attention_mask": True, "data.reset_position_ids": True,
-                                        "model.attention_backend": backend})
-    cfg = load_config(tiny_config, over, world_size=1)
-    vocab, eod = resolve_vocab(cfg)
-    model = build_model(cfg, _tconfig(cfg), cfg.padded_vocab_size(vocab), True, True)
-    initialize_weights(model, cfg, 0, 1)
-    model.eval()
-    train, _ = build_datasets(cfg, vocab, eod, 16, 0)
-    sample = next(train[i] for i in range(16) if (train[i]["tokens"][:-8] == eod).sum() >= 2)  # 3+ documents
-    tokens, positions, mask = sample["tokens"][None], sample["position_ids"][None], sample["attention_mask"][None]
-    assert mask.shape == (1, 1, tokens.shape[1], tokens.shape[1]) and mask.dtype == torch.bool
-    with torch.no_grad():
-        packed = model(tokens, positions, mask)       # [b, s, V]
-        leaky = model(tokens, positions, None)        # causal over the whole sample
-        ends = torch.nonzero(tokens[0] == eod).flatten().tolist()
-        starts = [0] + [e + 1 for e in ends if e + 1 < tokens.shape[1]]
-        for a, b in zip(starts, starts[1:] + [tokens.shape[1]]):
-            alone = model(tokens[:, a:b], torch.arange(b - a)[None], None)
-            assert torch.equal(positions[0, a:b], torch.arange(b - a))
-            torch.testing.assert_close(packed[:, a:b], alone, atol=2e-5, rtol=1e-5)
-        later = starts[1]
-        assert (packed[:, later:] - leaky[:, later:]).abs().max() > 1e-3  # the mask matters past document 1
-    torch.testing.assert_close(packed[:, :later], leaky[:, :later], atol=2e-5, rtol=1e-5)
 
 
 def test_document_masks_refused_where_not_wired(tiny_config, tiny_data):
