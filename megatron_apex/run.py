@@ -87,7 +87,8 @@ def run_training(cfg: Config, launch: LaunchEnv) -> int:
         if ctx.rank == 0:
             for warning in cfg.warnings():
                 logger.warning("%s", warning)
-        trainer = Trainer(cfg, ctx, callbacks).setup()
+        trainer = Trainer(cfg, ctx, callbacks)  # bound before set-up, so a failing set-up still closes its data
+        trainer.setup()
         if ctx.rank == 0:  # after set-up: the run holds checkpoint.save now (a refused run writes nothing there)
             _log_resolved_config(cfg)
         result = trainer.train()

@@ -62,6 +62,7 @@ def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
     from helpers import tiny_overrides
 
     checked_config(tiny_config, tiny_overrides(tiny_data, **{"apex.enabled": False, "apex.ratio": 0.9}), 1)
+    checked_config(tiny_config, tiny_overrides(tiny_data, **{"apex.enabled": False, "apex.partitions": 0}), 1)
 
 
 def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):

@@ -132,6 +132,26 @@ def test_async_save_trains_on_while_writing_and_resumes_exactly(tiny_config, tin
     assert not any(name.startswith("saving.") for name in os.listdir(root))
 
 
+def test_async_save_in_flight_is_published_when_training_fails(tiny_config, tiny_data, tmp_path):
+    """A failure every rank decides together (a non-finite loss under nan_policy=stop) still publishes the
+    save in flight, so the next start resumes from it rather than from the save before."""
+    from megatron_apex.training.trainer import TrainingError
+
+    class FailAt(Callback):
+        def on_step_start(self, trainer, step):
+            if step == 2:  # the step right after step 2's save was issued: not polled yet, so in flight
+                assert trainer.pending_save is not None
+                raise TrainingError("simulated: non-finite loss at step 2")
+
+    root = str(tmp_path)
+    overrides = _overrides(tiny_data, root, **{"checkpoint.save_interval": 2, "checkpoint.async_save": True})
+    trainer = trainer_in_process(tiny_config, overrides, [FailAt()])
+    with pytest.raises(TrainingError, match="simulated"):
+        trainer.train()
+    assert ckpt.read_latest(root) == 2 and trainer.pending_save is None
+    assert not any(name.startswith("saving.") for name in os.listdir(root))
+
+
 def test_crash_during_save_keeps_previous_checkpoint(tiny_config, tiny_data, tmp_path, uninterrupted,
                                                      monkeypatch):
     from megatron.core import dist_checkpointing

@@ -146,14 +146,14 @@ def _check(ok: bool, name: str, value, problem: str) -> None:
         raise ConfigError(f"{name}={value!r}: {problem}")
 
 
-def check(cfg: Config) -> Geometry:
+def check(cfg: Config) -> Optional[Geometry]:
     """What the APEX settings ask of the model, the layout and the run, as :class:`ConfigError` naming
     the keys to change (the fields' own ranges are checked by ``ApexConfig.validate``). Returns the
-    geometry. Nothing to check when APEX is off."""
-    g = of(cfg)
+    geometry, or None when APEX is off (its settings are then neither checked nor used)."""
     a, m, t = cfg.apex, cfg.model, cfg.train
     if not a.enabled:
-        return g
+        return None
+    g = of(cfg)
     tp = cfg.parallel.tensor_model_parallel_size
     if not any(k for _, k, _ in g.units.values()):
         keys = {kind: f"apex.{kind}_ratio" if getattr(a, f"{kind}_ratio") is not None else "apex.ratio"

@@ -409,38 +409,49 @@ class Trainer:
                     self.step, t.train_steps, self.num_micro, t.micro_batch_size)
         self.throughput.reset()
         interval_losses, interval_skipped = [], 0  # a skipped step's loss (maybe NaN) is not averaged
-        while self.step < t.train_steps:
-            step = self.step
-            for cb in self.callbacks:
-                cb.on_step_start(self, step)
-            metrics = self.train_step(step)
-            self.step = step + 1
-            self.consumed_samples += t.global_batch_size
-            self.throughput.step()
-            self.result.losses[step] = metrics["loss"]
-            if metrics.get("skipped"):
-                interval_skipped += 1
-            else:
-                interval_losses.append(metrics["loss"])
-            for cb in self.callbacks:
-                cb.on_step_end(self, step, metrics)
+        try:
+            while self.step < t.train_steps:
+                step = self.step
+                for cb in self.callbacks:
+                    cb.on_step_start(self, step)
+                metrics = self.train_step(step)
+                self.step = step + 1
+                self.consumed_samples += t.global_batch_size
+                self.throughput.step()
+                self.result.losses[step] = metrics["loss"]
+                if metrics.get("skipped"):
+                    interval_skipped += 1
+                else:
+                    interval_losses.append(metrics["loss"])
+                for cb in self.callbacks:
+                    cb.on_step_end(self, step, metrics)
+                if self.pending_save is not None:
+                    with self.throughput.paused():  # publishing (checksums, renames) is the save's time
+                        self._finish_save(blocking=False)
+                if self.step % t.log_interval == 0 or self.step == t.train_steps:
+                    self._log(step, metrics, interval_losses, interval_skipped)
+                    interval_losses, interval_skipped = [], 0
+                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
+                    self._validate()
+                if metrics["stop"]:
+                    if self.step < t.train_steps:
+                        self.result.exit_reason = "stopped"
+                        break
+                    if self.ctx.rank == 0:
+                        logger.info("stop requested during the last step: finishing the run")
+                c = cfg.checkpoint
+                if c.save and c.save_interval and self.step % c.save_interval == 0 and self.step < t.train_steps:
+                    with self.throughput.paused():
+                        self.save(background=cfg.checkpoint.async_save)
+        except TrainingError:  # decided on every rank at the same step: a save in flight is still published
             if self.pending_save is not None:
-                self._finish_save(blocking=False)
-            if self.step % t.log_interval == 0 or self.step == t.train_steps:
-                self._log(step, metrics, interval_losses, interval_skipped)
-                interval_losses, interval_skipped = [], 0
-            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
-                self._validate()
-            if metrics["stop"]:
-                if self.step < t.train_steps:
-                    self.result.exit_reason = "stopped"
-                    break
-                if self.ctx.rank == 0:
-                    logger.info("stop requested during the last step: finishing the run")
-            if cfg.checkpoint.save and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
-                    and self.step < t.train_steps:
-                with self.throughput.paused():
-                    self.save(background=cfg.checkpoint.async_save)
+                self._finish_save(blocking=True)
+            raise
+        except KeyboardInterrupt:  # the abort: the background writer goes too (the write is not published)
+            if self.pending_save is not None:
+                self._async_queue.close(abort=True)
+                self.pending_save = None
+            raise
         if self.pending_save is not None:  # at most one save in flight; the last one is published first
             self._finish_save(blocking=True)
         if self.result.exit_reason == "finished":
