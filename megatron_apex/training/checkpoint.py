@@ -185,6 +185,20 @@ class PendingSave:
                    else "no earlier checkpoint exists") + f" (exit code {EXIT_WRITE_FAILED})") from None
         return self.published
 
+    def abort(self) -> None:
+        """Give the save up (the run is failing): kill the background writers, drop results they may have
+        left in megatron-core's process-wide results queue (a later save would read them as its own), and
+        remove the staging directory. The previous checkpoint stays the latest."""
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        for call in list(self.queue.async_calls):
+            call.async_caller.close(abort=True)
+        self.queue.async_calls.clear()
+        results = getattr(filesystem_async, "_results_queue", None)
+        while results is not None and not results.empty():
+            results.get_nowait()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
 
 def _ignoring_stop_signals(fn):
     """``fn`` for the background writer: it ignores the job's stop signals, which slurm and torchrun send

@@ -447,9 +447,9 @@ class Trainer:
             if self.pending_save is not None:
                 self._finish_save(blocking=True)
             raise
-        except KeyboardInterrupt:  # the abort: the background writer goes too (the write is not published)
+        except BaseException:  # anything else (a crash, the second Ctrl-C): the unpublished save is given up
             if self.pending_save is not None:
-                self._async_queue.close(abort=True)
+                self.pending_save.abort()
                 self.pending_save = None
             raise
         if self.pending_save is not None:  # at most one save in flight; the last one is published first
