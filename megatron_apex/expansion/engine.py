@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from megatron_apex.config import Config, ConfigError
+from megatron_apex.config import Config
 from megatron_apex.expansion import geometry as geo
 from megatron_apex.expansion.boundary import Layer, StageBoundary
 from megatron_apex.expansion.geometry import UNIT_NAMES
@@ -81,11 +81,7 @@ class ApexCallback(Callback):
 
     # ------------------------------------------------------------------ set-up
     def on_model_built(self, trainer, model) -> None:
-        ctx = trainer.ctx
-        for kind, (n, k, b) in self.geometry.units.items():
-            if geo.block_ranks(n, b, k, ctx.tp_size) is None:  # the run's layout, if not the config's
-                raise ConfigError(f"APEX: the {b} {kind} operator blocks of k={k} do not each fit on one of "
-                                  f"{ctx.tp_size} tensor-parallel ranks")
+        ctx = trainer.ctx  # its layout is the config's, which geometry.check accepted in __init__
         if ctx.rank == 0:
             self._log_geometry()
         decoder = getattr(model, "decoder", None)
