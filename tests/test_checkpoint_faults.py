@@ -333,3 +333,24 @@ def test_a_save_that_cannot_write_is_one_line_and_keeps_the_previous_checkpoint(
     assert read_latest(str(ckpt)) == 2
     rc, log = _train(tiny_data, ckpt, 4)
     assert rc == 0 and "at step 2" in log, log
+
+
+@pytest.mark.parametrize("what,rank", [("move", 0), ("manifest", 1)], ids=["rank0-move", "rank1-manifest"])
+def test_a_publish_that_fails_on_one_rank_stops_every_rank(tiny_data, tiny_config, tmp_path, what, rank):
+    """Publishing a save (manifests on every rank, then rank 0's move into place and tracker) that fails on
+    one rank raises the same CheckpointWriteError on every rank, naming the rank, instead of leaving the
+    others waiting at a barrier until the distributed timeout; nothing half-published is left."""
+    from distributed_utils import run_distributed
+    from helpers import tiny_overrides
+    from training_workers import publish_failure_worker
+
+    over = tiny_overrides(tiny_data, **{"checkpoint.save": str(tmp_path / "ckpt"),
+                                        "parallel.distributed_timeout_minutes": 2})
+    results = run_distributed(publish_failure_worker, 2, tiny_config, over, rank, what, timeout=300)
+    errors = {r["error"] for r in results}
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert error is not None and "could not publish the checkpoint of step 0" in error, error
+    assert f"rank {rank}: OSError" in error and "no earlier checkpoint exists" in error, error
+    for r in results:  # no checkpoint, no tracker, no staging directory left behind
+        assert [n for n in r["listing"] if n not in ("logs", "run.lock")] == [], r["listing"]

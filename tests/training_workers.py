@@ -193,3 +193,29 @@ def setup_error_and_scans(config_path: str, overrides: list) -> dict:
     except ConfigError as exc:
         return {"error": str(exc), "scans": len(scans), "rank": ctx.rank}
     return {"error": None, "scans": len(scans), "rank": ctx.rank}
+
+
+def publish_failure_worker(config_path: str, overrides: list, failing_rank: int, what: str) -> dict:
+    """Save once with the publishing step failing on ``failing_rank`` (``what``: "move", rank 0's move into
+    place, or "manifest", reading a rank's own files for the manifest); returns the error every rank
+    raised and what is on disk."""
+    from megatron_apex.training import checkpoint as ckpt
+    from megatron_apex.training import integrity
+    from megatron_apex.training.checkpoint_dir import CheckpointWriteError
+    from megatron_apex.training.trainer import Trainer
+
+    cfg, ctx = _start_run(config_path, overrides)
+    trainer = Trainer(cfg, ctx, []).setup()
+    if ctx.rank == failing_rank:
+        def fail(*args, **kwargs):
+            raise OSError(30, "Read-only file system (simulated)")
+        if what == "move":
+            ckpt.move_into_place = fail
+        else:
+            integrity._own_files = fail
+    try:
+        trainer.save()
+        error = None
+    except CheckpointWriteError as exc:
+        error = str(exc)
+    return {"rank": ctx.rank, "error": error, "listing": sorted(os.listdir(cfg.checkpoint.save))}

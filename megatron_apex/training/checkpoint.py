@@ -37,7 +37,7 @@ from megatron_apex.training.checkpoint_dir import (  # noqa: F401  (the director
     COMPLETE_MARKER, EXIT_WRITE_FAILED, FORMAT_VERSION, REPLACED_PREFIX, SAVING_PREFIX, TRACKER, CheckpointError,
     CheckpointWriteError, has_checkpoint, is_complete, iter_dir, iter_step, move_into_place, prune, read_common,
     read_latest, remove_leftovers, resolve_checkpoint_dir, resume_source, write_atomic)
-from megatron_apex.training.integrity import record_manifest
+from megatron_apex.training.integrity import ManifestError, record_manifest
 
 logger = logging.getLogger(__name__)
 safe_load.install()  # reading a checkpoint never runs code from it
@@ -281,16 +281,49 @@ def save_checkpoint(root: str, step: int, model, optimizer, cfg: Config, ctx: Pa
 
 
 def _publish(root: str, staging: str, target: str, step: int, cfg: Config, ctx: ParallelContext) -> None:
-    """Every rank's files are written: record them, move the directory into place, then the tracker."""
+    """Every rank's files are written: record them, move the directory into place, then the tracker.
+
+    A failure on any rank (its manifest, or rank 0's move) reaches every rank through the collectives
+    that end each phase, and each raises the same :class:`CheckpointWriteError`: no rank waits for
+    one that gave up."""
     dist.barrier()
-    record_manifest(staging, ctx.rank, ctx.world_size)  # what the save wrote, checked before every load
-    if ctx.rank == 0:
-        move_into_place(staging, target)
-        write_atomic(os.path.join(root, TRACKER), f"{step}\n")
-        if cfg.checkpoint.keep_last:
-            prune(root, cfg.checkpoint.keep_last, step)
-    dist.barrier()
+    failed = _everywhere(lambda: record_manifest(staging, ctx.rank, ctx.world_size), ctx, every_rank=True)
+    if failed is None:
+        def move():
+            move_into_place(staging, target)
+            write_atomic(os.path.join(root, TRACKER), f"{step}\n")
+            if cfg.checkpoint.keep_last:
+                prune(root, cfg.checkpoint.keep_last, step)
+
+        failed = _everywhere(move, ctx, every_rank=False)
+    if failed is not None:
+        if ctx.rank == 0 and not os.path.isdir(target):  # not moved into place: an unpublished staging directory
+            shutil.rmtree(staging, ignore_errors=True)
+        if ctx.world_size > 1:
+            dist.barrier()  # every rank got here (the failure was gathered): none leaves before the clean-up
+        latest = read_latest(root)
+        raise CheckpointWriteError(f"could not publish the checkpoint of step {step} in {root}: {failed}; "
+                                   + (f"the tracker names step {latest}, intact" if latest is not None
+                                      else "no earlier checkpoint exists") + f" (exit code {EXIT_WRITE_FAILED})")
     logger.info("saved checkpoint %s", target)
+
+
+def _everywhere(fn, ctx: ParallelContext, every_rank: bool) -> Optional[str]:
+    """Run ``fn`` on every rank (``every_rank``) or on rank 0 alone, then tell every rank the first
+    failure, as "rank R: what" (None when all succeeded). A collective: replaces a barrier."""
+    error = None
+    if every_rank or ctx.rank == 0:
+        try:
+            fn()
+        except ManifestError as exc:  # names the rank whose files could not be read
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 -- reported on every rank below
+            error = f"rank {ctx.rank}: {type(exc).__name__}: {exc}"
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return error
+    errors = [None] * ctx.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def _write_failure(exc: BaseException) -> str:

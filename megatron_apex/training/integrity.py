@@ -48,15 +48,26 @@ def _own_files(directory: str, rank: int) -> list:
     return mine
 
 
+class ManifestError(RuntimeError):
+    """A rank could not sum its files; raised on every rank, naming it."""
+
+
 def record_manifest(directory: str, rank: int, world_size: int) -> None:
-    """Every rank sums its own files; rank 0 writes ``checksums.json`` (a collective)."""
-    own = {name: {"size": os.path.getsize(os.path.join(directory, name)),
-                  "crc32": file_crc32(os.path.join(directory, name))} for name in _own_files(directory, rank)}
+    """Every rank sums its own files; rank 0 writes ``checksums.json`` (a collective). A rank that cannot
+    read its files still takes part, and every rank raises :class:`ManifestError` naming it."""
+    try:
+        own = {name: {"size": os.path.getsize(os.path.join(directory, name)),
+                      "crc32": file_crc32(os.path.join(directory, name))} for name in _own_files(directory, rank)}
+    except OSError as exc:
+        own = f"rank {rank}: {type(exc).__name__}: {exc}"  # a failure, told to the others in the gather
     parts = [None] * world_size
     if world_size > 1:
         dist.all_gather_object(parts, own)
     else:
         parts = [own]
+    failed = next((part for part in parts if isinstance(part, str)), None)
+    if failed is not None:
+        raise ManifestError(failed)
     if rank == 0:
         _write_manifest(directory, {"version": 1, "files": {name: entry for part in parts for name, entry in part.items()}})
 
