@@ -134,7 +134,9 @@ exec "$REAL_PYTHON" "$@"
     ("2 2", "0 0", "", 2),      # a configuration error on every worker
     ("75 75", "0 0", "", 75),   # every worker stopped after saving
     ("2 0", "0 30", "", 2),     # one failed; torchrun stopped the other with SIGTERM (no code of its own)
-    ("2 75", "0 1", "1", 1),    # the workers disagree: torchrun's 1
+    # The workers disagree: torchrun's 1. The failing worker waits 2 s so that the other has installed its
+    # TERM trap (a loaded machine can start bash later than torchrun reacts to the first exit).
+    ("2 75", "2 3", "1", 1),
 ])
 def test_torchrun_passes_on_the_exit_code_all_workers_share(tmp_path, codes, sleeps, ignore_term, expected):
     """torchrun says 1 for any failed worker; the launchers report a code every recorded worker shares
