@@ -26,3 +26,18 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_config():
     return TINY
+
+
+@pytest.fixture(scope="session")
+def qwen2_start(tmp_path_factory):
+    """Overrides that start the tiny APEX runs (tests/test_apex_*.py: 4 layers, hidden 64, 8 heads in 8 groups,
+    FFN 128, vocabulary 256) from a Qwen2 of that shape imported from transformers: random Q/K/V biases (and
+    norms), so a bias entry left behind by a move or a fuse changes the function."""
+    pytest.importorskip("transformers")
+    from families import make_family
+    from megatron_apex.convert.importer import import_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("qwen2")
+    src = make_family(d / "hf", "qwen2", vocab=256, layers=4, heads=8, kv_heads=8, hidden=64, ffn=128)
+    import_hf_checkpoint(src, str(d / "ckpt"), progress=False)
+    return {"model.add_qkv_bias": True, "checkpoint.finetune_from": str(d / "ckpt")}

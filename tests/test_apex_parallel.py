@@ -93,6 +93,32 @@ def test_layout_invariance(references, tiny_data, tiny_config, shape, name, worl
         assert moved, "no boundary permuted units: cross-rank expansion was not exercised"
 
 
+@pytest.fixture(scope="module")
+def qwen2_reference(tiny_data, tiny_config, qwen2_start):
+    over = tiny_overrides(tiny_data, **{**APEX, **SHAPES["mha"], **qwen2_start})
+    (ref,) = run_distributed(apex_train_worker, 1, tiny_config, over)
+    return over, ref
+
+
+@pytest.mark.parametrize("world,extra", [(2, {"parallel.tensor_model_parallel_size": 2}),
+                                         (2, {"parallel.pipeline_model_parallel_size": 2})], ids=["tp2", "pp2"])
+def test_qkv_bias_layout_invariance(qwen2_reference, tiny_config, world, extra):
+    """A Qwen2 (QKV bias, imported with random biases) under TP=2 and PP=2: the same selections at every
+    boundary and the same loss curve as one process; at TP=2 query groups, with their bias entries, really
+    cross ranks."""
+    over, ref = qwen2_reference
+    results = run_distributed(apex_train_worker, world, tiny_config, over + [f"{k}={v}" for k, v in extra.items()])
+    assert _pn(merge_records(results)) == _pn(merge_records([ref]))
+    assert all(layer["attn"] is not None for b in merge_records(results) for layer in b["layers"].values())
+    for res in results:
+        assert res["finished"] and sorted(res["losses"]) == sorted(ref["losses"])
+        for step, loss in ref["losses"].items():
+            assert abs(res["losses"][step] - loss) < LOSS_TOL, (step, res["losses"][step], loss)
+    if "tensor_model_parallel_size" in extra:
+        assert any(perm is not None for r in results for b in r["perms"] for layer in b.values()
+                   for perm in layer.values())
+
+
 def test_ema_statistic_and_monarch_blocks_dp2_match_tp1(tiny_data, tiny_config):
     """apex.statistic=ema selects by a moving average over steps, which DP=2 gets by summing the two
     ranks' averages at the boundary: the same units as TP=1, and the same losses (here with a

@@ -236,6 +236,11 @@ def hf_family(hf: dict) -> str:
     if model_type not in FAMILIES or (archs and not set(archs) <= set(SUPPORTED_ARCHITECTURES)):
         raise UnsupportedModelError(f"architecture {archs or model_type!r} (model_type={model_type!r}) is not "
                                     f"supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    # transformers builds the model of model_type; LLaMA and Mistral hold the same tensors, Qwen2 has biases
+    same = {FAMILIES[model_type]} | (set() if model_type == "qwen2" else {FAMILIES["llama"], FAMILIES["mistral"]})
+    if archs and not set(archs) <= same:
+        raise UnsupportedModelError(f"config.json: architectures {archs} do not match model_type={model_type!r} "
+                                    f"(transformers builds a {FAMILIES[model_type]}); correct one of them")
     return model_type
 
 
