@@ -135,6 +135,20 @@ def test_selected_mode_trains_only_intended_parameters(tiny_data, tiny_config):
     assert not set(sel["E"]) & (set(sel["p_pos"]) | set(sel["n_pos"]))
 
 
+def test_selected_mode_with_qkv_bias(tiny_data, tiny_config, qwen2_start):
+    """Selected mode on a Qwen2: the QKV bias is frozen with its weights, and the tuned groups' bias entries get
+    a delta of their own (one per Q, K and V row of a tuned group), which trains."""
+    over = _over(tiny_data, **{"apex.mode": "selected", "apex.boundaries": "[0]", "train.train_steps": 4,
+                               "apex.attn_tuned_ratio": 0.75, "apex.ffn_tuned_ratio": 0.625, **qwen2_start})
+    (r,) = run_distributed(selected_mode_worker, 1, tiny_config, over)
+    biases = {n: p for n, p in r["params"].items() if n.endswith("linear_qkv.bias")}
+    assert len(biases) == 4 and not any(p["requires_grad"] or p["changed"] for p in biases.values())
+    assert r["deltas"] and all(x["grad"] for x in r["deltas"])
+    per_layer = _expected_selected_counts(r["n"]["attn"], r["n"]["ffn"], 0.25, 0.75, 0.625, r["parts"], 64, 8, 1)
+    tuned_groups = int(0.75 * 8)
+    assert sum(x["numel"] for x in r["deltas"] + r["ops"]) == 4 * (per_layer + tuned_groups * 3 * 8)
+
+
 def test_selected_mode_under_tensor_parallelism(tiny_data, tiny_config, caplog):
     """Selected mode at TP=2 passes its first boundary (whose log line counts the trainable parameters
     with a collective every rank joins) and counts what TP=1 counts: sharded parameters summed over
