@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_apex.config import Config
 from megatron_apex.expansion.geometry import UNIT_NAMES, Geometry, unit_share
-from megatron_apex.expansion.inplace import InPlaceLayer
+from megatron_apex.expansion.inplace import InPlaceLayer, linear_bias
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion, monarch_sq_norms
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, local_blocks, pack_partitions, permute_fc1,
@@ -54,7 +54,7 @@ class Layer:
         """(kind, parameter) of every tensor an operator changes: the four weights, and the QKV bias when the
         model has one (kind 'qkv_bias': the bias column of the QKV rows)."""
         out = [(kind, linear.weight) for kind, linear in self.linears.items()]
-        bias = self.linears["qkv"].bias
+        bias = linear_bias(self.linears["qkv"])
         return out + ([("qkv_bias", bias)] if bias is not None else [])
 
     def effective(self, kind: str, w: torch.Tensor) -> torch.Tensor:
@@ -167,8 +167,8 @@ class StageBoundary:
         if perms.get("attn") is not None:
             plan += [(lin["qkv"].weight, 0, (r + 2) * d, perms["attn"], False),
                      (lin["proj"].weight, 1, r * d, perms["attn"], False)]
-            if lin["qkv"].bias is not None:  # a query group's bias entries move with its rows
-                plan.append((lin["qkv"].bias, 0, (r + 2) * d, perms["attn"], False))
+            if linear_bias(lin["qkv"]) is not None:  # a query group's bias entries move with its rows
+                plan.append((linear_bias(lin["qkv"]), 0, (r + 2) * d, perms["attn"], False))
         if perms.get("ffn") is not None:
             plan += [(lin["fc1"].weight, 0, 1, perms["ffn"], True), (lin["fc2"].weight, 1, 1, perms["ffn"], False)]
         for param, dim, unit, perm, swiglu in plan:

@@ -34,7 +34,7 @@ from megatron_apex.config import Config
 from megatron_apex.expansion import geometry as geo
 from megatron_apex.expansion.boundary import Layer, StageBoundary
 from megatron_apex.expansion.geometry import UNIT_NAMES
-from megatron_apex.expansion.inplace import InPlaceRunner
+from megatron_apex.expansion.inplace import InPlaceRunner, linear_bias
 from megatron_apex.expansion.operator import monarch_summary
 from megatron_apex.expansion.resume import ApexResume, refuse_unfused_start
 from megatron_apex.expansion.state import ParamStates
@@ -48,7 +48,7 @@ def _install_forward(linear, layer: Layer, kind: str) -> None:
     """Run the unchanged megatron-core linear with W_eff in place of its weight (and the QKV bias's b_eff in
     place of its bias)."""
     cls_forward = type(linear).forward
-    names = {"weight": kind, **({"bias": "qkv_bias"} if kind == "qkv" and linear.bias is not None else {})}
+    names = {"weight": kind, **({"bias": "qkv_bias"} if kind == "qkv" and linear_bias(linear) is not None else {})}
 
     def forward(input_, *args, **kwargs):
         originals = {name: linear._parameters[name] for name in names}

@@ -105,6 +105,13 @@ class _PackedSegment:
         v.copy_(x.unflatten(-2, (self.k, self.size)))
 
 
+def linear_bias(linear) -> Optional[torch.Tensor]:
+    """A linear's bias parameter, or None when it has none (megatron-core's local linears hold None there;
+    Transformer Engine's may hold an empty tensor)."""
+    bias = getattr(linear, "bias", None)
+    return bias if isinstance(bias, torch.nn.Parameter) and bias.numel() > 0 else None
+
+
 def _tensor(linear, attr: str, grad: bool) -> torch.Tensor:
     """A linear's ``weight`` or ``bias`` data (``grad``: its ``main_grad``) as a matrix: a bias ``[rows]`` is the
     ``[rows, 1]`` column it adds to the weight's rows (a view: writes reach the bias)."""
@@ -292,7 +299,7 @@ class InPlaceLayer:
             b, k = attn_op.p_pos.shape
             ng_local = linears["qkv"].weight.shape[0] // ((r + 2) * d)
             # The QKV bias (Qwen2) is the V rows' extra column: a segment of their group, with their beta.
-            v_attrs = ["weight"] + (["bias"] if getattr(linears["qkv"], "bias", None) is not None else [])
+            v_attrs = ["weight"] + (["bias"] if linear_bias(linears["qkv"]) is not None else [])
             if _packed(attn_op, ng_local):
                 v = [_PackedSegment("qkv", 0, b, k, ng_local, (r + 2) * d, (r + 1) * d, d, attn_op.beta_v, attr=a)
                      for a in v_attrs]
