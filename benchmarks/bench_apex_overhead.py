@@ -37,6 +37,12 @@ Measured, per variant and round (rounds alternate which variant steps first):
   expansion/inplace.py), the scoring hooks' statistics, ranking + TP gather (_rank_step, queued in finalize_model_grads), and the
   operator optimizer step (on_optimizer_step).
 
+With ``--dp N`` each variant is N data-parallel processes (gloo; rank r pinned to the r-th of the
+cores, one thread each), rank 0 holding the token; the other ranks follow through the collectives. With
+``--set parallel.overlap_grad_reduce=true`` (and a ``parallel.ddp_bucket_size`` small enough for several
+buckets) the operator's chain rule runs from megatron-core's gradient-ready signals during the backward
+pass (expansion/inplace.py, GradReadyGate); it counts in the operator's part all the same.
+
 Targets: step-time ratio <= 1.03, boundary <= 1 step, peak RSS ratio <= 1.05.
 """
 
@@ -62,7 +68,8 @@ def overrides(args, apex: bool) -> list:
         "model.num_layers": args.layers, "model.hidden_size": args.hidden, "model.ffn_hidden_size": args.ffn,
         "model.num_attention_heads": args.heads, "model.num_query_groups": args.heads,
         "model.max_position_embeddings": args.seq, "data.seq_length": args.seq,
-        "train.micro_batch_size": args.mbs, "train.global_batch_size": args.micro * args.mbs, "train.train_steps": args.steps,
+        "train.micro_batch_size": args.mbs, "train.global_batch_size": args.micro * args.mbs * args.dp,
+        "train.train_steps": args.steps,
         "train.log_interval": 1000, "train.eval_interval": 0, "train.eval_steps": 0, "train.precision": args.precision,
         "optimizer.lr_warmup_steps": 1, "checkpoint.save_interval": 0,
     }
@@ -88,11 +95,14 @@ def child(args) -> None:
 
     import torch
 
-    cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
-    os.sched_setaffinity(0, cpus)  # both variants on the same cores; their steal time is read per step
+    every = sorted(os.sched_getaffinity(0))
+    # Both variants on the same cores (data-parallel rank r on the r-th); their steal time is read per step.
+    cpus = every[-args.threads:] if args.dp == 1 else [every[(args.rank * args.threads + i) % len(every)]
+                                                       for i in range(args.threads)]
+    os.sched_setaffinity(0, cpus)
 
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(args.port)})
+    os.environ.update({"RANK": str(args.rank), "WORLD_SIZE": str(args.dp), "LOCAL_RANK": str(args.rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.port)})
     torch.set_num_threads(args.threads)
     from megatron_apex.compat.cpu import apply_cpu_patches
     from megatron_apex.config import load_config
@@ -120,17 +130,26 @@ def child(args) -> None:
         cb = next(c for c in cbs if isinstance(c, engine.ApexCallback))
         orig_b, orig_opt, orig_eff = cb._boundary, cb.on_optimizer_step, apex_boundary.Layer.effective
 
+        busy = [False]  # a timed call inside another (the runner's restore restores batches) counts once
+
         def timed(fn, key):
             def wrapper(*a, **k):
+                if busy[0]:
+                    return fn(*a, **k)
+                busy[0] = True
                 t0 = time.perf_counter()
-                out = fn(*a, **k)
-                parts[key] += time.perf_counter() - t0
-                return out
+                try:
+                    return fn(*a, **k)
+                finally:
+                    parts[key] += time.perf_counter() - t0
+                    busy[0] = False
             return wrapper
 
-        # The in-place path (mode all): W_eff rows written once per step, chain rule once per step.
+        # The in-place path (mode all): W_eff rows written once per step, chain rule once per step (with
+        # overlapped reduction: batch by batch from the gradient-ready signals, restore_batch).
         inplace.InPlaceRunner.materialize = timed(inplace.InPlaceRunner.materialize, "w_eff")
         inplace.InPlaceRunner.restore = timed(inplace.InPlaceRunner.restore, "w_eff")
+        inplace.InPlaceRunner.restore_batch = timed(inplace.InPlaceRunner.restore_batch, "w_eff")
         # The per-micro-batch statistics computed in the scoring hooks.
         apex_votes.unit_sq_norms_ffn = timed(apex_votes.unit_sq_norms_ffn, "hooks")  # fallback path (not used here)
         apex_votes.unit_sq_norms_silu = timed(apex_votes.unit_sq_norms_silu, "hooks")
@@ -166,15 +185,21 @@ def child(args) -> None:
             inplace.InPlaceRunner.restore = lambda self, layers, with_grads: None
 
     def take_turn():
+        if args.turn_in < 0:  # a data-parallel rank other than 0: the collectives keep it in step
+            return
         if not os.read(args.turn_in, 1):
             sys.exit("the other benchmark process exited")
+
+    def give_turn():
+        if args.turn_out >= 0:
+            os.write(args.turn_out, b"t")
 
     # A process keeps the token from its step's start until it is about to start its next step, so
     # whatever it does between two steps never overlaps the partner's timed step.
     class Start(Callback):  # first callback: before APEX's on_step_start (boundary)
         def on_step_start(self, trainer, step):
             if step > 0:
-                os.write(args.turn_out, b"t")
+                give_turn()
             take_turn()
             sync()
             if mem is not None:
@@ -212,7 +237,7 @@ def child(args) -> None:
             if step == args.steps - 1:
                 if mem is not None:
                     mem.enter("after the last step (final fuse)")
-                os.write(args.turn_out, b"t")
+                give_turn()
                 if args.first:
                     take_turn()  # let the partner's last step run alone before tearing down
 
@@ -285,20 +310,23 @@ def run_pair(args, order: tuple, port: int) -> dict:
     """Both variants side by side, in lockstep through a token ring of two pipes; ``order[0]`` starts."""
     a_to_b, b_to_a = os.pipe(), os.pipe()
     fds = {order[0]: (b_to_a[0], a_to_b[1]), order[1]: (a_to_b[0], b_to_a[1])}  # (turn_in, turn_out)
-    procs, outs = {}, {}
+    procs, outs, others = {}, {}, []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     for i, variant in enumerate(order):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             outs[variant] = f.name
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--out", outs[variant],
-               "--port", str(port + i), "--turn-in", str(fds[variant][0]), "--turn-out", str(fds[variant][1])]
-        cmd += ["--first"] if i == 0 else []
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--port", str(port + i)]
         for k in ("hidden", "layers", "heads", "ffn", "seq", "micro", "mbs", "steps", "warmup", "vocab", "ratio",
-                  "partitions", "threads", "precision"):
+                  "partitions", "threads", "precision", "dp"):
             cmd += [f"--{k}", str(getattr(args, k))]
         cmd += [a for kv in args.set for a in ("--set", kv)] + (["--profile", args.profile] if args.profile else [])
         cmd += (["--ablate", args.ablate] if args.ablate else []) + (["--control"] if args.control else [])
         cmd += ["--memory-phases"] if args.memory_phases else []
+        for rank in range(1, args.dp):  # the other data-parallel ranks: no token, no figures
+            others.append(subprocess.Popen(cmd + ["--rank", str(rank), "--out", os.devnull], env=env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        cmd += ["--out", outs[variant], "--turn-in", str(fds[variant][0]), "--turn-out", str(fds[variant][1])]
+        cmd += ["--first"] if i == 0 else []
         procs[variant] = subprocess.Popen(cmd, env=env, pass_fds=fds[variant], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True)
     os.write(b_to_a[1], b"t")  # order[0] holds the token first
@@ -309,6 +337,10 @@ def run_pair(args, order: tuple, port: int) -> dict:
         _, err = proc.communicate()
         if proc.returncode:
             errors[variant] = err
+    for proc in others:
+        _, err = proc.communicate()
+        if proc.returncode and not errors:
+            errors["data-parallel rank"] = err
     if errors:  # the run that failed first, not its partner that saw it exit
         variant = next((v for v, e in errors.items() if "the other benchmark process exited" not in e),
                        next(iter(errors)))
@@ -380,8 +412,10 @@ def main() -> None:
     ap.add_argument("--child", choices=["plain", "apex"])
     ap.add_argument("--out")
     ap.add_argument("--port", type=int, default=29611)
-    ap.add_argument("--turn-in", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--turn-out", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel processes per variant (gloo)")
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--turn-in", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--turn-out", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--first", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warmup < 1:
@@ -430,7 +464,8 @@ def main() -> None:
     gpu = device != "cpu"
     target = 1.01 if gpu else 1.03
     print(f"\ndevice: {device}; model: {runs['plain'][0]['params'] / 1e6:.1f}M parameters, {args.precision}; "
-          f"{args.micro} micro-batches x {args.mbs} x {args.seq} tokens per step; {args.threads} threads; "
+          f"{args.micro} micro-batches x {args.mbs} x {args.seq} tokens per step and rank; DP {args.dp}; "
+          f"{args.threads} threads a rank; "
           f"{args.rounds} rounds x {len(steady)} steady steps" + (f"; APEX without its {args.ablate} (diagnostic)"
                                                                   if args.ablate else "")
           + ("; CONTROL: both processes plain (the 'APEX' figures are a second plain process)" if args.control else ""))

@@ -11,7 +11,8 @@
 #   with apex.score_interval=4; "large16i4" the 953M configuration at 16 micro-batches, scoring every
 #   4th step. "resume" runs only the resume-mid-stage GPU test, "tests" all GPU tests, "tests_rest" the
 #   GPU tests other than the resume one; "engine" is bench_engine.py --tinyllama (tokens/s, MFU);
-#   "statistics" times the scoring statistic's reductions (bench_statistics.py) at the 953M shapes.
+#   "statistics" times the scoring statistic's reductions (bench_statistics.py) at the 953M shapes;
+#   "overlap" is the 953M configuration with overlapped gradient reduction (parallel.overlap_grad_reduce).
 #   BUDGET=seconds (default 420) skips sections that would not fit.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -50,6 +51,9 @@ for section in ${SECTIONS:-small large tests eager}; do
     # The profile tables (one step per variant and round, kernels sorted by GPU time) land in $OUT/prof.
     large) bench large_mbs4_bf16 150 $LARGE --profile "$OUT/prof" ;;
     eager) bench large_mbs4_eager_bf16 100 $LARGE --rounds 1 --set apex.cuda_graphs=false ;;
+    overlap)  # overlapped gradient reduction (one GPU: DP 1, buckets of ~50M): the chain rule batch by batch
+        # from the gradient-ready signals, eagerly, next to the "large" section's graph-replayed one
+        bench large_overlap_bf16 150 $LARGE --set parallel.overlap_grad_reduce=true --set parallel.ddp_bucket_size=50000000 ;;
     interval)  # the 953M configuration scoring every 4th step (read the mean step-time ratio)
         bench large_interval4_bf16 150 $LARGE --set apex.score_interval=4 ;;
     large16)  # the same model at 131,072 tokens per step (16 micro-batches of 4 x 2048)

@@ -107,9 +107,10 @@ def estimate_memory(cfg: Config, world_size: int, padded_vocab: int) -> dict:
 def apex_memory_bytes(cfg: Config, bf16: bool) -> float:
     """APEX's own memory per GPU (most loaded pipeline stage and tensor-parallel rank): the operators'
     fp32 parameters, gradients and two AdamW moments (16 bytes a parameter), and on the in-place path
-    (mode all without overlapped gradient reduction) the original P and N rows of every expanded weight,
+    (mode all) the original P and N rows of every expanded weight,
     kept while W_eff is written in (the weights' dtype). A rank holds ceil(B / TP) of a kind's B blocks
-    in each layer that expands it. Selected mode's deltas are not counted."""
+    in each layer that expands it, or all of them where the kind's operator spans the ranks (and runs per
+    call). Selected mode's deltas are not counted."""
     from megatron_apex.expansion.operator import attn_operator_num_params, ffn_operator_num_params
 
     if not cfg.apex.enabled:
@@ -118,12 +119,12 @@ def apex_memory_bytes(cfg: Config, bf16: bool) -> float:
     g = geometry.of(cfg)
     tp, stage_layers = p.tensor_model_parallel_size, m.num_layers // p.pipeline_model_parallel_size
     r, d, h = m.num_attention_heads // m.query_groups, m.head_dim, m.hidden_size
-    inplace = a.mode == "all" and not p.overlap_grad_reduce
+    inplace = a.mode == "all"
     total = 0.0
     for kind, (_, k, blocks) in g.units.items():
         if not k:
             continue
-        k_per, local = k // blocks, -(-blocks // tp)
+        k_per, local = k // blocks, blocks if g.spanning[kind] else -(-blocks // tp)
         if kind == "attn":  # P and N units: their rows of linear_qkv ((r + 2) d each, with their bias entries if any)
             # and columns of linear_proj
             rows = 2 * k_per * local * (((r + 2) * d + r * d) * h + ((r + 2) * d if m.add_qkv_bias else 0))
@@ -131,7 +132,7 @@ def apex_memory_bytes(cfg: Config, bf16: bool) -> float:
         else:  # their gate and up rows of linear_fc1 and columns of linear_fc2
             rows = 2 * k_per * local * 3 * h
             ops = ffn_operator_num_params(local, k_per, a.monarch_blocks)
-        per_layer = 16 * ops + (rows * (2 if bf16 else 4) if inplace else 0)
+        per_layer = 16 * ops + (rows * (2 if bf16 else 4) if inplace and not g.spanning[kind] else 0)
         total += min(g.layers[kind], stage_layers) * per_layer
     return total
 
@@ -245,6 +246,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
                              "in each of the layers " + "; ".join(
                                  f"stage {s + 1}: {g.stage_layers(s)[kind]}"
                                  for s in range(len(g.boundaries))) + " (drawn from train.seed)")
+        lines += [f"APEX: {note}" for note in geometry.path_notes(cfg, g)]
         if cfg.apex.progressive:
             lines.append("APEX progressive: k per stage: " + "; ".join(
                 f"{UNIT_NAMES[kind]} {ks}" for kind, ks in g.stage_ks.items()))

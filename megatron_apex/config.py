@@ -111,6 +111,10 @@ class ParallelConfig:
     sequence_parallel: bool = doc(False, "Megatron sequence parallelism: activations outside attention and MLP split along the sequence over the TP group (needs TP > 1).")
     use_distributed_optimizer: bool = doc(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = doc(False, "Overlap the data-parallel gradient reduction with backward (GPU).")
+    ddp_bucket_size: int = doc(
+        0, "Parameters per gradient-reduction bucket (megatron-core's bucket_size); with overlap_grad_reduce a "
+        "bucket is reduced as soon as its gradients are complete. 0 = megatron-core's default on a GPU "
+        "(max(40M, 1M x DP)), one bucket on the CPU.")
     backend: Literal["auto", "nccl", "gloo"] = doc("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
     distributed_timeout_minutes: float = doc(30.0, "Timeout of collectives and of the rendezvous, in minutes.")
 
@@ -120,6 +124,7 @@ class ParallelConfig:
               "context_parallel_size": self.context_parallel_size,
               "distributed_timeout_minutes": self.distributed_timeout_minutes}, "parallel", lambda v: v > 0,
              "must be positive")
+        _check(self.ddp_bucket_size >= 0, "parallel.ddp_bucket_size", self.ddp_bucket_size, "must be >= 0")
         _check(not self.sequence_parallel or self.tensor_model_parallel_size > 1, "parallel.sequence_parallel", True,
                "needs parallel.tensor_model_parallel_size > 1")
 
@@ -366,7 +371,8 @@ class ApexConfig:
     partitions: int = doc(
         8, "Operator blocks per layer: each unit kind uses B = gcd(partitions, units, k) blocks, M block-diagonal "
         "over them (1 = one operator mixing all of P into every N slot, as the paper). Independent of the TP "
-        "degree, so every layout computes the same; each block lies on one tensor-parallel rank.")
+        "degree, so every layout computes the same; a block lies on one tensor-parallel rank, or where its P and N "
+        "units cannot, the unit kind's operator spans the ranks (dry run: 'spans the ranks').")
     monarch_blocks: int = doc(
         0, "Monarch block count nb of each operator matrix (m x m): 0 = the divisor of m closest to sqrt(m) (as "
         "released), n > 0 = the divisor of m closest to n (m varies by operator and stage).")

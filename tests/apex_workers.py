@@ -60,8 +60,11 @@ class RecordingApex(ApexCallback):
                 sel = e.selection.get(kind)
                 rec[e.index][kind] = None if sel is None else {
                     k: sel[k].reshape(-1).tolist() for k in ("P", "N", "E", "p_pos", "n_pos")}
+        spanning = sorted({kind for e in self.layers for kind in ("attn", "ffn")
+                           if getattr(getattr(e, f"{kind}_op"), "span", None) is not None})
+        in_place = sum(len(e.inplace.groups) for e in self.layers if e.inplace is not None)
         self.record.append({"step": step, "stage": self.boundary.stage, "layers": rec, "votes": votes,
-                            "vote_steps": vote_steps})
+                            "vote_steps": vote_steps, "spanning": spanning, "in_place_groups": in_place})
         self.perms.append(self.boundary.cur_perms)
 
 
@@ -157,6 +160,7 @@ def apex_train_worker(config_path: str, overrides: list, stop_at: Optional[int] 
         out.update({"record": apex.record, "perms": apex.perms, "op_norms": apex.op_norms, "start_state": start, "stop_state": stop_state,
                     "stage": apex.boundary.stage, "finished": apex.boundary.finished,
                     "graph_replays": apex._runner.replays if apex._runner is not None else 0,
+                    "gate_releases": apex._gate.releases if apex._gate is not None else None,
                     "silu_recorded": [e.layer.mlp.config.activation_func is not torch.nn.functional.silu
                                       for e in apex.layers]})
     return out

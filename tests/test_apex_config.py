@@ -26,8 +26,6 @@ def _cfg(tiny_config, tiny_data, world=1, **extra):
     ({"apex.stages": 0}, "apex.stages"),
     ({"apex.stages": 7}, "apex.stages"),
     ({"apex.partitions": 0}, "apex.partitions"),
-    ({"model.num_query_groups": 4, "apex.attn_ratio": 0.25, "parallel.tensor_model_parallel_size": 4},
-     "tensor_model_parallel_size=4"),
     ({"apex.lr_scale": 0.0}, "apex.lr_scale"),
     ({"apex.init_scoring_samples": -1}, "apex.init_scoring_samples"),
     ({"apex.ema_decay": 1.0}, "apex.ema_decay"),
@@ -46,6 +44,10 @@ def test_apex_config_rejected(tiny_config, tiny_data, extra, field):
 
 
 def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
+    # One query group a rank cannot hold a P/N pair (k = 1 of 4 at TP=4): accepted, the operator spans the ranks.
+    cfg = _cfg(tiny_config, tiny_data, 4, **{"model.num_query_groups": 4, "apex.attn_ratio": 0.25,
+                                             "parallel.tensor_model_parallel_size": 4})
+    assert geometry.of(cfg).spanning["attn"]
     cfg = _cfg(tiny_config, tiny_data, **{"apex.stages": 3, "train.train_steps": 9})
     assert geometry.of(cfg).boundaries == [0, 3, 6]
     cfg = _cfg(tiny_config, tiny_data, **{"apex.boundaries": "[0, 2, 5]"})
@@ -68,8 +70,8 @@ def test_apex_config_accepted_and_schedule(tiny_config, tiny_data):
 def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
     """B = gcd(apex.partitions, units, k): 32 heads at ratio 0.125 select k = 4 in 4 partitions (one P and
     one N head each) instead of rounding k down to 0 in 8. The TP degree does not change what is valid:
-    TP=8 puts the 4 blocks on 4 of the 8 ranks; only a layout that cannot hold one block's P/N pair on a
-    rank (TP=32: one head per rank) is refused, naming the largest degree that fits. A budget below one
+    TP=8 puts the 4 blocks on 4 of the 8 ranks; where a rank cannot hold one block's P/N pair (TP=32: one
+    head per rank) the attention operator spans the ranks, which the dry run says. A budget below one
     unit per layer expands one P/N pair in round(ratio x units x layers) layers; a ratio that selects
     nothing at all is refused."""
     from megatron_apex.cli import dry_run
@@ -82,11 +84,15 @@ def test_apex_partitions_divide_the_selected_units(tiny_config, tiny_data):
     _cfg(tiny_config, tiny_data, 4, **shape, **{"parallel.tensor_model_parallel_size": 4})
     cfg8 = _cfg(tiny_config, tiny_data, 8, **shape, **{"parallel.tensor_model_parallel_size": 8})
     assert geometry.of(cfg8).units == geometry.of(cfg).units  # the same method at TP=8
-    with pytest.raises(ConfigError) as err:
-        _cfg(tiny_config, tiny_data, 32, **shape, **{"parallel.tensor_model_parallel_size": 32})
-    msg = str(err.value)
-    assert "B=4" in msg and "mixes 1 P into 1 N attention units" in msg and "tensor_model_parallel_size=32" in msg
-    assert "at most 16" in msg and "apex.attn_ratio=0" in msg, msg
+    assert geometry.of(cfg8).spanning == {"attn": False, "ffn": False}
+    assert "spans the ranks" not in dry_run(cfg8, 8)
+    cfg32 = _cfg(tiny_config, tiny_data, 32, **shape, **{"parallel.tensor_model_parallel_size": 32})
+    assert geometry.of(cfg32).units == geometry.of(cfg).units and geometry.of(cfg32).spanning == {
+        "attn": True, "ffn": False}  # 12 channels a rank hold the FFN's 6-channel blocks
+    text = dry_run(cfg32, 32)
+    assert ("APEX: attention units: a block's 2 P and N units do not fit on one of the TP=32 ranks (1 each), so "
+            "the operator spans the ranks") in text, text
+    assert "FFN channels: a block" not in text
     cfg = _cfg(tiny_config, tiny_data, **{**shape, "apex.attn_ratio": 0})  # the FFN alone
     assert geometry.of(cfg).units == {"attn": (32, 0, 8), "ffn": (384, 48, 8)}
     assert "attention units none of 32 (not expanded)" in dry_run(cfg, 1)

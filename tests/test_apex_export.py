@@ -1,5 +1,6 @@
 """A checkpoint saved in the middle of an APEX stage under TP=2 (or DP=2) exports as the fused plain model:
-loading it the exporter's way (operators joined across TP ranks and fused, TP=1) gives the loss the
+loading it the exporter's way (operators joined across TP ranks, or one replica of an operator spanning
+them, and fused, TP=1) gives the loss the
 two-rank run computed with its operators active on the same batch."""
 
 import pytest
@@ -10,7 +11,15 @@ from helpers import tiny_overrides, train_worker
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2}, {}], ids=["tp2", "dp2"])
+# tp2-span: with apex.partitions=1 the one attention block (2 P and 2 N of the 4 query groups) and the one
+# FFN block (48 P and 48 N of 128 channels) are wider than a rank's share (2 groups, 64 channels), so every
+# rank holds a replica of the operators (expansion/spanning.py): the exporter takes one replica instead of
+# joining shards.
+SPAN = {"parallel.tensor_model_parallel_size": 2, "apex.partitions": 1, "apex.ffn_ratio": 0.375}
+
+
+@pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2}, {}, SPAN],
+                         ids=["tp2", "dp2", "tp2-span"])
 def test_mid_stage_checkpoint_exports_fused(tiny_data, tiny_config, tmp_path, layout):
     ckpt = tmp_path / "ckpt"
     overrides = tiny_overrides(tiny_data, **{

@@ -27,6 +27,13 @@ SHAPES = {
     # per layer (0.0625 x 8 groups = 0.5): one P/N pair in 2 of the 4 layers, drawn per stage.
     "paper": {"model.num_attention_heads": 8, "model.num_query_groups": 8, "apex.partitions": 1,
               "apex.attn_ratio": 0.0625},
+    # Blocks wider than a rank at TP=2 (one query group and 64 FFN channels a rank): the P/N pair of
+    # attention (k = 1 of 2) and the one FFN block (48 P and 48 N of 128 channels, apex.partitions=1) span
+    # the two ranks, so both operators are replicated and exchange rows (expansion/spanning.py).
+    "span": {"model.num_attention_heads": 4, "model.num_query_groups": 2, "apex.partitions": 1,
+             "apex.attn_ratio": 0.5, "apex.ffn_ratio": 0.375},
+    # Attention spans (per call) while the FFN's two blocks lie one on each rank (in place).
+    "span-attn": {"model.num_attention_heads": 4, "model.num_query_groups": 2, "apex.attn_ratio": 0.5},
 }
 SMALL_BUDGET = {"paper": 2}  # shapes whose attention expands in fewer than all 4 layers: how many
 LAYOUTS = {
@@ -43,6 +50,9 @@ LAYOUTS = {
     "one": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2})],
     "paper": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2}),
               ("pp2", 2, {"parallel.pipeline_model_parallel_size": 2})],
+    "span": [("tp2", 2, {"parallel.tensor_model_parallel_size": 2}),
+             ("tp2dp2", 4, {"parallel.tensor_model_parallel_size": 2})],
+    "span-attn": [("tp2sp", 2, {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True})],
 }
 
 
@@ -86,6 +96,13 @@ def test_layout_invariance(references, tiny_data, tiny_config, shape, name, worl
             # The logged operator norm (of whole operators: TP shares summed) is the layout's too.
             assert len(ref["op_norms"]) == 3 and ref["op_norms"][0] == 0 and min(ref["op_norms"][1:]) > 1e-4
             assert res["op_norms"] == pytest.approx(ref["op_norms"], rel=1e-4), (name, res["op_norms"])
+    # Where blocks are wider than a rank the operators span the ranks (every rank replicates them): both
+    # kinds in "span"; in "span-attn" the attention's, while the FFN stays on the in-place path.
+    spanning = {"span": ["attn", "ffn"], "span-attn": ["attn"]}.get(shape, []) if "tensor" in str(extra) else []
+    for res in results:
+        assert [b["spanning"] for b in res["record"]] == [spanning] * 3, (name, res["record"])
+        if shape == "span-attn":
+            assert all(b["in_place_groups"] == 4 for b in res["record"])  # the FFN of each of the 4 layers
     if "tensor_model_parallel_size" in str(extra):
         # Units really moved across the two TP ranks (partitions = 2 = TP: each move crosses ranks).
         moved = [perm for r in results for b in r["perms"] for layer in b.values() for perm in layer.values()
@@ -119,6 +136,32 @@ def test_qkv_bias_layout_invariance(qwen2_reference, tiny_config, world, extra):
                    for perm in layer.values())
 
 
+@pytest.mark.parametrize("heads,kv,world,extra", [
+    # attention alone: its k = 1 of 2 query groups, whose votes no rounding can flip (the FFN's 32 of 128
+    # channels by per-micro-batch rank votes can, between TP=1 and TP=2 forwards of this model)
+    (4, 2, 2, {"parallel.tensor_model_parallel_size": 2, **SHAPES["span-attn"], "apex.ffn_ratio": 0}),
+    (8, 8, 2, {"parallel.use_distributed_optimizer": True, "parallel.overlap_grad_reduce": True,
+               "parallel.ddp_bucket_size": 2000})], ids=["tp2-span-attn", "dp2-distopt-overlap"])
+def test_qkv_bias_spanning_and_overlapped_reduction(tiny_data, tiny_config, qwen2_import, heads, kv, world, extra):
+    """A Qwen2 whose attention operator spans the TP pair (2 query groups, Qwen2.5-1.5B's count: the bias
+    entries are exchanged with the rows), and one on the in-place path under overlapped gradient reduction
+    (the bias's gradient-ready signal held with the weights'): the selections and losses of one process."""
+    layout = {k: v for k, v in extra.items() if k.startswith("parallel.")}
+    over = tiny_overrides(tiny_data, **{**APEX, "model.ffn_hidden_size": 128, **qwen2_import(heads, kv),
+                                        **{k: v for k, v in extra.items() if k not in layout}})
+    (ref,) = run_distributed(apex_train_worker, 1, tiny_config, over)
+    results = run_distributed(apex_train_worker, world, tiny_config, over + [f"{k}={v}" for k, v in layout.items()])
+    assert _pn(merge_records(results)) == _pn(merge_records([ref]))
+    for res in results:
+        assert res["finished"] and sorted(res["losses"]) == sorted(ref["losses"])
+        for step, loss in ref["losses"].items():
+            assert abs(res["losses"][step] - loss) < LOSS_TOL, (step, res["losses"][step], loss)
+        if "parallel.tensor_model_parallel_size" in layout:
+            assert [b["spanning"] for b in res["record"]] == [["attn"]] * 3
+        else:  # MHA: a batch of the V and O sides with the bias, and one of the FFN, released in each of 6 steps
+            assert res["gate_releases"] == 2 * 6, res["gate_releases"]
+
+
 def test_ema_statistic_and_monarch_blocks_dp2_match_tp1(tiny_data, tiny_config):
     """apex.statistic=ema selects by a moving average over steps, which DP=2 gets by summing the two
     ranks' averages at the boundary: the same units as TP=1, and the same losses (here with a
@@ -138,13 +181,41 @@ def test_ema_statistic_and_monarch_blocks_dp2_match_tp1(tiny_data, tiny_config):
             assert abs(res["losses"][step] - loss) < LOSS_TOL, (step, res["losses"][step], loss)
 
 
+# Overlapped reduction with buckets of about one weight each, so megatron-core reduces buckets during the
+# backward pass (one bucket, the CPU default, would start only after the last gradient).
+OVERLAP = {"parallel.overlap_grad_reduce": True, "parallel.ddp_bucket_size": 2000}
+
+
+@pytest.mark.parametrize("distopt", [False, True], ids=["dp2", "dp2-distopt"])
+def test_overlapped_reduction_keeps_the_in_place_operator(tiny_data, tiny_config, distopt):
+    """With parallel.overlap_grad_reduce the operator stays on the in-place path (its chain rule runs from
+    the weights' gradient-ready signals, before their buckets are reduced): the same selections and
+    losses as without overlap, at DP=2 and with the distributed optimizer (where a bucket reduced before
+    the chain rule would leave each rank the wrong rows)."""
+    extra = {**APEX, **SHAPES["gqa"], "parallel.use_distributed_optimizer": distopt}
+    ref = run_distributed(apex_train_worker, 2, tiny_config, tiny_overrides(tiny_data, **extra))
+    results = run_distributed(apex_train_worker, 2, tiny_config, tiny_overrides(tiny_data, **extra, **OVERLAP))
+    assert _pn(merge_records(results)) == _pn(merge_records(ref))
+    for res, base in zip(results, ref):
+        assert res["finished"] and sorted(res["losses"]) == sorted(base["losses"])
+        for step, loss in base["losses"].items():
+            assert abs(res["losses"][step] - loss) < LOSS_TOL, (step, res["losses"][step], loss)
+        # In place: every layer's operators in the runner (GQA: a V and an O side, and the FFN: 3 groups a
+        # layer), released by the gate in each of the 6 steps, one batch of equal groups at a time (3 a step).
+        assert [b["in_place_groups"] for b in res["record"]] == [12] * 3
+        assert base["gate_releases"] is None and res["gate_releases"] == 3 * 6, res["gate_releases"]
+    assert res["op_norms"] == pytest.approx(ref[0]["op_norms"], rel=1e-4)
+
+
 # ---------------------------------------------------------------------- resume mid-stage
 RESUME = {**APEX, **SHAPES["gqa"], "apex.boundaries": "[0, 4]", "train.train_steps": 7, "apex.lr_scale": 20.0}
 
 
 @pytest.mark.parametrize("world,layout", [(1, {}), (2, {"parallel.context_parallel_size": 2}),
-                                          (2, {"parallel.use_distributed_optimizer": True})],
-                         ids=["one-process", "cp2", "dp2-distopt"])
+                                          (2, {"parallel.use_distributed_optimizer": True}),
+                                          (2, {"parallel.tensor_model_parallel_size": 2, **SHAPES["span"]}),
+                                          (2, {"parallel.use_distributed_optimizer": True, **OVERLAP})],
+                         ids=["one-process", "cp2", "dp2-distopt", "tp2-span", "dp2-distopt-overlap"])
 def test_resume_mid_stage_is_exact(tiny_data, tiny_config, tmp_path, world, layout):
     full = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "full")})
     cut = tiny_overrides(tiny_data, **{**RESUME, **layout, "checkpoint.save": str(tmp_path / "cut")})

@@ -83,9 +83,6 @@ def test_base_config_is_valid():
     (["apex.enabled=true", "apex.ema_decay=0"], None, "apex.ema_decay=0.0", "(0, 1)"),
     (["apex.enabled=true", "apex.score_interval=0"], None, "apex.score_interval=0", ">= 1"),
     (["apex.enabled=true", "apex.monarch_blocks=-2"], None, "apex.monarch_blocks=-2", ">= 0"),
-    # An APEX operator block (a P/N pair of heads) that cannot lie on one tensor-parallel rank
-    (["apex.enabled=true", "apex.attn_ratio=0.5", "parallel.tensor_model_parallel_size=4"], None,
-     "apex.attn_ratio=0.5", "tensor_model_parallel_size=4 leaves each rank 1 of the 4"),
     # sequence parallelism needs TP > 1, and a sequence that splits evenly over the TP ranks
     (["parallel.sequence_parallel=true"], None, "parallel.sequence_parallel=True", "tensor_model_parallel_size > 1"),
     (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=4", "model.num_attention_heads=8",

@@ -37,16 +37,19 @@ def test_memory_estimate_follows_the_recomputation():
 
 def test_memory_estimate_counts_apex():
     """The operators and their AdamW state (16 bytes a parameter), and on the in-place path the kept P and
-    N rows: 8 query groups at 0.25 (k = 2 in 2 blocks of 1), 704 channels at 0.25 (k = 176 in 8 blocks of
-    22), bf16 weights (the plan of a GPU run), every one of the 8 layers."""
+    N rows (also with overlapped gradient reduction), not in selected mode (per call): 8 query groups at 0.25
+    (k = 2 in 2 blocks of 1), 704 channels at 0.25 (k = 176 in 8 blocks of 22), bf16 weights (the plan of a
+    GPU run), every one of the 8 layers."""
     from megatron_apex.expansion.operator import attn_operator_num_params, ffn_operator_num_params
 
     apex = ["apex.enabled=true", "apex.ratio=0.25"]
     plain, inplace, overlap = _mem(), _mem(*apex), _mem(*apex, "parallel.overlap_grad_reduce=true")
+    per_call = _mem(*apex, "apex.mode=selected", "apex.ffn_tuned_ratio=0.5", "apex.attn_tuned_ratio=0.5")
     ops = attn_operator_num_params(2, 1, 32, 1) + ffn_operator_num_params(8, 22)
     rows = 2 * 2 * (3 * 32 + 32) * 256 + 2 * 176 * 3 * 256  # attention: qkv rows and proj columns; FFN: fc1, fc2
-    assert overlap["apex_gib"] * 1024 ** 3 == pytest.approx(8 * 16 * ops)
+    assert per_call["apex_gib"] * 1024 ** 3 == pytest.approx(8 * 16 * ops)
     assert inplace["apex_gib"] * 1024 ** 3 == pytest.approx(8 * (16 * ops + 2 * rows))
+    assert overlap["apex_gib"] == inplace["apex_gib"]
     assert inplace["total_gib"] - plain["total_gib"] == pytest.approx(inplace["apex_gib"])
     assert plain["apex_gib"] == 0
 

@@ -119,6 +119,34 @@ def test_evaluate_matches_trainer_validation_and_hf_export(tiny_data, tiny_confi
     assert "no such checkpoint" in capsys.readouterr().err
 
 
+def test_evaluate_follows_document_masks(tiny_data, tiny_config, tmp_path):
+    """A checkpoint trained with data.reset_attention_mask is evaluated with the trainer's document masks:
+    at the run's seed, its validation loss; attending across documents instead gives another loss."""
+    import evaluate as evaluate_tool
+    from distributed_utils import run_distributed
+    from helpers import tiny_overrides, train_worker
+
+    from megatron_apex.analysis import evaluate as ev
+
+    ckpt = str(tmp_path / "ckpt")
+    over = tiny_overrides(tiny_data, **{"data.valid_data_path": f"[{tiny_data}]", "train.eval_steps": 2,
+                                        "train.seed": 7, "train.train_steps": 3, "checkpoint.save": ckpt,
+                                        "data.reset_attention_mask": True})
+    (res,) = run_distributed(train_worker, 1, tiny_config, over)
+    out = str(tmp_path / "eval.json")
+    args = ["--model", ckpt, "--data", tiny_data, "--samples", "16", "--micro-batch-size", "2", "--seed", "7"]
+    assert evaluate_tool.main([*args, "--json", out]) == 0
+    masked = json.loads(open(out).read())["datasets"][0]["loss"]
+    assert masked == pytest.approx(res["valid"][3], abs=2e-5), (masked, res["valid"][3])
+    real = ev.eval_batches
+    ev.eval_batches = lambda *a: real(*a[:8])  # the same batches without the masks
+    try:
+        assert evaluate_tool.main([*args, "--json", out]) == 0
+    finally:
+        ev.eval_batches = real
+    assert abs(json.loads(open(out).read())["datasets"][0]["loss"] - masked) > 1e-3
+
+
 @pytest.mark.slow
 def test_study_smoke(tmp_path):
     """study.py all --smoke: corpora from this checkout, a base model, a few steps of every arm (plain and

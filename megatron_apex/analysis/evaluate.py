@@ -10,7 +10,9 @@ Data: Megatron indexed dataset prefixes. Each is read as the trainer's validatio
 (:func:`megatron_apex.data.datasets.build_eval_dataset`): with the default seed 0 every model, whatever
 seed it was trained with, is measured on the same tokens, and a run whose own seed is the evaluation
 seed gets its trainer's validation loss back. The loss is the mean next-token cross-entropy over all
-tokens of the samples (the trainer's, without ``data.eod_mask_loss``).
+tokens of the samples (the trainer's, without ``data.eod_mask_loss``). A checkpoint trained with
+``data.reset_attention_mask`` is evaluated with the same document masks (attention does not cross an
+end-of-document token); a Hugging Face model attends causally over the whole sample.
 """
 
 from __future__ import annotations
@@ -47,11 +49,14 @@ def is_hf_model_dir(path: str) -> bool:
 
 
 def eval_batches(prefix: str, seq_length: int, num_samples: int, seed: int, vocab_size: int, eod_id: int,
-                 micro_batch_size: int, cache_path: Optional[str] = None):
-    """(number of samples, iterator of ``(tokens, labels, position_ids)`` ``[b, s]`` batches) of one dataset."""
+                 micro_batch_size: int, cache_path: Optional[str] = None, reset_attention_mask: bool = False):
+    """(number of samples, iterator of ``(tokens, labels, position_ids, attention_mask)`` batches of one
+    dataset): ``[b, s]`` each, the mask ``[b, 1, s, s]`` (True where attention is barred) with
+    ``reset_attention_mask``, else None."""
     from megatron_apex.data.datasets import build_eval_dataset
 
-    dataset, n = build_eval_dataset(prefix, seq_length, num_samples, seed, vocab_size, eod_id, cache_path)
+    dataset, n = build_eval_dataset(prefix, seq_length, num_samples, seed, vocab_size, eod_id, cache_path,
+                                    reset_attention_mask)
 
     def batches():
         for start in range(0, n, micro_batch_size):
@@ -61,7 +66,8 @@ def eval_batches(prefix: str, seq_length: int, num_samples: int, seed: int, voca
             if top >= vocab_size:
                 raise ConfigError(f"{prefix}: token id {top} does not fit the model's vocabulary of {vocab_size}: "
                                   "the dataset was made with another tokenizer")
-            yield tokens.long(), labels.long(), torch.arange(tokens.shape[1]).expand_as(tokens)
+            mask = torch.stack([torch.as_tensor(it["attention_mask"]) for it in items]) if reset_attention_mask else None
+            yield tokens.long(), labels.long(), torch.arange(tokens.shape[1]).expand_as(tokens), mask
     return n, batches()
 
 
@@ -73,11 +79,25 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _mean_loss(prefix: str, n: int, batches, token_losses) -> DatasetLoss:
     total, count = 0.0, 0
-    for tokens, labels, position_ids in batches:
-        losses = token_losses(tokens, labels, position_ids)  # [b, s]
+    for tokens, labels, position_ids, mask in batches:
+        losses = token_losses(tokens, labels, position_ids, mask)  # [b, s]
         total += float(losses.sum())
         count += losses.numel()
     return DatasetLoss(prefix, n, count, total / count)
+
+
+def _eod_id(path: str, cfg) -> int:
+    """The end-of-document id a run's document masks split at (0 where nothing depends on it)."""
+    if cfg.data.eod_id is not None or not cfg.data.reset_attention_mask:
+        return cfg.data.eod_id or 0
+    from megatron_apex.data.datasets import resolve_vocab
+
+    try:
+        return resolve_vocab(cfg)[1]
+    except Exception as exc:  # the run's tokenizer may not exist on this machine
+        raise ConfigError(f"{path}: trained with data.reset_attention_mask, whose document masks split at the "
+                          f"end-of-document id, and the run's tokenizer ({cfg.data.tokenizer_model}) that gives it "
+                          f"cannot be read here ({exc})") from None
 
 
 def evaluate_checkpoint(path: str, prefixes: list, num_samples: int = 0, seed: int = 0, micro_batch_size: int = 8,
@@ -95,13 +115,14 @@ def evaluate_checkpoint(path: str, prefixes: list, num_samples: int = 0, seed: i
     with single_process(cfg) as ctx:
         model = load_model(iter_dir, common, cfg, padded, torch.float32, ctx)
 
-        def token_losses(tokens, labels, position_ids):
+        def token_losses(tokens, labels, position_ids, mask):
             with torch.no_grad():
-                return model(tokens, position_ids, None, labels=labels).double()  # [b, s]
+                return model(tokens, position_ids, mask, labels=labels).double()  # [b, s]
 
+        eod = _eod_id(path, cfg)
         for prefix in prefixes:
-            n, batches = eval_batches(prefix, seq, num_samples, seed, vocab, cfg.data.eod_id or 0, micro_batch_size,
-                                      cache_path)
+            n, batches = eval_batches(prefix, seq, num_samples, seed, vocab, eod, micro_batch_size, cache_path,
+                                      cfg.data.reset_attention_mask)
             results.append(_mean_loss(prefix, n, batches, token_losses))
             logger.info("%s: loss %.4f over %d tokens", prefix, results[-1].loss, results[-1].tokens)
         del model
@@ -139,7 +160,7 @@ def _hf_losses_here(hf_dir: str, data: list) -> list:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
 
-    def token_losses(tokens, labels, position_ids):
+    def token_losses(tokens, labels, position_ids, mask):  # no document masks here (module docstring)
         with torch.no_grad():
             return _token_losses(model(input_ids=tokens, position_ids=position_ids).logits, labels)
 

@@ -333,12 +333,13 @@ def build_datasets(cfg: Config, vocab_size: int, eod_id: int, train_samples: int
 
 
 def build_eval_dataset(prefix: str, seq_length: int, num_samples: int, seed: int, vocab_size: int, eod_id: int,
-                       cache_path: Optional[str] = None):
+                       cache_path: Optional[str] = None, reset_attention_mask: bool = False):
     """The first ``num_samples`` samples of ``prefix`` as the trainer's validation reads them from
     ``data.valid_data_path=[prefix]`` with ``train.seed=seed``: megatron-core's GPTDataset of the valid
     split over all of the dataset's documents (same index construction, same order). With a fixed ``seed``
     every model is measured on the same tokens, whatever seed it was trained with. ``num_samples`` 0:
-    one pass over the dataset (every sample of one epoch)."""
+    one pass over the dataset (every sample of one epoch). ``reset_attention_mask``: samples carry the
+    document masks of ``data.reset_attention_mask``, built as the trainer's are."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
@@ -355,8 +356,8 @@ def build_eval_dataset(prefix: str, seq_length: int, num_samples: int, seed: int
     num_samples = num_samples or epoch
     ds_config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, tokenizer=_TokenInfo(vocab_size=vocab_size, eod=eod_id),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        path_to_cache=cache_path, mmap_bin_files=True, blend_per_split=[None, ([prefix], None), None])
+        reset_position_ids=False, reset_attention_mask=reset_attention_mask, eod_mask_loss=False,
+        create_attention_mask=reset_attention_mask, path_to_cache=cache_path, mmap_bin_files=True, blend_per_split=[None, ([prefix], None), None])
     _, valid, _ = BlendedMegatronDatasetBuilder(FingerprintedGPTDataset, [0, num_samples, 0], lambda: True,
                                                 ds_config).build()
     return valid, num_samples

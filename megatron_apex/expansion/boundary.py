@@ -7,7 +7,8 @@ Cross-rank expansion by permutation: one global function-preserving permutation 
 start of its block (partition.pack_partitions, so the in-place operator reads strided blocks). It is
 applied to weights, fp32 master weights and Adam moments (state.ParamStates; one TP all-gather per
 tensor, at boundaries only). The operator is block-diagonal over the blocks, so it is rank-local and
-TP=1 computes exactly what TP=2 does.
+TP=1 computes exactly what TP=2 does. Where one block's P and N units do not fit on a rank, the kind's
+operator spans the group instead (expansion/spanning.py), with the same result.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from megatron_apex.expansion.geometry import UNIT_NAMES, Geometry, unit_share
 from megatron_apex.expansion.inplace import InPlaceLayer, linear_bias
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion, monarch_sq_norms
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
-from megatron_apex.expansion.partition import (balance_permutation, local_blocks, pack_partitions, permute_fc1,
-                                               permute_units, round_k_to_partitions, shard_positions)
+from megatron_apex.expansion.partition import (balance_permutation, local_blocks, pack_partitions, packed_positions,
+                                               permute_fc1, permute_units, round_k_to_partitions, shard_positions)
+from megatron_apex.expansion.spanning import Span
 from megatron_apex.expansion.selection import progressive_k, select_units, select_units_partial
 from megatron_apex.expansion.state import ParamStates, reduce_and_clip_grads, tp_gather, tp_shard
 from megatron_apex.training.schedule import lr_at
@@ -109,6 +111,11 @@ class StageBoundary:
     def op_params(self) -> list:
         return [p for entry in self.layers for op in entry.operators() for p in op.parameters()]
 
+    def spanning_params(self) -> list:
+        """The parameters of operators replicated over the tensor-parallel group (expansion/spanning.py)."""
+        return [p for entry in self.layers for op in (entry.attn_op, entry.ffn_op)
+                if op is not None and op.span is not None for p in op.parameters()]
+
     # ------------------------------------------------------------------ the boundary
     def advance(self, trainer, votes: dict, raw: dict) -> list:
         """Fuse the finished stage, start the next: select, permute, build operators and their optimizer.
@@ -191,15 +198,22 @@ class StageBoundary:
             # nothing, and the other operator's draw stays the same.
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.stage * 104729 + 2 * entry.index
                                                 + kind_id)
-            first, b_local = local_blocks(sel["p_pos"], ctx.tp_rank, ctx.tp_size, self.n[kind])
-            k_per = sel["p_pos"].shape[1]
+            blocks, k_per = sel["p_pos"].shape
+            spanning = self.geometry.spanning[kind]
+            first, b_local = (0, blocks) if spanning else local_blocks(sel["p_pos"], ctx.tp_rank, ctx.tp_size,
+                                                                       self.n[kind])
             if kind == "attn":
                 op = AttentionExpansion(b_local, k_per, self.d, self.r, device=dev,
                                         monarch_blocks=self.a.monarch_blocks)
             else:
                 op = FFNExpansion(b_local, k_per, device=dev, monarch_blocks=self.a.monarch_blocks)
-            op.reset_parameters(gen, first, sel["p_pos"].shape[0])
-            p_loc, n_loc = shard_positions(sel["p_pos"], sel["n_pos"], ctx.tp_rank, ctx.tp_size, self.n[kind])
+            op.reset_parameters(gen, first, blocks)
+            if spanning:  # every block on every rank, over the 2k gathered units (packed: P then N per block)
+                p_loc, n_loc = packed_positions(blocks, k_per, 2 * blocks * k_per)
+                op.span = Span(torch.cat([sel["p_pos"], sel["n_pos"]], 1), self.n[kind], ctx.tp_rank, ctx.tp_size,
+                               ctx.tp_group, self.r, self.d)
+            else:
+                p_loc, n_loc = shard_positions(sel["p_pos"], sel["n_pos"], ctx.tp_rank, ctx.tp_size, self.n[kind])
             op.set_positions(p_loc.to(dev), n_loc.to(dev))
             setattr(entry, f"{kind}_op", op)
         if self.a.mode == "selected":
@@ -213,7 +227,8 @@ class StageBoundary:
                 units[kind] = local_units(allu, ctx.tp_rank, ctx.tp_size, self.n[kind])
             entry.deltas = PartialDeltas(units["attn"].to(dev), units["ffn"].to(dev), self.cfg.model.hidden_size,
                                          self.d, self.r, device=dev, qkv_bias=self.cfg.model.add_qkv_bias)
-        entry.inplace = InPlaceLayer(entry.linears, entry.attn_op, entry.ffn_op, self.d, self.r) \
+        in_place = lambda op: None if op is None or op.span is not None else op  # noqa: E731 (spanning: per call)
+        entry.inplace = InPlaceLayer(entry.linears, in_place(entry.attn_op), in_place(entry.ffn_op), self.d, self.r) \
             if self.inplace else None
 
     def build_op_optimizer(self) -> None:
@@ -241,8 +256,15 @@ class StageBoundary:
         clipping norm's reduction, with nothing to add."""
         if self.finished or self.stage == 0 or not self.operators_anywhere:
             return
-        params = [p for p in self.op_params() if p.grad is not None]
-        reduce_and_clip_grads([p.grad for p in params], trainer.ctx, self.cfg.optimizer.clip_grad)
+        spanning = self.spanning_params()
+        for p in spanning:  # every rank of the group adds its part, even one that holds none of the rows
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        seen = {id(p) for p in spanning}
+        params = [p for p in self.op_params() if p.grad is not None and id(p) not in seen]
+        reduce_and_clip_grads([p.grad for p in params], trainer.ctx, self.cfg.optimizer.clip_grad,
+                              [p.grad for p in spanning])
+        params += spanning
         if self.op_optimizer is None or not params:
             return
         for group in self.op_optimizer.param_groups:
@@ -253,7 +275,8 @@ class StageBoundary:
         """Mean over this pipeline stage's operators of the Frobenius norm of their whole dense M (0 right
         after insertion). Under TP each rank holds some of an operator's partitions: with ``ctx`` the
         squared norms are summed over the TP group (a collective), so every layout logs the same value."""
-        sq = monarch_sq_norms([op for e in self.layers for op in (e.attn_op, e.ffn_op) if op is not None])
+        skip = ctx is not None and ctx.tp_rank > 0  # operators replicated over the group count on rank 0
+        sq = monarch_sq_norms([op for e in self.layers for op in (e.attn_op, e.ffn_op) if op is not None], skip)
         if sq.numel() == 0:
             return 0.0
         if ctx is not None and ctx.tp_size > 1:

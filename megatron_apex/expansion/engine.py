@@ -34,7 +34,7 @@ from megatron_apex.config import Config
 from megatron_apex.expansion import geometry as geo
 from megatron_apex.expansion.boundary import Layer, StageBoundary
 from megatron_apex.expansion.geometry import UNIT_NAMES
-from megatron_apex.expansion.inplace import InPlaceRunner, linear_bias
+from megatron_apex.expansion.inplace import GradReadyGate, InPlaceRunner, linear_bias
 from megatron_apex.expansion.operator import monarch_summary
 from megatron_apex.expansion.resume import ApexResume, refuse_unfused_start
 from megatron_apex.expansion.state import ParamStates
@@ -74,9 +74,10 @@ class ApexCallback(Callback):
         self.geometry = geo.check(cfg)  # also for a config built without the entry points' checks
         self.layers: list = []
         # Once per step on the changed rows (inplace.py), unless the base weights have no gradient
-        # buffer (selected mode) or megatron-core reduces gradients during the backward pass.
-        self.inplace = self.a.mode == "all" and not cfg.parallel.overlap_grad_reduce
+        # buffer (selected mode); with overlapped gradient reduction through a GradReadyGate.
+        self.inplace = self.a.mode == "all"
         self._runner = InPlaceRunner(self.a.cuda_graphs) if self.inplace else None
+        self._gate = None
         self.recorder = VoteRecorder(cfg, self.geometry.units)
         self.boundary = self.Boundary(cfg, self.geometry, self.layers, self.inplace)
         self.resume = ApexResume(cfg, self)
@@ -87,11 +88,14 @@ class ApexCallback(Callback):
         if ctx.rank == 0:
             self._log_geometry()
         decoder = getattr(model, "decoder", None)
+        # Per call: every linear off the in-place path, and those of a unit kind whose operator spans the
+        # tensor-parallel ranks (expansion/spanning.py) on it.
+        per_call = [kind for kind in ("qkv", "proj", "fc1", "fc2")
+                    if not self.inplace or self.geometry.spanning["attn" if kind in ("qkv", "proj") else "ffn"]]
         for layer in getattr(decoder, "layers", []):
             entry = Layer(layer, layer.layer_number - 1)
-            if not self.inplace:
-                for kind, linear in entry.linears.items():
-                    _install_forward(linear, entry, kind)
+            for kind in per_call:
+                _install_forward(entry.linears[kind], entry, kind)
             self.recorder.attach(layer, entry.index)
             self.layers.append(entry)
         self.recorder.allocate(ctx.device)
@@ -108,6 +112,8 @@ class ApexCallback(Callback):
                 f" in {g.layers[kind]} of {n_layers} layers per stage (budget below one unit per layer; layers "
                 f"drawn from train.seed and the stage)" if k and g.layers[kind] < n_layers else "")
             for kind, (n, k, b) in g.units.items()))
+        for line in geo.path_notes(self.cfg, g):
+            logger.info("APEX: %s", line)
         if self.a.progressive:
             logger.info("APEX progressive: k per stage: %s", "; ".join(
                 f"{UNIT_NAMES[kind]} {ks}" for kind, ks in g.stage_ks.items()))
@@ -126,6 +132,8 @@ class ApexCallback(Callback):
                                ratio, n, unused, kind, 1 / n)
 
     def on_train_start(self, trainer) -> None:
+        if self._runner is not None and self.cfg.parallel.overlap_grad_reduce:
+            self._gate = GradReadyGate(self._runner, list(getattr(trainer.model, "bucket_groups", [])))
         self.boundary.param_states = ParamStates(trainer.optimizer, trainer.ctx.dp_group)
         self.resume.restore(trainer)
 
@@ -140,11 +148,13 @@ class ApexCallback(Callback):
         # Votes are needed for a later boundary; taken every apex.score_interval steps from the stage's start.
         since = step - (boundaries[b.stage - 1] if b.stage > 0 else 0)
         self.recorder.recording = b.stage < len(boundaries) and since % self.a.score_interval == 0
-        if not self.inplace:  # the in-place path writes the operators' gradients itself (InPlaceRunner)
-            for entry in self.layers:
-                for op in entry.operators():
+        for entry in self.layers:  # the in-place path writes its operators' gradients itself (InPlaceRunner)
+            for op in entry.operators():
+                if not self.inplace or getattr(op, "span", None) is not None:
                     op.zero_grad(set_to_none=True)
         self._materialize()
+        if self._gate is not None:
+            self._gate.arm()
 
     def before_grad_reduction(self, trainer) -> None:
         self.recorder.rank_before_reduction(trainer.ctx)
@@ -158,6 +168,8 @@ class ApexCallback(Callback):
         self.recorder.end_step(trainer.ctx, bool(metrics.get("skipped")))
 
     def on_evaluate(self, trainer, begin: bool) -> None:
+        if self._gate is not None:
+            self._gate.disarm()  # forward only: nothing to hold
         if begin:
             self._materialize()
         else:
@@ -239,7 +251,8 @@ class ApexCallback(Callback):
             return p.numel() if ctx.tp_rank == 0 or getattr(p, "tensor_model_parallel", False) else 0
 
         model_params = list(trainer.model.parameters())
-        operators = sum(p.numel() for p in self.boundary.op_params())
+        spanning = {id(p) for p in self.boundary.spanning_params()}  # replicated over TP: counted on its rank 0
+        operators = sum(p.numel() for p in self.boundary.op_params() if ctx.tp_rank == 0 or id(p) not in spanning)
         counts = torch.tensor([sum(counted(p) for p in model_params if p.requires_grad) + operators,
                                sum(counted(p) for p in model_params)], dtype=torch.float64, device=ctx.device)
         if ctx.tp_size * ctx.pp_size > 1:

@@ -4,7 +4,8 @@ A mid-stage checkpoint holds plain (global) model weights plus, per (PP, TP, DP)
 operator state (``resume.STATE_KEY``). Exporting or analysing such a checkpoint needs the plain
 model the run would have after fusing. Here the per-rank operators of every layer are joined into
 one TP=1 operator (partitions are rank-contiguous, so parameters concatenate along the partition
-axis, ranks without a block adding none, and selections are already global) and applied to the global weights with the same fuse
+axis, ranks without a block adding none, an operator that spans the ranks taken from one of its
+replicas, and selections are already global) and applied to the global weights with the same fuse
 functions the engine uses.
 """
 
@@ -84,6 +85,8 @@ def fuse_global_weights(weights: dict, cfg, rank_states: dict, prefix: str = "de
         ops = {}
         for kind in ("attn", "ffn"):
             states = [s["ops"][f"{kind}_op"] for s in shards if f"{kind}_op" in s["ops"]]
+            if kind in shards[0].get("spanning", ()):  # replicated on every TP rank (expansion/spanning.py)
+                states = states[:1]
             ops[kind] = _global_operator(kind, selection.get(kind), states, d, r, cfg.apex.monarch_blocks)
         deltas = _global_deltas(shards, selection, m.hidden_size, d, r)
         if not any(ops.values()) and deltas is None:

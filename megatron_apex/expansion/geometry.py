@@ -4,7 +4,10 @@ numbers (no torch), so the dry run, the config checks and the engine read the sa
 
 A layer has ``n`` units of each kind ('attn': query groups, 'ffn': FFN channels). A stage selects k
 of them as P (advantageous) and k as N (disadvantageous) and mixes P into N through an operator that
-is block-diagonal over B blocks; each block must lie on one tensor-parallel rank (docs/method.md).
+is block-diagonal over B blocks. A block normally lies on one tensor-parallel rank; where one block's P and
+N units cannot (more of them than a rank holds), the kind's operator *spans* the ranks: it is replicated
+on every rank of the group and the rows it reads are exchanged (docs/method.md). Either way the layout
+does not change the method.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def units_per_layer(ratio: float, n_units: int, partitions: int, n_layers: int =
 
 def block_ranks(n_units: int, blocks: int, k: int, tp_size: int) -> Optional[list[int]]:
     """The tensor-parallel rank that holds each of the B operator blocks of a unit kind, or None when
-    a block cannot lie on one rank.
+    a block cannot lie on one rank (the kind's operator then spans the ranks, :func:`spans`).
 
     After the stage's permutation the k/B P and k/B N units of block b are packed at the start of its
     partition, units [b x U, b x U + 2k/B) with U = n/B; rank q holds units [q x n/t, (q+1) x n/t). When t
@@ -89,6 +92,14 @@ def block_ranks(n_units: int, blocks: int, k: int, tp_size: int) -> Optional[lis
             return None
         ranks.append(q)
     return ranks
+
+
+def spans(n_units: int, blocks: int, k: int, tp_size: int) -> bool:
+    """Whether a unit kind's operator spans the tensor-parallel ranks: some block's k/B P and k/B N units
+    do not fit on one rank (4 query groups, k = 1 at TP=4: each rank holds one group, and the block
+    needs two). Such an operator is replicated on every rank of the group; each call gathers the P and N
+    rows of the layer from the ranks that hold them and writes back its own (expansion/spanning.py)."""
+    return k > 0 and block_ranks(n_units, blocks, k, tp_size) is None
 
 
 def stage_k(k: int, stage: int, progressive: bool, blocks: int = 1) -> int:
@@ -111,6 +122,7 @@ class Geometry:
     layers: dict       # kind -> in how many layers it expands at every stage (all, unless a small budget)
     num_layers: int
     seed: int
+    spanning: dict = None  # kind -> whether its operator spans the tensor-parallel ranks (:func:`spans`)
 
     def stage_layers(self, stage: int) -> dict:
         """Per unit kind: the global layer indices expanding it in stage ``stage`` (0-based)."""
@@ -138,7 +150,8 @@ def of(cfg: Config) -> Geometry:
         stage_ks={kind: [stage_k(k, s, a.progressive, b) for s in range(len(boundaries))]
                   for kind, (_, k, b) in units.items()},
         layers={kind: budget_layers(a.kind_ratio(kind), n, layers) if k else 0 for kind, (n, k, _) in units.items()},
-        num_layers=layers, seed=cfg.train.seed)
+        num_layers=layers, seed=cfg.train.seed,
+        spanning={kind: spans(n, b, k, cfg.parallel.tensor_model_parallel_size) for kind, (n, k, b) in units.items()})
 
 
 def _check(ok: bool, name: str, value, problem: str) -> None:
@@ -154,7 +167,6 @@ def check(cfg: Config) -> Optional[Geometry]:
     if not a.enabled:
         return None
     g = of(cfg)
-    tp = cfg.parallel.tensor_model_parallel_size
     if not any(k for _, k, _ in g.units.values()):
         keys = {kind: f"apex.{kind}_ratio" if getattr(a, f"{kind}_ratio") is not None else "apex.ratio"
                 for kind in g.units}
@@ -164,15 +176,6 @@ def check(cfg: Config) -> Optional[Geometry]:
                 f"{n} {UNIT_NAMES[kind]} ({keys[kind]}={a.kind_ratio(kind)}; >= {0.5 / (n * layers):.4g} "
                 f"selects one in one of the {layers} layers, >= {1 / n:.4g} one in every layer)"
                 for kind, (n, _, _) in g.units.items()) + "; raise one of them, or set apex.enabled=false")
-    for kind, (n, k, b) in g.units.items():
-        if block_ranks(n, b, k, tp) is None:
-            raise ConfigError(
-                f"apex.{kind}_ratio={a.kind_ratio(kind)}: each of the B={b} operator blocks (gcd of "
-                f"apex.partitions={a.partitions}, {n} and k={k}) mixes {k // b} P into {k // b} N "
-                f"{UNIT_NAMES[kind]}, {2 * (k // b)} units that must lie on one tensor-parallel rank, but "
-                f"parallel.tensor_model_parallel_size={tp} leaves each rank {n // tp} of the {n}; use a "
-                f"tensor-parallel degree of at most {n // (2 * (k // b))}, a larger apex.partitions, or "
-                f"apex.{kind}_ratio=0 (the {UNIT_NAMES[kind]} not expanded)")
     if a.boundaries:
         b = g.boundaries
         _check(b[0] >= 0 and b[-1] < t.train_steps, "apex.boundaries", b,
@@ -193,3 +196,31 @@ def check(cfg: Config) -> Optional[Geometry]:
                        + (" or tuned ratio" if a.mode == "selected" else "") + ", or apex.progressive=false")
                 used += k
     return g
+
+
+def path_notes(cfg: Config, g: Geometry) -> list:
+    """How the operator runs, for the dry run and the start-up log: the path, then one line per unit kind
+    whose operator spans the tensor-parallel ranks (those run per linear call)."""
+    a, p = cfg.apex, cfg.parallel
+    if a.mode == "selected":
+        notes = ["the operator runs per linear call (W_eff built in every call): apex.mode='selected' freezes the "
+                 "base weights, which then have no gradient buffer for the in-place path"]
+    else:
+        notes = ["the operator runs in place, once per step on the P and N rows" + (
+            "; its chain rule runs before megatron-core reduces each bucket during the backward pass "
+            "(parallel.overlap_grad_reduce)" if p.overlap_grad_reduce else "")]
+    tp = p.tensor_model_parallel_size
+    m = cfg.model
+    r, d, h = m.num_attention_heads // m.query_groups, m.head_dim, m.hidden_size
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and p.backend != "gloo")
+    for kind, (n, k, b) in g.units.items():
+        if not g.spanning.get(kind):
+            continue
+        rows = 2 * k * ((r + 2) * d + r * d) if kind == "attn" else 2 * k * 3  # of qkv + proj, or fc1 + fc2
+        mib = rows * h * (2 if bf16 else 4) / 2 ** 20
+        notes.append(f"{UNIT_NAMES[kind]}: a block's {2 * (k // b)} P and N units do not fit on one of the "
+                     f"TP={tp} ranks ({n // tp} each), so the operator spans the ranks: replicated on every rank, "
+                     f"per linear call (not in place), the rows of the layer's {2 * k} P and N units gathered and "
+                     f"their gradients summed over the group (all-reduces of {mib:.3g} MiB per layer and "
+                     f"micro-batch, forward and backward each)")
+    return notes

@@ -21,8 +21,14 @@ index gathers and scatters, with the same results. Operators of equal shape in s
 same unit kind in every layer of a model) are computed together (:class:`_Batch`). The cost per step
 is a few passes over the P and N rows plus one small Monarch forward and backward per batch of
 layers, whatever the number of micro-batches or tokens. The engine falls back to building
-W_eff per call for the ``selected`` mode (frozen base weights have no gradient buffer) and with
-overlapped gradient reduction; a test checks that both paths agree.
+W_eff per call for the ``selected`` mode (frozen base weights have no gradient buffer) and for an
+operator that spans the tensor-parallel ranks (spanning.py); a test checks that both paths agree.
+
+With overlapped gradient reduction megatron-core starts reducing a bucket as soon as the gradients of
+its parameters are complete, during the backward pass: :class:`GradReadyGate` holds back the "ready"
+signal of every expanded weight until all weights of its batch are complete, runs that batch's chain
+rule and restore, and only then passes the signals on, so no bucket is reduced before its rows are
+dL/dW.
 """
 
 from __future__ import annotations
@@ -396,6 +402,7 @@ class InPlaceRunner:
         self.replays = 0  # steps whose chain rule ran from the graph (for tests and benchmarks)
         self._key = None
         self._batches = []
+        self._restored = set()  # batches restored this step by the gate (overlapped reduction)
         self._reset()
 
     def _reset(self) -> None:
@@ -442,8 +449,26 @@ class InPlaceRunner:
         for batch in self._batches:
             batch.saved = None
 
+    def batch_weights(self) -> list:
+        """Per batch (in order), the weights (and QKV biases) whose P and N rows it writes."""
+        return [list({id(p): p for g in batch.groups for s in g.segments
+                      for p in [getattr(g.linears[s.kind], s.attr)]}.values()) for batch in self._batches]
+
+    def restore_batch(self, index: int) -> None:
+        """The chain rule and the original rows of one batch, on its own (eagerly, graphs or not): for
+        :class:`GradReadyGate`, as soon as the gradients of its weights are complete."""
+        if index in self._restored:
+            return
+        batch = self._batches[index]
+        for g in batch.groups:  # this step's operator gradients, from this chain rule alone
+            for p in [g.lf, g.rf, g.alpha] + [s.beta for s in g.segments if s.beta is not None]:
+                p.grad = None
+        batch.restore(True, self._g_mat is not None)  # a graph's saved rows stay its buffers
+        self._restored.add(index)
+
     def materialize(self, layers: list) -> None:
         self._check(layers)
+        self._restored = set()
         if not layers or layers[0].materialized:
             return
         if self._graphs_on(layers) and self._eager_steps >= 1:
@@ -475,8 +500,18 @@ class InPlaceRunner:
         self._check(layers)
         if not layers or not layers[0].materialized:
             return
-        params = [p for layer in layers for p in layer.operator_params()] if with_grads else []
         graphed = self.use_graphs and self._g_mat is not None
+        if self._restored:  # the gate restored some batches during the backward pass: the others now
+            for i, batch in enumerate(self._batches):
+                if with_grads:
+                    self.restore_batch(i)
+                elif i not in self._restored:
+                    batch.restore(False, graphed)
+            self._restored = set()
+            self._mark(layers, False)
+            self._eager_steps += 1 if with_grads else 0
+            return
+        params = [p for layer in layers for p in layer.operator_params()] if with_grads else []
         if with_grads and graphed:
             try:
                 if self._g_res is None:
@@ -505,3 +540,51 @@ class InPlaceRunner:
             self._eager_steps += 1
         if not self.use_graphs and self._g_mat is not None:
             self._reset()
+
+
+class GradReadyGate:
+    """Overlapped gradient reduction with the in-place operator (see the module docstring).
+
+    Wraps ``register_grad_ready`` of megatron-core's bucket groups: on the last micro-batch, the call
+    for a weight whose P and N rows an in-place batch writes is held until every weight of that batch
+    has made it; then the batch's chain rule and restore run (:meth:`InPlaceRunner.restore_batch`) and
+    the held calls go on, in their order. Calls for other parameters pass straight through. Backward
+    runs from the last layer to the first, so a batch of late layers is released while early layers are
+    still in their backward pass.
+    """
+
+    def __init__(self, runner: InPlaceRunner, bucket_groups: list):
+        self.runner = runner
+        self.batch_of = {}   # id(weight) -> batch index, armed at every materialize
+        self.need = []       # per batch: how many weights
+        self.held = []       # per batch: the held calls
+        self.releases = 0    # batches restored from a held call (for tests)
+        for group in bucket_groups:
+            group.register_grad_ready = self._wrap(group, group.register_grad_ready)
+
+    def arm(self) -> None:
+        """This step's batches (after the runner's materialize)."""
+        weights = self.runner.batch_weights()
+        self.batch_of = {id(w): i for i, ws in enumerate(weights) for w in ws}
+        self.need = [len(ws) for ws in weights]
+        self.held = [[] for _ in weights]
+
+    def disarm(self) -> None:
+        self.batch_of, self.need, self.held = {}, [], []
+
+    def _wrap(self, group, register):
+        def register_grad_ready(param, force_all_reduce=False):
+            i = self.batch_of.get(id(param))
+            if i is None or not group.is_last_microbatch:
+                return register(param, force_all_reduce)
+            held = self.held[i]
+            held.append((register, param, force_all_reduce))
+            if len(held) == self.need[i]:
+                self.runner.restore_batch(i)
+                self.releases += 1
+                self.held[i] = []
+                for call, p, force in held:
+                    call(p, force)
+            return None
+
+        return register_grad_ready

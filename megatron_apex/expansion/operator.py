@@ -220,6 +220,9 @@ class _ExpansionBase(nn.Module):
         self.register_buffer("p_pos", torch.full(shape, -1, dtype=torch.int64, device=device))
         self.register_buffer("n_pos", torch.full(shape, -1, dtype=torch.int64, device=device))
         self._pos_max = -1  # python int: bound check without a device sync per call
+        # Set where the operator spans the tensor-parallel ranks (expansion/spanning.py): positions are then
+        # those of the 2k-unit virtual weight every call gathers, and each effective_* goes through it.
+        self.span = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _refresh_pos_max(self) -> None:
@@ -303,6 +306,11 @@ class FFNExpansion(_ExpansionBase):
 
     def effective_fc1(self, w: torch.Tensor) -> torch.Tensor:
         """``[2f_local, h]`` = [gate; up] -> W_eff (column-type on both halves, one copy of w)."""
+        if self.span is not None and self.active:
+            return self.span.apply("fc1", w, self._effective_fc1)
+        return self._effective_fc1(w)
+
+    def _effective_fc1(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return w
         f_loc = w.shape[0] // 2
@@ -314,6 +322,11 @@ class FFNExpansion(_ExpansionBase):
 
     def effective_fc2(self, w: torch.Tensor) -> torch.Tensor:
         """``[h, f_local]`` -> W_eff (row-type)."""
+        if self.span is not None and self.active:
+            return self.span.apply("fc2", w, self._effective_fc2)
+        return self._effective_fc2(w)
+
+    def _effective_fc2(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return w
         self._check_ready(w.shape[1], "effective_fc2")
@@ -397,6 +410,11 @@ class AttentionExpansion(_ExpansionBase):
 
     def effective_qkv(self, w: torch.Tensor) -> torch.Tensor:
         """``[ng_local*(r+2)*d, h]`` interleaved qkv -> W_eff (column-type on the V rows only)."""
+        if self.span is not None and self.active:
+            return self.span.apply("qkv", w, self._effective_qkv)
+        return self._effective_qkv(w)
+
+    def _effective_qkv(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return w
         d, r = self.d, self.r
@@ -408,6 +426,11 @@ class AttentionExpansion(_ExpansionBase):
 
     def effective_proj(self, w: torch.Tensor) -> torch.Tensor:
         """``[h, ng_local*r*d]`` -> W_eff (row-type on the groups' columns)."""
+        if self.span is not None and self.active:
+            return self.span.apply("proj", w, self._effective_proj)
+        return self._effective_proj(w)
+
+    def _effective_proj(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return w
         rd = self.r * self.d
@@ -492,13 +515,14 @@ def fuse_layer_weights(
     return out
 
 
-def monarch_sq_norms(ops: list) -> torch.Tensor:
+def monarch_sq_norms(ops: list, skip_spanning: bool = False) -> torch.Tensor:
     """float64 ``[n]``: the squared Frobenius norm of every dense Monarch matrix M of ``ops`` (one per
     FFN operator, one or two per attention operator), in order; 0 right after insertion. A rank's share:
-    under TP the squares of all ranks add up to the whole matrix's (inactive operators count zeros)."""
+    under TP the squares of all ranks add up to the whole matrix's (inactive operators count zeros, and
+    with ``skip_spanning`` so do operators replicated over the ranks, which one rank counts)."""
     norms = []
     for op in ops:
-        if not op.active:  # a rank without a block of this operator: zeros, as many as an active one has
+        if not op.active or (skip_spanning and op.span is not None):  # zeros, as many as an active one has
             sides = 1 if isinstance(op, FFNExpansion) or op.shared else 2
             norms += [torch.zeros((), dtype=torch.float64)] * sides
             continue

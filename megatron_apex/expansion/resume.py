@@ -83,6 +83,8 @@ class ApexResume:
             "monarch_blocks": self.a.monarch_blocks,
             "excluded": {f"{li}:{kind}": v for (li, kind), v in b.excluded.items()},
             "layers": [{"index": e.index, "selection": e.selection,
+                        "spanning": [kind for kind in ("attn", "ffn") if getattr(getattr(e, f"{kind}_op"), "span", None)
+                                     is not None],
                         "ops": {name: getattr(e, name).state_dict() for name in ("attn_op", "ffn_op", "deltas")
                                 if getattr(e, name) is not None}} for e in self.engine.layers],
             "op_optimizer": b.op_optimizer.state_dict() if b.op_optimizer is not None else None,

@@ -145,12 +145,24 @@ def reduce_votes(votes: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def reduce_and_clip_grads(grads: list, ctx, clip: float) -> None:
+def reduce_and_clip_grads(grads: list, ctx, clip: float, spanning: list = ()) -> None:
     """The operators' gradients, in place: averaged over the data x context parallel group (one
     all-reduce for all of them, as megatron-core averages the model's gradients; under CP each rank's
     gradient is its chunks' part, scaled by CP in the loss), then scaled so their global norm (over TP
     and PP too) is at most ``clip`` (0: off). Clipping happens on the device, without a host
-    synchronisation."""
+    synchronisation.
+
+    ``spanning``: the gradients of operators replicated over the tensor-parallel group
+    (expansion/spanning.py), where each rank holds the part that came through its rows: summed over
+    the group first (one all-reduce), then treated as the others, and counted once in the norm."""
+    spanning = list(spanning)
+    if spanning and ctx.tp_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in spanning])
+        dist.all_reduce(flat, group=ctx.tp_group)
+        torch._foreach_copy_(spanning, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in spanning]),
+                                                                      spanning)])
+    counted = grads + spanning if ctx.tp_rank == 0 else grads  # one rank counts the replicated ones
+    grads = grads + spanning
     if ctx.dp_size * ctx.cp_size > 1 and grads:  # data-parallel peers hold the same operators
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=ctx.dp_group)
@@ -158,7 +170,7 @@ def reduce_and_clip_grads(grads: list, ctx, clip: float) -> None:
         torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
     if clip > 0:
         # A rank without operator blocks (fewer blocks than TP ranks) adds 0 to the reduction.
-        sq = (torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads
+        sq = (torch.stack(torch._foreach_norm(counted)).double().square().sum() if counted
               else torch.zeros((), dtype=torch.float64, device=ctx.device))
         if ctx.tp_size * ctx.pp_size > 1:
             dist.all_reduce(sq, group=ctx.mp_group)

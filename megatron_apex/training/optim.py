@@ -25,7 +25,7 @@ def wrap_ddp(cfg: Config, model: torch.nn.Module, transformer_config) -> Distrib
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         average_in_collective=False,
         # One bucket on the CPU keeps gloo traffic to a single all-reduce per step.
-        bucket_size=None if torch.cuda.is_available() else 2 ** 62,
+        bucket_size=cfg.parallel.ddp_bucket_size or (None if torch.cuda.is_available() else 2 ** 62),
     )
     return DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=model)
 
