@@ -125,8 +125,9 @@ def apex_memory_bytes(cfg: Config, bf16: bool) -> float:
         if not k:
             continue
         k_per, local = k // blocks, blocks if g.spanning[kind] else -(-blocks // tp)
-        if kind == "attn":  # P and N units: their rows of linear_qkv ((r + 2) d each) and columns of linear_proj
-            rows = 2 * k_per * local * ((r + 2) * d + r * d) * h
+        if kind == "attn":  # P and N units: their rows of linear_qkv ((r + 2) d each, with their bias entries if any)
+            # and columns of linear_proj
+            rows = 2 * k_per * local * (((r + 2) * d + r * d) * h + ((r + 2) * d if m.add_qkv_bias else 0))
             ops = attn_operator_num_params(local, k_per, d, r, a.monarch_blocks)
         else:  # their gate and up rows of linear_fc1 and columns of linear_fc2
             rows = 2 * k_per * local * 3 * h

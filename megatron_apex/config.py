@@ -33,7 +33,8 @@ def doc(default: Any, help: str, factory: bool = False):
 
 @dataclass
 class ModelConfig:
-    """LLaMA-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases."""
+    """LLaMA-family decoder (LLaMA, Mistral, Qwen2): RMSNorm, RoPE, SwiGLU, grouped-query attention; no biases but
+    the optional Q/K/V bias of Qwen2, full causal attention or a sliding window."""
 
     num_layers: int = doc(2, "Number of transformer layers.")
     hidden_size: int = doc(128, "Model (residual stream) width.")
@@ -54,6 +55,12 @@ class ModelConfig:
         "fixed values, those of every Llama-3.x release). None: plain RoPE.")
     norm_epsilon: float = doc(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc(False, "Share the input embedding and the output layer weights.")
+    add_qkv_bias: bool = doc(
+        False, "A bias on the query, key and value projections (Qwen2/Qwen2.5); no other linear has one.")
+    sliding_window: Optional[int] = doc(
+        None, "Sliding-window attention (Mistral): every token attends to itself and the window - 1 tokens before "
+        "it, in every layer (Hugging Face's sliding_window). None: full causal attention. A window of at least "
+        "data.seq_length computes the same as none. Not with context parallelism.")
     init_method_std: float = doc(0.02, "Standard deviation of the normal weight initialisation.")
     transformer_impl: Literal["local", "transformer_engine"] = doc(
         "local", "Layer implementation: 'local' (pure PyTorch, runs everywhere) or "
@@ -77,7 +84,8 @@ class ModelConfig:
                     "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by, "rotary_base": self.rotary_base}
         _all(positive, "model", lambda v: v > 0, "must be positive")
         # None means "derived"; 0 is not a silent synonym for it.
-        _all({"vocab_size": self.vocab_size, "num_query_groups": self.num_query_groups, "kv_channels": self.kv_channels},
+        _all({"vocab_size": self.vocab_size, "num_query_groups": self.num_query_groups, "kv_channels": self.kv_channels,
+              "sliding_window": self.sliding_window},
              "model", lambda v: v is None or v > 0, "must be positive (or null)")
         _all({"norm_epsilon": self.norm_epsilon, "init_method_std": self.init_method_std}, "model", lambda v: v >= 0,
              "must be >= 0")
@@ -484,6 +492,14 @@ class Config:
             _check(p.context_parallel_size == 1, "data.reset_attention_mask", True,
                    f"needs parallel.context_parallel_size=1 (got {p.context_parallel_size}): the context-parallel "
                    "attention is causal only")
+        if m.sliding_window is not None and m.sliding_window < d.seq_length:
+            _check(p.context_parallel_size == 1, "model.sliding_window", m.sliding_window,
+                   f"needs parallel.context_parallel_size=1 (got {p.context_parallel_size}): the context-parallel "
+                   "attention is full causal only")
+            _check(not (d.reset_attention_mask and m.transformer_impl == "local" and m.attention_backend == "unfused"),
+                   "model.sliding_window", m.sliding_window, "with data.reset_attention_mask needs "
+                   "model.attention_backend='sdpa' (megatron-core's unfused attention drops the document mask when "
+                   "it builds the window's)")
         if m.transformer_impl == "local" and p.context_parallel_size > 1:
             _check(m.attention_backend == "sdpa", "parallel.context_parallel_size", p.context_parallel_size,
                    "needs model.attention_backend='sdpa' (or model.transformer_impl='transformer_engine')")

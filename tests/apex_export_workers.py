@@ -8,7 +8,8 @@ import torch
 def step_batch_loss(checkpoint: str, config_path: str, overrides: list, step: int, fuse: bool = True) -> float:
     """Load ``checkpoint`` the way the exporter does (fused, TP=1) and return the mean loss of the
     global batch of training step ``step`` (the same samples the trainer used). ``fuse=False``
-    loads the base weights alone (what an export that ignored the operators would hold)."""
+    loads the base weights alone (what an export that ignored the operators would hold); ``fuse="weights"``
+    fuses the weights but leaves a QKV bias as stored (an export that forgot the bias)."""
     import megatron_apex.convert.exporter as exporter
     from megatron_apex.config import load_config
     from megatron_apex.convert.exporter import load_model, resolve_export_config
@@ -17,6 +18,16 @@ def step_batch_loss(checkpoint: str, config_path: str, overrides: list, step: in
 
     if not fuse:
         exporter._fuse_expansion_if_present = lambda model, *args: model
+    elif fuse == "weights":
+        fuse_all = exporter.fuse_expansion
+
+        def fuse_weights(weights, *args):
+            without_bias = {k: v for k, v in weights.items() if not k.endswith(".bias")}
+            fused = fuse_all(without_bias, *args)
+            weights.update(without_bias)
+            return fused
+
+        exporter.fuse_expansion = fuse_weights
     path, common, cfg, vocab, padded = resolve_export_config(checkpoint)
     with single_process(cfg) as ctx:
         model = load_model(path, common, cfg, padded, checkpoint_dtype(path), ctx)

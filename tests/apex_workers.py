@@ -220,9 +220,14 @@ def function_preservation_worker(config_path: str, overrides: list) -> dict:
     out["op_norm"] = apex.boundary.operator_norm()
 
     orig_fuse, orig_build_opt = apex.boundary.fuse, apex.boundary.build_op_optimizer
+    biases = lambda: [e.linears["qkv"].bias.detach().clone() for e in apex.layers  # noqa: E731
+                      if e.linears["qkv"].bias is not None]
+    stage1_biases, fused_biases = [], []
 
     def fuse_then_measure():
+        stage1_biases.extend(biases())
         orig_fuse()
+        fused_biases.extend(biases())
         # The fused weights now hold W_eff: the old operators must not act again (the boundary
         # replaces them by fresh ones right after), so evaluate the plain fused model.
         for e in apex.layers:
@@ -230,6 +235,9 @@ def function_preservation_worker(config_path: str, overrides: list) -> dict:
         out["fused"] = _eval_loss(trainer, batches)
 
     def measure_insertion():
+        # QKV biases (Qwen2): the layers whose bias the fuse changed, and those whose bias the permutation moved
+        out["bias_fused"] = sum(not torch.equal(a, b) for a, b in zip(stage1_biases, fused_biases))
+        out["bias_moved"] = sum(not torch.equal(a, b) for a, b in zip(fused_biases, biases()))
         out["inserted"] = _eval_loss(trainer, batches)
         saved = [(e.attn_op, e.ffn_op, e.deltas, e.inplace) for e in apex.layers]
         out["n_fresh_ops"] = sum(len(e.operators()) for e in apex.layers)

@@ -43,6 +43,22 @@ def test_function_preservation_insert_exact_fuse_tight(tiny_data, tiny_config):
     assert not [k for k in r["state_keys"] if "monarch" in k or "alpha" in k or "beta" in k or "delta" in k]
 
 
+def test_function_preservation_with_qkv_bias(tiny_data, tiny_config, qwen2_start):
+    """With Qwen2's QKV bias the bias entries of a query group move with its rows and are expanded and fused
+    with them: inserting fresh operators changes nothing, the boundary's moves and fuse keep the function."""
+    over = _over(tiny_data, **{"apex.boundaries": "[0, 3]", "apex.lr_scale": 50.0, "train.train_steps": 6,
+                               **qwen2_start})
+    (r,) = run_distributed(function_preservation_worker, 1, tiny_config, over)
+    assert r["op_norm"] > 1e-3 and r["n_fresh_ops"] > 0
+    assert abs(r["fused"] - r["with_op"]) / abs(r["with_op"]) < 1e-6
+    assert r["inserted"] == r["removed"], (r["inserted"], r["removed"])
+    assert abs(r["inserted"] - r["fused"]) / abs(r["fused"]) < 1e-6
+    assert r["bias_fused"] == 4 and r["bias_moved"] > 0  # not vacuous: the fuse and the moves touched the biases
+    assert r["op_norm2"] > 1e-3 and r["ops_left"] == 0
+    assert abs(r["final_fused"] - r["with_op2"]) / abs(r["with_op2"]) < 1e-6
+    assert sum(k.endswith("linear_qkv.bias") for k in r["state_keys"]) == 4
+
+
 def test_final_checkpoint_is_plain(tiny_data, tiny_config, tmp_path):
     from megatron.core import dist_checkpointing
 
@@ -119,6 +135,20 @@ def test_selected_mode_trains_only_intended_parameters(tiny_data, tiny_config):
     assert not set(sel["E"]) & (set(sel["p_pos"]) | set(sel["n_pos"]))
 
 
+def test_selected_mode_with_qkv_bias(tiny_data, tiny_config, qwen2_start):
+    """Selected mode on a Qwen2: the QKV bias is frozen with its weights, and the tuned groups' bias entries get
+    a delta of their own (one per Q, K and V row of a tuned group), which trains."""
+    over = _over(tiny_data, **{"apex.mode": "selected", "apex.boundaries": "[0]", "train.train_steps": 4,
+                               "apex.attn_tuned_ratio": 0.75, "apex.ffn_tuned_ratio": 0.625, **qwen2_start})
+    (r,) = run_distributed(selected_mode_worker, 1, tiny_config, over)
+    biases = {n: p for n, p in r["params"].items() if n.endswith("linear_qkv.bias")}
+    assert len(biases) == 4 and not any(p["requires_grad"] or p["changed"] for p in biases.values())
+    assert r["deltas"] and all(x["grad"] for x in r["deltas"])
+    per_layer = _expected_selected_counts(r["n"]["attn"], r["n"]["ffn"], 0.25, 0.75, 0.625, r["parts"], 64, 8, 1)
+    tuned_groups = int(0.75 * 8)
+    assert sum(x["numel"] for x in r["deltas"] + r["ops"]) == 4 * (per_layer + tuned_groups * 3 * 8)
+
+
 def test_selected_mode_under_tensor_parallelism(tiny_data, tiny_config, caplog):
     """Selected mode at TP=2 passes its first boundary (whose log line counts the trainable parameters
     with a collective every rank joins) and counts what TP=1 counts: sharded parameters summed over
@@ -175,17 +205,22 @@ def test_progressive_halves_k_and_excludes_former_n(tiny_data, tiny_config):
 
 
 @pytest.mark.slow
-def test_inplace_path_equals_per_call_path(tiny_config, tiny_data):
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-bias"])
+def test_inplace_path_equals_per_call_path(tiny_config, tiny_data, bias, request):
     """The once-per-step in-place operator (mode all) computes what building W_eff in every linear
-    call computes: same losses through two boundaries (fp32; only summation order differs)."""
+    call computes: same losses through two boundaries (fp32; only summation order differs); with a QKV
+    bias too (its entries expanded as a column of the V rows on both paths)."""
     from apex_export_workers import apex_callbacks
     from apex_workers import functional_path_callbacks
     from distributed_utils import run_distributed
     from helpers import tiny_overrides, train_worker
 
+    shape = ({"model.num_query_groups": 4} if not bias else
+             {"model.num_attention_heads": 8, "model.num_query_groups": 8, "model.ffn_hidden_size": 128,
+              **request.getfixturevalue("qwen2_start")})
     overrides = tiny_overrides(tiny_data, **{
         "apex.enabled": True, "apex.boundaries": "[0, 2, 4]", "apex.ratio": 0.25, "apex.partitions": 2,
-        "apex.init_scoring_samples": 16, "apex.lr_scale": 30.0, "model.num_query_groups": 4,
+        "apex.init_scoring_samples": 16, "apex.lr_scale": 30.0, **shape,
         "train.train_steps": 6, "train.eval_interval": 3, "train.eval_steps": 1})
     fast = run_distributed(train_worker, 1, tiny_config, overrides, apex_callbacks)[0]
     ref = run_distributed(train_worker, 1, tiny_config, overrides, functional_path_callbacks)[0]

@@ -35,3 +35,20 @@ def test_mid_stage_checkpoint_exports_fused(tiny_data, tiny_config, tmp_path, la
     # ...and the operators mattered: the base weights alone give a clearly different loss.
     unfused = run_distributed(step_batch_loss, 1, str(ckpt / "iter_0000005"), tiny_config, overrides, 5, False)[0]
     assert abs(unfused - result["losses"][5]) > 100 * abs(fused - result["losses"][5]) + 1e-5
+
+
+def test_mid_stage_qwen2_checkpoint_exports_fused_with_its_bias(tiny_data, tiny_config, tmp_path, qwen2_start):
+    """The same under TP=2 for a Qwen2 (QKV bias, random biases from the import): the export fuses the V bias
+    entries with their rows; an export that left the bias as stored would compute another loss."""
+    ckpt = tmp_path / "ckpt"
+    overrides = tiny_overrides(tiny_data, **{
+        "apex.enabled": True, "apex.boundaries": "[0, 3]", "apex.ratio": 0.25, "apex.partitions": 2,
+        "apex.init_scoring_samples": 16, "apex.lr_scale": 30.0, "model.num_attention_heads": 8,
+        "model.num_query_groups": 8, "model.ffn_hidden_size": 128, "train.train_steps": 6,
+        "checkpoint.save": str(ckpt), "checkpoint.save_interval": 5, "parallel.tensor_model_parallel_size": 2,
+        **qwen2_start})
+    result = run_distributed(train_worker, 2, tiny_config, overrides, apex_callbacks)[0]
+    fused = run_distributed(step_batch_loss, 1, str(ckpt / "iter_0000005"), tiny_config, overrides, 5)[0]
+    assert abs(fused - result["losses"][5]) < 1e-5 * abs(result["losses"][5])
+    stale = run_distributed(step_batch_loss, 1, str(ckpt / "iter_0000005"), tiny_config, overrides, 5, "weights")[0]
+    assert abs(stale - result["losses"][5]) > 10 * abs(fused - result["losses"][5]) + 1e-6, (stale, fused)

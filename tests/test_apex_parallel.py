@@ -110,6 +110,58 @@ def test_layout_invariance(references, tiny_data, tiny_config, shape, name, worl
         assert moved, "no boundary permuted units: cross-rank expansion was not exercised"
 
 
+@pytest.fixture(scope="module")
+def qwen2_reference(tiny_data, tiny_config, qwen2_start):
+    over = tiny_overrides(tiny_data, **{**APEX, **SHAPES["mha"], **qwen2_start})
+    (ref,) = run_distributed(apex_train_worker, 1, tiny_config, over)
+    return over, ref
+
+
+@pytest.mark.parametrize("world,extra", [(2, {"parallel.tensor_model_parallel_size": 2}),
+                                         (2, {"parallel.pipeline_model_parallel_size": 2})], ids=["tp2", "pp2"])
+def test_qkv_bias_layout_invariance(qwen2_reference, tiny_config, world, extra):
+    """A Qwen2 (QKV bias, imported with random biases) under TP=2 and PP=2: the same selections at every
+    boundary and the same loss curve as one process; at TP=2 query groups, with their bias entries, really
+    cross ranks."""
+    over, ref = qwen2_reference
+    results = run_distributed(apex_train_worker, world, tiny_config, over + [f"{k}={v}" for k, v in extra.items()])
+    assert _pn(merge_records(results)) == _pn(merge_records([ref]))
+    assert all(layer["attn"] is not None for b in merge_records(results) for layer in b["layers"].values())
+    for res in results:
+        assert res["finished"] and sorted(res["losses"]) == sorted(ref["losses"])
+        for step, loss in ref["losses"].items():
+            assert abs(res["losses"][step] - loss) < LOSS_TOL, (step, res["losses"][step], loss)
+    if "tensor_model_parallel_size" in extra:
+        assert any(perm is not None for r in results for b in r["perms"] for layer in b.values()
+                   for perm in layer.values())
+
+
+@pytest.mark.parametrize("heads,kv,world,extra", [
+    # attention alone: its k = 1 of 2 query groups, whose votes no rounding can flip (the FFN's 32 of 128
+    # channels by per-micro-batch rank votes can, between TP=1 and TP=2 forwards of this model)
+    (4, 2, 2, {"parallel.tensor_model_parallel_size": 2, **SHAPES["span-attn"], "apex.ffn_ratio": 0}),
+    (8, 8, 2, {"parallel.use_distributed_optimizer": True, "parallel.overlap_grad_reduce": True,
+               "parallel.ddp_bucket_size": 2000})], ids=["tp2-span-attn", "dp2-distopt-overlap"])
+def test_qkv_bias_spanning_and_overlapped_reduction(tiny_data, tiny_config, qwen2_import, heads, kv, world, extra):
+    """A Qwen2 whose attention operator spans the TP pair (2 query groups, Qwen2.5-1.5B's count: the bias
+    entries are exchanged with the rows), and one on the in-place path under overlapped gradient reduction
+    (the bias's gradient-ready signal held with the weights'): the selections and losses of one process."""
+    layout = {k: v for k, v in extra.items() if k.startswith("parallel.")}
+    over = tiny_overrides(tiny_data, **{**APEX, "model.ffn_hidden_size": 128, **qwen2_import(heads, kv),
+                                        **{k: v for k, v in extra.items() if k not in layout}})
+    (ref,) = run_distributed(apex_train_worker, 1, tiny_config, over)
+    results = run_distributed(apex_train_worker, world, tiny_config, over + [f"{k}={v}" for k, v in layout.items()])
+    assert _pn(merge_records(results)) == _pn(merge_records([ref]))
+    for res in results:
+        assert res["finished"] and sorted(res["losses"]) == sorted(ref["losses"])
+        for step, loss in ref["losses"].items():
+            assert abs(res["losses"][step] - loss) < LOSS_TOL, (step, res["losses"][step], loss)
+        if "parallel.tensor_model_parallel_size" in layout:
+            assert [b["spanning"] for b in res["record"]] == [["attn"]] * 3
+        else:  # MHA: a batch of the V and O sides with the bias, and one of the FFN, released in each of 6 steps
+            assert res["gate_releases"] == 2 * 6, res["gate_releases"]
+
+
 def test_ema_statistic_and_monarch_blocks_dp2_match_tp1(tiny_data, tiny_config):
     """apex.statistic=ema selects by a moving average over steps, which DP=2 gets by summing the two
     ranks' averages at the boundary: the same units as TP=1, and the same losses (here with a

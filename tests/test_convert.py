@@ -317,7 +317,8 @@ def test_impossible_layout(tmp_path):
     ({"attention_bias": True}, "attention_bias=true: biases are not supported"),
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "is not supported; supported"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "is not supported; supported"),
+    ({"model_type": "llama", "architectures": ["Qwen2ForCausalLM"]}, "do not match model_type=.llama."),
     ({"sliding_window": 64}, "pass --allow-sliding-window"),
 ])
 def test_unsupported_features_are_refused(tmp_path, change, message):

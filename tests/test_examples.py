@@ -35,6 +35,10 @@ RECIPES = {
         "batch: micro 1 x 8 micro-batches x DP 16 = global 128 sequences of 8192 tokens",
         "run: 9537 steps = 10.000B tokens",
         "attention units k=2 of 8 in 2 partitions"]),
+    "qwen25_1p5b_apex_cpt/config.yaml": (8, PLAN, [
+        "layout: world=8 = TP 1 x PP 1 x CP 1 x DP 8",
+        "parameters: 1543.7M total (1310.3M non-embedding), vocab 151936 padded to 151936",
+        "attention units k=1 of 2 in 1 partitions in 7 of 28 layers per stage"]),
 }
 
 

@@ -15,12 +15,17 @@ KINDS = {"qkv": "linear_qkv.weight", "proj": "linear_proj.weight", "fc1": "linea
 
 
 def _linears(weights, grads):
-    """Stand-ins for megatron-core linears: a weight Parameter carrying main_grad = dL/dW_eff."""
+    """Stand-ins for megatron-core linears: a weight Parameter carrying main_grad = dL/dW_eff (and the QKV
+    bias, when ``weights`` holds one)."""
     out = {}
     for kind, name in KINDS.items():
         w = torch.nn.Parameter(weights[name].clone())
         w.main_grad = grads[name].clone()
-        out[kind] = types.SimpleNamespace(weight=w)
+        out[kind] = types.SimpleNamespace(weight=w, bias=None)
+    if "linear_qkv.bias" in weights:
+        b = torch.nn.Parameter(weights["linear_qkv.bias"].clone())
+        b.main_grad = grads["linear_qkv.bias"].clone()
+        out["qkv"].bias = b
     return out
 
 
@@ -29,14 +34,19 @@ def _pack(op, n_units):
     op.set_positions(*packed_positions(*op.p_pos.shape, n_units))
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "qkv-bias"])
 @pytest.mark.parametrize("packed", [False, True], ids=["scattered", "packed"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_inplace_equals_autograd(name, packed):
+def test_inplace_equals_autograd(name, packed, bias):
     """materialize writes exactly W_eff; restore(with_grads) turns dL/dW_eff into dL/dW on main_grad,
     accumulates the operator's gradients as autograd computes them, and puts W back bit for bit.
-    Scattered positions go through index gathers, packed ones through strided views."""
+    Scattered positions go through index gathers, packed ones through strided views. With a QKV bias its
+    entries are expanded, differentiated and restored with the V rows."""
     cfg = SHAPES[name]
     attn, ffn, weights = _build(cfg, seed=3)
+    if bias:
+        weights["linear_qkv.bias"] = torch.randn(weights["linear_qkv.weight"].shape[0], dtype=F64,
+                                                 generator=torch.Generator().manual_seed(8))
     if packed:
         _pack(attn, cfg["ng"])
         _pack(ffn, cfg["f"])
@@ -48,6 +58,8 @@ def test_inplace_equals_autograd(name, packed):
     # Reference: L = sum(W_eff * G) so dL/dW_eff = G; autograd through the functional path.
     ref_w = {k: w.clone().requires_grad_() for k, w in weights.items()}
     eff = _effective(attn, ffn, ref_w)
+    if bias:
+        eff["linear_qkv.bias"] = attn.effective_qkv_bias(ref_w["linear_qkv.bias"])
     sum((eff[k] * grads[k]).sum() for k in eff).backward()
     ref_op_grads = {f"{m}.{n}": p.grad.clone() for m, op in (("attn", attn), ("ffn", ffn))
                     for n, p in op.named_parameters()}
@@ -58,12 +70,16 @@ def test_inplace_equals_autograd(name, packed):
     layer = InPlaceLayer(linears, attn, ffn, cfg["d"], cfg["nh"] // cfg["ng"])
     assert layer.packed == packed
     layer.materialize()
-    for kind, key in KINDS.items():
-        torch.testing.assert_close(linears[kind].weight.data, eff[key].detach(), rtol=1e-12, atol=1e-12)
+    params = {key: linears[kind].weight for kind, key in KINDS.items()}
+    if bias:
+        params["linear_qkv.bias"] = linears["qkv"].bias
+        assert not torch.equal(eff["linear_qkv.bias"], weights["linear_qkv.bias"])  # the bias is expanded
+    for key, p in params.items():
+        torch.testing.assert_close(p.data, eff[key].detach(), rtol=1e-12, atol=1e-12)
     layer.restore(with_grads=True)
-    for kind, key in KINDS.items():
-        assert torch.equal(linears[kind].weight.data, weights[key]), kind  # originals back, exactly
-        torch.testing.assert_close(linears[kind].weight.main_grad, ref_w[key].grad, rtol=1e-12, atol=1e-12)
+    for key, p in params.items():
+        assert torch.equal(p.data, weights[key]), key  # originals back, exactly
+        torch.testing.assert_close(p.main_grad, ref_w[key].grad, rtol=1e-12, atol=1e-12)
     got = {f"{m}.{n}": p.grad for m, op in (("attn", attn), ("ffn", ffn)) for n, p in op.named_parameters()}
     assert got.keys() == ref_op_grads.keys()
     for k in got:

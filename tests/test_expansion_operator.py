@@ -354,3 +354,49 @@ def test_operator_pickles_and_deepcopies():
     ref = attn.effective_proj(weights["linear_proj.weight"])
     assert torch.equal(again.effective_proj(weights["linear_proj.weight"]), ref)
     assert torch.equal(clone.effective_proj(weights["linear_proj.weight"]), ref)
+
+
+# ---- a QKV bias (Qwen2): the V rows' bias entries are one more column of those rows ----------------
+def _bias(cfg, seed):
+    r = cfg["nh"] // cfg["ng"]
+    return _w(cfg["ng"] * (r + 2) * cfg["d"], seed=seed)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_qkv_bias_expands_with_its_rows(name):
+    """A fresh operator leaves the bias exactly as it is; a trained one gives b_eff = the bias column of the
+    augmented [W | b] under the dense formula (V entries mixed, Q and K entries untouched), and the fused
+    weight is the same with or without the bias beside it."""
+    cfg = CONFIGS[name]
+    attn, ffn, weights = _build(cfg, seed=5)
+    bias = _bias(cfg, 17)
+    assert torch.equal(attn.effective_qkv_bias(bias), bias)
+    with_bias = dict(weights, **{"linear_qkv.bias": bias})
+    assert torch.equal(fuse_layer_weights(with_bias, ffn, attn)["linear_qkv.bias"], bias)
+    _perturb(attn, 1)
+    _perturb(ffn, 2)
+    augmented = dict(weights, **{"linear_qkv.weight": torch.cat([weights["linear_qkv.weight"], bias[:, None]], 1)})
+    ref = _reference(cfg, attn, ffn, augmented)["linear_qkv.weight"]
+    fused = fuse_layer_weights(with_bias, ffn, attn)
+    torch.testing.assert_close(fused["linear_qkv.bias"], ref[:, -1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused["linear_qkv.weight"], ref[:, :-1], rtol=1e-12, atol=1e-12)
+    r, d, ng = cfg["nh"] // cfg["ng"], cfg["d"], cfg["ng"]
+    changed = (fused["linear_qkv.bias"] != bias).view(ng, (r + 2) * d)
+    assert not changed[:, :(r + 1) * d].any() and changed[:, (r + 1) * d:].any()  # only V entries, and some
+    _gradcheck_kind(attn, "qkv_bias", bias)
+
+
+def test_qkv_bias_tp_shards_equal_tp1():
+    cfg = dict(CONFIGS["gqa4"])
+    t, (nh, ng, d) = 2, (cfg["nh"], cfg["ng"], cfg["d"])
+    r = nh // ng
+    attn, _, _ = _build(cfg, seed=11)
+    _perturb(attn, 6)
+    bias = _bias(cfg, 3)
+    full = attn.effective_qkv_bias(bias)
+    shards = []
+    for q in range(t):
+        la = AttentionExpansion(attn.num_partitions_local // t, attn.k_per, d, r, dtype=F64)
+        la.load_state_dict(shard_expansion_state(attn.state_dict(), q, t, ng))
+        shards.append(la.effective_qkv_bias(bias.chunk(t)[q]))
+    assert torch.equal(torch.cat(shards), full) and not torch.equal(full, bias)

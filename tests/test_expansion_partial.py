@@ -131,3 +131,27 @@ def test_selected_mode_fraction_llama2_7b():
     # frozen-everything limit and monotonicity
     assert selected_mode_trainable_fraction(**shape, k_frac=0.0, attn_tuned_frac=0.0, ffn_tuned_frac=0.0) < 0.05
     assert selected_mode_trainable_fraction(**shape, k_frac=0.1875, attn_tuned_frac=1.0, ffn_tuned_frac=1.0) > 0.99
+
+
+def test_qkv_bias_deltas_touch_the_tuned_groups_entries_and_count():
+    """With a QKV bias the tuned groups' bias entries get a zero-initialised delta of their own (composed with
+    the operator like the rows), and the trainable fraction counts it and the bias."""
+    _, attn, _, weights, (au, _, r, d, _) = _setup(seed=3)
+    h, per = weights["qkv"].shape[1], (r + 2) * d
+    deltas = PartialDeltas(au, torch.arange(2), h, d, r, dtype=F64, qkv_bias=True)
+    bias = torch.randn(weights["qkv"].shape[0], dtype=F64)
+    assert torch.equal(deltas.effective_qkv_bias(bias, attn), bias)  # zero delta, fresh operator: unchanged
+    with torch.no_grad():
+        deltas.qkv_bias_delta.copy_(torch.randn_like(deltas.qkv_bias_delta))
+    changed = (deltas.effective_qkv_bias(bias) != bias).view(-1, per).any(1)
+    assert changed.nonzero().view(-1).tolist() == au.tolist()
+    assert torch.equal(deltas.effective_qkv_bias(bias, attn), attn.effective_qkv_bias(deltas.effective_qkv_bias(bias)))
+    with pytest.raises(ValueError, match="without qkv_bias"):
+        PartialDeltas(au, torch.arange(2), h, d, r).effective_qkv_bias(bias)
+    small = dict(h=8, f=32, nh=4, ng=4, d=2, L=1, vocab=10, tied=False)
+    fr = selected_mode_trainable_fraction(**small, k_frac=0.25, attn_tuned_frac=0.5, ffn_tuned_frac=0.5, qkv_bias=True)
+    deltas = PartialDeltas(torch.arange(2), torch.arange(16), 8, 2, 1, qkv_bias=True)
+    ops = [AttentionExpansion(1, 1, 2, 1), FFNExpansion(1, 8)]
+    n_train = sum(p.numel() for m in [deltas] + ops for p in m.parameters()) + 2 * 10 * 8
+    total = _param_count_by_modules(**small) + 4 * 3 * 2  # one bias entry per QKV row
+    assert fr == pytest.approx(n_train / total, rel=1e-12)

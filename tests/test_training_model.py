@@ -109,17 +109,66 @@ def test_document_masks_compute_each_document_as_if_alone(world1, tiny_config, t
     torch.testing.assert_close(packed[:, :later], leaky[:, :later], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_count_parameters_matches_built_model(world1, tiny_config, tie):
+@pytest.mark.parametrize("window", [4, 24, 64])
+def test_sdpa_sliding_window_equals_megatron_unfused(world1, tiny_config, window):
+    """model.sliding_window W: SDPA's band mask computes what megatron-core's unfused attention does with
+    window_size (W - 1, 0); each query sees itself and the W - 1 keys before it, and a window that covers the
+    sequence is plain causal attention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_apex.model.attention import SDPAttention
+
+    cfg = load_config(tiny_config, [*MOCK, "model.num_attention_heads=8", "model.num_query_groups=2",
+                                    f"model.sliding_window={window}"])
+    tconfig = _tconfig(cfg)
+    assert tconfig.window_size == (window - 1, 0)
+    sdpa = SDPAttention(tconfig, 1, AttnMaskType.causal, "self")
+    unfused = DotProductAttention(tconfig, 1, AttnMaskType.causal, "self")
+    s, b, d = 24, 2, cfg.model.head_dim
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, b, n, d, generator=g) for n in (8, 2, 2))
+    out = sdpa(q, k, v, None)
+    torch.testing.assert_close(out, unfused(q, k, v, None), atol=1e-5, rtol=0)
+    plain = load_config(tiny_config, [*MOCK, "model.num_attention_heads=8", "model.num_query_groups=2"])
+    causal = SDPAttention(_tconfig(plain), 1, AttnMaskType.causal, "self")(q, k, v, None)
+    if window >= s:
+        assert torch.equal(out, causal)
+    else:  # a key W positions back no longer counts; the first W queries are unchanged
+        assert (out[window:] - causal[window:]).abs().max() > 1e-3
+        torch.testing.assert_close(out[:window], causal[:window], atol=1e-6, rtol=0)
+        k2, v2 = k.clone(), v.clone()
+        k2[:s - window], v2[:s - window] = 0.0, 0.0  # the last query sees only the last W keys
+        torch.testing.assert_close(sdpa(q, k2, v2, None)[-1], out[-1], atol=1e-6, rtol=0)
+
+
+def test_sliding_window_config_checks():
+    from megatron_apex.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.sliding_window=0: must be positive"):
+        load_config(None, [*MOCK, "model.sliding_window=0"])
+    with pytest.raises(ConfigError, match=r"model.sliding_window=16: needs parallel.context_parallel_size=1"):
+        load_config(None, [*MOCK, "model.sliding_window=16", "parallel.context_parallel_size=2"])
+    # a window that covers the sequence is full causal attention, which context parallelism runs
+    load_config(None, [*MOCK, "model.sliding_window=256", "parallel.context_parallel_size=2"])
+    with pytest.raises(ConfigError, match="megatron-core's unfused attention drops the document mask"):
+        load_config(None, [*MOCK, "model.sliding_window=16", "data.reset_attention_mask=true",
+                           "model.attention_backend=unfused"])
+
+
+@pytest.mark.parametrize("tie,bias", [(False, False), (True, False), (True, True)], ids=["untied", "tied", "tied-qkv-bias"])
+def test_count_parameters_matches_built_model(world1, tiny_config, tie, bias):
     from megatron_apex.model.llama import build_model, count_parameters
 
-    cfg = load_config(tiny_config, [*MOCK, f"model.tie_embeddings={tie}", "model.vocab_size=300"])
+    cfg = load_config(tiny_config, [*MOCK, f"model.tie_embeddings={tie}", "model.vocab_size=300",
+                                    f"model.add_qkv_bias={bias}"])
     padded = cfg.padded_vocab_size()
     assert padded == 384
     model = build_model(cfg, _tconfig(cfg), padded, True, True)
     real = sum(p.numel() for p in model.parameters())  # a tied weight is one parameter
     counts = count_parameters(cfg, padded)
     assert counts["total"] == real
+    assert any(n.endswith("linear_qkv.bias") for n, _ in model.named_parameters()) == bias
     assert counts["non_embedding"] == real - padded * cfg.model.hidden_size * (1 if tie else 2)
 
 

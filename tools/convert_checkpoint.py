@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""Convert between Hugging Face LLaMA/Mistral directories and megatron_apex checkpoints.
+"""Convert between Hugging Face LLaMA, Mistral and Qwen2/Qwen2.5 directories and megatron_apex checkpoints.
 
   # HF -> megatron_apex (weights only; train from it with checkpoint.finetune_from=CKPT)
   python tools/convert_checkpoint.py import --hf-dir TinyLlama-1.1B --output ckpt/tinyllama \\
       --tp 2 --pp 1 --config-out tinyllama_model.yaml --verify
-  # megatron_apex (any TP/PP; a root with tracker or an iter_* dir) -> HF LlamaForCausalLM
+  # megatron_apex (any TP/PP; a root with tracker or an iter_* dir) -> HF LlamaForCausalLM,
+  # MistralForCausalLM or Qwen2ForCausalLM (the family it was imported from)
   python tools/convert_checkpoint.py export --checkpoint runs/cpt --output hf_out \\
       --dtype bf16 --shard-size 5GB --tokenizer tokenizer.model --verify
+
+Families: LlamaForCausalLM; MistralForCausalLM, with its sliding window (model.sliding_window); and
+Qwen2ForCausalLM (Qwen2 and Qwen2.5), whose bias on Q, K and V becomes model.add_qkv_bias; tied
+embeddings in each. The export writes the family's own config.json; --architecture picks another family
+that can express the model.
 
 Both directions stream layer by layer (peak memory near one copy of the model) and run in a
 single process on the CPU, whatever launcher environment (torchrun, slurm, MPI) they are started
@@ -42,14 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stored weight dtype; auto = the one config.json names (fp32 if none)")
     imp.add_argument("--config-out", help="write the matching model config section (YAML) here")
     imp.add_argument("--allow-sliding-window", action="store_true",
-                     help="convert a sliding-window model (Mistral v0.1) anyway: attention becomes full causal")
-    exp = sub.add_parser("export", help="megatron_apex checkpoint -> Hugging Face LlamaForCausalLM directory")
+                     help="a LLaMA config.json (model_type llama) with a sliding_window shorter than its context: "
+                     "convert it with full causal attention, as LlamaForCausalLM runs it (Mistral's and Qwen2's "
+                     "windows convert as they are)")
+    exp = sub.add_parser("export", help="megatron_apex checkpoint -> Hugging Face LLaMA/Mistral/Qwen2 directory")
     exp.add_argument("--checkpoint", required=True, help="checkpoint root (with tracker) or an iter_* directory")
     exp.add_argument("--output", required=True, help="Hugging Face directory to write")
     exp.add_argument("--dtype", choices=DTYPE_NAMES, help="weight dtype (default: the checkpoint's)")
     exp.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     exp.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json, or a directory of tokenizer files")
     exp.add_argument("--vocab-size", type=int, help="true vocabulary size when the checkpoint's config lacks it")
+    exp.add_argument("--architecture", choices=("llama", "mistral", "qwen2"),
+                     help="family of the exported config.json (default: the one the checkpoint was imported "
+                     "from, else qwen2 for a QKV bias, mistral for a sliding window, llama otherwise)")
     for p in (imp, exp):
         p.add_argument("--force", action="store_true", help="replace a non-empty --output (refused otherwise); "
                        "the old directory is removed only once the new one is complete")
@@ -129,7 +140,8 @@ def run(args) -> None:
 
         result = export_hf_checkpoint(args.checkpoint, args.output, dtype=_dtype(args.dtype),
                                       shard_size=args.shard_size, tokenizer=args.tokenizer,
-                                      vocab_size=args.vocab_size, progress=not args.no_progress, force=args.force)
+                                      vocab_size=args.vocab_size, progress=not args.no_progress, force=args.force,
+                                      architecture=args.architecture)
         print(f"wrote {args.output}: {', '.join(result.files)}")
         if args.verify:
             stored = checkpoint_dtype(resolve_checkpoint_dir(args.checkpoint))

@@ -1,4 +1,6 @@
-"""megatron_apex checkpoint (any TP/PP, root or iter_* directory) -> Hugging Face LlamaForCausalLM.
+"""megatron_apex checkpoint (any TP/PP, root or iter_* directory) -> Hugging Face LlamaForCausalLM,
+MistralForCausalLM or Qwen2ForCausalLM (the family the model was imported from, else the one its
+features need: a QKV bias is Qwen2, a sliding window Mistral).
 
 The checkpoint is loaded once, in place, into a TP=1/PP=1 CPU model in its stored dtype; HF tensors
 are then produced layer by layer and written straight into safetensors shards whose headers were
@@ -106,9 +108,12 @@ def hf_tensor_specs(m, vocab: int, dtype: torch.dtype) -> list:
     h, f, d, ng, nh = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.query_groups, m.num_attention_heads
     specs = [(M.HF_EMBED, (vocab, h), dtype)]
     for i in range(m.num_layers):
-        n = M.hf_layer_names(i)
+        n = M.hf_layer_names(i, m.add_qkv_bias)
         specs += [(n["input_norm"], (h,), dtype), (n["q"], (nh * d, h), dtype), (n["k"], (ng * d, h), dtype),
-                  (n["v"], (ng * d, h), dtype), (n["o"], (h, nh * d), dtype), (n["post_norm"], (h,), dtype),
+                  (n["v"], (ng * d, h), dtype)]
+        if m.add_qkv_bias:
+            specs += [(n["q_bias"], (nh * d,), dtype), (n["k_bias"], (ng * d,), dtype), (n["v_bias"], (ng * d,), dtype)]
+        specs += [(n["o"], (h, nh * d), dtype), (n["post_norm"], (h,), dtype),
                   (n["gate"], (f, h), dtype), (n["up"], (f, h), dtype), (n["down"], (h, f), dtype)]
     specs.append((M.HF_NORM, (h,), dtype))
     if not m.tie_embeddings:
@@ -128,12 +133,15 @@ def iter_hf_tensors(model, m, vocab: int, dtype: torch.dtype, progress: bool = T
 
     yield M.HF_EMBED, M.trim_vocab(get(M.MC_EMBED), vocab)
     for i in tqdm(range(m.num_layers), desc="export layers", disable=not progress):
-        hn, mn = M.hf_layer_names(i), M.mcore_layer_names(i)
+        hn, mn = M.hf_layer_names(i, m.add_qkv_bias), M.mcore_layer_names(i)
         yield hn["input_norm"], get(mn["input_norm"])
         q, k, v = M.mcore_to_hf_qkv(get(mn["qkv"]), nh, ng, d)
         yield hn["q"], q
         yield hn["k"], k
         yield hn["v"], v
+        if m.add_qkv_bias:
+            for role, t in zip(("q_bias", "k_bias", "v_bias"), M.mcore_to_hf_qkv_bias(get(mn["qkv_bias"]), nh, ng, d)):
+                yield hn[role], t
         yield hn["o"], get(mn["o"])
         yield hn["post_norm"], get(mn["post_norm"])
         gate, up = M.split_fc1(get(mn["fc1"]))
@@ -147,9 +155,13 @@ def iter_hf_tensors(model, m, vocab: int, dtype: torch.dtype, progress: bool = T
 
 def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dtype] = None,
                          shard_size: str | int = "5GB", tokenizer: Optional[str] = None,
-                         vocab_size: Optional[int] = None, progress: bool = True, force: bool = False) -> ExportResult:
+                         vocab_size: Optional[int] = None, progress: bool = True, force: bool = False,
+                         architecture: Optional[str] = None) -> ExportResult:
     """Write ``output``/config.json, generation_config.json, safetensors shards (+ index) and tokenizer
-    files. ``dtype`` None keeps the checkpoint's stored dtype.
+    files. ``dtype`` None keeps the checkpoint's stored dtype. ``architecture`` (a family: llama, mistral,
+    qwen2) None: the family the checkpoint was imported from, else the one the model's features need
+    (:func:`megatron_apex.convert.mapping.export_family`); one that cannot express the model is refused
+    before anything is written.
 
     Everything is written into a new directory beside ``output`` that is renamed to ``output`` once
     complete, so an interrupted export leaves no directory that looks like a model. A non-empty
@@ -161,7 +173,8 @@ def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dty
     dtype = dtype or stored
     m = cfg.model
     hf_meta = common.get("hf_import") or {}
-    ids = token_ids(hf_meta, cfg)
+    family = M.export_family(m, architecture or hf_meta.get("family"))
+    ids = token_ids(hf_meta, cfg, family)
     with staged_output(output, force, checkpoint) as stage:
         with single_process(cfg) as ctx:
             model = load_model(path, common, cfg, padded, stored, ctx)
@@ -171,7 +184,8 @@ def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dty
                 del tensor
             writer.close()
             del model
-        write_json(os.path.join(stage, "config.json"), M.model_config_to_hf_config(m, vocab, dtype, ids))
+        write_json(os.path.join(stage, "config.json"),
+                   M.model_config_to_hf_config(m, vocab, dtype, ids, family, hf_meta.get("config")))
         write_json(os.path.join(stage, "generation_config.json"), _generation_config(hf_meta, ids))
         files = list(writer.file_names) + (["model.safetensors.index.json"] if len(writer.file_names) > 1 else [])
         files += ["config.json", "generation_config.json"] + copy_tokenizer(tokenizer_sources, stage)
@@ -180,11 +194,12 @@ def export_hf_checkpoint(checkpoint: str, output: str, dtype: Optional[torch.dty
     return ExportResult(output, files, vocab, dtype)
 
 
-def token_ids(hf_meta: dict, cfg: Config) -> dict:
+def token_ids(hf_meta: dict, cfg: Config, family: str = "llama") -> dict:
     """bos/eos/pad ids of the exported model, for config.json and generation_config.json alike: those of
-    the imported ``config.json``, else eos = the run's ``data.eod_id`` (LLaMA's bos 1 / eos 2 without one)."""
-    ids = dict(hf_meta.get("config") or {})
-    ids.setdefault("bos_token_id", 1)
+    the imported ``config.json``, else eos = the run's ``data.eod_id`` (LLaMA's and Mistral's bos 1 / eos 2
+    without one; Qwen2 has no BOS)."""
+    ids = {k: v for k, v in (hf_meta.get("config") or {}).items() if k.endswith("_token_id")}
+    ids.setdefault("bos_token_id", None if family == "qwen2" else 1)
     ids.setdefault("eos_token_id", cfg.data.eod_id if cfg.data.eod_id is not None else 2)
     return ids
 
@@ -193,4 +208,4 @@ def _generation_config(hf_meta: dict, ids: dict) -> dict:
     """The imported generation_config.json as it was, else the bos/eos ids of config.json."""
     gen = dict(hf_meta.get("generation_config") or {})
     gen.pop("transformers_version", None)
-    return gen or {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}
+    return gen or {k: ids[k] for k in ("bos_token_id", "eos_token_id") if ids[k] is not None}

@@ -1,4 +1,4 @@
-"""Hugging Face LLaMA/Mistral directory -> megatron_apex weights-only checkpoint.
+"""Hugging Face LLaMA/Mistral/Qwen2 directory -> megatron_apex weights-only checkpoint.
 
 Streaming: the megatron model is allocated once (uninitialised) and filled layer by layer, each HF
 tensor read straight into its place in the model's parameters, so peak memory stays near one copy
@@ -56,7 +56,7 @@ def expected_hf_names(m) -> list:
     """Every HF tensor name the model needs, in file order (lm_head only when untied)."""
     names = [M.HF_EMBED]
     for i in range(m.num_layers):
-        names += list(M.hf_layer_names(i).values())
+        names += list(M.hf_layer_names(i, m.add_qkv_bias).values())
     names.append(M.HF_NORM)
     if not m.tie_embeddings:
         names.append(M.HF_LM_HEAD)
@@ -68,10 +68,12 @@ def check_hf_tensors(source: HFTensorSource, m) -> list:
     h, f, d, ng, nh = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.query_groups, m.num_attention_heads
     shapes = {M.HF_EMBED: (m.vocab_size, h), M.HF_NORM: (h,), M.HF_LM_HEAD: (m.vocab_size, h)}
     for i in range(m.num_layers):
-        n = M.hf_layer_names(i)
+        n = M.hf_layer_names(i, m.add_qkv_bias)
         shapes.update({n["input_norm"]: (h,), n["post_norm"]: (h,), n["q"]: (nh * d, h), n["k"]: (ng * d, h),
                        n["v"]: (ng * d, h), n["o"]: (h, nh * d), n["gate"]: (f, h), n["up"]: (f, h),
                        n["down"]: (h, f)})
+        if m.add_qkv_bias:
+            shapes.update({n["q_bias"]: (nh * d,), n["k_bias"]: (ng * d,), n["v_bias"]: (ng * d,)})
     expected = expected_hf_names(m)
     present = set(source.names())
     missing = [n for n in expected if n not in present]
@@ -101,7 +103,8 @@ def copy_hf_into_model(model, source: HFTensorSource, m, padded_vocab: int, prog
 
     Each HF tensor is read straight into its place in the model's parameter (the rows of the padded
     embedding, the gate/up halves of fc1); q/k/v go through one small temporary each, copied into
-    the group-major slots of the fused QKV. No converted copy of a parameter is built on the side."""
+    the group-major slots of the fused QKV (and their biases into the fused bias's). No converted copy of a
+    parameter is built on the side."""
     from tqdm import tqdm
 
     params = dict(model.named_parameters())
@@ -133,11 +136,15 @@ def copy_hf_into_model(model, source: HFTensorSource, m, padded_vocab: int, prog
                                     "model.embed_tokens.weight; the tie setting does not match the weights")
         fill_vocab(M.MC_EMBED, M.HF_EMBED)
         for i in tqdm(range(m.num_layers), desc="import layers", disable=not progress):
-            hn, mn = M.hf_layer_names(i), M.mcore_layer_names(i)
+            hn, mn = M.hf_layer_names(i, m.add_qkv_bias), M.mcore_layer_names(i)
             fill(mn["input_norm"], hn["input_norm"])
             qkv = param(mn["qkv"], ((nh + 2 * ng) * d, h))
             for part, role in zip(M.qkv_parts(qkv, nh, ng, d), ("q", "k", "v")):
                 part.copy_(source.get(hn[role]).reshape(part.shape))
+            if m.add_qkv_bias:
+                bias = param(mn["qkv_bias"], ((nh + 2 * ng) * d,))
+                for part, role in zip(M.qkv_bias_parts(bias, nh, ng, d), ("q_bias", "k_bias", "v_bias")):
+                    part.copy_(source.get(hn[role]).reshape(part.shape))
             fill(mn["o"], hn["o"])
             fill(mn["post_norm"], hn["post_norm"])
             gate, up = M.split_fc1(param(mn["fc1"], (2 * f, h)))
@@ -183,7 +190,7 @@ def import_hf_checkpoint(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dty
     padded = cfg.padded_vocab_size(m.vocab_size)
     generation_path = os.path.join(hf_dir, "generation_config.json")
     generation = read_json(generation_path) if os.path.isfile(generation_path) else None
-    hf_meta = {"source": os.path.abspath(hf_dir), "target_layout": {"tp": tp, "pp": pp},
+    hf_meta = {"source": os.path.abspath(hf_dir), "target_layout": {"tp": tp, "pp": pp}, "family": M.hf_family(hf),
                "config": {k: hf.get(k) for k in M.PASSTHROUGH_KEYS if k in hf},
                "generation_config": generation, "warnings": warnings}
     with staged_output(output, force, hf_dir) as stage, single_process(cfg) as ctx:

@@ -1,14 +1,19 @@
-"""Pure mappings between Hugging Face LLaMA tensors/configs and megatron-core (local spec) ones.
+"""Pure mappings between Hugging Face LLaMA-family tensors/configs and megatron-core (local spec) ones.
 
 Everything here is a function of tensors and dicts: no files, no process groups. The layouts are
-documented in ``docs/formats.md`` ("Hugging Face LLaMA"); in short (h = hidden, nh = heads, ng = query groups,
-d = head dim, r = nh / ng, f = ffn size, V = vocab, Vp = padded vocab):
+documented in ``docs/formats.md`` ("Hugging Face LLaMA, Mistral and Qwen2"); in short (h = hidden, nh =
+heads, ng = query groups, d = head dim, r = nh / ng, f = ffn size, V = vocab, Vp = padded vocab):
 
 * ``linear_qkv.weight`` [(nh + 2 ng) d, h] is group-major: for each group g, its r query heads,
-  then k_g, then v_g. This global order does not depend on the TP degree.
+  then k_g, then v_g. This global order does not depend on the TP degree. Qwen2's ``linear_qkv.bias``
+  [(nh + 2 ng) d] has the same order (its entries are the rows' bias).
 * ``linear_fc1.weight`` [2f, h] = [gate; up] (SwiGLU, gate first).
 * embedding / output layer [Vp, h]: HF's [V, h] plus zero rows up to the padded size.
 * No RoPE permutation: megatron-core (``rotary_interleaved=False``) and HF both rotate halves.
+
+Families (``FAMILIES``): LLaMA (``LlamaForCausalLM``), Mistral (the same blocks, optionally a sliding
+window in every layer) and Qwen2/Qwen2.5 (the same blocks plus a bias on Q, K and V; a sliding window
+only where every layer has one).
 """
 
 from __future__ import annotations
@@ -64,6 +69,20 @@ def mcore_to_hf_qkv(qkv: torch.Tensor, num_heads: int, num_query_groups: int,
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
+def qkv_bias_parts(bias: torch.Tensor, num_heads: int, num_query_groups: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a contiguous fused ``linear_qkv.bias`` [(nh + 2 ng) d] as (q [ng, r d], k [ng, d], v [ng, d]),
+    in the weight's group-major order (:func:`qkv_parts` of the bias as a one-column matrix)."""
+    _expect(bias, ((num_heads + 2 * num_query_groups) * head_dim,), "linear_qkv.bias")
+    return tuple(part.squeeze(-1) for part in qkv_parts(bias.view(-1, 1), num_heads, num_query_groups, head_dim))
+
+
+def mcore_to_hf_qkv_bias(bias: torch.Tensor, num_heads: int, num_query_groups: int,
+                         head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``linear_qkv.bias`` [(nh + 2 ng) d] -> (q_proj.bias [nh d], k_proj.bias [ng d], v_proj.bias [ng d])."""
+    return tuple(t.reshape(-1) for t in qkv_bias_parts(bias.contiguous(), num_heads, num_query_groups, head_dim))
+
+
 def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """HF ``gate_proj``, ``up_proj`` [f, h] -> ``linear_fc1`` [2f, h] = [gate; up]."""
     if gate.shape != up.shape:
@@ -102,19 +121,23 @@ def _expect(t: torch.Tensor, shape: tuple, name: str) -> None:
 
 
 # ---------------------------------------------------------------------- names
-def hf_layer_names(i: int) -> dict:
-    """HF tensor names of decoder layer ``i``, keyed by role."""
+def hf_layer_names(i: int, qkv_bias: bool = False) -> dict:
+    """HF tensor names of decoder layer ``i``, keyed by role (with ``qkv_bias`` also q_bias, k_bias, v_bias)."""
     p = f"model.layers.{i}."
-    return {"input_norm": p + "input_layernorm.weight", "q": p + "self_attn.q_proj.weight",
-            "k": p + "self_attn.k_proj.weight", "v": p + "self_attn.v_proj.weight",
-            "o": p + "self_attn.o_proj.weight", "post_norm": p + "post_attention_layernorm.weight",
-            "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight", "down": p + "mlp.down_proj.weight"}
+    names = {"input_norm": p + "input_layernorm.weight", "q": p + "self_attn.q_proj.weight",
+             "k": p + "self_attn.k_proj.weight", "v": p + "self_attn.v_proj.weight",
+             "o": p + "self_attn.o_proj.weight", "post_norm": p + "post_attention_layernorm.weight",
+             "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight", "down": p + "mlp.down_proj.weight"}
+    if qkv_bias:
+        names.update({f"{role}_bias": p + f"self_attn.{role}_proj.bias" for role in ("q", "k", "v")})
+    return names
 
 
 def mcore_layer_names(i: int) -> dict:
     """megatron-core (local spec) parameter names of decoder layer ``i``, keyed by role."""
     p = f"decoder.layers.{i}."
     return {"input_norm": p + "input_layernorm.weight", "qkv": p + "self_attention.linear_qkv.weight",
+            "qkv_bias": p + "self_attention.linear_qkv.bias",
             "o": p + "self_attention.linear_proj.weight", "post_norm": p + "pre_mlp_layernorm.weight",
             "fc1": p + "mlp.linear_fc1.weight", "down": p + "mlp.linear_fc2.weight"}
 
@@ -126,7 +149,9 @@ HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 # ---------------------------------------------------------------------- configs
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# model_type -> the architecture transformers builds for it.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -203,42 +228,89 @@ def hf_dtype(hf: dict) -> Optional[torch.dtype]:
     return _DTYPES.get(name) if isinstance(name, str) else None
 
 
-def check_hf_config(hf: dict, allow_sliding_window: bool = False) -> list:
-    """Refuse features this converter cannot reproduce exactly; returns warnings for allowed ones."""
+def hf_family(hf: dict) -> str:
+    """The family (``model_type``) of a config.json, refused unless one of :data:`FAMILIES` with architectures
+    of those families."""
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
-    if model_type not in ("llama", "mistral") or (archs and not set(archs) <= set(SUPPORTED_ARCHITECTURES)):
+    if model_type not in FAMILIES or (archs and not set(archs) <= set(SUPPORTED_ARCHITECTURES)):
         raise UnsupportedModelError(f"architecture {archs or model_type!r} (model_type={model_type!r}) is not "
                                     f"supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    # transformers builds the model of model_type; LLaMA and Mistral hold the same tensors, Qwen2 has biases
+    same = {FAMILIES[model_type]} | (set() if model_type == "qwen2" else {FAMILIES["llama"], FAMILIES["mistral"]})
+    if archs and not set(archs) <= same:
+        raise UnsupportedModelError(f"config.json: architectures {archs} do not match model_type={model_type!r} "
+                                    f"(transformers builds a {FAMILIES[model_type]}); correct one of them")
+    return model_type
+
+
+def hf_sliding_window(hf: dict, family: str) -> Optional[int]:
+    """The attention window of every layer as transformers computes it for the family (None: full causal).
+
+    Mistral: ``sliding_window`` (null for none), every layer. Qwen2: a window only with
+    ``use_sliding_window``, in the layers from ``max_window_layers`` on (or as ``layer_types`` lists them); a
+    window in some layers only is refused unless it covers ``max_position_embeddings``. LLaMA: transformers
+    ignores the key; a window shorter than the context is refused here (see :func:`check_hf_config`)."""
+    window = hf_number(hf, "sliding_window", int, None)
+    if family == "mistral" or window is None:
+        return window
+    if family == "qwen2":
+        layers = hf_number(hf, "num_hidden_layers")
+        types = hf.get("layer_types")
+        if types is None:
+            first = hf_number(hf, "max_window_layers", int, 28)
+            types = ["sliding_attention" if hf.get("use_sliding_window", False) and i >= first else "full_attention"
+                     for i in range(layers)]
+        if not isinstance(types, list) or len(types) != layers or not set(types) <= {"sliding_attention",
+                                                                                      "full_attention"}:
+            raise ConversionError(f"config.json: layer_types={types!r} is not a list of {layers} 'full_attention' "
+                                  "or 'sliding_attention'")
+        sliding = types.count("sliding_attention")
+        if sliding == 0:
+            return None
+        if sliding < layers and window < hf_number(hf, "max_position_embeddings", int, 0):
+            raise UnsupportedModelError(
+                f"sliding_window={window} in {sliding} of {layers} layers (use_sliding_window with max_window_layers="
+                f"{hf.get('max_window_layers')}, or layer_types): a window in some layers only is not supported (in "
+                "every layer or in none is)")
+        return window if sliding == layers else None
+    return window
+
+
+def check_hf_config(hf: dict, allow_sliding_window: bool = False) -> list:
+    """Refuse features this converter cannot reproduce exactly; returns warnings for allowed ones."""
+    family = hf_family(hf)
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"hidden_act={act!r}: only SwiGLU with silu is supported")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
-            raise UnsupportedModelError(f"{key}=true: biases are not supported (the model has add_bias_linear=False)")
+            raise UnsupportedModelError(f"{key}=true: biases are not supported (only Qwen2's bias on Q, K and V "
+                                        "is; a LLaMA attention_bias also has one on the output projection)")
     hf_rope_scaling_factor(hf)
     theta = hf_rope_theta(hf)
     if theta != int(theta):
         raise UnsupportedModelError(f"rope_theta={theta} is not an integer; megatron-core's rotary_base is an int")
     warnings = []
-    window = hf_number(hf, "sliding_window", int, None)
-    use_window = hf.get("use_sliding_window", True)
-    if window is not None and use_window and window < hf_number(hf, "max_position_embeddings", int, 0):
+    window = hf_sliding_window(hf, family)
+    if family == "llama" and window is not None and window < hf_number(hf, "max_position_embeddings", int, 0):
         if not allow_sliding_window:
             raise UnsupportedModelError(
-                f"sliding_window={window} (< max_position_embeddings={hf.get('max_position_embeddings')}): "
-                "sliding-window attention is not supported; pass --allow-sliding-window to convert anyway, "
-                "in which case attention is FULL causal attention (identical only for sequences <= the window)")
-        warnings.append(f"sliding_window={window} dropped: the converted model uses full causal attention "
-                        f"(identical for sequences of at most {window} tokens)")
+                f"sliding_window={window} (< max_position_embeddings={hf.get('max_position_embeddings')}) in a "
+                "LLaMA config.json, whose model (LlamaForCausalLM) has no sliding window: set model_type 'mistral' "
+                "and architectures ['MistralForCausalLM'] if the model was trained with one, or pass "
+                "--allow-sliding-window to convert it with full causal attention, as transformers runs it")
+        warnings.append(f"sliding_window={window} dropped: the converted model uses full causal attention, as "
+                        "LlamaForCausalLM does")
     if hf.get("pretraining_tp", 1) not in (1, None):
         warnings.append(f"pretraining_tp={hf['pretraining_tp']} ignored (it only changes how HF splits matmuls)")
     return warnings
 
 
 def hf_config_to_model_config(hf: dict, allow_sliding_window: bool = False) -> ModelConfig:
-    """A HF LLaMA/Mistral ``config.json`` dict -> our :class:`ModelConfig` (checks included)."""
+    """A HF LLaMA/Mistral/Qwen2 ``config.json`` dict -> our :class:`ModelConfig` (checks included)."""
     check_hf_config(hf, allow_sliding_window)
+    family = hf_family(hf)
     heads = hf_number(hf, "num_attention_heads")
     hidden = hf_number(hf, "hidden_size")
     return ModelConfig(
@@ -254,22 +326,45 @@ def hf_config_to_model_config(hf: dict, allow_sliding_window: bool = False) -> M
         rope_scaling_factor=hf_rope_scaling_factor(hf),
         norm_epsilon=hf_number(hf, "rms_norm_eps", float, 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        add_qkv_bias=family == "qwen2",
+        sliding_window=None if family == "llama" else hf_sliding_window(hf, family),
         init_method_std=hf_number(hf, "initializer_range", float, 0.02),
     )
 
 
-# Keys carried over from the imported config.json on export (ids, not shapes).
-PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Keys carried over from the imported config.json on export (ids, and keys that change nothing here).
+PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_window_layers")
 
 
-def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtype, token_ids: dict) -> dict:
-    """Our :class:`ModelConfig` -> a ``LlamaForCausalLM`` ``config.json`` dict (transformers-v4-style keys,
-    which v5 also reads). ``token_ids`` holds the bos/eos/pad ids (the exporter decides them once, for
-    config.json and generation_config.json alike)."""
+def export_family(m: ModelConfig, family: Optional[str] = None) -> str:
+    """The family a model is exported as: ``family`` when given (refused if its config.json cannot express
+    the model), else Qwen2 for a QKV bias, Mistral for a sliding window, LLaMA otherwise."""
+    if family is None:
+        family = "qwen2" if m.add_qkv_bias else "mistral" if m.sliding_window is not None else "llama"
+    if family not in FAMILIES:
+        raise ConversionError(f"architecture {family!r}: expected one of {', '.join(FAMILIES)}")
+    if m.add_qkv_bias != (family == "qwen2"):
+        raise ConversionError(f"{FAMILIES[family]} {'has no' if m.add_qkv_bias else 'always has a'} bias on Q, K "
+                              f"and V, the model (model.add_qkv_bias={m.add_qkv_bias}) "
+                              f"{'has one' if m.add_qkv_bias else 'none'}; export it as "
+                              f"{'qwen2' if m.add_qkv_bias else 'llama or mistral'}")
+    if family == "llama" and m.sliding_window is not None:
+        raise ConversionError(f"LlamaForCausalLM has no sliding window, the model has model.sliding_window="
+                              f"{m.sliding_window}; export it as mistral (or qwen2 with a QKV bias)")
+    return family
+
+
+def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtype, token_ids: dict,
+                              family: str = "llama", extra: Optional[dict] = None) -> dict:
+    """Our :class:`ModelConfig` -> the ``config.json`` dict of the family's ``*ForCausalLM`` (transformers-v4-style
+    keys, which v5 also reads). ``token_ids`` holds the bos/eos/pad ids (the exporter decides them once, for
+    config.json and generation_config.json alike); ``extra`` keys of the imported config.json that change
+    nothing here (Qwen2's max_window_layers without a window) are carried over."""
+    family = export_family(m, family)
     dtype_name = {v: k for k, v in _DTYPES.items()}[dtype]
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [FAMILIES[family]],
+        "model_type": family,
         "vocab_size": int(vocab_size),
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,
@@ -283,17 +378,26 @@ def model_config_to_hf_config(m: ModelConfig, vocab_size: int, dtype: torch.dtyp
         "rope_theta": float(m.rotary_base),
         "rope_scaling": hf_rope_scaling(m.rope_scaling_factor),
         "tie_word_embeddings": m.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": m.init_method_std,
-        "pretraining_tp": 1,
         "use_cache": True,
         "torch_dtype": dtype_name,
         "bos_token_id": token_ids.get("bos_token_id"),
         "eos_token_id": token_ids.get("eos_token_id"),
         "pad_token_id": token_ids.get("pad_token_id"),
     }
+    if family == "llama":
+        cfg.update({"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1})
+    elif family == "mistral":
+        cfg["sliding_window"] = m.sliding_window
+    else:  # qwen2: a window in every layer (max_window_layers 0) or in none
+        if m.head_dim == m.hidden_size // m.num_attention_heads:
+            del cfg["head_dim"]  # not a Qwen2Config field (Qwen2 reads it when present, as other head sizes need)
+        window = m.sliding_window is not None
+        layers = (extra or {}).get("max_window_layers")
+        cfg.update({"use_sliding_window": window, "sliding_window": m.sliding_window,
+                    "max_window_layers": 0 if window else layers if isinstance(layers, int) else m.num_layers,
+                    "layer_types": [("sliding" if window else "full") + "_attention"] * m.num_layers})
     return cfg
 
 

@@ -370,7 +370,8 @@ def preprocess_jsonl(
         raise PreprocessError(str(exc)) from exc
     if prepend_bos and tokenizer.bos_id is None:
         raise PreprocessError(f"prepend_bos (--prepend-bos): the tokenizer {tokenizer.path} has no "
-                              "beginning-of-document token")
+                              "beginning-of-document token (Qwen2's convention: documents start without one); drop "
+                              "--prepend-bos")
     _check_output_location(output_prefix)
     identity = tokenizer.identity()
     dtype = optimal_dtype(tokenizer.vocab_size)

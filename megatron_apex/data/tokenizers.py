@@ -1,7 +1,7 @@
 """One tokenizer interface for preprocessing, training and checkpoint conversion.
 
 LLaMA-family models ship their vocabulary either as a sentencepiece ``.model`` (LLaMA-1/2,
-Mistral v0.1) or as a Hugging Face ``tokenizer.json`` (LLaMA-3, newer Mistral). Every part of
+Mistral v0.1) or as a Hugging Face ``tokenizer.json`` (LLaMA-3, newer Mistral, Qwen2/Qwen2.5). Every part of
 megatron-apex that touches token ids (the ``.bin/.idx`` preprocessor, the training engine, the HF
 converter) goes through :func:`load_tokenizer` so they all agree on the vocabulary size, the
 end-of-document id and -- via :meth:`Tokenizer.identity` -- on *which* tokenizer file produced a
@@ -181,10 +181,12 @@ def _special_from_config(config: dict, field: str) -> Optional[str]:
 
 
 class HuggingFaceTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizer.json`` (LLaMA-3, Mistral) loaded with the ``tokenizers`` library.
+    """A Hugging Face ``tokenizer.json`` (LLaMA-3, Mistral, Qwen2) loaded with the ``tokenizers`` library.
 
     Special tokens come from a neighbouring ``tokenizer_config.json`` when there is one (that is
-    where HF records eos/bos/pad), otherwise from a list of well-known names.
+    where HF records eos/bos/pad), otherwise from a list of well-known names. A ``bos_token`` the
+    config sets to null (Qwen2's convention: documents start without one) means no BOS, whatever
+    the vocabulary holds.
     """
 
     kind = "huggingface"
@@ -231,7 +233,8 @@ class HuggingFaceTokenizer(Tokenizer):
             logger.warning("%s: eos_token %r of tokenizer_config.json is not in the vocabulary; using %r "
                            "(id %d) as the end-of-document token", path, config_eos, self._tok.id_to_token(eod), eod)
         self.eod_id = eod
-        self.bos_id = self._find(_special_from_config(config, "bos_token"), _BOS_CANDIDATES)
+        no_bos = "bos_token" in config and config["bos_token"] is None
+        self.bos_id = None if no_bos else self._find(_special_from_config(config, "bos_token"), _BOS_CANDIDATES)
         self.pad_id = self._find(_special_from_config(config, "pad_token"), _PAD_CANDIDATES)
         self._batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_apex.config import Config
 from megatron_apex.expansion.geometry import UNIT_NAMES, Geometry, unit_share
-from megatron_apex.expansion.inplace import InPlaceLayer
+from megatron_apex.expansion.inplace import InPlaceLayer, linear_bias
 from megatron_apex.expansion.operator import AttentionExpansion, FFNExpansion, monarch_sq_norms
 from megatron_apex.expansion.partial import PartialDeltas, local_units, tuned_units
 from megatron_apex.expansion.partition import (balance_permutation, local_blocks, pack_partitions, packed_positions,
@@ -52,8 +52,16 @@ class Layer:
     def clear(self) -> None:
         self.attn_op = self.ffn_op = self.deltas = self.inplace = None
 
+    def tensors(self) -> list:
+        """(kind, parameter) of every tensor an operator changes: the four weights, and the QKV bias when the
+        model has one (kind 'qkv_bias': the bias column of the QKV rows)."""
+        out = [(kind, linear.weight) for kind, linear in self.linears.items()]
+        bias = linear_bias(self.linears["qkv"])
+        return out + ([("qkv_bias", bias)] if bias is not None else [])
+
     def effective(self, kind: str, w: torch.Tensor) -> torch.Tensor:
-        op = self.attn_op if kind in ("qkv", "proj") else self.ffn_op
+        """W_eff of one tensor (``kind`` 'qkv', 'qkv_bias', 'proj', 'fc1' or 'fc2') under this stage's operators."""
+        op = self.attn_op if kind in ("qkv", "qkv_bias", "proj") else self.ffn_op
         if self.deltas is not None:
             return getattr(self.deltas, f"effective_{kind}")(w, expansion=op)
         if op is None:
@@ -158,16 +166,19 @@ class StageBoundary:
         return None if torch.equal(perm, torch.arange(n)) else perm
 
     def permute(self, trainer, entry: Layer, perms: dict) -> None:
-        """Apply the layer's unit permutations to weights, master weights and Adam moments."""
+        """Apply the layer's unit permutations to weights (and the QKV bias), master weights and Adam moments."""
         ctx = trainer.ctx
         r, d = self.r, self.d
+        lin = entry.linears
         plan = []
         if perms.get("attn") is not None:
-            plan += [("qkv", 0, (r + 2) * d, perms["attn"], False), ("proj", 1, r * d, perms["attn"], False)]
+            plan += [(lin["qkv"].weight, 0, (r + 2) * d, perms["attn"], False),
+                     (lin["proj"].weight, 1, r * d, perms["attn"], False)]
+            if linear_bias(lin["qkv"]) is not None:  # a query group's bias entries move with its rows
+                plan.append((linear_bias(lin["qkv"]), 0, (r + 2) * d, perms["attn"], False))
         if perms.get("ffn") is not None:
-            plan += [("fc1", 0, 1, perms["ffn"], True), ("fc2", 1, 1, perms["ffn"], False)]
-        for kind, dim, unit, perm, swiglu in plan:
-            param = entry.linears[kind].weight
+            plan += [(lin["fc1"].weight, 0, 1, perms["ffn"], True), (lin["fc2"].weight, 1, 1, perms["ffn"], False)]
+        for param, dim, unit, perm, swiglu in plan:
             tensors = self.param_states.gather(param)
             for key, t in tensors.items():
                 full = tp_gather(t, dim, ctx.tp_group, ctx.tp_size, swiglu)
@@ -215,7 +226,7 @@ class StageBoundary:
                 allu = tuned_units(sel["p_pos"].reshape(-1), sel["n_pos"].reshape(-1), sel["E"])
                 units[kind] = local_units(allu, ctx.tp_rank, ctx.tp_size, self.n[kind])
             entry.deltas = PartialDeltas(units["attn"].to(dev), units["ffn"].to(dev), self.cfg.model.hidden_size,
-                                         self.d, self.r, device=dev)
+                                         self.d, self.r, device=dev, qkv_bias=self.cfg.model.add_qkv_bias)
         in_place = lambda op: None if op is None or op.span is not None else op  # noqa: E731 (spanning: per call)
         entry.inplace = InPlaceLayer(entry.linears, in_place(entry.attn_op), in_place(entry.ffn_op), self.d, self.r) \
             if self.inplace else None
@@ -274,15 +285,15 @@ class StageBoundary:
         return sq.sqrt().mean().item()
 
     def fuse(self) -> None:
-        """Fold the current operators (and deltas) into the master weights."""
+        """Fold the current operators (and deltas) into the master weights (and the QKV bias)."""
         for entry in self.layers:
             if not entry.operators():
                 continue
-            for kind, linear in entry.linears.items():
-                tensors = self.param_states.gather(linear.weight)
+            for kind, param in entry.tensors():
+                tensors = self.param_states.gather(param)
                 with torch.no_grad():
                     fused = entry.effective(kind, tensors["param"]).detach()
-                self.param_states.scatter(linear.weight, {"param": fused})
+                self.param_states.scatter(param, {"param": fused})
 
     def finish(self) -> None:
         """The final fuse: the model is a plain LLaMA again."""

@@ -34,7 +34,7 @@ from megatron_apex.config import Config
 from megatron_apex.expansion import geometry as geo
 from megatron_apex.expansion.boundary import Layer, StageBoundary
 from megatron_apex.expansion.geometry import UNIT_NAMES
-from megatron_apex.expansion.inplace import GradReadyGate, InPlaceRunner
+from megatron_apex.expansion.inplace import GradReadyGate, InPlaceRunner, linear_bias
 from megatron_apex.expansion.operator import monarch_summary
 from megatron_apex.expansion.resume import ApexResume, refuse_unfused_start
 from megatron_apex.expansion.state import ParamStates
@@ -45,19 +45,21 @@ logger = logging.getLogger(__name__)
 
 
 def _install_forward(linear, layer: Layer, kind: str) -> None:
-    """Run the unchanged megatron-core linear with W_eff in place of its weight."""
+    """Run the unchanged megatron-core linear with W_eff in place of its weight (and the QKV bias's b_eff in
+    place of its bias)."""
     cls_forward = type(linear).forward
+    names = {"weight": kind, **({"bias": "qkv_bias"} if kind == "qkv" and linear_bias(linear) is not None else {})}
 
     def forward(input_, *args, **kwargs):
-        w = linear._parameters["weight"]
-        w_eff = layer.effective(kind, w)
-        if w_eff is w:
+        originals = {name: linear._parameters[name] for name in names}
+        effective = {name: layer.effective(k, originals[name]) for name, k in names.items()}
+        if all(effective[name] is originals[name] for name in names):
             return cls_forward(linear, input_, *args, **kwargs)
-        linear._parameters["weight"] = w_eff  # bypasses Module.__setattr__'s Parameter check
+        linear._parameters.update(effective)  # bypasses Module.__setattr__'s Parameter check
         try:
             return cls_forward(linear, input_, *args, **kwargs)
         finally:
-            linear._parameters["weight"] = w
+            linear._parameters.update(originals)
 
     linear.forward = forward
 

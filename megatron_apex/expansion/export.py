@@ -23,7 +23,7 @@ from megatron_apex.expansion.partial import PartialDeltas, tuned_units
 logger = logging.getLogger(__name__)
 
 # Concatenation axis of each delta when joining TP shards (see PartialDeltas).
-_DELTA_AXIS = {"qkv_delta": 0, "proj_delta": 1, "gate_delta": 0, "up_delta": 0, "fc2_delta": 1}
+_DELTA_AXIS = {"qkv_delta": 0, "proj_delta": 1, "gate_delta": 0, "up_delta": 0, "fc2_delta": 1, "qkv_bias_delta": 0}
 
 
 def has_active_operators(common: dict) -> bool:
@@ -68,7 +68,8 @@ def _global_operator(kind: str, selection: dict, shards: list, d: int, r: int, b
 def fuse_global_weights(weights: dict, cfg, rank_states: dict, prefix: str = "decoder.layers.") -> int:
     """Fuse the saved operators into ``weights`` (global TP=1 tensors, keys ``decoder.layers.{i}...``).
 
-    Returns the number of layers fused. The weights are modified in place.
+    A QKV bias (``...linear_qkv.bias``) is fused with its rows when ``weights`` holds it. Returns the number
+    of layers fused. The weights are modified in place (their dict entries replaced).
     """
     m = cfg.model
     d, r = m.head_dim, m.num_attention_heads // m.query_groups
@@ -91,10 +92,13 @@ def fuse_global_weights(weights: dict, cfg, rank_states: dict, prefix: str = "de
         if not any(ops.values()) and deltas is None:
             continue
         base = f"{prefix}{index}."
-        names = {"qkv": "self_attention.linear_qkv.weight", "proj": "self_attention.linear_proj.weight",
-                 "fc1": "mlp.linear_fc1.weight", "fc2": "mlp.linear_fc2.weight"}
+        names = {"qkv": "self_attention.linear_qkv.weight", "qkv_bias": "self_attention.linear_qkv.bias",
+                 "proj": "self_attention.linear_proj.weight", "fc1": "mlp.linear_fc1.weight",
+                 "fc2": "mlp.linear_fc2.weight"}
         for kind, name in names.items():
-            op = ops["attn"] if kind in ("qkv", "proj") else ops["ffn"]
+            op = ops["attn"] if kind in ("qkv", "qkv_bias", "proj") else ops["ffn"]
+            if kind == "qkv_bias" and base + name not in weights:
+                continue  # no QKV bias (or the caller fuses weights only)
             w = weights[base + name]
             if deltas is not None:
                 new = getattr(deltas, f"fuse_{kind}")(w.float(), expansion=op)
@@ -117,7 +121,7 @@ def _global_deltas(shards: list, selection: dict, h: int, d: int, r: int) -> Opt
         sel = selection.get(kind)
         units[kind] = (torch.empty(0, dtype=torch.int64) if sel is None else
                        tuned_units(sel["p_pos"].reshape(-1), sel["n_pos"].reshape(-1), sel["E"]))
-    deltas = PartialDeltas(units["attn"], units["ffn"], h, d, r)
+    deltas = PartialDeltas(units["attn"], units["ffn"], h, d, r, qkv_bias="qkv_bias_delta" in states[0])
     joined = _join(states, axis_of=lambda name: _DELTA_AXIS[name])
     deltas.load_state_dict({**joined, "attn_units": units["attn"], "ffn_units": units["ffn"]})
     return deltas

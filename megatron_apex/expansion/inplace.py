@@ -11,7 +11,9 @@ full ``W_eff`` in every linear call of every micro-batch, once per step:
    ``main_grad`` (giving dL/dW there, and the operator's gradients), and put the original rows back.
 
 Rows outside P and N have dL/dW = dL/dW_eff and are not touched. Row-type weights (linear_proj,
-linear_fc2) are handled as their transposed columns, where the same formula holds without beta.
+linear_fc2) are handled as their transposed columns, where the same formula holds without beta. A QKV
+bias is one more segment of the V rows' group: its entries are a ``[rows, 1]`` column, expanded (and
+differentiated) with the rows.
 Weights sharing one (M, alpha) are expanded by one Monarch call on their concatenated columns. The
 engine packs the units at every boundary (P units first, N units next, in every partition), so the P
 and N rows are strided blocks of each weight; other positions (set by hand, as in tests) go through
@@ -51,9 +53,13 @@ class _Segment:
     of a row-type weight are transposed into rows.
     """
 
-    def __init__(self, kind: str, dim: int, p_idx: torch.Tensor, n_idx: torch.Tensor, beta):
-        self.kind, self.dim, self.beta = kind, dim, beta
+    def __init__(self, kind: str, dim: int, p_idx: torch.Tensor, n_idx: torch.Tensor, beta, attr: str = "weight"):
+        self.kind, self.dim, self.beta, self.attr = kind, dim, beta, attr
         self.idx = (p_idx.reshape(-1), n_idx.reshape(-1), torch.cat([p_idx.reshape(-1), n_idx.reshape(-1)]))
+
+    def tensor(self, linears: dict, grad: bool = False) -> torch.Tensor:
+        """The tensor this segment reads and writes (its linear's weight or bias, or their ``main_grad``)."""
+        return _tensor(linears[self.kind], self.attr, grad)
 
     def read_into(self, t: torch.Tensor, out: torch.Tensor) -> None:
         """P and N rows of ``t`` into ``out`` ``[2, B, m, c]`` (any strides and dtype)."""
@@ -80,10 +86,12 @@ class _PackedSegment:
     """
 
     def __init__(self, kind: str, dim: int, num_parts: int, k: int, n_units: int, unit: int, offset: int,
-                 size: int, beta, start: int = 0):
-        self.kind, self.dim, self.beta = kind, dim, beta
+                 size: int, beta, start: int = 0, attr: str = "weight"):
+        self.kind, self.dim, self.beta, self.attr = kind, dim, beta, attr
         self.b, self.k, self.n_units, self.unit = num_parts, k, n_units, unit
         self.offset, self.size, self.start = offset, size, start
+
+    tensor = _Segment.tensor  # the same weight-or-bias look-up
 
     def _view(self, t: torch.Tensor) -> torch.Tensor:
         """``[2, B, k, size, c]`` view of the P ([0]) and N ([1]) slices of ``t``."""
@@ -103,6 +111,21 @@ class _PackedSegment:
         v.copy_(x.unflatten(-2, (self.k, self.size)))
 
 
+def linear_bias(linear) -> Optional[torch.Tensor]:
+    """A linear's bias parameter, or None when it has none (megatron-core's local linears hold None there;
+    Transformer Engine's may hold an empty tensor)."""
+    bias = getattr(linear, "bias", None)
+    return bias if isinstance(bias, torch.nn.Parameter) and bias.numel() > 0 else None
+
+
+def _tensor(linear, attr: str, grad: bool) -> torch.Tensor:
+    """A linear's ``weight`` or ``bias`` data (``grad``: its ``main_grad``) as a matrix: a bias ``[rows]`` is the
+    ``[rows, 1]`` column it adds to the weight's rows (a view: writes reach the bias)."""
+    param = getattr(linear, attr)
+    t = param.main_grad if grad else param.data
+    return t.unsqueeze(1) if t.dim() == 1 else t
+
+
 def _packed(op, n_local: int) -> bool:
     """Whether the operator's local positions are packed: P at ``[0, k)``, N at ``[k, 2k)`` of every partition."""
     b, k = op.p_pos.shape
@@ -118,14 +141,14 @@ class _Group:
     def __init__(self, linears: dict, lf, rf, alpha, segments: list):
         self.linears, self.lf, self.rf, self.alpha, self.segments = linears, lf, rf, alpha, segments
         self.ct = torch.promote_types(rf.dtype, torch.float32)  # compute dtype: fp32 at least
-        w = linears[segments[0].kind].weight
-        dtypes = {linears[s.kind].weight.dtype for s in segments}
+        w = segments[0].tensor(linears)
+        dtypes = {s.tensor(linears).dtype for s in segments}
         if len(dtypes) > 1:  # the saved rows share one buffer, which must hold every segment exactly
             raise ValueError(f"APEX operator: the weights {[s.kind for s in segments]} sharing one operator have "
                              f"different dtypes {sorted(map(str, dtypes))}")
-        self.widths = [linears[s.kind].weight.shape[1 - s.dim] for s in segments]  # c of every segment
+        self.widths = [s.tensor(linears).shape[1 - s.dim] for s in segments]  # c of every segment
         # Groups with equal keys (the same operator in layers of one shape) are computed together.
-        self.key = (tuple((type(s), s.kind, s.dim, s.beta is None) for s in segments), tuple(self.widths),
+        self.key = (tuple((type(s), s.kind, s.attr, s.dim, s.beta is None) for s in segments), tuple(self.widths),
                     tuple(lf.shape), tuple(rf.shape), tuple(alpha.shape), rf.dtype, w.dtype, w.device)
 
     def work_bytes(self) -> int:
@@ -167,21 +190,21 @@ class _Batch:
     def _beta(self, j: int) -> torch.Tensor:
         return self._stack([g.segments[j].beta for g in self.groups]).unsqueeze(-1)  # [n, B, m, 1]
 
-    def _rows(self, which) -> torch.Tensor:
-        """The P and N rows of every group: ``[2, n, B, m, C]``; ``which(linear)`` picks the tensor."""
+    def _rows(self, grad: bool) -> torch.Tensor:
+        """The P and N rows of every group: ``[2, n, B, m, C]``, of the weights (``grad``: of their main_grad)."""
         g0 = self.groups[0]
         b, m = g0.alpha.shape
-        t0 = which(g0.linears[g0.segments[0].kind])
+        t0 = g0.segments[0].tensor(g0.linears, grad)
         out = torch.empty(2, len(self.groups), b, m, self.cols[-1].stop, dtype=t0.dtype, device=t0.device)
         for i, g in enumerate(self.groups):
             for s, cols in zip(g.segments, self.cols):
-                s.read_into(which(g.linears[s.kind]), out[:, i, ..., cols])
+                s.read_into(s.tensor(g.linears, grad), out[:, i, ..., cols])
         return out
 
     @torch.no_grad()
     def materialize(self) -> None:
         """W_eff[N] = alpha * W[N] + M W[P] and W_eff[P] = beta * W[P] into the weights."""
-        saved = self._rows(lambda lin: lin.weight.data)  # [2, n, B, m, C]
+        saved = self._rows(grad=False)  # [2, n, B, m, C]
         n, b, m, c = saved.shape[1:]
         xp = saved[0].to(self.ct)  # [n, B, m, C]
         lf, rf, alpha = self._monarch()
@@ -190,7 +213,7 @@ class _Batch:
         scaled = {j: xp[..., self.cols[j]] * self._beta(j) for j in self.betas}
         for i, g in enumerate(self.groups):
             for j, (s, cols) in enumerate(zip(g.segments, self.cols)):
-                w = g.linears[s.kind].weight.data
+                w = s.tensor(g.linears)
                 s.write(w, mixed[i, ..., cols], half=1)
                 if j in scaled:
                     s.write(w, scaled[j][i], half=0)
@@ -203,7 +226,7 @@ class _Batch:
             self._chain_rule()
         for i, g in enumerate(self.groups):
             for s, cols in zip(g.segments, self.cols):  # P rows changed only where beta scales them
-                w = g.linears[s.kind].weight.data
+                w = s.tensor(g.linears)
                 if s.beta is None:
                     s.write(w, self.saved[1, i, ..., cols], half=1)
                 else:
@@ -219,7 +242,7 @@ class _Batch:
         The Monarch intermediate R x_P is recomputed (one small bmm) rather than kept through the step.
         """
         x = self.saved.to(self.ct)  # [2, n, B, m, C]
-        grad = self._rows(lambda lin: lin.weight.main_grad).to(self.ct)  # dL/dW_eff rows
+        grad = self._rows(grad=True).to(self.ct)  # dL/dW_eff rows
         n, b, m, c = x.shape[1:]
         lf, rf, alpha = self._monarch()
         xp = x[0].view(n * b, m, c)
@@ -235,7 +258,7 @@ class _Batch:
         grad[1] *= alpha  # dL/dW[N]
         for i, g in enumerate(self.groups):
             for s, cols in zip(g.segments, self.cols):
-                s.write(g.linears[s.kind].weight.main_grad, grad[:, i, ..., cols])
+                s.write(s.tensor(g.linears, grad=True), grad[:, i, ..., cols])
         for param_of, d in grads:
             _accumulate([param_of(g) for g in self.groups], d)
 
@@ -281,18 +304,22 @@ class InPlaceLayer:
         if attn_op is not None and attn_op.active:
             b, k = attn_op.p_pos.shape
             ng_local = linears["qkv"].weight.shape[0] // ((r + 2) * d)
+            # The QKV bias (Qwen2) is the V rows' extra column: a segment of their group, with their beta.
+            v_attrs = ["weight"] + (["bias"] if linear_bias(linears["qkv"]) is not None else [])
             if _packed(attn_op, ng_local):
-                v = _PackedSegment("qkv", 0, b, k, ng_local, (r + 2) * d, (r + 1) * d, d, attn_op.beta_v)
+                v = [_PackedSegment("qkv", 0, b, k, ng_local, (r + 2) * d, (r + 1) * d, d, attn_op.beta_v, attr=a)
+                     for a in v_attrs]
                 o = _PackedSegment("proj", 1, b, k, ng_local, r * d, 0, r * d, None)
             else:
                 v_rows = lambda pos: unit_rows(pos, (r + 2) * d, (r + 1) * d, d)  # noqa: E731
                 o_cols = lambda pos: unit_rows(pos, r * d, 0, r * d)  # noqa: E731
-                v = _Segment("qkv", 0, v_rows(attn_op.p_pos), v_rows(attn_op.n_pos), attn_op.beta_v)
+                v = [_Segment("qkv", 0, v_rows(attn_op.p_pos), v_rows(attn_op.n_pos), attn_op.beta_v, attr=a)
+                     for a in v_attrs]
                 o = _Segment("proj", 1, o_cols(attn_op.p_pos), o_cols(attn_op.n_pos), None)
             if attn_op.shared:
-                self.groups.append(_Group(linears, *attn_op._v_side(), [v, o]))
+                self.groups.append(_Group(linears, *attn_op._v_side(), [*v, o]))
             else:
-                self.groups += [_Group(linears, *attn_op._v_side(), [v]), _Group(linears, *attn_op._o_side(), [o])]
+                self.groups += [_Group(linears, *attn_op._v_side(), v), _Group(linears, *attn_op._o_side(), [o])]
         if ffn_op is not None and ffn_op.active:
             f_local = linears["fc1"].weight.shape[0] // 2
             b, k = ffn_op.p_pos.shape
@@ -423,9 +450,9 @@ class InPlaceRunner:
             batch.saved = None
 
     def batch_weights(self) -> list:
-        """Per batch (in order), the weights whose P and N rows it writes."""
-        return [list({id(g.linears[s.kind].weight): g.linears[s.kind].weight for g in batch.groups
-                      for s in g.segments}.values()) for batch in self._batches]
+        """Per batch (in order), the weights (and QKV biases) whose P and N rows it writes."""
+        return [list({id(p): p for g in batch.groups for s in g.segments
+                      for p in [getattr(g.linears[s.kind], s.attr)]}.values()) for batch in self._batches]
 
     def restore_batch(self, index: int) -> None:
         """The chain rule and the original rows of one batch, on its own (eagerly, graphs or not): for

@@ -7,6 +7,9 @@ Formulas (docs/method.md, "The operator"), per partition b with P and N paired b
     row-type (linear_proj and linear_fc2 columns):
         W_eff[:, N] = W[:, N] diag(alpha) + W[:, P] M^T;                      other columns unchanged
 
+A bias on the V rows (Qwen2's QKV bias) is one more column of those rows ([W | b] acting on [x; 1]), so the
+same formula expands it: b_eff[N] = alpha b[N] + M b[P], b_eff[P] = beta b[P] (``effective_qkv_bias``).
+
 W[P] stacks the rows of the P units unit-major (unit 0's rows, then unit 1's, ...), so m = k_per * rows
 per unit, and M is block-diagonal over partitions (one Monarch matrix per partition, see partition.py).
 
@@ -252,7 +255,7 @@ class _ExpansionBase(nn.Module):
                              f"{n_local} local units (wrong shard or positions not sharded?)")
 
     def forward(self, kind: str, w: torch.Tensor) -> torch.Tensor:
-        """``kind`` in {'fc1', 'fc2', 'qkv', 'proj'}: dispatch to ``effective_<kind>`` (for functional_call)."""
+        """``kind`` in {'fc1', 'fc2', 'qkv', 'qkv_bias', 'proj'}: dispatch to ``effective_<kind>`` (for functional_call)."""
         fn = getattr(self, f"effective_{kind}", None)
         if fn is None:
             raise ValueError(f"{type(self).__name__} has no effective_{kind}")
@@ -437,10 +440,22 @@ class AttentionExpansion(_ExpansionBase):
         lf, rf, alpha = self._o_side()
         return expand_rows(w, p_cols, n_cols, lf, rf, alpha)
 
+    def effective_qkv_bias(self, b: torch.Tensor) -> torch.Tensor:
+        """``[ng_local*(r+2)*d]`` interleaved qkv bias -> b_eff: the bias column of the V rows, expanded with them
+        (same M, alpha and beta_v as :meth:`effective_qkv`)."""
+        if not self.active:
+            return b
+        return self.effective_qkv(b.unsqueeze(1)).squeeze(1)
+
     @torch.no_grad()
     def fuse_qkv(self, w: torch.Tensor) -> torch.Tensor:
         """The fused qkv weight (no autograd)."""
         return self.effective_qkv(w).detach()
+
+    @torch.no_grad()
+    def fuse_qkv_bias(self, b: torch.Tensor) -> torch.Tensor:
+        """The fused qkv bias (no autograd)."""
+        return self.effective_qkv_bias(b).detach()
 
     @torch.no_grad()
     def fuse_proj(self, w: torch.Tensor) -> torch.Tensor:
@@ -479,14 +494,16 @@ def fuse_layer_weights(
 ) -> Dict[str, torch.Tensor]:
     """Fuse a layer's operators into its (local) weights, matched by name suffix.
 
-    ``linear_qkv.weight``, ``linear_proj.weight``, ``linear_fc1.weight`` and ``linear_fc2.weight`` are
-    replaced by their fused versions; every other entry (norms, biases) is passed through. A None
-    operator leaves its weights unchanged.
+    ``linear_qkv.weight`` (and ``linear_qkv.bias``), ``linear_proj.weight``, ``linear_fc1.weight`` and
+    ``linear_fc2.weight`` are replaced by their fused versions; every other entry (norms) is passed
+    through. A None operator leaves its weights unchanged.
     """
     out = {}
     for name, w in weights.items():
         if attn_op is not None and name.endswith("linear_qkv.weight"):
             out[name] = attn_op.fuse_qkv(w)
+        elif attn_op is not None and name.endswith("linear_qkv.bias"):
+            out[name] = attn_op.fuse_qkv_bias(w)
         elif attn_op is not None and name.endswith("linear_proj.weight"):
             out[name] = attn_op.fuse_proj(w)
         elif ffn_op is not None and name.endswith("linear_fc1.weight"):

@@ -2,8 +2,8 @@
 
 In the released instruction-tuning setting (docs/method.md, "Two modes") base weights are frozen and only
 the P, N and E units are trained directly: zero-initialised dense deltas on all their rows of Q, K, V
-(the group's rows in linear_qkv), gate and up, and their columns of linear_proj and linear_fc2. The
-expansion operator then acts on W' = W + scatter(delta). Embeddings and the output layer stay trainable.
+(the group's rows in linear_qkv, and their bias entries when the model has a QKV bias), gate and up, and
+their columns of linear_proj and linear_fc2. The expansion operator then acts on W' = W + scatter(delta). Embeddings and the output layer stay trainable.
 Zero deltas make the mode function-preserving at insertion, like the operator itself.
 """
 from __future__ import annotations
@@ -46,14 +46,17 @@ class PartialDeltas(nn.Module):
         attn_units: ``[u_a]`` local query-group indices to tune (all their Q, K, V rows and proj columns).
         ffn_units: ``[u_f]`` local FFN channels to tune (gate row, up row, fc2 column).
         h: hidden size; d: head dim; r: heads per group.
+        qkv_bias: the model has a bias on Q, K and V (``model.add_qkv_bias``): its entries of the tuned rows get
+            a delta too.
 
     Parameters: ``qkv_delta`` [u_a*(r+2)*d, h], ``proj_delta`` [h, u_a*r*d], ``gate_delta``/``up_delta``
-    [u_f, h], ``fc2_delta`` [h, u_f]. Rows of qkv_delta follow the units' own interleaved layout
-    (q rows, k rows, v rows per group), unit order ascending.
+    [u_f, h], ``fc2_delta`` [h, u_f]; with ``qkv_bias`` also ``qkv_bias_delta`` [u_a*(r+2)*d]. Rows of
+    qkv_delta follow the units' own interleaved layout (q rows, k rows, v rows per group), unit order
+    ascending.
     """
 
     def __init__(self, attn_units: torch.Tensor, ffn_units: torch.Tensor, h: int, d: int, r: int,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, qkv_bias: bool = False):
         super().__init__()
         self.h, self.d, self.r = h, d, r
         attn_units = torch.as_tensor(attn_units, dtype=torch.int64).reshape(-1)
@@ -70,6 +73,7 @@ class PartialDeltas(nn.Module):
         self.gate_delta = z(uf, h)
         self.up_delta = z(uf, h)
         self.fc2_delta = z(h, uf)
+        self.qkv_bias_delta = z(ua * (r + 2) * d) if qkv_bias else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -88,6 +92,16 @@ class PartialDeltas(nn.Module):
         rows = unit_rows(self.attn_units.unsqueeze(0), per, 0, per).reshape(-1)  # [u_a*(r+2)*d]
         out = w.index_add(0, rows, self.qkv_delta.to(w.dtype))
         return out if expansion is None else expansion.effective_qkv(out)
+
+    def effective_qkv_bias(self, b: torch.Tensor, expansion: Optional[AttentionExpansion] = None) -> torch.Tensor:
+        """b' = b + scatter(qkv_bias_delta) on the tuned groups' entries, then the expansion operator if given."""
+        if self.qkv_bias_delta is None:
+            raise ValueError("PartialDeltas.effective_qkv_bias: built without qkv_bias (the model has no QKV bias)")
+        per = (self.r + 2) * self.d
+        self._check(self.attn_units, b.shape[0] // per, "effective_qkv_bias")
+        rows = unit_rows(self.attn_units.unsqueeze(0), per, 0, per).reshape(-1)  # [u_a*(r+2)*d]
+        out = b.index_add(0, rows, self.qkv_bias_delta.to(b.dtype))
+        return out if expansion is None else expansion.effective_qkv_bias(out)
 
     def effective_proj(self, w: torch.Tensor, expansion: Optional[AttentionExpansion] = None) -> torch.Tensor:
         """W' = W + scatter(proj_delta) on the tuned groups' columns, then the operator if given."""
@@ -122,6 +136,11 @@ class PartialDeltas(nn.Module):
         return self.effective_qkv(w, expansion).detach()
 
     @torch.no_grad()
+    def fuse_qkv_bias(self, b, expansion=None):
+        """Fused qkv bias (no autograd)."""
+        return self.effective_qkv_bias(b, expansion).detach()
+
+    @torch.no_grad()
     def fuse_proj(self, w, expansion=None):
         """Fused proj weight (no autograd)."""
         return self.effective_proj(w, expansion).detach()
@@ -139,7 +158,7 @@ class PartialDeltas(nn.Module):
 
 def selected_mode_trainable_fraction(
     h: int, f: int, nh: int, ng: int, d: int, L: int, vocab: int, tied: bool,
-    k_frac: float, attn_tuned_frac: float, ffn_tuned_frac: float, b_cfg: int = 1,
+    k_frac: float, attn_tuned_frac: float, ffn_tuned_frac: float, b_cfg: int = 1, qkv_bias: bool = False,
 ) -> float:
     """Share of the model's parameters trained in selected mode.
 
@@ -148,14 +167,15 @@ def selected_mode_trainable_fraction(
     floor(k_frac * units) in B = gcd(b_cfg, units, k) partitions; b_cfg=1 is the paper's
     unpartitioned operator), embeddings and output layer. Norms are frozen. Denominator: the plain
     model's parameter count (norms included; the transient operator parameters are not part of it).
+    ``qkv_bias``: the model has a QKV bias (one entry per QKV row, with a delta on the tuned rows' entries).
     """
     r = nh // ng
-    attn_layer = (nh + 2 * ng) * d * h + h * nh * d
+    attn_layer = (nh + 2 * ng) * d * (h + int(qkv_bias)) + h * nh * d
     ffn_layer = 3 * f * h
     emb = vocab * h * (1 if tied else 2)
     total = L * (attn_layer + ffn_layer + 2 * h) + h + emb
     ua, uf = unit_share(attn_tuned_frac, ng), unit_share(ffn_tuned_frac, f)
-    deltas = ua * ((r + 2) * d * h + h * r * d) + uf * 3 * h
+    deltas = ua * ((r + 2) * d * (h + int(qkv_bias)) + h * r * d) + uf * 3 * h
     (ka, b_a), (kf, b_f) = units_per_layer(k_frac, ng, b_cfg), units_per_layer(k_frac, f, b_cfg)
     ka_per, kf_per = ka // b_a, kf // b_f
     op_ffn = ffn_operator_num_params(b_f, kf_per)

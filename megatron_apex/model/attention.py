@@ -14,6 +14,11 @@ and put in sequence order; the queries of local chunk ``g`` then attend to the k
 explicit mask is built, no score of a later chunk is computed, and SDPA may use its flash kernels.
 This is the all-gather form of CP (Transformer Engine's ``cp_comm_type="all_gather"``): per layer
 and micro-batch it moves ``(CP - 1) / CP`` of the K and V activations, small under GQA.
+
+**Sliding window** (``model.sliding_window`` W, megatron-core's ``window_size`` (W - 1, 0)): query i
+attends to keys i - W < j <= i, as Mistral does. A window that covers the sequence is plain causal
+attention (SDPA's causal kernels); a shorter one is an explicit band mask, combined with the document
+mask when there is one. Not under context parallelism (the configuration refuses it).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ class SDPAttention(DotProductAttention):
         if cp_size > 1:
             self.config.context_parallel_size = cp_size  # a copy: the shared config is unchanged
         self.cp_group = parallel_state.get_context_parallel_group() if cp_size > 1 else None
+        window = config.window_size
+        if window is not None and (window[0] < 0 or window[1] != 0):
+            raise NotImplementedError(f"SDPAttention supports causal sliding windows (W - 1, 0) only, got {window}")
+        self.window = None if window is None else window[0] + 1  # keys a query sees, itself included
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -56,10 +65,17 @@ class SDPAttention(DotProductAttention):
                                       "use model.transformer_impl='transformer_engine'")
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal and attention_mask is None
+        full_length = key.shape[0] * (self.cp_group.size() if self.cp_group is not None else 1)
+        windowed = self.window is not None and self.window < full_length
         if self.cp_group is not None:
-            if not causal:
-                raise NotImplementedError("SDPAttention under context parallelism supports causal attention only")
+            if not causal or windowed:
+                raise NotImplementedError("SDPAttention under context parallelism supports full causal attention only")
             return self._forward_cp(query, key, value)
+        if windowed:  # an explicit mask: the band, and the document mask where there is one
+            allowed = window_band(query.shape[0], key.shape[0], self.window, query.device)  # [sq, sk]
+            if not causal:
+                allowed = allowed & _as_sdpa_mask(attention_mask).bool()
+            return self._attend(query, key, value, allowed, False)
         return self._attend(query, key, value, None if causal else _as_sdpa_mask(attention_mask), causal)
 
     def _attend(self, query, key, value, mask, causal: bool):
@@ -90,6 +106,13 @@ class SDPAttention(DotProductAttention):
             outs.append(self._attend(query[half * c:(half + 1) * c], key[:end], value[:end],
                                      causal_lower_right(c, end), False))
         return torch.cat(outs)
+
+
+def window_band(sq: int, sk: int, window: int, device=None) -> torch.Tensor:
+    """``[sq, sk]`` True where query i (the last sq of sk positions) may attend key j: i - window < j <= i."""
+    q = torch.arange(sk - sq, sk, device=device).unsqueeze(1)  # [sq, 1] absolute query positions
+    k = torch.arange(sk, device=device).unsqueeze(0)  # [1, sk]
+    return (k <= q) & (k > q - window)
 
 
 def _as_sdpa_mask(mask):

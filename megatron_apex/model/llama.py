@@ -1,8 +1,9 @@
 """LLaMA-family GPTModel from the config, through megatron-core layer specs.
 
 RMSNorm, RoPE (configurable theta, no interleaving: the same rotate-half convention as Hugging
-Face), SwiGLU MLP, grouped-query attention, no biases, optional tied embeddings, vocabulary
-padded to a TP-friendly multiple. Two implementations behind one seam:
+Face), SwiGLU MLP, grouped-query attention, no biases but an optional one on Q, K and V (Qwen2),
+full causal or sliding-window attention (Mistral), optional tied embeddings, vocabulary padded to a
+TP-friendly multiple. Two implementations behind one seam:
 
 * ``local``: megatron-core's pure-PyTorch modules (ColumnParallelLinear, RowParallelLinear) with
   ``norm.RMSNorm`` (torch's RMSNorm, usable under sequence parallelism); core attention through torch
@@ -47,7 +48,8 @@ def build_transformer_config(cfg: Config, params_dtype: torch.dtype, use_cpu: bo
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=m.add_qkv_bias,
+        window_size=window_size(cfg),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
@@ -73,6 +75,13 @@ def build_transformer_config(cfg: Config, params_dtype: torch.dtype, use_cpu: bo
         **recompute_settings(cfg),
         attention_softmax_in_fp32=True,
     )
+
+
+def window_size(cfg: Config):
+    """megatron-core's ``window_size`` of ``model.sliding_window`` W: (W - 1, 0), a query sees itself and the
+    W - 1 keys before it (Hugging Face's ``kv_idx > q_idx - W``); None for full causal attention."""
+    w = cfg.model.sliding_window
+    return None if w is None else (w - 1, 0)
 
 
 def recompute_settings(cfg: Config) -> dict:
@@ -137,6 +146,8 @@ def count_parameters(cfg: Config, padded_vocab_size: int) -> dict:
     m = cfg.model
     h, f, d, L = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_layers
     attn = h * (m.num_attention_heads + 2 * m.query_groups) * d + m.num_attention_heads * d * h
+    if m.add_qkv_bias:  # one bias entry per row of the fused QKV projection
+        attn += (m.num_attention_heads + 2 * m.query_groups) * d
     mlp = 3 * h * f
     norms = 2 * h
     per_layer = attn + mlp + norms

@@ -4,8 +4,8 @@ checkpoint_dir.py; integrity.py checks the files; compat/dist_checkpoint.py hold
 megatron-core's optimizer state and writers.
 
 The common state holds the step, consumed samples, the resolved config, the parallel layout it
-was saved under, and a *model signature* (every shape-defining field, RoPE theta and the RMSNorm
-epsilon). Loading compares the signature with the current model and refuses a mismatch with the
+was saved under, and a *model signature* (every shape-defining field, the QKV bias, RoPE theta and
+scaling, the RMSNorm epsilon and the attention window). Loading compares the signature with the current model and refuses a mismatch with the
 list of differing fields. Model weights (and the plain optimizer's state) are stored as global
 tensors, so they load under any TP/PP layout; the distributed optimizer's state is stored in one of
 two formats (``checkpoint.optimizer_format``, recorded in the common state, see
@@ -44,7 +44,9 @@ safe_load.install()  # reading a checkpoint never runs code from it
 
 SIGNATURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups",
                     "head_dim", "tie_embeddings", "rotary_base", "norm_epsilon",
-                    "rope_scaling_factor")
+                    "rope_scaling_factor", "add_qkv_bias", "sliding_window")
+# Signature fields added later, with the value every checkpoint written before them had.
+_SIGNATURE_DEFAULTS = {"rope_scaling_factor": None, "add_qkv_bias": False, "sliding_window": None}
 
 
 def model_signature(cfg: Config, padded_vocab: int) -> dict:
@@ -381,7 +383,7 @@ def load_sharded(sd: dict, path: str, **kwargs) -> dict:
 def check_compatible(common: dict, cfg: Config, padded_vocab: int, path: str) -> None:
     """Refuse a checkpoint of a different model shape, naming every differing field."""
     # A field added to the signature later is read from the checkpoint's stored config.
-    saved = {**common.get("config", {}).get("model", {}), **common["model_signature"]}
+    saved = {**_SIGNATURE_DEFAULTS, **common.get("config", {}).get("model", {}), **common["model_signature"]}
     current = model_signature(cfg, padded_vocab)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
