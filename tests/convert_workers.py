@@ -25,9 +25,9 @@ def _forward_step(ctx, data_iterator, model):
     return output, partial(_gather_logits, ctx)
 
 
-def load_and_forward(checkpoint: str, tokens: torch.Tensor, tp: int, pp: int):
-    """Load an imported checkpoint under TP x PP and return the full logits from the last stage
-    (TP rank 0); other ranks return None."""
+def _loaded_forward(checkpoint: str, tokens: torch.Tensor, tp: int, pp: int):
+    """Load an imported checkpoint under TP x PP and run one forward pass: (config, context, model, the
+    checkpoint's common state, true vocab size, padded vocab size, the last stage's output)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_apex.convert.exporter import resolve_export_config
@@ -35,7 +35,7 @@ def load_and_forward(checkpoint: str, tokens: torch.Tensor, tp: int, pp: int):
     from megatron_apex.model.llama import build_model, build_transformer_config
     from megatron_apex.training.checkpoint import load_checkpoint
 
-    path, _, cfg, vocab, padded = resolve_export_config(checkpoint)
+    path, common, cfg, vocab, padded = resolve_export_config(checkpoint)
     cfg = copy.deepcopy(cfg)
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
     ctx = initialize_distributed(cfg)
@@ -48,6 +48,13 @@ def load_and_forward(checkpoint: str, tokens: torch.Tensor, tp: int, pp: int):
         out = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, ctx), data_iterator=iter([tokens]), model=[model],
             num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True, collect_non_loss_data=True)
+    return cfg, ctx, model, common, vocab, padded, out
+
+
+def load_and_forward(checkpoint: str, tokens: torch.Tensor, tp: int, pp: int):
+    """Load an imported checkpoint under TP x PP and return the full logits from the last stage
+    (TP rank 0); other ranks return None."""
+    _, ctx, _, _, vocab, _, out = _loaded_forward(checkpoint, tokens, tp, pp)
     if ctx.is_last_stage and ctx.tp_rank == 0:
         return out[0][..., :vocab].clone()
     return None
@@ -58,26 +65,9 @@ def load_forward_and_save(checkpoint: str, tokens: torch.Tensor, tp: int, pp: in
     (weights only, the import's record kept): a checkpoint written by TP/PP ranks, for the export."""
     import torch.distributed as dist
 
-    from megatron_apex.convert.exporter import resolve_export_config
-    from megatron_apex.distributed import initialize_distributed
-    from megatron_apex.model.llama import build_model, build_transformer_config
-    from megatron_apex.training.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_apex.training.checkpoint import save_checkpoint
 
-    path, common, cfg, vocab, padded = resolve_export_config(checkpoint)
-    cfg = copy.deepcopy(cfg)
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
-    ctx = initialize_distributed(cfg)
-    model = build_model(cfg, build_transformer_config(cfg, torch.float32, use_cpu=True), padded, ctx.is_first_stage,
-                        ctx.is_last_stage)
-    load_checkpoint(path, model, None, cfg, ctx, padded, load_optimizer=False, load_rng=False)
-    model.eval()
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    b, s = tokens.shape
-    with torch.no_grad():
-        logits = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, ctx), data_iterator=iter([tokens]), model=[model],
-            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True, collect_non_loss_data=True)
+    cfg, ctx, model, common, vocab, padded, logits = _loaded_forward(checkpoint, tokens, tp, pp)
     save_checkpoint(out, 0, model, None, cfg, ctx, padded, consumed_samples=0,
                     extra_common={"hf_import": common["hf_import"]})
     dist.barrier()
