@@ -151,6 +151,10 @@ class _Group:
         self.key = (tuple((type(s), s.kind, s.attr, s.dim, s.beta is None) for s in segments), tuple(self.widths),
                     tuple(lf.shape), tuple(rf.shape), tuple(alpha.shape), rf.dtype, w.dtype, w.device)
 
+    def operator_params(self) -> list:
+        """The operator parameters this group's chain rule writes gradients into."""
+        return [self.lf, self.rf, self.alpha] + [s.beta for s in self.segments if s.beta is not None]
+
     def work_bytes(self) -> int:
         """Size of this group's P and N rows in the compute dtype (``[2, B, m, C]``)."""
         return 2 * self.alpha.numel() * sum(self.widths) * self.ct.itemsize
@@ -355,10 +359,7 @@ class InPlaceLayer:
 
     def operator_params(self) -> list:
         """The operator parameters this layer's chain rule writes gradients into."""
-        out = []
-        for g in self.groups:
-            out += [g.lf, g.rf, g.alpha] + [s.beta for s in g.segments if s.beta is not None]
-        return list({id(p): p for p in out}.values())
+        return list({id(p): p for g in self.groups for p in g.operator_params()}.values())
 
 
 def _run(batches: list, method: str, *args) -> None:
@@ -461,7 +462,7 @@ class InPlaceRunner:
             return
         batch = self._batches[index]
         for g in batch.groups:  # this step's operator gradients, from this chain rule alone
-            for p in [g.lf, g.rf, g.alpha] + [s.beta for s in g.segments if s.beta is not None]:
+            for p in g.operator_params():
                 p.grad = None
         batch.restore(True, self._g_mat is not None)  # a graph's saved rows stay its buffers
         self._restored.add(index)
